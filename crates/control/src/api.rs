@@ -1,0 +1,262 @@
+//! The control API: HTTP/JSON, every route behind the bearer token. docs/api.md documents it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use maru_api::{
+    ApiError, DeployRequest, ErrorBody, LogLine, LogsResponse, ManifestLocation, RemoveResponse,
+    RollbackResponse,
+};
+use runtime::{ArtifactError, ComponentHash};
+use serde::Deserialize;
+
+use crate::node::{ControlError, Node};
+use crate::state::StateError;
+use crate::token;
+
+/// Largest component upload accepted.
+pub const BLOB_BYTES_MAX: usize = 256 << 20;
+
+#[derive(Clone)]
+struct Ctx {
+    node: Arc<Node>,
+    token: Arc<str>,
+}
+
+pub fn router(node: Arc<Node>, token: String) -> Router {
+    let ctx = Ctx {
+        node,
+        token: token.into(),
+    };
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route("/v1/apps", get(list_apps).post(deploy))
+        .route("/v1/apps/{app}", axum::routing::delete(remove_app))
+        .route("/v1/apps/{app}/rollback", post(rollback))
+        .route("/v1/services", get(list_services))
+        .route("/v1/logs/{app}/{service}", get(logs))
+        .route(
+            "/v1/blobs/{hash}",
+            put(put_blob)
+                .head(head_blob)
+                .layer(DefaultBodyLimit::max(BLOB_BYTES_MAX)),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such API route",
+                Some("see docs/api.md".into()),
+            )
+        })
+        .layer(middleware::from_fn_with_state(ctx.clone(), authenticate))
+        .with_state(ctx)
+}
+
+async fn authenticate(State(ctx): State<Ctx>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|given| token::matches(&ctx.token, given.trim())) {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+            Some("send `Authorization: Bearer <token>`; the token is in the node's data directory (file `token`), and the CLI reads it from MARU_TOKEN or --data".into()),
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    next.run(request).await
+}
+
+fn error(status: StatusCode, code: &str, message: &str, hint: Option<String>) -> Response {
+    let body = ApiError {
+        error: ErrorBody {
+            status: status.as_u16(),
+            code: code.into(),
+            message: message.into(),
+            location: None,
+            hint,
+        },
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        match self {
+            ControlError::BadManifest(manifest) => {
+                let body = ApiError {
+                    error: ErrorBody {
+                        status: 400,
+                        code: "bad_manifest".into(),
+                        message: manifest.message.clone(),
+                        location: Some(ManifestLocation {
+                            file: manifest.file,
+                            line: manifest.line,
+                            column: manifest.column,
+                            field: manifest.field,
+                        }),
+                        hint: manifest.hint,
+                    },
+                };
+                (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+            }
+            ControlError::BadRequest { message, hint } => {
+                error(StatusCode::BAD_REQUEST, "bad_request", &message, hint)
+            }
+            ControlError::Conflict { message, hint } => {
+                error(StatusCode::CONFLICT, "conflict", &message, hint)
+            }
+            ControlError::State(StateError::NotFound(app)) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no app named `{app}` is deployed"),
+                Some("`maru apps` lists the deployed apps".into()),
+            ),
+            ControlError::State(nothing @ StateError::NothingToRollBack(_)) => {
+                error(StatusCode::CONFLICT, "conflict", &nothing.to_string(), None)
+            }
+            ControlError::State(other) => internal(other.to_string()),
+            ControlError::Internal(message) => internal(message),
+        }
+    }
+}
+
+fn internal(message: String) -> Response {
+    tracing::error!(%message, "control API request failed");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        &message,
+        None,
+    )
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    axum::Json(value).into_response()
+}
+
+async fn list_apps(State(ctx): State<Ctx>) -> Result<Response, ControlError> {
+    Ok(json(&ctx.node.apps()?))
+}
+
+async fn deploy(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ControlError> {
+    let request: DeployRequest =
+        serde_json::from_slice(&body).map_err(|e| ControlError::BadRequest {
+            message: format!("the deploy request is not valid JSON of the expected shape: {e}"),
+            hint: Some("see DeployRequest in docs/api.md".into()),
+        })?;
+    let response = ctx.node.deploy(request).await?;
+    Ok(json(&response))
+}
+
+async fn remove_app(
+    State(ctx): State<Ctx>,
+    Path(app): Path<String>,
+) -> Result<Response, ControlError> {
+    let services_stopped = ctx.node.remove(&app).await?;
+    Ok(json(&RemoveResponse {
+        app,
+        services_stopped,
+    }))
+}
+
+async fn rollback(
+    State(ctx): State<Ctx>,
+    Path(app): Path<String>,
+) -> Result<Response, ControlError> {
+    let (from, to) = ctx.node.rollback(&app).await?;
+    Ok(json(&RollbackResponse { app, from, to }))
+}
+
+async fn list_services(State(ctx): State<Ctx>) -> Response {
+    json(&ctx.node.services())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+async fn logs(
+    State(ctx): State<Ctx>,
+    Path((app, service)): Path<(String, String)>,
+    Query(query): Query<LogsQuery>,
+) -> Response {
+    let Some(log) = ctx.node.log(&app, &service) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no service {app}/{service} has run on this node"),
+            Some("`maru ps` lists the services".into()),
+        );
+    };
+    let (lines, next) = log.read(query.after, query.limit.unwrap_or(1000).min(10_000));
+    let lines = lines
+        .into_iter()
+        .map(|l| LogLine {
+            sequence: l.sequence,
+            unix_ms: l.unix_ms,
+            stream: l.stream.as_str().into(),
+            text: l.text,
+        })
+        .collect();
+    json(&LogsResponse { lines, next })
+}
+
+async fn put_blob(
+    State(ctx): State<Ctx>,
+    Path(hash): Path<String>,
+    body: Bytes,
+) -> Result<Response, ControlError> {
+    let hash = ComponentHash::parse(&hash).map_err(|e| ControlError::BadRequest {
+        message: e.to_string(),
+        hint: None,
+    })?;
+    let cache = ctx.node.cache.clone();
+    let stored = tokio::task::spawn_blocking(move || cache.put_component(&hash, &body))
+        .await
+        .map_err(|e| ControlError::Internal(format!("store blob: {e}")))?;
+    match stored {
+        Ok(()) => Ok(StatusCode::CREATED.into_response()),
+        Err(error @ ArtifactError::HashMismatch { .. }) => Err(ControlError::BadRequest {
+            message: error.to_string(),
+            hint: Some("upload again".into()),
+        }),
+        Err(other) => Err(ControlError::Internal(other.to_string())),
+    }
+}
+
+async fn head_blob(State(ctx): State<Ctx>, Path(hash): Path<String>) -> StatusCode {
+    match ComponentHash::parse(&hash) {
+        Ok(hash) if ctx.node.cache.has_component(&hash) => StatusCode::OK,
+        Ok(_) => StatusCode::NOT_FOUND,
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.node.metrics_text(),
+    )
+        .into_response()
+}

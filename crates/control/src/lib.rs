@@ -1,0 +1,13 @@
+//! The control plane: manifests, desired state, the reconcile step and the control API.
+//!
+//! Invariants: state survives restart and every change to it is atomic (see [`state`]);
+//! nothing reaches the running services except through [`Node::reconcile`], which derives
+//! them from the stored state alone; every API call is authenticated.
+
+pub mod api;
+pub mod manifest;
+pub mod node;
+pub mod state;
+pub mod token;
+
+pub use node::{ControlError, Node};

@@ -1,0 +1,712 @@
+//! App manifests (`maru.toml`): parsing and validation with errors that name the file, line,
+//! column and field, and say how to fix the problem.
+//!
+//! Parsing is pure: text in, [`AppManifest`] or [`ManifestError`] out. Checks that need the
+//! world (does the component file exist, does a route collide with another app's) are made
+//! by the callers, which use [`AppManifest::error_at`] to point at the offending field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::time::Duration;
+
+use runtime::Origin;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Limits on manifest values. Out-of-range values are rejected with the range in the hint.
+pub const INSTANCES_MAX: u32 = 1000;
+pub const QUEUE_MAX: u32 = 100_000;
+pub const MEMORY_BYTES_MIN: u64 = 1 << 20;
+pub const MEMORY_BYTES_MAX: u64 = 4 << 30;
+pub const BODY_BYTES_MAX: u64 = 64 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppManifest {
+    pub name: String,
+    pub services: BTreeMap<String, ServiceManifest>,
+    file: String,
+    text: String,
+    spans: BTreeMap<String, Range<usize>>,
+}
+
+/// One service, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceManifest {
+    /// Path of the component, relative to the manifest.
+    pub component: String,
+    pub routes: Vec<String>,
+    pub hosts: Vec<String>,
+    pub instances_min: u32,
+    pub instances_max: u32,
+    pub concurrency: u32,
+    pub idle_timeout: Duration,
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    pub startup_timeout: Duration,
+    pub queue: u32,
+    pub body_limit_bytes: u64,
+    pub outbound: Vec<Origin>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl ServiceManifest {
+    /// Names of the fields whose values differ, for "what changed" reports.
+    pub fn changed_fields(&self, other: &ServiceManifest) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("routes", self.routes != other.routes);
+        check("hosts", self.hosts != other.hosts);
+        check(
+            "instances",
+            (self.instances_min, self.instances_max) != (other.instances_min, other.instances_max),
+        );
+        check("concurrency", self.concurrency != other.concurrency);
+        check("idle_timeout", self.idle_timeout != other.idle_timeout);
+        check("memory", self.memory_bytes != other.memory_bytes);
+        check("timeout", self.timeout != other.timeout);
+        check(
+            "startup_timeout",
+            self.startup_timeout != other.startup_timeout,
+        );
+        check("queue", self.queue != other.queue);
+        check(
+            "body_limit",
+            self.body_limit_bytes != other.body_limit_bytes,
+        );
+        check("outbound", self.outbound != other.outbound);
+        check("env", self.env != other.env);
+        changed
+    }
+}
+
+/// A manifest problem, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field, e.g. `service.hello.memory`.
+    pub field: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: `{}`: {}",
+            self.file, self.line, self.column, self.field, self.message
+        )?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    app: Spanned<RawApp>,
+    #[serde(default)]
+    service: BTreeMap<String, Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    component: Option<Spanned<String>>,
+    routes: Option<Vec<Spanned<String>>>,
+    hosts: Option<Vec<Spanned<String>>>,
+    instances: Option<Spanned<RawInstances>>,
+    concurrency: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<String>>,
+    memory: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    startup_timeout: Option<Spanned<String>>,
+    queue: Option<Spanned<i64>>,
+    body_limit: Option<Spanned<String>>,
+    outbound: Option<Vec<Spanned<String>>>,
+    env: Option<BTreeMap<String, Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstances {
+    min: Option<Spanned<i64>>,
+    max: Option<Spanned<i64>>,
+}
+
+/// Collects the spans of fields as they are validated, so later checks can point at them.
+struct Parser<'a> {
+    file: &'a str,
+    text: &'a str,
+    spans: BTreeMap<String, Range<usize>>,
+}
+
+impl Parser<'_> {
+    fn error(
+        &self,
+        field: &str,
+        span: Range<usize>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) -> ManifestError {
+        let (line, column) = line_column(self.text, span.start);
+        ManifestError {
+            file: self.file.to_string(),
+            line,
+            column,
+            field: field.to_string(),
+            message: message.into(),
+            hint,
+        }
+    }
+
+    fn note<T>(&mut self, field: &str, value: &Spanned<T>) {
+        self.spans.insert(field.to_string(), value.span());
+    }
+
+    fn duration(
+        &mut self,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Result<Duration, ManifestError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        self.note(field, value);
+        let parsed = parse_duration(value.get_ref()).map_err(|message| {
+            self.error(
+                field,
+                value.span(),
+                message,
+                Some("write a number with a unit: \"250ms\", \"30s\", \"5m\", \"1h\"".into()),
+            )
+        })?;
+        if parsed < range.0 || parsed > range.1 {
+            return Err(self.error(
+                field,
+                value.span(),
+                format!("{} is out of range", value.get_ref()),
+                Some(format!("use a value from {:?} to {:?}", range.0, range.1)),
+            ));
+        }
+        Ok(parsed)
+    }
+
+    fn size(
+        &mut self,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        default: u64,
+        range: (u64, u64),
+    ) -> Result<u64, ManifestError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        self.note(field, value);
+        let parsed = parse_size(value.get_ref()).map_err(|message| {
+            self.error(
+                field,
+                value.span(),
+                message,
+                Some("write a number with a unit: \"512KiB\", \"64MiB\", \"1GiB\"".into()),
+            )
+        })?;
+        if parsed < range.0 || parsed > range.1 {
+            return Err(self.error(
+                field,
+                value.span(),
+                format!("{} is out of range", value.get_ref()),
+                Some(format!(
+                    "use a size from {} to {}",
+                    format_size(range.0),
+                    format_size(range.1)
+                )),
+            ));
+        }
+        Ok(parsed)
+    }
+
+    fn count(
+        &mut self,
+        field: &str,
+        value: Option<&Spanned<i64>>,
+        default: u32,
+        range: (u32, u32),
+    ) -> Result<u32, ManifestError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        self.note(field, value);
+        let raw = *value.get_ref();
+        u32::try_from(raw)
+            .ok()
+            .filter(|n| (range.0..=range.1).contains(n))
+            .ok_or_else(|| {
+                self.error(
+                    field,
+                    value.span(),
+                    format!("{raw} is out of range"),
+                    Some(format!(
+                        "use a whole number from {} to {}",
+                        range.0, range.1
+                    )),
+                )
+            })
+    }
+}
+
+/// Parse and validate a manifest. `file` is only used in error messages.
+pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
+    let raw: RawManifest = toml::from_str(text).map_err(|error| {
+        let span = error.span().unwrap_or(0..0);
+        let (line, column) = line_column(text, span.start);
+        let message = error.message().trim().to_string();
+        let hint = if message.contains("unknown field") {
+            Some("remove the field or fix its spelling; docs/manifest.md lists every field".into())
+        } else if message.contains("missing field `app`") {
+            Some("start the manifest with [app] and name = \"my-app\"".into())
+        } else {
+            Some("see docs/manifest.md for the manifest format".into())
+        };
+        ManifestError {
+            file: file.to_string(),
+            line,
+            column,
+            field: field_at(text, span.start),
+            message,
+            hint,
+        }
+    })?;
+    let mut parser = Parser {
+        file,
+        text,
+        spans: BTreeMap::new(),
+    };
+    let name = raw.app.get_ref().name.get_ref().clone();
+    parser.note("app.name", &raw.app.get_ref().name);
+    check_name(&name).map_err(|why| {
+        parser.error(
+            "app.name",
+            raw.app.get_ref().name.span(),
+            why,
+            Some("use 1 to 63 lowercase letters, digits and dashes, starting with a letter".into()),
+        )
+    })?;
+    if raw.service.is_empty() {
+        return Err(parser.error(
+            "service",
+            raw.app.span(),
+            "the app has no services",
+            Some("add a [service.NAME] table with at least `component` and `routes`".into()),
+        ));
+    }
+    let mut services = BTreeMap::new();
+    let mut seen_routes: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
+    for (service_name, service) in &raw.service {
+        let at = |field: &str| format!("service.{service_name}.{field}");
+        parser.note(&format!("service.{service_name}"), service);
+        check_name(service_name).map_err(|why| {
+            parser.error(
+                &format!("service.{service_name}"),
+                service.span(),
+                why,
+                Some(
+                    "use 1 to 63 lowercase letters, digits and dashes, starting with a letter"
+                        .into(),
+                ),
+            )
+        })?;
+        let service = service.get_ref();
+        let component = match &service.component {
+            Some(component) if !component.get_ref().trim().is_empty() => {
+                parser.note(&at("component"), component);
+                component.get_ref().clone()
+            }
+            Some(component) => {
+                return Err(parser.error(
+                    &at("component"),
+                    component.span(),
+                    "the component path is empty",
+                    None,
+                ));
+            }
+            None => {
+                let span = parser.spans[&format!("service.{service_name}")].clone();
+                return Err(parser.error(
+                    &at("component"),
+                    span,
+                    "missing field `component`",
+                    Some(
+                        "add component = \"path/to/service.wasm\", relative to this manifest"
+                            .into(),
+                    ),
+                ));
+            }
+        };
+        let mut hosts = Vec::new();
+        for host in service.hosts.iter().flatten() {
+            let value = host.get_ref().to_ascii_lowercase();
+            if !is_hostname(&value) {
+                return Err(parser.error(&at("hosts"), host.span(), format!("`{}` is not a host name", host.get_ref()), Some("write a DNS name such as \"reservations.city.local\", without scheme or port".into())));
+            }
+            hosts.push(value);
+        }
+        let mut routes = Vec::new();
+        for route in service.routes.iter().flatten() {
+            let value = route.get_ref();
+            check_route(value).map_err(|why| {
+                parser.error(
+                    &at("routes"),
+                    route.span(),
+                    why,
+                    Some("write a path prefix such as \"/api\" or \"/\"".into()),
+                )
+            })?;
+            let key = gateway::RouteKey::new(None, value).prefix;
+            let route_hosts: Vec<Option<String>> = if hosts.is_empty() {
+                vec![None]
+            } else {
+                hosts.iter().cloned().map(Some).collect()
+            };
+            for host in route_hosts {
+                if let Some(other) =
+                    seen_routes.insert((host.clone(), key.clone()), service_name.clone())
+                {
+                    return Err(parser.error(
+                        &at("routes"),
+                        route.span(),
+                        format!(
+                            "route {value} is also claimed by service `{other}` in this manifest"
+                        ),
+                        Some("give each service its own path prefix or host".into()),
+                    ));
+                }
+            }
+            routes.push(key);
+        }
+        if let Some(routes_span) = service.routes.as_ref().and_then(|r| r.first()) {
+            parser.note(&at("routes"), routes_span);
+        }
+        let (instances_min, instances_max) = match &service.instances {
+            None => (0, 10),
+            Some(instances) => {
+                parser.note(&at("instances"), instances);
+                let min = parser.count(
+                    &at("instances.min"),
+                    instances.get_ref().min.as_ref(),
+                    0,
+                    (0, INSTANCES_MAX),
+                )?;
+                let max = parser.count(
+                    &at("instances.max"),
+                    instances.get_ref().max.as_ref(),
+                    10.max(min),
+                    (1, INSTANCES_MAX),
+                )?;
+                if min > max {
+                    return Err(parser.error(
+                        &at("instances"),
+                        instances.span(),
+                        format!("min ({min}) is greater than max ({max})"),
+                        Some("make min at most max".into()),
+                    ));
+                }
+                (min, max)
+            }
+        };
+        let concurrency = parser.count(&at("concurrency"), service.concurrency.as_ref(), 1, (1, 1)).map_err(|mut error| {
+            error.hint = Some("a wasi:http component instance serves one request at a time; raise instances.max to serve more at once".into());
+            error
+        })?;
+        let idle_timeout = parser.duration(
+            &at("idle_timeout"),
+            service.idle_timeout.as_ref(),
+            Duration::from_secs(30),
+            (Duration::from_secs(1), Duration::from_secs(24 * 3600)),
+        )?;
+        let memory_bytes = parser.size(
+            &at("memory"),
+            service.memory.as_ref(),
+            64 << 20,
+            (MEMORY_BYTES_MIN, MEMORY_BYTES_MAX),
+        )?;
+        let timeout = parser.duration(
+            &at("timeout"),
+            service.timeout.as_ref(),
+            Duration::from_secs(10),
+            (Duration::from_millis(10), Duration::from_secs(900)),
+        )?;
+        let startup_timeout = parser.duration(
+            &at("startup_timeout"),
+            service.startup_timeout.as_ref(),
+            Duration::from_secs(10),
+            (Duration::from_millis(100), Duration::from_secs(600)),
+        )?;
+        let queue = parser.count(&at("queue"), service.queue.as_ref(), 1000, (1, QUEUE_MAX))?;
+        let body_limit_bytes = parser.size(
+            &at("body_limit"),
+            service.body_limit.as_ref(),
+            1 << 20,
+            (0, BODY_BYTES_MAX),
+        )?;
+        let mut outbound = Vec::new();
+        for origin in service.outbound.iter().flatten() {
+            parser.note(&at("outbound"), origin);
+            let parsed = Origin::parse(origin.get_ref()).map_err(|error| {
+                parser.error(&at("outbound"), origin.span(), error.to_string(), None)
+            })?;
+            outbound.push(parsed);
+        }
+        let mut env = BTreeMap::new();
+        for (key, value) in service.env.iter().flatten() {
+            if key.is_empty()
+                || key.contains('=')
+                || key.contains('\0')
+                || value.get_ref().contains('\0')
+            {
+                return Err(parser.error(
+                    &at("env"),
+                    value.span(),
+                    format!("`{key}` is not a valid environment variable"),
+                    Some(
+                        "names may not be empty or contain `=`; values may not contain NUL".into(),
+                    ),
+                ));
+            }
+            env.insert(key.clone(), value.get_ref().clone());
+        }
+        services.insert(
+            service_name.clone(),
+            ServiceManifest {
+                component,
+                routes,
+                hosts,
+                instances_min,
+                instances_max,
+                concurrency,
+                idle_timeout,
+                memory_bytes,
+                timeout,
+                startup_timeout,
+                queue,
+                body_limit_bytes,
+                outbound,
+                env,
+            },
+        );
+    }
+    Ok(AppManifest {
+        name,
+        services,
+        file: file.to_string(),
+        text: text.to_string(),
+        spans: parser.spans,
+    })
+}
+
+impl AppManifest {
+    /// An error located at a field of this manifest (or the nearest enclosing one that was
+    /// written out), for checks made after parsing.
+    pub fn error_at(
+        &self,
+        field: &str,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) -> ManifestError {
+        let mut key = field;
+        let span = loop {
+            if let Some(span) = self.spans.get(key) {
+                break span.clone();
+            }
+            match key.rsplit_once('.') {
+                Some((parent, _)) => key = parent,
+                None => break 0..0,
+            }
+        };
+        let (line, column) = line_column(&self.text, span.start);
+        ManifestError {
+            file: self.file.clone(),
+            line,
+            column,
+            field: field.to_string(),
+            message: message.into(),
+            hint,
+        }
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
+}
+
+/// Best guess at the dotted field a byte offset belongs to: the enclosing `[table]` header
+/// plus the key on that line.
+fn field_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.starts_with('['));
+    match (table, key) {
+        (Some(table), Some(key)) => format!("{table}.{key}"),
+        (Some(table), None) => table,
+        (None, Some(key)) => key,
+        (None, None) => line
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string(),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{name}` is not a valid name"))
+    }
+}
+
+fn check_route(route: &str) -> Result<(), String> {
+    if !route.starts_with('/') {
+        return Err(format!("route `{route}` does not start with /"));
+    }
+    if route.contains(['?', '#', ' ', '\t', '\\', '%']) || route.chars().any(char::is_control) {
+        return Err(format!(
+            "route `{route}` may only contain a path (no query, fragment, spaces or escapes)"
+        ));
+    }
+    if route
+        .split('/')
+        .any(|segment| segment == ".." || segment == ".")
+    {
+        return Err(format!("route `{route}` contains a `.` or `..` segment"));
+    }
+    if route.contains("//") {
+        return Err(format!("route `{route}` contains an empty segment"));
+    }
+    Ok(())
+}
+
+fn is_hostname(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `"250ms"`, `"30s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration"))?;
+    let millis = match unit.trim() {
+        "ms" => Some(number),
+        "s" => number.checked_mul(1000),
+        "m" | "min" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        "" => return Err(format!("`{text}` has no unit")),
+        other => {
+            return Err(format!(
+                "`{other}` is not a duration unit (use ms, s, m or h)"
+            ));
+        }
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// `"512KiB"`, `"64MiB"`, `"1GiB"`, `"100MB"`, or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "`{other}` is not a size unit (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+pub fn format_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}B"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+use expect_test::{Expect, expect};
+use proptest::prelude::*;
+
+use super::*;
+
+const GOOD: &str = r#"
+[app]
+name = "hello"
+
+[service.hello]
+component = "hello.wasm"
+routes = ["/hello"]
+instances = { min = 0, max = 20 }
+concurrency = 1
+idle_timeout = "30s"
+memory = "64MiB"
+timeout = "10s"
+outbound = ["https://api.example.org"]
+env = { GREETING = "hi" }
+"#;
+
+/// Parse `text` and render either a summary of the result or the error, as a user sees it.
+fn check(text: &str, expect: Expect) {
+    let actual = match parse("maru.toml", text) {
+        Ok(app) => app
+            .services
+            .iter()
+            .map(|(name, s)| {
+                format!(
+                    "{}/{name}: {} routes={:?} hosts={:?} instances={}..{} idle={:?} memory={} timeout={:?} queue={} body={} outbound={} env={:?}",
+                    app.name,
+                    s.component,
+                    s.routes,
+                    s.hosts,
+                    s.instances_min,
+                    s.instances_max,
+                    s.idle_timeout,
+                    format_size(s.memory_bytes),
+                    s.timeout,
+                    s.queue,
+                    format_size(s.body_limit_bytes),
+                    s.outbound.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                    s.env
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(error) => error.to_string(),
+    };
+    expect.assert_eq(&actual);
+}
+
+#[test]
+fn good_manifest_with_every_field() {
+    check(
+        GOOD,
+        expect![[
+            r#"hello/hello: hello.wasm routes=["/hello"] hosts=[] instances=0..20 idle=30s memory=64MiB timeout=10s queue=1000 body=1MiB outbound=https://api.example.org:443 env={"GREETING": "hi"}"#
+        ]],
+    );
+}
+
+#[test]
+fn defaults_fill_in() {
+    check(
+        "[app]\nname = \"a\"\n[service.web]\ncomponent = \"w.wasm\"\nroutes = [\"/\", \"/api/\"]\nhosts = [\"Web.Local\"]\n",
+        expect![[
+            r#"a/web: w.wasm routes=["/", "/api"] hosts=["web.local"] instances=0..10 idle=30s memory=64MiB timeout=10s queue=1000 body=1MiB outbound= env={}"#
+        ]],
+    );
+}
+
+#[test]
+fn unknown_field_names_line_and_field() {
+    check(
+        &GOOD.replace("concurrency = 1", "concurency = 1"),
+        expect![[r#"
+            maru.toml:10:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`
+              hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
+    );
+}
+
+#[test]
+fn wrong_type_names_line_and_field() {
+    check(
+        &GOOD.replace("memory = \"64MiB\"", "memory = 64"),
+        expect![[r#"
+            maru.toml:12:10: `service.hello.memory`: invalid type: integer `64`, expected a string
+              hint: see docs/manifest.md for the manifest format"#]],
+    );
+}
+
+#[test]
+fn bad_units_and_ranges() {
+    check(
+        &GOOD.replace("\"64MiB\"", "\"64 parsecs\""),
+        expect![[r#"
+            maru.toml:12:10: `service.hello.memory`: `parsecs` is not a size unit (use B, KiB, MiB, GiB, KB, MB or GB)
+              hint: write a number with a unit: "512KiB", "64MiB", "1GiB""#]],
+    );
+    check(
+        &GOOD.replace("\"64MiB\"", "\"64GiB\""),
+        expect![[r#"
+            maru.toml:12:10: `service.hello.memory`: 64GiB is out of range
+              hint: use a size from 1MiB to 4GiB"#]],
+    );
+    check(
+        &GOOD.replace("min = 0, max = 20", "min = 5, max = 2"),
+        expect![[r#"
+            maru.toml:8:13: `service.hello.instances`: min (5) is greater than max (2)
+              hint: make min at most max"#]],
+    );
+    check(
+        &GOOD.replace("max = 20", "max = 5000"),
+        expect![[r#"
+            maru.toml:8:27: `service.hello.instances.max`: 5000 is out of range
+              hint: use a whole number from 1 to 1000"#]],
+    );
+    check(
+        &GOOD.replace("\"10s\"", "\"10\""),
+        expect![[r#"
+            maru.toml:13:11: `service.hello.timeout`: `10` has no unit
+              hint: write a number with a unit: "250ms", "30s", "5m", "1h""#]],
+    );
+    check(
+        &GOOD.replace("concurrency = 1", "concurrency = 4"),
+        expect![[r#"
+            maru.toml:10:15: `service.hello.concurrency`: 4 is out of range
+              hint: a wasi:http component instance serves one request at a time; raise instances.max to serve more at once"#]],
+    );
+}
+
+#[test]
+fn missing_component_and_bad_routes() {
+    check(
+        &GOOD.replace("component = \"hello.wasm\"\n", ""),
+        expect![[r#"
+            maru.toml:6:1: `service.hello.component`: missing field `component`
+              hint: add component = "path/to/service.wasm", relative to this manifest"#]],
+    );
+    check(
+        &GOOD.replace("[\"/hello\"]", "[\"hello\"]"),
+        expect![[r#"
+            maru.toml:7:11: `service.hello.routes`: route `hello` does not start with /
+              hint: write a path prefix such as "/api" or "/""#]],
+    );
+    check(
+        &GOOD.replace("[\"/hello\"]", "[\"/a/../b\"]"),
+        expect![[r#"
+            maru.toml:7:11: `service.hello.routes`: route `/a/../b` contains a `.` or `..` segment
+              hint: write a path prefix such as "/api" or "/""#]],
+    );
+    check(
+        &format!("{GOOD}\n[service.other]\ncomponent = \"o.wasm\"\nroutes = [\"/hello/\"]\n"),
+        expect![[r#"
+            maru.toml:19:11: `service.other.routes`: route /hello/ is also claimed by service `hello` in this manifest
+              hint: give each service its own path prefix or host"#]],
+    );
+}
+
+#[test]
+fn names_and_outbound() {
+    check(
+        &GOOD.replace("name = \"hello\"", "name = \"Hello World\""),
+        expect![[r#"
+            maru.toml:3:8: `app.name`: `Hello World` is not a valid name
+              hint: use 1 to 63 lowercase letters, digits and dashes, starting with a letter"#]],
+    );
+    check(
+        &GOOD.replace("https://api.example.org", "api.example.org"),
+        expect![
+            "maru.toml:14:13: `service.hello.outbound`: `api.example.org` is not an origin: the scheme is missing (write it as scheme://host[:port], e.g. https://api.example.org)"
+        ],
+    );
+    check(
+        "[app]\nname = \"x\"\n",
+        expect![[r#"
+            maru.toml:1:1: `service`: the app has no services
+              hint: add a [service.NAME] table with at least `component` and `routes`"#]],
+    );
+    check(
+        "name = \"x\"\n",
+        expect![[r#"
+            maru.toml:1:1: `name`: missing field `app`
+              hint: start the manifest with [app] and name = "my-app""#]],
+    );
+}
+
+#[test]
+fn error_at_points_to_the_field_or_its_table() {
+    let app = parse("m.toml", GOOD).expect("good manifest");
+    assert_eq!(
+        app.error_at("service.hello.component", "gone", None)
+            .to_string(),
+        "m.toml:6:13: `service.hello.component`: gone"
+    );
+    assert_eq!(app.error_at("service.hello.nothing", "x", None).line, 5);
+}
+
+#[test]
+fn change_detection_names_fields() {
+    let a = parse("m.toml", GOOD).expect("good");
+    let b = parse(
+        "m.toml",
+        &GOOD
+            .replace("64MiB", "128MiB")
+            .replace("\"/hello\"", "\"/hi\""),
+    )
+    .expect("good");
+    assert_eq!(
+        a.services["hello"].changed_fields(&b.services["hello"]),
+        ["routes", "memory"]
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Whatever the bytes, parsing returns a result and any error points inside the text.
+    #[test]
+    fn never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+        if let Err(error) = parse("f.toml", &text) {
+            prop_assert!(error.line >= 1 && error.line <= text.lines().count().max(1) + 1);
+        }
+    }
+
+    /// Deleting, duplicating or replacing a span of a valid manifest never panics, and a
+    /// rejected mutation is located within the file.
+    #[test]
+    fn mutated_manifests_fail_cleanly(start in 0..GOOD.len(), len in 0usize..12, insert in "[\\[\\]={}\",.a-z0-9 \n]{0,6}") {
+        let end = (start + len).min(GOOD.len());
+        if GOOD.is_char_boundary(start) && GOOD.is_char_boundary(end) {
+            let text = format!("{}{}{}", &GOOD[..start], insert, &GOOD[end..]);
+            if let Err(error) = parse("f.toml", &text) {
+                prop_assert!(error.line >= 1 && error.line <= text.lines().count() + 1, "{error}");
+                prop_assert!(!error.message.is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert!(parse_duration("-1s").is_err());
+    assert!(parse_duration("99999999999999999999h").is_err());
+    assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+    assert_eq!(parse_size("100MB"), Ok(100_000_000));
+    assert!(parse_size("18446744073709551615GiB").is_err());
+}

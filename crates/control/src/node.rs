@@ -1,0 +1,570 @@
+//! A node: the desired state, the runtime and the gateway wired together, and the reconcile
+//! step that makes the running services match the desired state.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use autopilot::{Reactive, ScalingBounds};
+use gateway::{Gateway, RouteKey, RouteTable, Service, ServiceConfig};
+use maru_api::{
+    AppInfo, DeployRequest, DeployResponse, RevisionInfo, ServiceChange, ServiceStatus,
+};
+use runtime::{ArtifactCache, ArtifactError, ComponentHash, InstanceSpec, Runtime, ServiceLog};
+use tokio::task::JoinSet;
+
+use crate::manifest::{self, AppManifest, ManifestError, ServiceManifest};
+use crate::state::{State, StateError};
+
+/// Errors of control operations, shaped for the API to map to statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    BadManifest(ManifestError),
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        hint: Option<String>,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// (app, service)
+pub type ServiceKey = (String, String);
+
+struct Running {
+    revision: u64,
+    manifest: ServiceManifest,
+    component: ComponentHash,
+    service: Arc<Service>,
+}
+
+pub struct Node {
+    pub state: State,
+    pub cache: ArtifactCache,
+    pub runtime: Arc<Runtime>,
+    pub gateway: Arc<Gateway>,
+    data_dir: PathBuf,
+    /// Serialises deploys, rollbacks and removals, so validation sees the state it commits on.
+    change: tokio::sync::Mutex<()>,
+    running: Mutex<BTreeMap<ServiceKey, Running>>,
+    /// Logs outlive revisions: `maru logs` shows the old and the new one across a deploy.
+    logs: Mutex<BTreeMap<ServiceKey, Arc<ServiceLog>>>,
+    /// Services replaced or removed, draining; awaited at shutdown.
+    retiring: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+impl Node {
+    pub fn open(
+        data_dir: &Path,
+        runtime: Arc<Runtime>,
+        gateway: Arc<Gateway>,
+    ) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("create data directory {}", data_dir.display()))?;
+        let state = State::open(&data_dir.join("state.redb")).context("open the state database")?;
+        let cache = ArtifactCache::open(data_dir).context("open the component cache")?;
+        Ok(Arc::new(Node {
+            state,
+            cache,
+            runtime,
+            gateway,
+            data_dir: data_dir.to_path_buf(),
+            change: tokio::sync::Mutex::new(()),
+            running: Mutex::new(BTreeMap::new()),
+            logs: Mutex::new(BTreeMap::new()),
+            retiring: tokio::sync::Mutex::new(JoinSet::new()),
+        }))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Bring the running services in line with the stored state; called at start and after
+    /// every change. A revision whose components cannot be loaded is reported and skipped,
+    /// so one broken app never keeps the others from serving.
+    pub async fn reconcile(&self) -> Result<(), ControlError> {
+        let mut desired: BTreeMap<ServiceKey, (u64, ServiceManifest, ComponentHash)> =
+            BTreeMap::new();
+        for (app, record) in self.state.apps()? {
+            let revision = self.state.revision(&app, record.current)?;
+            let parsed = match manifest::parse(&revision.manifest_path, &revision.manifest) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    tracing::error!(%app, revision = record.current, %error, "stored manifest no longer parses; app not started");
+                    continue;
+                }
+            };
+            for (name, service) in parsed.services {
+                let Some(hash) = revision
+                    .components
+                    .get(&service.component)
+                    .and_then(|h| ComponentHash::parse(h).ok())
+                else {
+                    tracing::error!(%app, service = %name, "revision has no component hash for the service; not started");
+                    continue;
+                };
+                desired.insert((app.clone(), name), (revision.number, service, hash));
+            }
+        }
+
+        let mut retired = Vec::new();
+        let table = {
+            let mut running = self.running.lock().expect("running lock is never poisoned");
+            let keys: Vec<ServiceKey> = running.keys().cloned().collect();
+            for key in keys {
+                let keep = desired.get(&key).is_some_and(|(_, manifest, hash)| {
+                    let current = &running[&key];
+                    &current.manifest == manifest && &current.component == hash
+                });
+                if keep {
+                    if let (Some(current), Some((revision, _, _))) =
+                        (running.get_mut(&key), desired.get(&key))
+                    {
+                        current.revision = *revision;
+                    }
+                } else if let Some(old) = running.remove(&key) {
+                    retired.push(old.service);
+                }
+            }
+            for (key, (revision, manifest, hash)) in &desired {
+                if running.contains_key(key) {
+                    continue;
+                }
+                match self.start_service(key, *revision, manifest, hash) {
+                    Ok(service) => {
+                        running.insert(
+                            key.clone(),
+                            Running {
+                                revision: *revision,
+                                manifest: manifest.clone(),
+                                component: hash.clone(),
+                                service,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        tracing::error!(app = %key.0, service = %key.1, %error, "service not started")
+                    }
+                }
+            }
+            let mut routes = Vec::new();
+            for running in running.values() {
+                let hosts: Vec<Option<&str>> = if running.manifest.hosts.is_empty() {
+                    vec![None]
+                } else {
+                    running
+                        .manifest
+                        .hosts
+                        .iter()
+                        .map(|h| Some(h.as_str()))
+                        .collect()
+                };
+                for host in hosts {
+                    for route in &running.manifest.routes {
+                        routes.push((RouteKey::new(host, route), running.service.clone()));
+                    }
+                }
+            }
+            RouteTable::new(routes)
+        };
+        self.gateway.install(table);
+        let mut retiring = self.retiring.lock().await;
+        while retiring.try_join_next().is_some() {}
+        for service in retired {
+            retiring.spawn(async move { service.shutdown().await });
+        }
+        Ok(())
+    }
+
+    fn log_for(&self, key: &ServiceKey) -> Arc<ServiceLog> {
+        self.logs
+            .lock()
+            .expect("logs lock is never poisoned")
+            .entry(key.clone())
+            .or_insert_with(ServiceLog::new)
+            .clone()
+    }
+
+    fn start_service(
+        &self,
+        key: &ServiceKey,
+        revision: u64,
+        manifest: &ServiceManifest,
+        hash: &ComponentHash,
+    ) -> Result<Arc<Service>, ArtifactError> {
+        let component = self.runtime.load(&self.cache, hash)?;
+        let config = ServiceConfig {
+            app: key.0.clone(),
+            name: key.1.clone(),
+            revision,
+            bounds: ScalingBounds {
+                instances_min: manifest.instances_min,
+                instances_max: manifest.instances_max,
+                concurrency: manifest.concurrency,
+                idle_timeout: manifest.idle_timeout,
+            },
+            timeout: manifest.timeout,
+            queue_max: manifest.queue as usize,
+            body_bytes_max: manifest.body_limit_bytes,
+            startup_timeout: manifest.startup_timeout,
+            component,
+            instance: InstanceSpec {
+                env: manifest
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                memory_bytes_max: manifest.memory_bytes,
+                outbound: manifest.outbound.clone().into(),
+                log: self.log_for(key),
+            },
+        };
+        Ok(Service::start(
+            config,
+            self.runtime.clone(),
+            Box::new(Reactive),
+        ))
+    }
+
+    /// Validate, compile and commit a new revision, then start serving it.
+    pub async fn deploy(&self, request: DeployRequest) -> Result<DeployResponse, ControlError> {
+        let _change = self.change.lock().await;
+        let parsed = manifest::parse(&request.manifest_path, &request.manifest)
+            .map_err(ControlError::BadManifest)?;
+        self.check_routes_free(&parsed)?;
+        // Every component must be uploaded, compile, and be a wasi:http proxy, before the
+        // revision is committed; compiling here is what lets scaling never compile.
+        let mut components = BTreeMap::new();
+        for (name, service) in &parsed.services {
+            let field = format!("service.{name}.component");
+            let hash_text = request.components.get(&service.component).ok_or_else(|| {
+                ControlError::BadManifest(parsed.error_at(
+                    &field,
+                    format!(
+                        "component `{}` was not uploaded with the deploy",
+                        service.component
+                    ),
+                    Some("deploy with `maru deploy`, which uploads components".into()),
+                ))
+            })?;
+            let hash = ComponentHash::parse(hash_text).map_err(|e| ControlError::BadRequest {
+                message: e.to_string(),
+                hint: None,
+            })?;
+            let check = tokio::task::block_in_place(|| {
+                self.runtime
+                    .compile(&self.cache, &hash)
+                    .and_then(|()| self.runtime.load(&self.cache, &hash).map(drop))
+            });
+            if let Err(error) = check {
+                let hint = match &error {
+                    ArtifactError::Missing(_) => Some("upload it first: PUT /v1/blobs/{hash}".to_string()),
+                    _ => Some("build it for the wasi:http/proxy world, e.g. `cargo build --target wasm32-wasip2`".to_string()),
+                };
+                return Err(ControlError::BadManifest(parsed.error_at(
+                    &field,
+                    error.to_string(),
+                    hint,
+                )));
+            }
+            components.insert(service.component.clone(), hash.to_string());
+        }
+
+        let previous = match self.state.app(&parsed.name) {
+            Ok(record) => Some(self.state.revision(&parsed.name, record.current)?),
+            Err(StateError::NotFound(_)) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let changes = match &previous {
+            Some(previous) => diff(previous, &parsed, &components),
+            None => parsed
+                .services
+                .keys()
+                .map(|name| ServiceChange {
+                    service: name.clone(),
+                    kind: "added".into(),
+                    fields: Vec::new(),
+                })
+                .collect(),
+        };
+        if let (Some(previous), true) = (&previous, changes.is_empty()) {
+            return Ok(DeployResponse {
+                app: parsed.name,
+                revision: previous.number,
+                previous: Some(previous.number),
+                changes,
+            });
+        }
+        let revision = self.state.deploy(
+            &parsed.name,
+            &request.manifest_path,
+            &request.manifest,
+            components,
+        )?;
+        self.reconcile().await?;
+        Ok(DeployResponse {
+            app: parsed.name,
+            revision,
+            previous: previous.map(|p| p.number),
+            changes,
+        })
+    }
+
+    fn check_routes_free(&self, parsed: &AppManifest) -> Result<(), ControlError> {
+        let mut taken: BTreeMap<RouteKey, String> = BTreeMap::new();
+        for (app, record) in self.state.apps()? {
+            if app == parsed.name {
+                continue;
+            }
+            let revision = self.state.revision(&app, record.current)?;
+            let Ok(other) = manifest::parse(&revision.manifest_path, &revision.manifest) else {
+                continue;
+            };
+            for (name, service) in &other.services {
+                for key in route_keys(service) {
+                    taken.insert(key, format!("{app}/{name}"));
+                }
+            }
+        }
+        for (name, service) in &parsed.services {
+            for key in route_keys(service) {
+                if let Some(owner) = taken.get(&key) {
+                    let host = key
+                        .host
+                        .as_deref()
+                        .map(|h| format!(" on host {h}"))
+                        .unwrap_or_default();
+                    return Err(ControlError::BadManifest(
+                        parsed.error_at(
+                            &format!("service.{name}.routes"),
+                            format!("route {}{host} is already served by {owner}", key.prefix),
+                            Some(
+                                "choose another path prefix or host, or remove the other app first"
+                                    .into(),
+                            ),
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(&self, app: &str) -> Result<(u64, u64), ControlError> {
+        let _change = self.change.lock().await;
+        let moved = self.state.rollback(app)?;
+        self.reconcile().await?;
+        Ok(moved)
+    }
+
+    pub async fn remove(&self, app: &str) -> Result<Vec<String>, ControlError> {
+        let _change = self.change.lock().await;
+        let record = self.state.app(app)?;
+        let revision = self.state.revision(app, record.current)?;
+        self.state.remove(app)?;
+        self.reconcile().await?;
+        let services: Vec<String> = manifest::parse(&revision.manifest_path, &revision.manifest)
+            .map(|m| m.services.into_keys().collect())
+            .unwrap_or_default();
+        let mut logs = self.logs.lock().expect("logs lock is never poisoned");
+        for service in &services {
+            logs.remove(&(app.to_string(), service.clone()));
+        }
+        Ok(services)
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppInfo>, ControlError> {
+        let mut apps = Vec::new();
+        for (name, record) in self.state.apps()? {
+            let revisions = self.state.revisions(&name)?;
+            let services = revisions
+                .iter()
+                .find(|r| r.number == record.current)
+                .and_then(|r| manifest::parse(&r.manifest_path, &r.manifest).ok())
+                .map(|m| m.services.into_keys().collect())
+                .unwrap_or_default();
+            apps.push(AppInfo {
+                name,
+                revision: record.current,
+                revisions: revisions
+                    .into_iter()
+                    .map(|r| RevisionInfo {
+                        number: r.number,
+                        created_unix_ms: r.created_unix_ms,
+                        manifest_path: r.manifest_path,
+                    })
+                    .collect(),
+                services,
+            });
+        }
+        Ok(apps)
+    }
+
+    pub fn services(&self) -> Vec<ServiceStatus> {
+        let running = self.running.lock().expect("running lock is never poisoned");
+        running
+            .iter()
+            .map(|((app, name), running)| {
+                let (gauges, metrics) = running.service.snapshot();
+                ServiceStatus {
+                    app: app.clone(),
+                    service: name.clone(),
+                    revision: running.revision,
+                    routes: running.manifest.routes.clone(),
+                    instances_ready: gauges.ready,
+                    instances_starting: gauges.starting,
+                    instances_min: running.manifest.instances_min,
+                    instances_max: running.manifest.instances_max,
+                    in_flight: running
+                        .service
+                        .metrics
+                        .in_flight
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    queued: gauges.queued,
+                    requests_total: metrics.requests_total,
+                    requests_per_second: metrics.requests_per_second,
+                    latency_p50_ms: metrics.latency_p50_ms,
+                    latency_p99_ms: metrics.latency_p99_ms,
+                    cold_starts: metrics.cold_starts,
+                    instance_starts: metrics.instance_starts,
+                    instance_seconds: metrics.instance_seconds,
+                }
+            })
+            .collect()
+    }
+
+    pub fn log(&self, app: &str, service: &str) -> Option<Arc<ServiceLog>> {
+        self.logs
+            .lock()
+            .expect("logs lock is never poisoned")
+            .get(&(app.to_string(), service.to_string()))
+            .cloned()
+    }
+
+    /// Prometheus text for every running service.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        gateway::render_preamble(&mut out);
+        out.push_str("# HELP maru_unrouted_requests_total Requests that matched no route.\n# TYPE maru_unrouted_requests_total counter\n");
+        out.push_str(&format!(
+            "maru_unrouted_requests_total {}\n",
+            self.gateway.unrouted()
+        ));
+        let now = Instant::now();
+        let running = self.running.lock().expect("running lock is never poisoned");
+        for ((app, name), running) in running.iter() {
+            let labels = format!(
+                "app=\"{app}\",service=\"{name}\",revision=\"{}\"",
+                running.revision
+            );
+            running
+                .service
+                .metrics
+                .render(&mut out, &labels, &running.service.gauges(), now);
+        }
+        out
+    }
+
+    /// Stop every service, letting admitted requests finish.
+    pub async fn shutdown(&self) {
+        let services: Vec<Arc<Service>> = {
+            let mut running = self.running.lock().expect("running lock is never poisoned");
+            std::mem::take(&mut *running)
+                .into_values()
+                .map(|r| r.service)
+                .collect()
+        };
+        self.gateway.install(RouteTable::default());
+        let mut retiring = self.retiring.lock().await;
+        for service in services {
+            retiring.spawn(async move { service.shutdown().await });
+        }
+        while retiring.join_next().await.is_some() {}
+    }
+}
+
+fn route_keys(service: &ServiceManifest) -> Vec<RouteKey> {
+    let hosts: Vec<Option<&str>> = if service.hosts.is_empty() {
+        vec![None]
+    } else {
+        service.hosts.iter().map(|h| Some(h.as_str())).collect()
+    };
+    hosts
+        .iter()
+        .flat_map(|host| {
+            service
+                .routes
+                .iter()
+                .map(move |route| RouteKey::new(*host, route))
+        })
+        .collect()
+}
+
+fn diff(
+    previous: &crate::state::RevisionRecord,
+    next: &AppManifest,
+    next_components: &BTreeMap<String, String>,
+) -> Vec<ServiceChange> {
+    let Ok(old) = manifest::parse(&previous.manifest_path, &previous.manifest) else {
+        return next
+            .services
+            .keys()
+            .map(|name| ServiceChange {
+                service: name.clone(),
+                kind: "changed".into(),
+                fields: vec!["manifest".into()],
+            })
+            .collect();
+    };
+    let mut changes = Vec::new();
+    for (name, service) in &next.services {
+        match old.services.get(name) {
+            None => changes.push(ServiceChange {
+                service: name.clone(),
+                kind: "added".into(),
+                fields: Vec::new(),
+            }),
+            Some(before) => {
+                let mut fields: Vec<String> = before
+                    .changed_fields(service)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
+                if previous.components.get(&before.component)
+                    != next_components.get(&service.component)
+                {
+                    fields.insert(0, "component".into());
+                }
+                if !fields.is_empty() {
+                    changes.push(ServiceChange {
+                        service: name.clone(),
+                        kind: "changed".into(),
+                        fields,
+                    });
+                }
+            }
+        }
+    }
+    for name in old.services.keys() {
+        if !next.services.contains_key(name) {
+            changes.push(ServiceChange {
+                service: name.clone(),
+                kind: "removed".into(),
+                fields: Vec::new(),
+            });
+        }
+    }
+    changes
+}

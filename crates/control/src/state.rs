@@ -1,0 +1,261 @@
+//! Desired state on disk: apps, their immutable revisions and which revision serves.
+//!
+//! Invariant: every change is one redb write transaction, so a crash leaves the state as it
+//! was before the change or as it is after it, never between. Revisions are never modified
+//! after they are written.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
+const REVISIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("revisions");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRecord {
+    /// The serving revision.
+    pub current: u64,
+    /// Revisions in the order they served; the last is `current`. Rollback pops it.
+    pub history: Vec<u64>,
+    pub next_revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionRecord {
+    pub number: u64,
+    pub manifest_path: String,
+    pub manifest: String,
+    /// Component path as written in the manifest → blake3 hash.
+    pub components: BTreeMap<String, String>,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no app named `{0}` is deployed")]
+    NotFound(String),
+    #[error("app `{0}` has no earlier revision to roll back to")]
+    NothingToRollBack(String),
+    #[error("state database: {0}")]
+    Storage(String),
+    #[error(
+        "state database holds a record that does not decode ({0}); it was written by an incompatible version or damaged"
+    )]
+    Corrupt(String),
+}
+
+fn storage(error: impl Into<redb::Error>) -> StateError {
+    StateError::Storage(error.into().to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records are plain data and always serialise")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|error| StateError::Corrupt(error.to_string()))
+}
+
+pub struct State {
+    db: Database,
+}
+
+impl State {
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let db = Database::create(path).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        txn.open_table(APPS).map_err(storage)?;
+        txn.open_table(REVISIONS).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        Ok(State { db })
+    }
+
+    pub fn apps(&self) -> Result<Vec<(String, AppRecord)>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(APPS).map_err(storage)?;
+        let mut apps = Vec::new();
+        for entry in table.iter().map_err(storage)? {
+            let (name, record) = entry.map_err(storage)?;
+            apps.push((name.value().to_string(), decode(record.value())?));
+        }
+        Ok(apps)
+    }
+
+    pub fn app(&self, name: &str) -> Result<AppRecord, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(APPS).map_err(storage)?;
+        let record = table
+            .get(name)
+            .map_err(storage)?
+            .ok_or_else(|| StateError::NotFound(name.to_string()))?;
+        decode(record.value())
+    }
+
+    pub fn revision(&self, app: &str, number: u64) -> Result<RevisionRecord, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(REVISIONS).map_err(storage)?;
+        let record = table.get((app, number)).map_err(storage)?.ok_or_else(|| {
+            StateError::Corrupt(format!(
+                "revision {number} of app `{app}` is referenced but missing"
+            ))
+        })?;
+        decode(record.value())
+    }
+
+    pub fn revisions(&self, app: &str) -> Result<Vec<RevisionRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(REVISIONS).map_err(storage)?;
+        let mut revisions = Vec::new();
+        for entry in table.range((app, 0)..=(app, u64::MAX)).map_err(storage)? {
+            let (_, record) = entry.map_err(storage)?;
+            revisions.push(decode(record.value())?);
+        }
+        Ok(revisions)
+    }
+
+    /// Write a new revision and make it serve, atomically. Returns its number.
+    pub fn deploy(
+        &self,
+        app: &str,
+        manifest_path: &str,
+        manifest: &str,
+        components: BTreeMap<String, String>,
+    ) -> Result<u64, StateError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let number = {
+            let mut apps = txn.open_table(APPS).map_err(storage)?;
+            let mut record = match apps.get(app).map_err(storage)? {
+                Some(existing) => decode::<AppRecord>(existing.value())?,
+                None => AppRecord {
+                    current: 0,
+                    history: Vec::new(),
+                    next_revision: 1,
+                },
+            };
+            let number = record.next_revision;
+            record.next_revision += 1;
+            record.current = number;
+            record.history.push(number);
+            apps.insert(app, encode(&record).as_slice())
+                .map_err(storage)?;
+            let revision = RevisionRecord {
+                number,
+                manifest_path: manifest_path.to_string(),
+                manifest: manifest.to_string(),
+                components,
+                created_unix_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            };
+            let mut revisions = txn.open_table(REVISIONS).map_err(storage)?;
+            revisions
+                .insert((app, number), encode(&revision).as_slice())
+                .map_err(storage)?;
+            number
+        };
+        txn.commit().map_err(storage)?;
+        Ok(number)
+    }
+
+    /// Make the revision that served before the current one serve again. Returns
+    /// `(from, to)`.
+    pub fn rollback(&self, app: &str) -> Result<(u64, u64), StateError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let moved = {
+            let mut apps = txn.open_table(APPS).map_err(storage)?;
+            let mut record: AppRecord = match apps.get(app).map_err(storage)? {
+                Some(existing) => decode(existing.value())?,
+                None => return Err(StateError::NotFound(app.to_string())),
+            };
+            if record.history.len() < 2 {
+                return Err(StateError::NothingToRollBack(app.to_string()));
+            }
+            let from = record
+                .history
+                .pop()
+                .expect("history has at least two entries");
+            let to = *record
+                .history
+                .last()
+                .expect("history has at least one entry left");
+            record.current = to;
+            apps.insert(app, encode(&record).as_slice())
+                .map_err(storage)?;
+            (from, to)
+        };
+        txn.commit().map_err(storage)?;
+        Ok(moved)
+    }
+
+    /// Delete an app and all its revisions.
+    pub fn remove(&self, app: &str) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut apps = txn.open_table(APPS).map_err(storage)?;
+            if apps.remove(app).map_err(storage)?.is_none() {
+                return Err(StateError::NotFound(app.to_string()));
+            }
+            let mut revisions = txn.open_table(REVISIONS).map_err(storage)?;
+            revisions
+                .retain_in((app, 0)..=(app, u64::MAX), |_, _| false)
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_rollback_remove_survive_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.redb");
+        {
+            let state = State::open(&path).expect("open");
+            assert_eq!(
+                state
+                    .deploy("a", "m.toml", "v1", BTreeMap::new())
+                    .expect("deploy"),
+                1
+            );
+            assert_eq!(
+                state
+                    .deploy("a", "m.toml", "v2", BTreeMap::new())
+                    .expect("deploy"),
+                2
+            );
+            assert_eq!(
+                state
+                    .deploy("b", "m.toml", "b1", BTreeMap::new())
+                    .expect("deploy"),
+                1
+            );
+            assert!(matches!(
+                state.rollback("b"),
+                Err(StateError::NothingToRollBack(_))
+            ));
+        }
+        let state = State::open(&path).expect("reopen");
+        assert_eq!(state.app("a").expect("a").current, 2);
+        assert_eq!(state.rollback("a").expect("rollback"), (2, 1));
+        assert_eq!(state.revision("a", 1).expect("rev").manifest, "v1");
+        assert_eq!(
+            state
+                .deploy("a", "m.toml", "v3", BTreeMap::new())
+                .expect("deploy"),
+            3
+        );
+        assert_eq!(state.app("a").expect("a").history, [1, 3]);
+        state.remove("a").expect("remove");
+        assert!(matches!(state.app("a"), Err(StateError::NotFound(_))));
+        assert!(state.revisions("a").expect("list").is_empty());
+        assert_eq!(state.revisions("b").expect("list").len(), 1);
+    }
+}

@@ -1,0 +1,16 @@
+//! HTTP ingress: accepts connections, applies limits, routes each request to a service and
+//! maps every failure to a small JSON error carrying the request id.
+//!
+//! Invariant: the gateway owns no business state. It is handed a [`RouteTable`] of running
+//! [`Service`]s by the control plane and swaps it whole; it never reads or writes apps,
+//! revisions or manifests.
+
+mod metrics;
+mod routes;
+mod server;
+mod service;
+
+pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_preamble};
+pub use routes::{RouteKey, RouteTable};
+pub use server::{Gateway, GatewayConfig};
+pub use service::{Service, ServiceConfig, ServiceError};

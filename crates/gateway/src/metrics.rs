@@ -1,0 +1,329 @@
+//! Per-service counters and the latency histogram, exported as Prometheus text and as the
+//! figures `maru ps` shows.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Upper bounds (seconds) of the Prometheus latency buckets.
+const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Seconds of per-second request counts kept for the rate shown by `maru ps`.
+const RATE_WINDOW_SECONDS: usize = 10;
+
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    origin: Instant,
+    pub in_flight: AtomicU64,
+    pub instance_starts: AtomicU64,
+    pub cold_starts: AtomicU64,
+    pub instance_failures: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    by_status: BTreeMap<u16, u64>,
+    buckets: [u64; LATENCY_BUCKETS_SECONDS.len()],
+    latency_sum_seconds: f64,
+    latency_count: u64,
+    histogram_us: Histogram<u64>,
+    /// (second since origin, requests finished in it), a ring.
+    per_second: [(u64, u64); RATE_WINDOW_SECONDS],
+    /// Instance-milliseconds accumulated up to `instances_since`.
+    instance_ms: u128,
+    instances: u64,
+    instances_since: Instant,
+}
+
+/// A point-in-time copy for `maru ps`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MetricsSnapshot {
+    pub requests_total: u64,
+    pub requests_per_second: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub cold_starts: u64,
+    pub instance_starts: u64,
+    pub instance_seconds: f64,
+}
+
+impl ServiceMetrics {
+    pub fn new(now: Instant) -> Self {
+        ServiceMetrics {
+            origin: now,
+            in_flight: AtomicU64::new(0),
+            instance_starts: AtomicU64::new(0),
+            cold_starts: AtomicU64::new(0),
+            instance_failures: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                by_status: BTreeMap::new(),
+                buckets: [0; LATENCY_BUCKETS_SECONDS.len()],
+                latency_sum_seconds: 0.0,
+                latency_count: 0,
+                histogram_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("static histogram bounds are valid"),
+                per_second: [(u64::MAX, 0); RATE_WINDOW_SECONDS],
+                instance_ms: 0,
+                instances: 0,
+                instances_since: now,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .expect("metrics lock is never poisoned: no panics while held")
+    }
+
+    /// Record a finished request: its status and time from arrival to response head.
+    pub fn record(&self, now: Instant, status: u16, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        let second = now.saturating_duration_since(self.origin).as_secs();
+        let mut inner = self.lock();
+        *inner.by_status.entry(status).or_default() += 1;
+        for (bucket, bound) in inner.buckets.iter_mut().zip(LATENCY_BUCKETS_SECONDS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        inner.latency_sum_seconds += seconds;
+        inner.latency_count += 1;
+        inner
+            .histogram_us
+            .saturating_record(latency.as_micros().max(1) as u64);
+        let slot = &mut inner.per_second[(second as usize) % RATE_WINDOW_SECONDS];
+        if slot.0 != second {
+            *slot = (second, 0);
+        }
+        slot.1 += 1;
+    }
+
+    /// Note that the number of live instances (starting or ready) changed to `instances`.
+    pub fn set_instances(&self, now: Instant, instances: u64) {
+        let mut inner = self.lock();
+        inner.instance_ms += inner.instances as u128
+            * now
+                .saturating_duration_since(inner.instances_since)
+                .as_millis();
+        inner.instances = instances;
+        inner.instances_since = now;
+    }
+
+    pub fn instance_seconds(&self, now: Instant) -> f64 {
+        let inner = self.lock();
+        let ms = inner.instance_ms
+            + inner.instances as u128
+                * now
+                    .saturating_duration_since(inner.instances_since)
+                    .as_millis();
+        ms as f64 / 1000.0
+    }
+
+    pub fn snapshot(&self, now: Instant) -> MetricsSnapshot {
+        let instance_seconds = self.instance_seconds(now);
+        let inner = self.lock();
+        let current = now.saturating_duration_since(self.origin).as_secs();
+        // The rate over the last five whole seconds; the current second is still filling.
+        let window = 5u64;
+        let recent: u64 = inner
+            .per_second
+            .iter()
+            .filter(|(second, _)| {
+                *second != u64::MAX && *second < current && current - second <= window
+            })
+            .map(|(_, count)| count)
+            .sum();
+        let quantile_ms = |q| {
+            if inner.latency_count == 0 {
+                0.0
+            } else {
+                inner.histogram_us.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        MetricsSnapshot {
+            requests_total: inner.latency_count,
+            requests_per_second: recent as f64 / window.min(current.max(1)) as f64,
+            latency_p50_ms: quantile_ms(0.5),
+            latency_p99_ms: quantile_ms(0.99),
+            cold_starts: self.cold_starts.load(Ordering::Relaxed),
+            instance_starts: self.instance_starts.load(Ordering::Relaxed),
+            instance_seconds,
+        }
+    }
+
+    /// Append this service's series in Prometheus text format. `labels` is the rendered
+    /// label set without braces, e.g. `app="a",service="b"`.
+    pub fn render(&self, out: &mut String, labels: &str, gauges: &Gauges, now: Instant) {
+        let instance_seconds = self.instance_seconds(now);
+        let inner = self.lock();
+        for (status, count) in &inner.by_status {
+            _ = writeln!(
+                out,
+                "maru_requests_total{{{labels},status=\"{status}\"}} {count}"
+            );
+        }
+        for (bound, count) in LATENCY_BUCKETS_SECONDS.iter().zip(inner.buckets) {
+            _ = writeln!(
+                out,
+                "maru_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {count}"
+            );
+        }
+        _ = writeln!(
+            out,
+            "maru_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+            inner.latency_count
+        );
+        _ = writeln!(
+            out,
+            "maru_request_duration_seconds_sum{{{labels}}} {}",
+            inner.latency_sum_seconds
+        );
+        _ = writeln!(
+            out,
+            "maru_request_duration_seconds_count{{{labels}}} {}",
+            inner.latency_count
+        );
+        drop(inner);
+        _ = writeln!(
+            out,
+            "maru_requests_in_flight{{{labels}}} {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        _ = writeln!(out, "maru_requests_queued{{{labels}}} {}", gauges.queued);
+        _ = writeln!(
+            out,
+            "maru_instances{{{labels},state=\"ready\"}} {}",
+            gauges.ready
+        );
+        _ = writeln!(
+            out,
+            "maru_instances{{{labels},state=\"starting\"}} {}",
+            gauges.starting
+        );
+        _ = writeln!(
+            out,
+            "maru_instance_starts_total{{{labels}}} {}",
+            self.instance_starts.load(Ordering::Relaxed)
+        );
+        _ = writeln!(
+            out,
+            "maru_cold_starts_total{{{labels}}} {}",
+            self.cold_starts.load(Ordering::Relaxed)
+        );
+        _ = writeln!(
+            out,
+            "maru_instance_failures_total{{{labels}}} {}",
+            self.instance_failures.load(Ordering::Relaxed)
+        );
+        _ = writeln!(
+            out,
+            "maru_instance_seconds_total{{{labels}}} {instance_seconds:.3}"
+        );
+    }
+}
+
+/// Gauges that live in the pool rather than in the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub queued: u64,
+    pub ready: u64,
+    pub starting: u64,
+}
+
+/// The `# HELP` and `# TYPE` lines, written once before all services' series.
+pub fn render_preamble(out: &mut String) {
+    for (name, kind, help) in [
+        (
+            "maru_requests_total",
+            "counter",
+            "Requests answered, by HTTP status.",
+        ),
+        (
+            "maru_request_duration_seconds",
+            "histogram",
+            "Time from request arrival to response head.",
+        ),
+        (
+            "maru_requests_in_flight",
+            "gauge",
+            "Requests executing in an instance.",
+        ),
+        (
+            "maru_requests_queued",
+            "gauge",
+            "Requests admitted and waiting for an instance.",
+        ),
+        ("maru_instances", "gauge", "Instances by state."),
+        (
+            "maru_instance_starts_total",
+            "counter",
+            "Instances started.",
+        ),
+        (
+            "maru_cold_starts_total",
+            "counter",
+            "Instances started while work waited and no instance was ready (scale from zero).",
+        ),
+        (
+            "maru_instance_failures_total",
+            "counter",
+            "Instances discarded after a trap, timeout or failed start.",
+        ),
+        (
+            "maru_instance_seconds_total",
+            "counter",
+            "Seconds of instance lifetime (starting or ready), the cost measure of scaling.",
+        ),
+    ] {
+        _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_seconds_integrate_over_changes() {
+        let t0 = Instant::now();
+        let metrics = ServiceMetrics::new(t0);
+        metrics.set_instances(t0, 2);
+        metrics.set_instances(t0 + Duration::from_secs(3), 1);
+        assert_eq!(metrics.instance_seconds(t0 + Duration::from_secs(5)), 8.0);
+    }
+
+    #[test]
+    fn snapshot_quantiles_and_rate() {
+        let t0 = Instant::now();
+        let metrics = ServiceMetrics::new(t0);
+        for i in 0..100u64 {
+            metrics.record(
+                t0 + Duration::from_millis(1000 + i * 10),
+                200,
+                Duration::from_millis(if i < 98 { 2 } else { 100 }),
+            );
+        }
+        let snap = metrics.snapshot(t0 + Duration::from_secs(3));
+        assert_eq!(snap.requests_total, 100);
+        assert!((snap.latency_p50_ms - 2.0).abs() < 0.01, "{snap:?}");
+        assert!((snap.latency_p99_ms - 100.0).abs() < 0.1, "{snap:?}");
+        assert!(
+            (snap.requests_per_second - 100.0 / 3.0).abs() < 0.01,
+            "{snap:?}"
+        );
+        let mut out = String::new();
+        metrics.render(&mut out, "app=\"a\",service=\"s\"", &Gauges::default(), t0);
+        assert!(
+            out.contains("maru_requests_total{app=\"a\",service=\"s\",status=\"200\"} 100"),
+            "{out}"
+        );
+        assert!(out.contains("le=\"0.0025\"} 98"), "{out}");
+    }
+}

@@ -1,0 +1,339 @@
+//! The listener: connection limits, HTTP/1.1 parsing limits, request ids, error mapping and
+//! graceful shutdown.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::routes::RouteTable;
+use crate::service::{Service, ServiceError};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+const REQUEST_ID: &str = "x-request-id";
+
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayConfig {
+    /// A client must send its whole request head within this time (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line plus headers) accepted.
+    pub header_bytes_max: usize,
+    /// Open connections at once; further clients wait in the listen backlog.
+    pub connections_max: usize,
+    /// On shutdown, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            header_read_timeout: Duration::from_secs(10),
+            header_bytes_max: 16 * 1024,
+            connections_max: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct Gateway {
+    routes: RwLock<Arc<RouteTable<Service>>>,
+    config: GatewayConfig,
+    request_id_prefix: String,
+    request_id_next: AtomicU64,
+    unrouted: AtomicU64,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Arc<Self> {
+        let mut seed = [0u8; 4];
+        // A clash of prefixes only makes two nodes' request ids collide; it is not a
+        // security property, so a failure of the OS generator falls back to the pid.
+        if getrandom::fill(&mut seed).is_err() {
+            seed = std::process::id().to_le_bytes();
+        }
+        Arc::new(Gateway {
+            routes: RwLock::new(Arc::new(RouteTable::default())),
+            config: config.normalised(),
+            request_id_prefix: seed.iter().map(|b| format!("{b:02x}")).collect(),
+            request_id_next: AtomicU64::new(1),
+            unrouted: AtomicU64::new(0),
+        })
+    }
+
+    /// Replace the routing table in one step.
+    pub fn install(&self, table: RouteTable<Service>) {
+        *self.routes.write().expect("route lock is never poisoned") = Arc::new(table);
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable<Service>> {
+        self.routes
+            .read()
+            .expect("route lock is never poisoned")
+            .clone()
+    }
+
+    /// Requests that matched no route since start.
+    pub fn unrouted(&self) -> u64 {
+        self.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// Accept connections until `shutdown` fires, then stop accepting and give open
+    /// connections `shutdown_grace` to finish their requests.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.config.connections_max));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut connections = JoinSet::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout)
+            .max_buf_size(self.config.header_bytes_max)
+            .keep_alive(true);
+        loop {
+            while connections.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let (stream, _peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off rather than spin.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            _ = stream.set_nodelay(true);
+            let gateway = self.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+            });
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            connections.spawn(async move {
+                // Errors here are clients going away or breaking the protocol; hyper has
+                // already answered what could be answered.
+                _ = connection.await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(self.config.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.config.shutdown_grace, "connections still open after the shutdown grace period; closing them");
+        }
+        connections.shutdown().await;
+        Ok(())
+    }
+
+    fn request_id(&self, request: &Request<Incoming>) -> String {
+        if let Some(given) = request
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+        {
+            if !given.is_empty()
+                && given.len() <= 128
+                && given
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            {
+                return given.to_string();
+            }
+        }
+        format!(
+            "{}-{:x}",
+            self.request_id_prefix,
+            self.request_id_next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let arrival = Instant::now();
+        let request_id = self.request_id(&request);
+        let host = request
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(request.uri().host())
+            .map(str::to_string);
+        let routes = self.routes();
+        let Some(service) = routes
+            .lookup(host.as_deref(), request.uri().path())
+            .cloned()
+        else {
+            self.unrouted.fetch_add(1, Ordering::Relaxed);
+            let message = format!("no service is routed at {}", request.uri().path());
+            let mut response = error_response(StatusCode::NOT_FOUND, "no_route", &message, &request_id);
+            set_request_id(&mut response, &request_id);
+            return response;
+        };
+        drop(routes);
+        let mut response = match self
+            .forward(&service, request, host, &request_id, arrival)
+            .await
+        {
+            Ok(response) => response,
+            Err((status, code, message)) => {
+                if status.is_server_error() {
+                    service.log(&format!("request {request_id}: {status} {message}"));
+                }
+                error_response(status, code, &message, &request_id)
+            }
+        };
+        set_request_id(&mut response, &request_id);
+        service.metrics.record(
+            Instant::now(),
+            response.status().as_u16(),
+            arrival.elapsed(),
+        );
+        response
+    }
+
+    async fn forward(
+        &self,
+        service: &Service,
+        request: Request<Incoming>,
+        host: Option<String>,
+        request_id: &str,
+        arrival: Instant,
+    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
+        let limit = service.config.body_bytes_max;
+        let too_large = || {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body exceeds this service's limit of {limit} bytes"),
+            )
+        };
+        let declared = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err(too_large());
+        }
+        let (mut parts, body) = request.into_parts();
+        // The body is read whole before the request is queued, so an instance is never held
+        // by a slow upload; reading it is bounded in size and in time.
+        let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
+        let body =
+            match tokio::time::timeout_at((arrival + service.config.timeout).into(), read).await {
+                Err(_elapsed) => {
+                    return Err((
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "the request body did not arrive within the service's timeout".into(),
+                    ));
+                }
+                Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                    return Err(too_large());
+                }
+                Ok(Err(error)) => {
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("the request body could not be read: {error}"),
+                    ));
+                }
+                Ok(Ok(collected)) => collected.to_bytes(),
+            };
+        if host.is_none() {
+            parts
+                .headers
+                .insert(HOST, HeaderValue::from_static("localhost"));
+        }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            parts.headers.insert(REQUEST_ID, value);
+        }
+        let request = Request::from_parts(parts, Full::new(body));
+        match service.handle(request, arrival).await {
+            Ok(response) => Ok(response.map(|body| {
+                body.map_err(|error| -> BoxError { format!("{error:?}").into() })
+                    .boxed_unsync()
+            })),
+            Err(error @ ServiceError::QueueFull(_)) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_full",
+                error.to_string(),
+            )),
+            Err(error @ ServiceError::Unavailable) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                error.to_string(),
+            )),
+            Err(error @ ServiceError::Timeout(_)) => {
+                Err((StatusCode::GATEWAY_TIMEOUT, "timeout", error.to_string()))
+            }
+            Err(error @ ServiceError::GuestFailed(_)) => Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "guest_failed",
+                error.to_string(),
+            )),
+        }
+    }
+}
+
+impl GatewayConfig {
+    fn normalised(mut self) -> Self {
+        // hyper refuses read buffers under 8 KiB.
+        self.header_bytes_max = self.header_bytes_max.max(8192);
+        self.connections_max = self.connections_max.max(1);
+        self
+    }
+}
+
+fn set_request_id(response: &mut Response<Body>, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+}
+
+fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: &str,
+) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": { "status": status.as_u16(), "code": code, "message": message, "request_id": request_id }
+    });
+    let mut response = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}

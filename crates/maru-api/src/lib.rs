@@ -1,0 +1,135 @@
+//! Wire types of the control API, shared by the server, the CLI and (later) the console.
+//!
+//! Invariant: this is the only crate that defines serde shapes of the control API. Changing
+//! a field here changes the API; docs/api.md documents every type.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/apps`: deploy a manifest whose components were uploaded first with
+/// `PUT /v1/blobs/{hash}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// File name of the manifest, used in error messages.
+    pub manifest_path: String,
+    /// The manifest's TOML text.
+    pub manifest: String,
+    /// Component path as written in the manifest → blake3 hash of its uploaded bytes.
+    pub components: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployResponse {
+    pub app: String,
+    /// The revision now serving; unchanged if `changes` is empty.
+    pub revision: u64,
+    /// The revision that served before, if any.
+    pub previous: Option<u64>,
+    pub changes: Vec<ServiceChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceChange {
+    pub service: String,
+    /// `added`, `removed` or `changed`.
+    pub kind: String,
+    /// What changed, e.g. `component`, `routes`, `memory`.
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppInfo {
+    pub name: String,
+    pub revision: u64,
+    pub revisions: Vec<RevisionInfo>,
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionInfo {
+    pub number: u64,
+    pub created_unix_ms: u64,
+    pub manifest_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackResponse {
+    pub app: String,
+    pub from: u64,
+    pub to: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub app: String,
+    pub services_stopped: Vec<String>,
+}
+
+/// One row of `maru ps`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub app: String,
+    pub service: String,
+    pub revision: u64,
+    pub routes: Vec<String>,
+    pub instances_ready: u64,
+    pub instances_starting: u64,
+    pub instances_min: u32,
+    pub instances_max: u32,
+    pub in_flight: u64,
+    pub queued: u64,
+    pub requests_total: u64,
+    pub requests_per_second: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub cold_starts: u64,
+    pub instance_starts: u64,
+    pub instance_seconds: f64,
+}
+
+/// `GET /v1/logs/{app}/{service}?after=N&limit=M`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsResponse {
+    pub lines: Vec<LogLine>,
+    /// Pass as `after` to read on from here.
+    pub next: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub sequence: u64,
+    pub unix_ms: u64,
+    /// `stdout`, `stderr`, or `maru` for platform events.
+    pub stream: String,
+    pub text: String,
+}
+
+/// Every error from the control API has this body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub status: u16,
+    /// Stable, machine-readable: `unauthorized`, `bad_manifest`, `conflict`, `not_found`, ...
+    pub code: String,
+    pub message: String,
+    /// For `bad_manifest`: where the problem is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<ManifestLocation>,
+    /// How to fix it, when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestLocation {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+}

@@ -1,0 +1,421 @@
+//! Client commands: talk to a node's control API and print what happened.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use maru_api::{
+    ApiError, AppInfo, DeployRequest, DeployResponse, LogsResponse, RemoveResponse,
+    RollbackResponse, ServiceStatus,
+};
+use serde::de::DeserializeOwned;
+
+use crate::Target;
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new(target: &Target) -> anyhow::Result<Self> {
+        let node_file = std::fs::read_to_string(target.data.join(crate::up::NODE_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        let base = match (
+            &target.control,
+            node_file.as_ref().and_then(|n| n["control"].as_str()),
+        ) {
+            (Some(explicit), _) => explicit.clone(),
+            (None, Some(found)) => format!("http://{found}"),
+            (None, None) => "http://127.0.0.1:8090".to_string(),
+        };
+        let base = if base.starts_with("http://") || base.starts_with("https://") {
+            base
+        } else {
+            format!("http://{base}")
+        };
+        let token = match &target.token {
+            Some(token) => token.clone(),
+            None => {
+                let path = target.data.join(control::token::TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("read the control token from {} (set MARU_TOKEN, or --data to the node's data directory)", path.display()))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        Ok(Client {
+            agent,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<T> {
+        let mut response = response.with_context(|| {
+            format!(
+                "{what}: cannot reach the control API at {} (is `maru up` running?)",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("{what}: read the response"))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_str::<ApiError>(&body) {
+                Ok(api) => {
+                    let error = api.error;
+                    let mut text = String::new();
+                    if let Some(at) = error.location {
+                        text.push_str(&format!(
+                            "{}:{}:{}: `{}`: ",
+                            at.file, at.line, at.column, at.field
+                        ));
+                    }
+                    text.push_str(&error.message);
+                    if let Some(hint) = error.hint {
+                        text.push_str(&format!("\n  hint: {hint}"));
+                    }
+                    anyhow::anyhow!("{what} failed ({}): {text}", status.as_u16())
+                }
+                Err(_) => anyhow::anyhow!("{what} failed ({}): {}", status.as_u16(), body.trim()),
+            });
+        }
+        serde_json::from_str(&body)
+            .with_context(|| format!("{what}: the control API answered with unexpected JSON"))
+    }
+
+    fn get<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
+        self.finish(
+            what,
+            self.agent
+                .get(self.url(path))
+                .header("Authorization", self.auth())
+                .call(),
+        )
+    }
+
+    fn post<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        self.finish(
+            what,
+            self.agent
+                .post(self.url(path))
+                .header("Authorization", self.auth())
+                .send_json(body),
+        )
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn deploy(target: &Target, manifest_path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(manifest_path)
+        .with_context(|| format!("read manifest {}", manifest_path.display()))?;
+    let shown = manifest_path.display().to_string();
+    let manifest = control::manifest::parse(&shown, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let base = manifest_path.parent().unwrap_or(Path::new("."));
+    let client = Client::new(target)?;
+    let mut components = BTreeMap::new();
+    for (name, service) in &manifest.services {
+        if components.contains_key(&service.component) {
+            continue;
+        }
+        let path = base.join(&service.component);
+        let bytes = std::fs::read(&path).map_err(|error| {
+            let hint = Some(format!(
+                "the path is relative to the manifest; build the component first (looked for {})",
+                path.display()
+            ));
+            anyhow::anyhow!(
+                "{}",
+                manifest.error_at(
+                    &format!("service.{name}.component"),
+                    format!("cannot read component `{}`: {error}", service.component),
+                    hint
+                )
+            )
+        })?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let url = client.url(&format!("/v1/blobs/{hash}"));
+        let present = client
+            .agent
+            .head(&url)
+            .header("Authorization", client.auth())
+            .call()
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false);
+        if !present {
+            if !target.json {
+                eprintln!(
+                    "uploading {} ({} KiB)",
+                    service.component,
+                    bytes.len() / 1024
+                );
+            }
+            let response = client
+                .agent
+                .put(&url)
+                .header("Authorization", client.auth())
+                .header("Content-Type", "application/wasm")
+                .send(&bytes[..]);
+            let mut response = response.with_context(|| {
+                format!(
+                    "upload {}: cannot reach the control API at {}",
+                    service.component, client.base
+                )
+            })?;
+            if !response.status().is_success() {
+                bail!(
+                    "upload {} failed ({}): {}",
+                    service.component,
+                    response.status(),
+                    response.body_mut().read_to_string().unwrap_or_default()
+                );
+            }
+        }
+        components.insert(service.component.clone(), hash);
+    }
+    let request = DeployRequest {
+        manifest_path: shown,
+        manifest: text,
+        components,
+    };
+    let response: DeployResponse = client.post("deploy", "/v1/apps", &request)?;
+    if target.json {
+        return print_json(&response);
+    }
+    if response.changes.is_empty() {
+        println!(
+            "{}: nothing changed; revision {} keeps serving",
+            response.app, response.revision
+        );
+        return Ok(());
+    }
+    match response.previous {
+        Some(previous) => println!(
+            "{}: revision {} now serving (was {previous})",
+            response.app, response.revision
+        ),
+        None => println!(
+            "{}: revision {} now serving (new app)",
+            response.app, response.revision
+        ),
+    }
+    for change in &response.changes {
+        let mark = match change.kind.as_str() {
+            "added" => "+",
+            "removed" => "-",
+            _ => "~",
+        };
+        let fields = if change.fields.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", change.fields.join(", "))
+        };
+        println!("  {mark} {} {}{fields}", change.service, change.kind);
+    }
+    Ok(())
+}
+
+pub fn apps(target: &Target) -> anyhow::Result<()> {
+    let apps: Vec<AppInfo> = Client::new(target)?.get("list apps", "/v1/apps")?;
+    if target.json {
+        return print_json(&apps);
+    }
+    if apps.is_empty() {
+        println!("no apps deployed; deploy one with `maru deploy path/to/maru.toml`");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>8} {:>9}  SERVICES",
+        "APP", "REVISION", "REVISIONS"
+    );
+    for app in apps {
+        println!(
+            "{:<24} {:>8} {:>9}  {}",
+            app.name,
+            app.revision,
+            app.revisions.len(),
+            app.services.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub fn ps(target: &Target) -> anyhow::Result<()> {
+    let services: Vec<ServiceStatus> = Client::new(target)?.get("list services", "/v1/services")?;
+    if target.json {
+        return print_json(&services);
+    }
+    if services.is_empty() {
+        println!("no services running");
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>5} {:>9}",
+        "SERVICE",
+        "REV",
+        "READY",
+        "START",
+        "FLIGHT",
+        "QUEUED",
+        "REQ/S",
+        "P50 ms",
+        "P99 ms",
+        "COLD",
+        "INST-S"
+    );
+    for s in services {
+        println!(
+            "{:<28} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8.2} {:>8.2} {:>5} {:>9.1}",
+            format!("{}/{}", s.app, s.service),
+            s.revision,
+            format!("{}/{}", s.instances_ready, s.instances_max),
+            s.instances_starting,
+            s.in_flight,
+            s.queued,
+            s.requests_per_second,
+            s.latency_p50_ms,
+            s.latency_p99_ms,
+            s.cold_starts,
+            s.instance_seconds
+        );
+    }
+    Ok(())
+}
+
+pub fn logs(target: &Target, service: &str, follow: bool) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let (app, name) = match service.split_once('/') {
+        Some((app, name)) => (app.to_string(), name.to_string()),
+        None => {
+            let services: Vec<ServiceStatus> = client.get("list services", "/v1/services")?;
+            let matching: Vec<&ServiceStatus> =
+                services.iter().filter(|s| s.service == service).collect();
+            match matching.as_slice() {
+                [one] => (one.app.clone(), one.service.clone()),
+                [] => bail!(
+                    "no running service is named `{service}`; `maru ps` lists them (use APP/SERVICE for a stopped one)"
+                ),
+                many => bail!(
+                    "`{service}` is ambiguous: {}; name it as APP/SERVICE",
+                    many.iter()
+                        .map(|s| format!("{}/{}", s.app, s.service))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let mut after = 0;
+    loop {
+        let page: LogsResponse =
+            client.get("read logs", &format!("/v1/logs/{app}/{name}?after={after}"))?;
+        let mut out = std::io::stdout().lock();
+        for line in &page.lines {
+            if target.json {
+                writeln!(out, "{}", serde_json::to_string(line)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{} {:<6} {}",
+                    clock(line.unix_ms),
+                    line.stream,
+                    line.text
+                )?;
+            }
+        }
+        out.flush()?;
+        after = page.next;
+        if !follow {
+            return Ok(());
+        }
+        if page.lines.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// UTC wall-clock time of day with milliseconds.
+fn clock(unix_ms: u64) -> String {
+    let day_ms = unix_ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}
+
+pub fn remove(target: &Target, app: &str) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let response: RemoveResponse = client.finish(
+        "remove app",
+        client
+            .agent
+            .delete(client.url(&format!("/v1/apps/{app}")))
+            .header("Authorization", client.auth())
+            .call(),
+    )?;
+    if target.json {
+        return print_json(&response);
+    }
+    println!(
+        "{}: removed; stopped {}",
+        response.app,
+        if response.services_stopped.is_empty() {
+            "no services".into()
+        } else {
+            response.services_stopped.join(", ")
+        }
+    );
+    Ok(())
+}
+
+pub fn rollback(target: &Target, app: &str) -> anyhow::Result<()> {
+    let response: RollbackResponse = Client::new(target)?.post(
+        "roll back",
+        &format!("/v1/apps/{app}/rollback"),
+        &serde_json::json!({}),
+    )?;
+    if target.json {
+        return print_json(&response);
+    }
+    println!(
+        "{}: revision {} now serving (rolled back from {})",
+        response.app, response.to, response.from
+    );
+    Ok(())
+}

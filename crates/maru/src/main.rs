@@ -1,0 +1,108 @@
+//! `maru`: the one binary. `maru up` runs a node; every other command is a client of a
+//! node's control API.
+
+mod client;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "maru",
+    version,
+    about = "A self-driving cloud platform in one binary",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How a client command finds its node.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Control API address, e.g. http://127.0.0.1:8090. Default: read from DATA/node.json,
+    /// else http://127.0.0.1:8090.
+    #[arg(long, env = "MARU_CONTROL", global = true)]
+    control: Option<String>,
+    /// Bearer token for the control API. Default: the `token` file in the data directory.
+    #[arg(long, env = "MARU_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// The node's data directory, where the CLI looks for `token` and `node.json`.
+    #[arg(long, env = "MARU_DATA", global = true, default_value = "./maru-data")]
+    data: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node with everything embedded: gateway, runtime, control API.
+    Up(up::UpArgs),
+    /// Validate a manifest, upload its components and deploy it as a new revision.
+    Deploy {
+        /// Path to the app manifest (maru.toml).
+        manifest: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List deployed apps and their revisions.
+    Apps {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show each running service: revision, instances, load, latency, cold starts.
+    Ps {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a service's guest stdout/stderr and platform events.
+    Logs {
+        /// APP/SERVICE, or SERVICE if its name is unique.
+        service: String,
+        /// Keep printing new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove an app and all its revisions.
+    Rm {
+        app: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make the revision that served before the current one serve again.
+    Rollback {
+        app: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Deploy { manifest, target } => client::deploy(&target, &manifest),
+        Command::Apps { target } => client::apps(&target),
+        Command::Ps { target } => client::ps(&target),
+        Command::Logs {
+            service,
+            follow,
+            target,
+        } => client::logs(&target, &service, follow),
+        Command::Rm { app, target } => client::remove(&target, &app),
+        Command::Rollback { app, target } => client::rollback(&target, &app),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! `maru up`: configuration, wiring and the lifecycle of a node.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use control::Node;
+use gateway::{Gateway, GatewayConfig};
+use runtime::{Runtime, RuntimeConfig};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Data directory: state, components, compiled code, token.
+    #[arg(long, env = "MARU_DATA")]
+    data: Option<PathBuf>,
+    /// Gateway listen address.
+    #[arg(long, env = "MARU_GATEWAY")]
+    gateway: Option<SocketAddr>,
+    /// Control API listen address.
+    #[arg(long, env = "MARU_CONTROL_LISTEN")]
+    control: Option<SocketAddr>,
+    /// Log format: text or json.
+    #[arg(long, env = "MARU_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Node config file. Default: ./maru.toml if it has a [node] table.
+    #[arg(long, env = "MARU_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The `[node]` table of a node config file. Every field is optional; flags and environment
+/// variables override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    data: Option<PathBuf>,
+    gateway: Option<SocketAddr>,
+    control: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
+    instances_total_max: Option<u32>,
+    header_read_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    node: Option<NodeFile>,
+    // An app manifest in the same directory is not a node config; its tables are ignored.
+    #[serde(default, rename = "app")]
+    _app: Option<toml::Value>,
+    #[serde(default, rename = "service")]
+    _service: Option<toml::Value>,
+}
+
+fn read_config(explicit: Option<&Path>) -> anyhow::Result<NodeFile> {
+    let (path, required) = match explicit {
+        Some(path) => (path.to_path_buf(), true),
+        None => (PathBuf::from("maru.toml"), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if !required && error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(NodeFile::default());
+        }
+        Err(error) => {
+            return Err(error).with_context(|| format!("read node config {}", path.display()));
+        }
+    };
+    let parsed: ConfigFile = toml::from_str(&text).map_err(|error| {
+        let span = error.span().unwrap_or(0..0);
+        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        anyhow::anyhow!(
+            "{}:{line}: {} (see docs/node.md)",
+            path.display(),
+            error.message().trim()
+        )
+    })?;
+    Ok(parsed.node.unwrap_or_default())
+}
+
+/// A node's resolved settings.
+struct Settings {
+    data: PathBuf,
+    gateway: SocketAddr,
+    control: SocketAddr,
+    log_format: LogFormat,
+    runtime: RuntimeConfig,
+    gateway_config: GatewayConfig,
+}
+
+fn settings(args: UpArgs) -> anyhow::Result<Settings> {
+    let file = read_config(args.config.as_deref())?;
+    let duration =
+        |field: &str, value: Option<String>, default: Duration| -> anyhow::Result<Duration> {
+            value.map_or(Ok(default), |text| {
+                control::manifest::parse_duration(&text)
+                    .map_err(|e| anyhow::anyhow!("node config `{field}`: {e}"))
+            })
+        };
+    let defaults = GatewayConfig::default();
+    let instances_total_max = file
+        .instances_total_max
+        .unwrap_or(RuntimeConfig::default().instances_total_max);
+    if !(1..=100_000).contains(&instances_total_max) {
+        bail!(
+            "node config `instances_total_max` = {instances_total_max} is out of range; use 1 to 100000"
+        );
+    }
+    Ok(Settings {
+        data: args
+            .data
+            .or(file.data)
+            .unwrap_or_else(|| PathBuf::from("./maru-data")),
+        gateway: args
+            .gateway
+            .or(file.gateway)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        control: args
+            .control
+            .or(file.control)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8090))),
+        log_format: args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+        runtime: RuntimeConfig {
+            instances_total_max,
+            ..RuntimeConfig::default()
+        },
+        gateway_config: GatewayConfig {
+            header_read_timeout: duration(
+                "header_read_timeout",
+                file.header_read_timeout,
+                defaults.header_read_timeout,
+            )?,
+            shutdown_grace: duration(
+                "shutdown_grace",
+                file.shutdown_grace,
+                defaults.shutdown_grace,
+            )?,
+            ..defaults
+        },
+    })
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let settings = settings(args)?;
+    init_tracing(settings.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(serve(settings))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MARU_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn bind(address: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.with_context(|| format!("listen for the {what} on {address} (is another maru running? choose another address with {flag})"))
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data)
+        .with_context(|| format!("create data directory {}", settings.data.display()))?;
+    let (token, created) = control::token::load_or_create(&settings.data)?;
+    if created {
+        eprintln!(
+            "maru: created the control API token {} (kept in {}; the CLI finds it there or in MARU_TOKEN)",
+            token,
+            settings.data.join(control::token::TOKEN_FILE).display()
+        );
+    }
+    let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
+    let gateway = Gateway::new(settings.gateway_config);
+    let node = Node::open(&settings.data, runtime, gateway.clone())?;
+    node.reconcile().await.context("start the deployed apps")?;
+
+    let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;
+    let control_listener = bind(settings.control, "control API", "--control").await?;
+    let gateway_address = gateway_listener.local_addr()?;
+    let control_address = control_listener.local_addr()?;
+    write_node_file(&settings.data, gateway_address, control_address)?;
+    tracing::info!(gateway = %gateway_address, control = %control_address, data = %settings.data.display(), "maru is up");
+
+    let shutdown = CancellationToken::new();
+    let mut servers = JoinSet::new();
+    servers.spawn(gateway.serve(gateway_listener, shutdown.clone()));
+    let api = control::api::router(node.clone(), token);
+    let api_shutdown = shutdown.clone();
+    servers.spawn(async move {
+        axum::serve(control_listener, api)
+            .with_graceful_shutdown(api_shutdown.cancelled_owned())
+            .await
+            .context("serve the control API")
+    });
+
+    let mut failed = None;
+    tokio::select! {
+        signal = wait_for_signal() => tracing::info!(signal = signal?, "shutting down: no new connections; finishing requests in flight"),
+        Some(joined) = servers.join_next() => failed = Some(joined.map_err(anyhow::Error::from).and_then(|r| r).err().unwrap_or_else(|| anyhow::anyhow!("a server stopped unexpectedly"))),
+    }
+    shutdown.cancel();
+    while let Some(joined) = servers.join_next().await {
+        if let Ok(Err(error)) | Err(error) = joined.map_err(anyhow::Error::from) {
+            tracing::warn!(%error, "server stopped with an error");
+        }
+    }
+    node.shutdown().await;
+    _ = std::fs::remove_file(settings.data.join(NODE_FILE));
+    match failed {
+        Some(error) => Err(error),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+pub const NODE_FILE: &str = "node.json";
+
+/// Where a running node listens, for the CLI and tests to find it.
+fn write_node_file(data: &Path, gateway: SocketAddr, control: SocketAddr) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "pid": std::process::id() });
+    runtime::write_atomically(&data.join(NODE_FILE), body.to_string().as_bytes())
+        .context("write node.json")
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => Ok("SIGTERM"),
+        _ = interrupt.recv() => Ok("SIGINT"),
+    }
+}

@@ -1,0 +1,204 @@
+//! One component instance: a store, its limits, and the `wasi:http` handler it exports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use tokio::sync::oneshot;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::Proxy;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::engine::{EPOCH_TICK, LoadedComponent, Runtime};
+use crate::logs::{GuestOutput, LogStream, ServiceLog};
+use crate::outbound::{Origin, OutboundHooks};
+
+/// The body of a response produced by a guest, streamed while the guest writes it.
+pub type GuestBody = HyperOutgoingBody;
+
+/// What every instance of one service gets.
+#[derive(Clone)]
+pub struct InstanceSpec {
+    pub env: Vec<(String, String)>,
+    pub memory_bytes_max: u64,
+    pub outbound: Arc<[Origin]>,
+    pub log: Arc<ServiceLog>,
+}
+
+pub(crate) struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    hooks: OutboundHooks,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Why a request did not get a normal response from a guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    #[error("the request ran past its deadline")]
+    Timeout,
+    #[error("the guest trapped: {0}")]
+    Trap(String),
+    #[error("the guest returned without setting a response")]
+    NoResponse,
+    #[error("the host could not pass the request to the guest: {0}")]
+    Host(String),
+}
+
+/// A live instance. It serves one request at a time and is reused for the next one; an
+/// instance whose call failed is in an unknown state and must be dropped, which returns its
+/// slot to the pool.
+pub struct Instance {
+    store: Store<GuestState>,
+    proxy: Proxy,
+}
+
+impl Instance {
+    /// Instantiate a component. Start functions are bounded by `startup_timeout`.
+    pub async fn start(
+        runtime: &Runtime,
+        component: &LoadedComponent,
+        spec: &InstanceSpec,
+        startup_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.envs(&spec.env)
+            .stdout(GuestOutput {
+                log: spec.log.clone(),
+                stream: LogStream::Stdout,
+            })
+            .stderr(GuestOutput {
+                log: spec.log.clone(),
+                stream: LogStream::Stderr,
+            })
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let memory_bytes_max = spec
+            .memory_bytes_max
+            .min(runtime.config.memory_bytes_max_per_instance);
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(memory_bytes_max).unwrap_or(usize::MAX))
+            .trap_on_grow_failure(true)
+            .build();
+        let state = GuestState {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits,
+            hooks: OutboundHooks {
+                allowed: spec.outbound.clone(),
+            },
+        };
+        let mut store = Store::new(&runtime.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(startup_timeout));
+        let proxy =
+            tokio::time::timeout(startup_timeout, component.pre.instantiate_async(&mut store))
+                .await
+                .map_err(|_| anyhow::anyhow!("instantiation took longer than {startup_timeout:?}"))?
+                .map_err(|e| anyhow::anyhow!("instantiate component: {e:#}"))?;
+        Ok(Instance { store, proxy })
+    }
+
+    /// Serve one request. The response head is sent on `respond` as soon as the guest sets
+    /// it, while the guest goes on writing the body. Returns `Err` if the instance must be
+    /// discarded; in that case `respond` has received the error unless a response was
+    /// already sent.
+    pub async fn serve(
+        &mut self,
+        request: http::Request<Full<Bytes>>,
+        timeout: Duration,
+        respond: oneshot::Sender<Result<http::Response<GuestBody>, ServeError>>,
+    ) -> Result<(), ServeError> {
+        let (response_tx, mut response_rx) = oneshot::channel();
+        let resources = {
+            let mut http = self.store.data_mut().http();
+            http.new_incoming_request(Scheme::Http, request)
+                .and_then(|request| Ok((request, http.new_response_outparam(response_tx)?)))
+        };
+        let (request, outparam) = match resources {
+            Ok(resources) => resources,
+            Err(error) => {
+                let error = ServeError::Host(format!("{error:#}"));
+                _ = respond.send(Err(error.clone()));
+                // The store itself is untouched; the instance stays usable.
+                return Ok(());
+            }
+        };
+        self.store.set_epoch_deadline(deadline_ticks(timeout));
+        let handler = self.proxy.wasi_http_incoming_handler();
+        let mut respond = Some(respond);
+        let outcome = {
+            let call = tokio::time::timeout(
+                timeout,
+                handler.call_handle(&mut self.store, request, outparam),
+            );
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    response = &mut response_rx, if respond.is_some() => {
+                        let reply = match response {
+                            Ok(Ok(response)) => Ok(response),
+                            Ok(Err(code)) => Err(ServeError::Trap(format!("the guest answered with an error: {code:?}"))),
+                            Err(_) => Err(ServeError::NoResponse),
+                        };
+                        if let Some(respond) = respond.take() {
+                            _ = respond.send(reply);
+                        }
+                    }
+                    outcome = &mut call => break outcome,
+                }
+            }
+        };
+        let result = match outcome {
+            Err(_elapsed) => Err(ServeError::Timeout),
+            Ok(Err(error)) if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
+                Err(ServeError::Timeout)
+            }
+            Ok(Err(error)) => Err(ServeError::Trap(format!("{error:#}"))),
+            Ok(Ok(())) => Ok(()),
+        };
+        // Park the deadline far away so no stray tick lands on an idle instance.
+        self.store.set_epoch_deadline(u64::MAX / 2);
+        if let Some(respond) = respond.take() {
+            let reply = match (&result, response_rx.try_recv()) {
+                (_, Ok(Ok(response))) => Ok(response),
+                (Err(error), _) => Err(error.clone()),
+                (Ok(()), _) => Err(ServeError::NoResponse),
+            };
+            _ = respond.send(reply);
+        }
+        result
+    }
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1
+}
