@@ -291,7 +291,11 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             file: file.to_string(),
             line,
             column,
-            field: field_at(text, span.start),
+            field: if message.contains("missing field `app`") {
+                "app".to_string()
+            } else {
+                field_at(text, span.start)
+            },
             message,
             hint,
         }

@@ -186,7 +186,8 @@ impl Gateway {
         else {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
             let message = format!("no service is routed at {}", request.uri().path());
-            let mut response = error_response(StatusCode::NOT_FOUND, "no_route", &message, &request_id);
+            let mut response =
+                error_response(StatusCode::NOT_FOUND, "no_route", &message, &request_id);
             set_request_id(&mut response, &request_id);
             return response;
         };

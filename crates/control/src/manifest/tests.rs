@@ -75,7 +75,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:10:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -85,7 +85,7 @@ fn wrong_type_names_line_and_field() {
     check(
         &GOOD.replace("memory = \"64MiB\"", "memory = 64"),
         expect![[r#"
-            maru.toml:12:10: `service.hello.memory`: invalid type: integer `64`, expected a string
+            maru.toml:11:10: `service.hello.memory`: invalid type: integer `64`, expected a string
               hint: see docs/manifest.md for the manifest format"#]],
     );
 }
@@ -95,13 +95,13 @@ fn bad_units_and_ranges() {
     check(
         &GOOD.replace("\"64MiB\"", "\"64 parsecs\""),
         expect![[r#"
-            maru.toml:12:10: `service.hello.memory`: `parsecs` is not a size unit (use B, KiB, MiB, GiB, KB, MB or GB)
+            maru.toml:11:10: `service.hello.memory`: `parsecs` is not a size unit (use B, KiB, MiB, GiB, KB, MB or GB)
               hint: write a number with a unit: "512KiB", "64MiB", "1GiB""#]],
     );
     check(
         &GOOD.replace("\"64MiB\"", "\"64GiB\""),
         expect![[r#"
-            maru.toml:12:10: `service.hello.memory`: 64GiB is out of range
+            maru.toml:11:10: `service.hello.memory`: 64GiB is out of range
               hint: use a size from 1MiB to 4GiB"#]],
     );
     check(
@@ -113,19 +113,19 @@ fn bad_units_and_ranges() {
     check(
         &GOOD.replace("max = 20", "max = 5000"),
         expect![[r#"
-            maru.toml:8:27: `service.hello.instances.max`: 5000 is out of range
+            maru.toml:8:30: `service.hello.instances.max`: 5000 is out of range
               hint: use a whole number from 1 to 1000"#]],
     );
     check(
         &GOOD.replace("\"10s\"", "\"10\""),
         expect![[r#"
-            maru.toml:13:11: `service.hello.timeout`: `10` has no unit
+            maru.toml:12:11: `service.hello.timeout`: `10` has no unit
               hint: write a number with a unit: "250ms", "30s", "5m", "1h""#]],
     );
     check(
         &GOOD.replace("concurrency = 1", "concurrency = 4"),
         expect![[r#"
-            maru.toml:10:15: `service.hello.concurrency`: 4 is out of range
+            maru.toml:9:15: `service.hello.concurrency`: 4 is out of range
               hint: a wasi:http component instance serves one request at a time; raise instances.max to serve more at once"#]],
     );
 }
@@ -135,7 +135,7 @@ fn missing_component_and_bad_routes() {
     check(
         &GOOD.replace("component = \"hello.wasm\"\n", ""),
         expect![[r#"
-            maru.toml:6:1: `service.hello.component`: missing field `component`
+            maru.toml:5:1: `service.hello.component`: missing field `component`
               hint: add component = "path/to/service.wasm", relative to this manifest"#]],
     );
     check(
@@ -153,7 +153,7 @@ fn missing_component_and_bad_routes() {
     check(
         &format!("{GOOD}\n[service.other]\ncomponent = \"o.wasm\"\nroutes = [\"/hello/\"]\n"),
         expect![[r#"
-            maru.toml:19:11: `service.other.routes`: route /hello/ is also claimed by service `hello` in this manifest
+            maru.toml:18:11: `service.other.routes`: route /hello/ is also claimed by service `hello` in this manifest
               hint: give each service its own path prefix or host"#]],
     );
 }
@@ -169,7 +169,7 @@ fn names_and_outbound() {
     check(
         &GOOD.replace("https://api.example.org", "api.example.org"),
         expect![
-            "maru.toml:14:13: `service.hello.outbound`: `api.example.org` is not an origin: the scheme is missing (write it as scheme://host[:port], e.g. https://api.example.org)"
+            "maru.toml:13:13: `service.hello.outbound`: `api.example.org` is not an origin: the scheme is missing (write it as scheme://host[:port], e.g. https://api.example.org)"
         ],
     );
     check(
@@ -179,9 +179,9 @@ fn names_and_outbound() {
               hint: add a [service.NAME] table with at least `component` and `routes`"#]],
     );
     check(
-        "name = \"x\"\n",
+        "[service.x]\ncomponent = \"x.wasm\"\n",
         expect![[r#"
-            maru.toml:1:1: `name`: missing field `app`
+            maru.toml:1:1: `app`: missing field `app`
               hint: start the manifest with [app] and name = "my-app""#]],
     );
 }
