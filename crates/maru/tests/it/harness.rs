@@ -1,0 +1,401 @@
+//! Starting and stopping a `maru` node, and talking to it.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const MARU: &str = env!("CARGO_BIN_EXE_maru");
+
+/// The examples workspace, built once per test run for wasm32-wasip2.
+pub fn component(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").canonicalize().map_err(|e| e.to_string())?;
+        let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2", "--manifest-path"])
+            .arg(examples.join("Cargo.toml"))
+            .output()
+            .map_err(|e| format!("run cargo: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building the example components failed (is the wasm32-wasip2 target installed? `cargo xtask test` installs it):\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(examples.join("target/wasm32-wasip2/release"))
+    });
+    match dir {
+        Ok(dir) => dir.join(format!("{name}.wasm")),
+        Err(error) => panic!("{error}"),
+    }
+}
+
+pub struct Node {
+    child: Option<Child>,
+    pub data: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    pub gateway: String,
+    pub control: String,
+    pub token: String,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+impl Node {
+    /// Start a node in a fresh temporary data directory.
+    pub fn start() -> Node {
+        Self::start_with_config("")
+    }
+
+    /// Start a node whose data directory holds a `node.toml` with this `[node]` body.
+    pub fn start_with_config(node_config: &str) -> Node {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("create data dir");
+        std::fs::write(
+            dir.path().join("node.toml"),
+            format!("[node]\n{node_config}\n"),
+        )
+        .expect("write node config");
+        let mut node = Node {
+            child: None,
+            data,
+            _dir: Some(dir),
+            gateway: String::new(),
+            control: String::new(),
+            token: String::new(),
+        };
+        node.launch();
+        node
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.data
+            .parent()
+            .expect("data dir has a parent")
+            .join("node.toml")
+    }
+
+    fn launch(&mut self) {
+        _ = std::fs::remove_file(self.data.join("node.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.join("../maru.log"))
+            .expect("open node log");
+        let child = Command::new(MARU)
+            .args([
+                "up",
+                "--gateway",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(&self.data)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("MARU_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start maru up");
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Some(node) = std::fs::read_to_string(self.data.join("node.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            {
+                self.gateway = node["gateway"]
+                    .as_str()
+                    .expect("gateway address")
+                    .to_string();
+                self.control = node["control"]
+                    .as_str()
+                    .expect("control address")
+                    .to_string();
+                break;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "maru up exited with {status} before it was up:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "maru up did not come up in 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.token = std::fs::read_to_string(self.data.join("token"))
+            .expect("token file")
+            .trim()
+            .to_string();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("../maru.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("node is running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("send SIGTERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for maru") {
+                assert!(
+                    status.success(),
+                    "maru exited with {status} after SIGTERM:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                _ = child.kill();
+                panic!("maru did not exit within 30 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("node is running");
+        child.kill().expect("SIGKILL maru");
+        child.wait().expect("reap maru");
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the node first");
+        self.launch();
+    }
+
+    /// Run the CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(MARU)
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .env_remove("MARU_TOKEN")
+            .env_remove("MARU_CONTROL")
+            .output()
+            .expect("run maru CLI")
+    }
+
+    /// Run the CLI and insist that it succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "maru {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn ps(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["ps", "--json"])).expect("ps --json is JSON")
+    }
+
+    pub fn service(&self, app: &str, service: &str) -> serde_json::Value {
+        self.ps()
+            .as_array()
+            .expect("ps is a list")
+            .iter()
+            .find(|s| s["app"] == app && s["service"] == service)
+            .cloned()
+            .unwrap_or_else(|| panic!("{app}/{service} is not running:\n{}", self.log()))
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
+        let url = format!("http://{}{path}", self.gateway);
+        let agent = agent();
+        let response = match (method, body) {
+            ("GET", _) => agent.get(&url).call(),
+            ("POST", Some(body)) => agent.post(&url).send(body),
+            ("POST", None) => agent.post(&url).send_empty(),
+            _ => panic!("unsupported method {method}"),
+        };
+        finish(response.unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log())))
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.request("GET", path, None)
+    }
+
+    /// A control API call with the given token (None: no Authorization header).
+    pub fn control_api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Response {
+        let url = format!("http://{}{path}", self.control);
+        let agent = agent();
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let response = match method {
+            "GET" => {
+                let request = agent.get(&url);
+                match &auth {
+                    Some(a) => request.header("Authorization", a).call(),
+                    None => request.call(),
+                }
+            }
+            "POST" => {
+                let request = agent.post(&url).header("Content-Type", "application/json");
+                let request = match &auth {
+                    Some(a) => request.header("Authorization", a),
+                    None => request,
+                };
+                request.send(body.unwrap_or("{}"))
+            }
+            "DELETE" => {
+                let request = agent.delete(&url);
+                match &auth {
+                    Some(a) => request.header("Authorization", a).call(),
+                    None => request.call(),
+                }
+            }
+            _ => panic!("unsupported method {method}"),
+        };
+        finish(response.expect("control API call"))
+    }
+
+    /// Write a manifest into the test's directory and return its path.
+    pub fn manifest(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.data.parent().expect("parent").join(name);
+        std::fs::write(&path, text).expect("write manifest");
+        path
+    }
+
+    pub fn deploy(&self, name: &str, text: &str) -> String {
+        let path = self.manifest(name, text);
+        self.cli_ok(&["deploy", path.to_str().expect("utf-8 path")])
+    }
+
+    /// Poll until `check` holds, for at most `limit`; panics with `what` otherwise.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !check() {
+            assert!(
+                started.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A raw TCP connection to the gateway.
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(&self.gateway).expect("connect to gateway");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("set timeout");
+        stream
+    }
+}
+
+fn finish(mut response: ureq::http::Response<ureq::Body>) -> Response {
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = response.body_mut().read_to_string().unwrap_or_default();
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Send raw bytes and read until the server closes or `limit` passes; returns what was read
+/// and whether the server closed the connection.
+pub fn raw_exchange(stream: &mut TcpStream, send: &[u8], limit: Duration) -> (String, bool) {
+    stream.write_all(send).expect("send");
+    stream.set_read_timeout(Some(limit)).expect("set timeout");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return (String::from_utf8_lossy(&received).into_owned(), true),
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return (String::from_utf8_lossy(&received).into_owned(), false);
+            }
+            Err(_reset) => return (String::from_utf8_lossy(&received).into_owned(), true),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            _ = child.kill();
+            _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- maru log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A manifest for the test guest with the given extra service fields.
+pub fn misbehave_manifest(app: &str, route: &str, extra: &str) -> String {
+    format!(
+        "[app]\nname = \"{app}\"\n\n[service.guest]\ncomponent = \"{}\"\nroutes = [\"{route}\"]\n{extra}\n",
+        component("misbehave").display()
+    )
+}
+
+pub fn hello_manifest(greeting: &str) -> String {
+    format!(
+        "[app]\nname = \"hello\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\nenv = {{ GREETING = \"{greeting}\" }}\n",
+        component("hello").display()
+    )
+}

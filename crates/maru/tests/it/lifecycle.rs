@@ -1,0 +1,343 @@
+//! Deploy, serve, redeploy, roll back, scale, restart, crash mid-deploy, auth.
+
+use std::time::Duration;
+
+use crate::harness::{Node, component, hello_manifest, misbehave_manifest};
+
+#[test]
+fn deploy_serve_redeploy_rollback_remove() {
+    let node = Node::start();
+    let out = node.deploy("hello.toml", &hello_manifest("Hello"));
+    assert!(
+        out.contains("hello: revision 1 now serving (new app)"),
+        "{out}"
+    );
+    let response = node.get("/hello");
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "Hello from Maru!\n")
+    );
+    assert!(
+        response
+            .header("x-request-id")
+            .is_some_and(|id| !id.is_empty())
+    );
+
+    let out = node.deploy("hello.toml", &hello_manifest("Hi"));
+    assert!(
+        out.contains("revision 2 now serving (was 1)") && out.contains("~ hello changed: env"),
+        "{out}"
+    );
+    assert_eq!(node.get("/hello").body, "Hi from Maru!\n");
+
+    let out = node.deploy("hello.toml", &hello_manifest("Hi"));
+    assert!(
+        out.contains("nothing changed; revision 2 keeps serving"),
+        "{out}"
+    );
+
+    let out = node.cli_ok(&["rollback", "hello"]);
+    assert!(
+        out.contains("revision 1 now serving (rolled back from 2)"),
+        "{out}"
+    );
+    assert_eq!(node.get("/hello").body, "Hello from Maru!\n");
+    let rollback_again = node.cli(&["rollback", "hello"]);
+    assert!(!rollback_again.status.success());
+    assert!(
+        String::from_utf8_lossy(&rollback_again.stderr).contains("no earlier revision"),
+        "{rollback_again:?}"
+    );
+
+    let apps: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["apps", "--json"])).expect("json");
+    assert_eq!(apps[0]["name"], "hello");
+    assert_eq!(apps[0]["revision"], 1);
+    assert_eq!(apps[0]["revisions"].as_array().map(Vec::len), Some(2));
+
+    let out = node.cli_ok(&["rm", "hello"]);
+    assert!(out.contains("hello: removed; stopped hello"), "{out}");
+    assert_eq!(node.get("/hello").status, 404);
+    assert!(node.cli_ok(&["apps"]).contains("no apps deployed"));
+}
+
+#[test]
+fn scales_from_zero_under_a_burst_and_back_to_zero_when_idle() {
+    let node = Node::start();
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest(
+            "burst",
+            "/m",
+            "instances = { min = 0, max = 4 }\nidle_timeout = \"1s\"",
+        ),
+    );
+    let before = node.service("burst", "guest");
+    assert_eq!(before["instances_ready"], 0, "{before}");
+
+    // Eight requests that each hold an instance for 300 ms arrive at once.
+    let responses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| node.get("/m/sleep?ms=300").status))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    assert_eq!(
+        responses, [200; 8],
+        "no request may fail while instances start"
+    );
+    let during = node.service("burst", "guest");
+    assert!(during["cold_starts"].as_u64() >= Some(1), "{during}");
+    assert!(
+        during["instance_starts"].as_u64() >= Some(2),
+        "a burst of 8 should start more than one instance: {during}"
+    );
+    assert!(
+        during["instance_starts"].as_u64() <= Some(4),
+        "never more than max: {during}"
+    );
+
+    node.wait_for(
+        "scale back to zero after idle_timeout",
+        Duration::from_secs(15),
+        || {
+            let service = node.service("burst", "guest");
+            service["instances_ready"] == 0 && service["instances_starting"] == 0
+        },
+    );
+    let metrics = node.control_api("GET", "/metrics", Some(&node.token), None);
+    assert!(
+        metrics.body.contains(
+            "maru_instances{app=\"burst\",service=\"guest\",revision=\"1\",state=\"ready\"} 0"
+        ),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(
+            "maru_requests_total{app=\"burst\",service=\"guest\",revision=\"1\",status=\"200\"} 8"
+        ),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics
+            .body
+            .contains("maru_instance_seconds_total{app=\"burst\",service=\"guest\""),
+        "{}",
+        metrics.body
+    );
+}
+
+#[test]
+fn apps_survive_a_restart() {
+    let mut node = Node::start();
+    node.deploy("hello.toml", &hello_manifest("Persistent"));
+    node.stop();
+    node.restart();
+    assert_eq!(node.get("/hello").body, "Persistent from Maru!\n");
+    let apps: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["apps", "--json"])).expect("json");
+    assert_eq!(apps[0]["revision"], 1);
+}
+
+#[test]
+fn a_crash_during_deploy_leaves_the_old_or_the_new_revision() {
+    let mut node = Node::start();
+    node.deploy("hello.toml", &hello_manifest("Old"));
+    let new_manifest = node.manifest("new.toml", &hello_manifest("New"));
+    // Kill the node at increasing delays after the deploy starts; whatever state it comes
+    // back in must be one whole revision, and the revision it reports must be the one that
+    // answers.
+    // Seeded so a failure can be replayed: MARU_CRASH_SEED=<seed> cargo test crash_during_deploy
+    let seed: u64 = std::env::var("MARU_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("a_crash_during_deploy: MARU_CRASH_SEED={seed}");
+    let mut random = seed | 1;
+    let mut outcomes = [0u32; 2];
+    for round in 0..12 {
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        let delay_ms = random % 60;
+        let mut deploy = std::process::Command::new(crate::harness::MARU)
+            .arg("deploy")
+            .arg(&new_manifest)
+            .arg("--data")
+            .arg(&node.data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start deploy");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        node.kill();
+        _ = deploy.wait();
+        node.restart();
+        let body = node.get("/hello").body;
+        let apps: serde_json::Value =
+            serde_json::from_str(&node.cli_ok(&["apps", "--json"])).expect("json");
+        let revision = apps[0]["revision"].as_u64().expect("revision");
+        outcomes[usize::from(revision > 1)] += 1;
+        let expected = if revision == 1 {
+            "Old from Maru!\n"
+        } else {
+            "New from Maru!\n"
+        };
+        assert_eq!(
+            body, expected,
+            "round {round} (MARU_CRASH_SEED={seed}): revision {revision} serves the wrong body"
+        );
+        if revision > 1 {
+            // Back to the old revision for the next round.
+            node.cli_ok(&["rollback", "hello"]);
+            assert_eq!(node.get("/hello").body, "Old from Maru!\n");
+        }
+    }
+    eprintln!(
+        "a_crash_during_deploy: {} rounds kept the old revision, {} got the new one",
+        outcomes[0], outcomes[1]
+    );
+}
+
+#[test]
+fn the_control_api_refuses_calls_without_the_token() {
+    let node = Node::start();
+    for token in [None, Some("wrong"), Some(&node.token[1..])] {
+        let response = node.control_api("GET", "/v1/apps", token, None);
+        assert_eq!(response.status, 401, "token {token:?}");
+        assert!(
+            response.body.contains("\"code\":\"unauthorized\""),
+            "{}",
+            response.body
+        );
+        let metrics = node.control_api("GET", "/metrics", token, None);
+        assert_eq!(metrics.status, 401);
+    }
+    let manifest = hello_manifest("Sneaky");
+    let request =
+        serde_json::json!({ "manifest_path": "x.toml", "manifest": manifest, "components": {} })
+            .to_string();
+    let response = node.control_api("POST", "/v1/apps", None, Some(&request));
+    assert_eq!(response.status, 401);
+    assert_eq!(
+        node.control_api("GET", "/v1/apps", Some(&node.token), None)
+            .body,
+        "[]",
+        "nothing may change without the token"
+    );
+    let cli = std::process::Command::new(crate::harness::MARU)
+        .args(["apps", "--token", "wrong", "--control", &node.control])
+        .output()
+        .expect("run CLI");
+    assert!(!cli.status.success());
+    assert!(
+        String::from_utf8_lossy(&cli.stderr).contains("401"),
+        "{cli:?}"
+    );
+}
+
+#[test]
+fn a_bad_manifest_is_rejected_with_line_and_field_while_the_old_revision_serves() {
+    let node = Node::start();
+    node.deploy("hello.toml", &hello_manifest("Steady"));
+
+    let bad = hello_manifest("Broken").replace(
+        "routes = [\"/hello\"]",
+        "routes = [\"/hello\"]\nmemroy = \"64MiB\"",
+    );
+    let path = node.manifest("bad.toml", &bad);
+    let output = node.cli(&["deploy", path.to_str().expect("utf-8")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad.toml:7:1: `service.hello.memroy`: unknown field `memroy`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint:"), "{stderr}");
+
+    // The server checks too, whatever the client did: send it the bad manifest directly.
+    let request =
+        serde_json::json!({ "manifest_path": "bad.toml", "manifest": bad, "components": {} })
+            .to_string();
+    let response = node.control_api("POST", "/v1/apps", Some(&node.token), Some(&request));
+    assert_eq!(response.status, 400);
+    let error: serde_json::Value = serde_json::from_str(&response.body).expect("json error");
+    assert_eq!(error["error"]["code"], "bad_manifest");
+    assert_eq!(error["error"]["location"]["line"], 7);
+    assert_eq!(error["error"]["location"]["field"], "service.hello.memroy");
+
+    // A component that is not a wasi:http proxy is rejected at deploy.
+    let not_a_component = node.manifest("junk.wasm", "this is not wasm");
+    let junk = hello_manifest("Junk").replace(
+        &component("hello").display().to_string(),
+        not_a_component.to_str().expect("utf-8"),
+    );
+    let path = node.manifest("junk.toml", &junk);
+    let output = node.cli(&["deploy", path.to_str().expect("utf-8")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("junk.toml:5:13: `service.hello.component`")
+            && stderr.contains("does not compile"),
+        "{stderr}"
+    );
+
+    // A missing component file is named with its manifest location.
+    let missing = hello_manifest("Missing").replace(
+        &component("hello").display().to_string(),
+        "nowhere/none.wasm",
+    );
+    let path = node.manifest("missing.toml", &missing);
+    let stderr =
+        String::from_utf8_lossy(&node.cli(&["deploy", path.to_str().expect("utf-8")]).stderr)
+            .into_owned();
+    assert!(stderr.contains("missing.toml:5:13: `service.hello.component`: cannot read component `nowhere/none.wasm`"), "{stderr}");
+
+    // A route another app serves is a conflict.
+    let thief = misbehave_manifest("thief", "/hello", "");
+    let path = node.manifest("thief.toml", &thief);
+    let stderr =
+        String::from_utf8_lossy(&node.cli(&["deploy", path.to_str().expect("utf-8")]).stderr)
+            .into_owned();
+    assert!(
+        stderr.contains("route /hello is already served by hello/hello"),
+        "{stderr}"
+    );
+
+    assert_eq!(node.get("/hello").body, "Steady from Maru!\n");
+    let apps: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["apps", "--json"])).expect("json");
+    assert_eq!(apps.as_array().map(Vec::len), Some(1));
+    assert_eq!(apps[0]["revision"], 1);
+}
+
+#[test]
+fn logs_capture_guest_output_and_platform_events() {
+    let node = Node::start();
+    node.deploy("m.toml", &misbehave_manifest("chatty", "/c", ""));
+    assert_eq!(node.get("/c/print").status, 200);
+    node.wait_for("guest output in the log", Duration::from_secs(10), || {
+        node.cli_ok(&["logs", "chatty/guest"])
+            .contains("to stderr from request 1")
+    });
+    let logs = node.cli_ok(&["logs", "guest"]);
+    assert!(logs.contains("stdout to stdout from request 1"), "{logs}");
+    assert!(logs.contains("stderr to stderr from request 1"), "{logs}");
+    assert!(logs.contains("maru   instance 0 ready in"), "{logs}");
+    let json = node.cli_ok(&["logs", "chatty/guest", "--json"]);
+    assert!(
+        json.lines()
+            .all(|line| serde_json::from_str::<serde_json::Value>(line).is_ok()),
+        "{json}"
+    );
+}

@@ -1,0 +1,242 @@
+//! Every limit holds: runaway and memory-hungry guests, traps, full queues, large bodies,
+//! slow clients, outbound network.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Node, hello_manifest, misbehave_manifest, raw_exchange};
+
+#[test]
+fn a_runaway_guest_gets_504_within_its_timeout_while_another_service_serves() {
+    let node = Node::start();
+    node.deploy("hello.toml", &hello_manifest("Still here"));
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest("runaway", "/r", "timeout = \"1s\""),
+    );
+    std::thread::scope(|scope| {
+        let spin = scope.spawn(|| {
+            let started = Instant::now();
+            (node.get("/r/spin"), started.elapsed())
+        });
+        // While the guest spins, the other service answers.
+        for _ in 0..5 {
+            assert_eq!(node.get("/hello").body, "Still here from Maru!\n");
+        }
+        let (response, elapsed) = spin.join().expect("spin thread");
+        assert_eq!(response.status, 504, "{}", response.body);
+        assert!(
+            response.body.contains("\"code\":\"timeout\""),
+            "{}",
+            response.body
+        );
+        // Bounded, not a timing assertion: without the deadline the request would never end.
+        assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+    });
+    // The spinning instance was discarded; the service still works.
+    let echo = node.get("/r/echo");
+    assert_eq!(echo.status, 200);
+    assert!(
+        echo.body.contains("served=1"),
+        "a fresh instance serves after the runaway one: {}",
+        echo.body
+    );
+    node.wait_for("the discard to be logged", Duration::from_secs(5), || {
+        node.cli_ok(&["logs", "runaway/guest"])
+            .contains("discarded: the request ran past its deadline")
+    });
+}
+
+#[test]
+fn a_memory_hungry_guest_fails_its_request_and_the_node_keeps_running() {
+    let node = Node::start();
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest("hungry", "/h", "memory = \"16MiB\""),
+    );
+    let response = node.get("/h/hog");
+    assert_eq!(response.status, 500, "{}", response.body);
+    assert!(
+        response.body.contains("\"code\":\"guest_failed\""),
+        "{}",
+        response.body
+    );
+    assert_eq!(node.get("/h/echo").status, 200);
+    let metrics = node
+        .control_api("GET", "/metrics", Some(&node.token), None)
+        .body;
+    assert!(
+        metrics.contains(
+            "maru_instance_failures_total{app=\"hungry\",service=\"guest\",revision=\"1\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_trapping_guest_gets_500_and_its_instance_is_replaced() {
+    let node = Node::start();
+    node.deploy("m.toml", &misbehave_manifest("trappy", "/t", ""));
+    assert!(node.get("/t/echo").body.contains("served=1"));
+    assert!(
+        node.get("/t/echo").body.contains("served=2"),
+        "instances are reused across requests"
+    );
+    let trap = node.get("/t/trap");
+    assert_eq!(trap.status, 500);
+    assert!(trap.header("x-request-id").is_some());
+    assert!(
+        node.get("/t/echo").body.contains("served=1"),
+        "a trapped instance is never reused"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let node = Node::start();
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest(
+            "narrow",
+            "/n",
+            "instances = { min = 0, max = 1 }\nqueue = 1\ntimeout = \"20s\"",
+        ),
+    );
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| node.get("/n/sleep?ms=3000").status);
+        node.wait_for("the first request to run", Duration::from_secs(10), || {
+            node.service("narrow", "guest")["in_flight"] == 1
+        });
+        let second = scope.spawn(|| node.get("/n/sleep?ms=10").status);
+        node.wait_for(
+            "the second request to queue",
+            Duration::from_secs(10),
+            || node.service("narrow", "guest")["queued"] == 1,
+        );
+        let third = node.get("/n/echo");
+        assert_eq!(third.status, 503, "{}", third.body);
+        assert_eq!(third.header("retry-after"), Some("1"));
+        assert!(
+            third.body.contains("\"code\":\"queue_full\""),
+            "{}",
+            third.body
+        );
+        assert_eq!(first.join().expect("first"), 200);
+        assert_eq!(
+            second.join().expect("second"),
+            200,
+            "a queued request is served, not dropped"
+        );
+    });
+}
+
+#[test]
+fn an_oversized_body_gets_413_declared_or_chunked() {
+    let node = Node::start();
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest("small", "/s", "body_limit = \"1KiB\""),
+    );
+    let fits = node.request("POST", "/s/echo", Some(&[b'x'; 1024]));
+    assert!(fits.body.contains("body=1024"), "{}", fits.body);
+    let declared = node.request("POST", "/s/echo", Some(&[b'x'; 2048]));
+    assert_eq!(declared.status, 413);
+    assert!(
+        declared.body.contains("\"code\":\"body_too_large\""),
+        "{}",
+        declared.body
+    );
+    // Chunked, so the size is only known while reading.
+    let mut stream = node.connect();
+    let chunk = "x".repeat(600);
+    let request = format!(
+        "POST /s/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let (answer, _) = raw_exchange(&mut stream, request.as_bytes(), Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
+#[test]
+fn a_slowloris_connection_is_closed() {
+    let node = Node::start_with_config("header_read_timeout = \"1s\"");
+    node.deploy("hello.toml", &hello_manifest("Hi"));
+    let mut stream = node.connect();
+    let started = Instant::now();
+    // Half a request head, then silence.
+    let (answer, closed) = raw_exchange(
+        &mut stream,
+        b"GET /hello HTTP/1.1\r\nHost: t\r\nX-Slow: ",
+        Duration::from_secs(15),
+    );
+    assert!(
+        closed,
+        "the server must close a connection that never finishes its headers (got {answer:?})"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // A drip-fed header is no better than silence.
+    let mut stream = node.connect();
+    let dripping = std::thread::spawn(move || {
+        for _ in 0..40 {
+            if stream.write_all(b"a").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    assert!(
+        dripping.join().expect("drip thread"),
+        "a header drip-fed for 4 s must be cut off by the 1 s header deadline"
+    );
+    // Meanwhile normal clients are served.
+    assert_eq!(node.get("/hello").status, 200);
+}
+
+#[test]
+fn oversized_headers_are_refused() {
+    let node = Node::start();
+    node.deploy("hello.toml", &hello_manifest("Hi"));
+    let mut stream = node.connect();
+    let request = format!(
+        "GET /hello HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let (answer, _) = raw_exchange(&mut stream, request.as_bytes(), Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+}
+
+#[test]
+fn outbound_http_is_denied_unless_the_manifest_allows_the_origin() {
+    let node = Node::start();
+    node.deploy("hello.toml", &hello_manifest("Reached"));
+    let target = format!("http://{}/hello", node.gateway);
+    node.deploy("m.toml", &misbehave_manifest("caller", "/o", ""));
+    let denied = node.get(&format!("/o/outbound?url={target}"));
+    assert!(denied.body.contains("HttpRequestDenied"), "{}", denied.body);
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest(
+            "caller",
+            "/o",
+            &format!("outbound = [\"http://{}\"]", node.gateway),
+        ),
+    );
+    let allowed = node.get(&format!("/o/outbound?url={target}"));
+    assert_eq!(allowed.body, "outbound: status 200\n");
+}
+
+#[test]
+fn unknown_routes_get_404_with_a_request_id() {
+    let node = Node::start();
+    let response = node.get("/nothing/here");
+    assert_eq!(response.status, 404);
+    let id = response
+        .header("x-request-id")
+        .expect("request id")
+        .to_string();
+    assert!(
+        response.body.contains(&format!("\"request_id\":\"{id}\"")),
+        "{}",
+        response.body
+    );
+}

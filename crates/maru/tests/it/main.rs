@@ -1,0 +1,7 @@
+//! End-to-end tests: each starts the real `maru` binary on loopback ports chosen by the OS,
+//! in a temporary data directory, and talks to it with the CLI, an HTTP client and raw
+//! sockets.
+
+mod harness;
+mod lifecycle;
+mod limits;
