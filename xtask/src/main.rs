@@ -1,1 +1,90 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, needing only cargo (and installing the rest).
+//!
+//! - `cargo xtask test`: formatting, clippy with warnings denied, tidy checks, every test.
+//! - `cargo xtask demo [--duration 60s]`: the platform with its example apps, under load.
+//! - `cargo xtask bench gateway`: Maru against `wasmtime serve` on the same component.
+//! - `cargo xtask build-examples`: the example components, for wasm32-wasip2.
+//! - `cargo xtask tidy`: the tidy checks alone.
+
+mod bench;
+mod demo;
+mod env;
+mod node;
+mod tidy;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Maru's automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every check: fmt, clippy -D warnings, tidy, unit and end-to-end tests.
+    Test,
+    /// Start Maru with the example apps, load it, report, then serve until Ctrl-C.
+    Demo(demo::DemoArgs),
+    /// Run a benchmark against its baseline and print the ratio.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+    /// Build the example components for wasm32-wasip2.
+    BuildExamples,
+    /// Check source hygiene and crate boundaries.
+    Tidy,
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Command::Test => test(),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench { which } => bench::run(which),
+        Command::BuildExamples => env::build_examples().map(drop),
+        Command::Tidy => tidy::check_all(&env::root()).map(|()| println!("tidy: ok")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn test() -> anyhow::Result<()> {
+    let root = env::root();
+    env::ensure_wasm_target()?;
+    env::step("formatting", env::cargo(&["fmt", "--all", "--", "--check"]))?;
+    env::step(
+        "formatting of the examples",
+        env::cargo(&[
+            "fmt",
+            "--all",
+            "--manifest-path",
+            "examples/Cargo.toml",
+            "--",
+            "--check",
+        ]),
+    )?;
+    env::step("tidy checks", tidy::check_all(&root))?;
+    env::step(
+        "clippy",
+        env::cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    env::build_examples()?;
+    env::step("tests", env::cargo(&["test", "--workspace"]))?;
+    println!("xtask test: all checks passed");
+    Ok(())
+}

@@ -193,7 +193,7 @@ impl Node {
             .lock()
             .expect("logs lock is never poisoned")
             .entry(key.clone())
-            .or_insert_with(ServiceLog::new)
+            .or_default()
             .clone()
     }
 

@@ -153,15 +153,13 @@ impl Gateway {
             .headers()
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
+            && !given.is_empty()
+            && given.len() <= 128
+            && given
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         {
-            if !given.is_empty()
-                && given.len() <= 128
-                && given
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-            {
-                return given.to_string();
-            }
+            return given.to_string();
         }
         format!(
             "{}-{:x}",

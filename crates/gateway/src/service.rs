@@ -202,10 +202,10 @@ impl Service {
             .lock()
             .expect("scaler lock is never poisoned")
             .take();
-        if let Some(scaler) = scaler {
-            if let Err(error) = scaler.await {
-                tracing::error!(service = %self.id(), %error, "scaler task failed");
-            }
+        if let Some(scaler) = scaler
+            && let Err(error) = scaler.await
+        {
+            tracing::error!(service = %self.id(), %error, "scaler task failed");
         }
     }
 
@@ -332,10 +332,10 @@ impl Service {
 
     fn remove(&self, id: u64) {
         let mut pool = self.lock_pool();
-        if let Some(slot) = pool.slots.remove(&id) {
-            if matches!(slot.state, SlotState::Ready { busy: false, .. }) {
-                self.idle.fetch_sub(1, Ordering::AcqRel);
-            }
+        if let Some(slot) = pool.slots.remove(&id)
+            && matches!(slot.state, SlotState::Ready { busy: false, .. })
+        {
+            self.idle.fetch_sub(1, Ordering::AcqRel);
         }
         self.metrics
             .set_instances(Instant::now(), pool.slots.len() as u64);

@@ -1,0 +1,375 @@
+//! `cargo xtask bench …`: each benchmark runs Maru and its baseline in the same run on the
+//! same machine and prints the ratio. Results go into BENCHMARKS.md by hand, with the date.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::env;
+use crate::node::{MaruNode, quantile_ms};
+
+const WASMTIME_VERSION: &str = "48.0.8";
+
+#[derive(clap::Subcommand)]
+pub enum Which {
+    /// Throughput and latency of Maru against `wasmtime serve` on examples/hello, and the
+    /// cold-start overhead against a bare wasmtime instantiate-and-call.
+    Gateway {
+        /// Seconds of load per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Open connections held by the load generator.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Alternating rounds (Maru, wasmtime serve, Maru, …).
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
+}
+
+pub fn run(which: Which) -> anyhow::Result<()> {
+    match which {
+        Which::Gateway {
+            seconds,
+            connections,
+            rounds,
+        } => gateway(seconds, connections, rounds),
+    }
+}
+
+fn wasmtime_cli() -> anyhow::Result<PathBuf> {
+    let root = env::root().join(format!("target/tools/wasmtime-{WASMTIME_VERSION}"));
+    let binary = root.join("bin/wasmtime");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: installing wasmtime-cli {WASMTIME_VERSION} into {} (once; this takes a while)",
+        root.display()
+    );
+    env::run(
+        Command::new(env::cargo_bin())
+            .args([
+                "install",
+                "wasmtime-cli",
+                "--locked",
+                "--version",
+                WASMTIME_VERSION,
+                "--root",
+            ])
+            .arg(&root),
+    )?;
+    Ok(binary)
+}
+
+struct Load {
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn wrk(url: &str, seconds: u32, connections: u32) -> anyhow::Result<Load> {
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("run wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let find = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+            .map(str::to_string)
+    };
+    let latency_ms = |value: &str| -> anyhow::Result<f64> {
+        let split = value
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(value.len());
+        let number: f64 = value[..split]
+            .parse()
+            .with_context(|| format!("wrk latency `{value}`"))?;
+        Ok(match &value[split..] {
+            "us" => number / 1000.0,
+            "ms" => number,
+            "s" => number * 1000.0,
+            other => bail!("wrk latency unit `{other}`"),
+        })
+    };
+    let errors = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum::<u64>()
+        + if text.contains("Socket errors") { 1 } else { 0 };
+    Ok(Load {
+        requests_per_second: find("Requests/sec:")
+            .context("wrk printed no Requests/sec")?
+            .parse()?,
+        p50_ms: latency_ms(&find("50%").context("wrk printed no 50% latency")?)?,
+        p99_ms: latency_ms(&find("99%").context("wrk printed no 99% latency")?)?,
+        errors,
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One GET over a fresh connection; returns the time from sending to the first response
+/// byte, and the whole response.
+fn first_byte(address: &str, path: &str) -> anyhow::Result<(Duration, String)> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let sent = Instant::now();
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first)?;
+    let elapsed = sent.elapsed();
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest)?;
+    Ok((elapsed, format!("{}{rest}", first[0] as char)))
+}
+
+fn status_and_body(response: &str) -> (String, String) {
+    let status = response.lines().next().unwrap_or("").to_string();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("");
+    // Both servers may chunk the body; compare the payload, not the framing.
+    let payload: String = if response
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 || after.len() < size {
+                break;
+            }
+            out.push_str(&after[..size]);
+            rest = after[size..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, payload)
+}
+
+fn wait_listening(address: &str, child: &mut Child) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while TcpStream::connect(address).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the server exited ({status}) before listening on {address}");
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("nothing listened on {address} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
+    env::ensure_debian_package("wrk", "wrk")?;
+    let wasmtime = wasmtime_cli()?;
+    let components = env::build_examples()?;
+    let maru = env::build_maru_release()?;
+    let hello = components.join("hello.wasm");
+    let root = env::root();
+    let bench_dir = root.join("target/bench");
+    std::fs::create_dir_all(&bench_dir)?;
+
+    let node = MaruNode::start(
+        &maru,
+        &bench_dir.join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &bench_dir.join("maru.log"),
+    )?;
+    let manifest = bench_dir.join("hello.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[app]\nname = \"bench\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\ninstances = {{ min = 0, max = {} }}\nidle_timeout = \"60s\"\n\n[service.cold]\ncomponent = \"{}\"\nroutes = [\"/cold\"]\ninstances = {{ min = 0, max = 1 }}\nidle_timeout = \"1s\"\n",
+            hello.display(),
+            connections.max(1),
+            hello.display()
+        ),
+    )?;
+    node.cli(&["deploy", manifest.to_str().context("non-UTF-8 path")?])?;
+
+    let wasmtime_address = format!("127.0.0.1:{}", free_port()?);
+    let wasmtime_log = std::fs::File::create(bench_dir.join("wasmtime-serve.log"))?;
+    let mut serve = Command::new(&wasmtime)
+        .args(["serve", "--addr", &wasmtime_address, "-Scli"])
+        .arg(&hello)
+        .stdout(wasmtime_log.try_clone()?)
+        .stderr(wasmtime_log)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start wasmtime serve")?;
+    let result = (|| {
+        wait_listening(&wasmtime_address, &mut serve)?;
+        let (_, from_maru) = first_byte(&node.gateway, "/hello")?;
+        let (_, from_wasmtime) = first_byte(&wasmtime_address, "/hello")?;
+        let (maru_answer, wasmtime_answer) =
+            (status_and_body(&from_maru), status_and_body(&from_wasmtime));
+        if maru_answer != wasmtime_answer {
+            bail!(
+                "the same component answers differently:\n  maru:           {maru_answer:?}\n  wasmtime serve: {wasmtime_answer:?}"
+            );
+        }
+        println!(
+            "Same component, same answer from both: {} {:?}",
+            maru_answer.0, maru_answer.1
+        );
+
+        let maru_url = format!("http://{}/hello", node.gateway);
+        let wasmtime_url = format!("http://{wasmtime_address}/hello");
+        println!("Warming up both servers…");
+        wrk(&maru_url, 2, connections)?;
+        wrk(&wasmtime_url, 2, connections)?;
+        let mut maru_runs = Vec::new();
+        let mut wasmtime_runs = Vec::new();
+        for round in 1..=rounds {
+            for (name, url, runs) in [
+                ("maru", &maru_url, &mut maru_runs),
+                ("wasmtime serve", &wasmtime_url, &mut wasmtime_runs),
+            ] {
+                let load = wrk(url, seconds, connections)?;
+                println!(
+                    "  round {round} {name:<15} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}",
+                    load.requests_per_second, load.p50_ms, load.p99_ms, load.errors
+                );
+                runs.push(load);
+            }
+        }
+        let mean = |runs: &[Load], f: fn(&Load) -> f64| {
+            runs.iter().map(f).sum::<f64>() / runs.len() as f64
+        };
+        let (m_rps, w_rps) = (
+            mean(&maru_runs, |l| l.requests_per_second),
+            mean(&wasmtime_runs, |l| l.requests_per_second),
+        );
+        let (m_p99, w_p99) = (
+            mean(&maru_runs, |l| l.p99_ms),
+            mean(&wasmtime_runs, |l| l.p99_ms),
+        );
+        let (m_p50, w_p50) = (
+            mean(&maru_runs, |l| l.p50_ms),
+            mean(&wasmtime_runs, |l| l.p50_ms),
+        );
+        println!("\nThroughput (wrk -t2 -c{connections} -d{seconds}s, mean of {rounds} rounds):");
+        println!("  maru           {m_rps:>9.0} req/s  p50 {m_p50:>6.2} ms  p99 {m_p99:>6.2} ms");
+        println!("  wasmtime serve {w_rps:>9.0} req/s  p50 {w_p50:>6.2} ms  p99 {w_p99:>6.2} ms");
+        println!(
+            "  ratio maru / wasmtime serve: throughput {:.2}×, p99 {:.2}× (target: throughput ≥ 1.0, p99 ≤ 1.0)",
+            m_rps / w_rps,
+            m_p99 / w_p99
+        );
+        cold_start(&node, &hello)
+    })();
+    _ = serve.kill();
+    _ = serve.wait();
+    result
+}
+
+fn cold_start(node: &MaruNode, hello: &Path) -> anyhow::Result<()> {
+    println!(
+        "\nCold start: scale-from-zero to first byte, against a bare wasmtime instantiate-and-call"
+    );
+    let output = Command::new(env::cargo_bin())
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "runtime",
+            "--example",
+            "bare_instantiate",
+            "--",
+        ])
+        .arg(hello)
+        .arg("300")
+        .current_dir(env::root())
+        .output()
+        .context("run the bare instantiate baseline")?;
+    if !output.status.success() {
+        bail!(
+            "bare_instantiate failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let bare: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("bare_instantiate output")?;
+    let bare_p50_ms = bare["p50_us"].as_f64().unwrap_or(0.0) / 1000.0;
+
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for _ in 0..15 {
+        let started = Instant::now();
+        loop {
+            let service = node.service("bench", "cold")?;
+            if service["instances_ready"] == 0 && service["instances_starting"] == 0 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                bail!("the cold service did not scale to zero");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (elapsed, response) = first_byte(&node.gateway, "/cold")?;
+        if !response.starts_with("HTTP/1.1 200") {
+            bail!("cold request failed: {response}");
+        }
+        cold.push(elapsed);
+        warm.push(first_byte(&node.gateway, "/cold")?.0);
+    }
+    cold.sort();
+    warm.sort();
+    let (cold_p50, warm_p50) = (quantile_ms(&cold, 0.5), quantile_ms(&warm, 0.5));
+    println!(
+        "  bare wasmtime instantiate + call (no HTTP): p50 {bare_p50_ms:.3} ms, p99 {:.3} ms ({} samples)",
+        bare["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        bare["samples"]
+    );
+    println!(
+        "  maru, warm instance, HTTP first byte:       p50 {warm_p50:.3} ms ({} samples)",
+        warm.len()
+    );
+    println!(
+        "  maru, from zero instances, first byte:      p50 {cold_p50:.3} ms, max {:.3} ms ({} samples)",
+        quantile_ms(&cold, 1.0),
+        cold.len()
+    );
+    println!(
+        "  overhead over bare instantiate-and-call: {:.3} ms (target < 1 ms)",
+        cold_p50 - bare_p50_ms
+    );
+    Ok(())
+}

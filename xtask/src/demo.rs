@@ -1,0 +1,293 @@
+//! `cargo xtask demo`: Maru with its example city apps, under a booking stampede.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::env;
+use crate::node::{MaruNode, free_or_any, quantile_ms};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Stop after this long in all (e.g. 60s, 2m) instead of serving until Ctrl-C.
+    #[arg(long)]
+    duration: Option<String>,
+    /// Requests in the reservation stampede.
+    #[arg(long, default_value_t = 3000)]
+    requests: u32,
+    /// Concurrent clients in the stampede.
+    #[arg(long, default_value_t = 48)]
+    clients: u32,
+    /// CPU milliseconds each reservation request burns (models real work).
+    #[arg(long, default_value_t = 2)]
+    work_ms: u32,
+}
+
+fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..split]
+        .parse()
+        .with_context(|| format!("`{text}` is not a duration like 60s or 2m"))?;
+    Ok(match &text[split..] {
+        "s" | "" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "ms" => Duration::from_millis(number),
+        other => bail!("`{other}` is not a duration unit; use ms, s or m"),
+    })
+}
+
+struct Sample {
+    at: Duration,
+    ready: u64,
+    starting: u64,
+    queued: u64,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let duration = args.duration.as_deref().map(parse_duration).transpose()?;
+    env::build_examples()?;
+    let maru = env::build_maru_release()?;
+    let root = env::root();
+    let data = root.join("target/demo/data");
+    let log = root.join("target/demo/maru.log");
+    std::fs::create_dir_all(root.join("target/demo"))?;
+    let mut node = MaruNode::start(&maru, &data, &free_or_any(8080), &free_or_any(8090), &log)?;
+    println!(
+        "\nMaru is up: gateway http://{}  control http://{}  (log: {})",
+        node.gateway,
+        node.control,
+        log.display()
+    );
+    for manifest in [
+        "examples/hello/maru.toml",
+        "examples/reservations/maru.toml",
+    ] {
+        print!(
+            "{}",
+            node.cli(&[
+                "deploy",
+                root.join(manifest).to_str().context("non-UTF-8 path")?
+            ])?
+        );
+    }
+    let hello = ureq::get(&format!("http://{}/hello", node.gateway))
+        .call()
+        .context("call the hello service")?
+        .into_body()
+        .read_to_string()?;
+    println!("GET /hello → {}", hello.trim());
+
+    println!(
+        "\nBooking opens: {} requests from {} clients at the reservations service (each burns {} ms of CPU)…",
+        args.requests, args.clients, args.work_ms
+    );
+    let (samples, results, elapsed) = stampede(&node, &args)?;
+    report(&node, &args, &samples, &results, elapsed)?;
+
+    println!("\nExplore (in another terminal):");
+    println!("  export MARU_DATA={}", data.display());
+    println!("  target/release/maru ps                      # services, instances, load, latency");
+    println!("  target/release/maru logs reservations/api   # guest output and platform events");
+    println!("  target/release/maru apps                    # apps and revisions");
+    println!("  curl http://{}/hello", node.gateway);
+    println!(
+        "  curl -H \"Authorization: Bearer $(cat $MARU_DATA/token)\" http://{}/metrics",
+        node.control
+    );
+    match duration {
+        Some(limit) => {
+            println!(
+                "\nServing until {limit:?} have passed since the demo started; watch the instances go back to zero after their idle timeout:"
+            );
+            while started.elapsed() < limit {
+                std::thread::sleep(
+                    Duration::from_secs(5).min(limit.saturating_sub(started.elapsed())),
+                );
+                let line: Vec<String> = node
+                    .ps()?
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        format!(
+                            "{}/{} ready={} starting={}",
+                            s["app"].as_str().unwrap_or(""),
+                            s["service"].as_str().unwrap_or(""),
+                            s["instances_ready"],
+                            s["instances_starting"]
+                        )
+                    })
+                    .collect();
+                println!(
+                    "  t={:>4.0}s  {}",
+                    started.elapsed().as_secs_f64(),
+                    line.join("  ")
+                );
+            }
+            node.stop()?;
+            println!("Stopped after {:.0} s.", started.elapsed().as_secs_f64());
+        }
+        None => {
+            println!("\nServing until Ctrl-C.");
+            node.wait()?;
+        }
+    }
+    Ok(())
+}
+
+type Results = Vec<(u16, Duration)>;
+
+fn stampede(node: &MaruNode, args: &DemoArgs) -> anyhow::Result<(Vec<Sample>, Results, Duration)> {
+    let remaining = AtomicU32::new(args.requests);
+    let results = Mutex::new(Vec::with_capacity(args.requests as usize));
+    let done = AtomicBool::new(false);
+    let samples = Mutex::new(Vec::new());
+    let bar = ProgressBar::new(u64::from(args.requests)).with_style(
+        ProgressStyle::with_template("  {bar:40} {pos}/{len} requests  {per_sec}  {msg}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let base = format!("http://{}/reservations", node.gateway);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(service) = node.service("reservations", "api") {
+                    let sample = Sample {
+                        at: start.elapsed(),
+                        ready: service["instances_ready"].as_u64().unwrap_or(0),
+                        starting: service["instances_starting"].as_u64().unwrap_or(0),
+                        queued: service["queued"].as_u64().unwrap_or(0),
+                    };
+                    bar.set_message(format!(
+                        "instances: {} ready, {} starting, {} queued",
+                        sample.ready, sample.starting, sample.queued
+                    ));
+                    samples.lock().expect("samples lock").push(sample);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let clients: Vec<_> = (0..args.clients)
+            .map(|client| {
+                let (remaining, results, bar, base) = (&remaining, &results, &bar, &base);
+                scope.spawn(move || {
+                    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into();
+                    let mut n = 0u32;
+                    while remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1)).is_ok() {
+                        n += 1;
+                        let sent = Instant::now();
+                        let url = format!("{base}?work_ms={}", args.work_ms);
+                        let response = if n.is_multiple_of(10) {
+                            let booking = format!("{{\"slot\":\"2026-12-01T{:02}:{:02}\",\"name\":\"citizen {client}\"}}", n % 24, client % 60);
+                            agent.post(&url).header("Content-Type", "application/json").send(booking.as_str())
+                        } else {
+                            agent.get(&url).call()
+                        };
+                        let status = match response {
+                            Ok(mut response) => {
+                                _ = response.body_mut().read_to_string();
+                                response.status().as_u16()
+                            }
+                            Err(_) => 0,
+                        };
+                        results.lock().expect("results lock").push((status, sent.elapsed()));
+                        bar.inc(1);
+                    }
+                })
+            })
+            .collect();
+        for client in clients {
+            _ = client.join();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let elapsed = start.elapsed();
+    bar.finish_with_message("done");
+    Ok((
+        samples.into_inner().expect("samples lock"),
+        results.into_inner().expect("results lock"),
+        elapsed,
+    ))
+}
+
+fn report(
+    node: &MaruNode,
+    args: &DemoArgs,
+    samples: &[Sample],
+    results: &Results,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
+    let mut statuses: BTreeMap<u16, u32> = BTreeMap::new();
+    for (status, _) in results {
+        *statuses.entry(*status).or_default() += 1;
+    }
+    let mut latencies: Vec<Duration> = results.iter().map(|(_, latency)| *latency).collect();
+    latencies.sort();
+    let service = node.service("reservations", "api")?;
+    println!("\nReport: reservations/api");
+    println!(
+        "  {} requests in {:.1} s ({:.0} req/s)",
+        results.len(),
+        elapsed.as_secs_f64(),
+        results.len() as f64 / elapsed.as_secs_f64()
+    );
+    let shown: Vec<String> = statuses
+        .iter()
+        .map(|(status, count)| {
+            if *status == 0 {
+                format!("connection error×{count}")
+            } else {
+                format!("{status}×{count}")
+            }
+        })
+        .collect();
+    println!(
+        "  responses: {}   (201 booked, 409 slot already taken)",
+        shown.join("  ")
+    );
+    println!(
+        "  latency seen by clients: p50 {:.1} ms, p99 {:.1} ms (includes waiting while instances start)",
+        quantile_ms(&latencies, 0.5),
+        quantile_ms(&latencies, 0.99)
+    );
+    println!(
+        "  cold starts (scale from zero): {}   instance starts: {}   instance-seconds so far: {:.1}",
+        service["cold_starts"],
+        service["instance_starts"],
+        service["instance_seconds"].as_f64().unwrap_or(0.0)
+    );
+    let max = service["instances_max"].as_u64().unwrap_or(16).max(1);
+    println!("  instances over time (█ ready, ░ starting; max {max}):");
+    let step = (samples.len() / 12).max(1);
+    for sample in samples.iter().step_by(step) {
+        let ready = "█".repeat(sample.ready as usize);
+        let starting = "░".repeat(sample.starting as usize);
+        println!(
+            "    {:>5.1}s {ready}{starting} {} ready, {} starting, {} queued",
+            sample.at.as_secs_f64(),
+            sample.ready,
+            sample.starting,
+            sample.queued
+        );
+    }
+    let failures: u32 = statuses
+        .iter()
+        .filter(|(status, _)| **status == 0 || **status >= 500)
+        .map(|(_, count)| count)
+        .sum();
+    if failures > 0 {
+        bail!(
+            "{failures} of {} requests failed; see {}",
+            args.requests,
+            node.data.join("../maru.log").display()
+        );
+    }
+    Ok(())
+}

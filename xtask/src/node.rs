@@ -1,0 +1,154 @@
+//! A `maru up` process run by a task, and the CLI pointed at it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+pub struct MaruNode {
+    pub binary: PathBuf,
+    pub data: PathBuf,
+    pub gateway: String,
+    pub control: String,
+    child: Option<Child>,
+}
+
+impl MaruNode {
+    /// Start `maru up` on the given addresses (port 0: any free port) in a fresh data dir.
+    pub fn start(
+        binary: &Path,
+        data: &Path,
+        gateway: &str,
+        control: &str,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        if data.exists() {
+            std::fs::remove_dir_all(data).with_context(|| format!("clear {}", data.display()))?;
+        }
+        std::fs::create_dir_all(data)?;
+        let log =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new(binary)
+            .args(["up", "--gateway", gateway, "--control", control, "--data"])
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start maru up")?;
+        let mut node = MaruNode {
+            binary: binary.to_path_buf(),
+            data: data.to_path_buf(),
+            gateway: String::new(),
+            control: String::new(),
+            child: Some(child),
+        };
+        let started = Instant::now();
+        loop {
+            if let Some(found) = std::fs::read_to_string(data.join("node.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            {
+                node.gateway = found["gateway"].as_str().unwrap_or_default().to_string();
+                node.control = found["control"].as_str().unwrap_or_default().to_string();
+                return Ok(node);
+            }
+            if let Some(status) = node
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("maru up exited with {status} before it was up; see its log");
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("maru up did not come up within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Run a CLI command against this node; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new(&self.binary)
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .output()
+            .with_context(|| format!("run maru {args:?}"))?;
+        if !output.status.success() {
+            bail!(
+                "maru {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn ps(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.cli(&["ps", "--json"])?)?)
+    }
+
+    pub fn service(&self, app: &str, service: &str) -> anyhow::Result<serde_json::Value> {
+        self.ps()?
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|s| s["app"] == app && s["service"] == service)
+                    .cloned()
+            })
+            .with_context(|| format!("{app}/{service} is not running"))
+    }
+
+    /// Wait for the process to exit on its own (Ctrl-C reaches it directly).
+    pub fn wait(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let started = Instant::now();
+            while child.try_wait()?.is_none() {
+                if started.elapsed() > Duration::from_secs(30) {
+                    child.kill()?;
+                    bail!("maru did not stop within 30 s of SIGTERM; killed it");
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MaruNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            _ = child.kill();
+            _ = child.wait();
+        }
+    }
+}
+
+/// `port` if nothing listens on it, else 0 (any free port).
+pub fn free_or_any(port: u16) -> String {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => format!("127.0.0.1:{port}"),
+        Err(_) => "127.0.0.1:0".into(),
+    }
+}
+
+/// Latency quantile (0..=1) of sorted samples, in milliseconds.
+pub fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
