@@ -14,7 +14,10 @@ use std::cell::Cell;
 use std::io::Write as _;
 
 use wasip2::http::outgoing_handler;
-use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme};
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam,
+    Scheme,
+};
 
 struct Misbehave;
 
@@ -31,9 +34,17 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
             s.get()
         });
         let path_and_query = request.path_with_query().unwrap_or_else(|| "/".into());
-        let (path, query) = path_and_query.split_once('?').unwrap_or((&path_and_query, ""));
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((&path_and_query, ""));
         let last = path.rsplit('/').next().unwrap_or("");
-        let param = |key: &str| query.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.to_string());
+        let param = |key: &str| {
+            query
+                .split('&')
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        };
         let text = match last {
             "spin" => {
                 let mut x = 0u64;
@@ -62,7 +73,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
             "outbound" => outbound(&param("url").unwrap_or_default()),
             _ => {
                 let length = read_body_length(&request);
-                format!("{:?} {path} body={length} served={served}\n", request.method())
+                format!(
+                    "{:?} {path} body={length} served={served}\n",
+                    request.method()
+                )
             }
         };
         let response = OutgoingResponse::new(Fields::new());
@@ -77,7 +91,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
 }
 
 fn read_body_length(request: &IncomingRequest) -> usize {
-    let Ok(body) = request.consume() else { return 0 };
+    let Ok(body) = request.consume() else {
+        return 0;
+    };
     let Ok(stream) = body.stream() else { return 0 };
     let mut total = 0;
     while let Ok(chunk) = stream.blocking_read(16384) {
@@ -88,8 +104,13 @@ fn read_body_length(request: &IncomingRequest) -> usize {
 
 /// `http://host:port/path` only; enough to show whether the host lets the request out.
 fn outbound(url: &str) -> String {
-    let Some(rest) = url.strip_prefix("http://") else { return format!("outbound: only http:// URLs, got `{url}`\n") };
-    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let Some(rest) = url.strip_prefix("http://") else {
+        return format!("outbound: only http:// URLs, got `{url}`\n");
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map(|(a, p)| (a, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let request = OutgoingRequest::new(Fields::new());
     _ = request.set_scheme(Some(&Scheme::Http));
     _ = request.set_authority(Some(authority));

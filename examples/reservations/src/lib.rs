@@ -17,7 +17,9 @@ use std::io::Write as _;
 
 use serde::{Deserialize, Serialize};
 use wasip2::clocks::monotonic_clock;
-use wasip2::http::types::{Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasip2::http::types::{
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 struct Reservations;
 
@@ -41,7 +43,9 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 impl wasip2::exports::http::incoming_handler::Guest for Reservations {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let path_and_query = request.path_with_query().unwrap_or_else(|| "/".into());
-        let (path, query) = path_and_query.split_once('?').unwrap_or((&path_and_query, ""));
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((&path_and_query, ""));
         simulate_work(query);
         let method = request.method();
         let (status, body) = match (&method, path.split_once("/slots/")) {
@@ -102,8 +106,12 @@ fn simulate_work(query: &str) {
 }
 
 fn read_body(request: &IncomingRequest) -> Result<Vec<u8>, String> {
-    let body = request.consume().map_err(|()| "the body was already read".to_string())?;
-    let stream = body.stream().map_err(|()| "the body has no stream".to_string())?;
+    let body = request
+        .consume()
+        .map_err(|()| "the body was already read".to_string())?;
+    let stream = body
+        .stream()
+        .map_err(|()| "the body has no stream".to_string())?;
     let mut bytes = Vec::new();
     loop {
         match stream.blocking_read(8192) {
@@ -121,7 +129,8 @@ fn read_body(request: &IncomingRequest) -> Result<Vec<u8>, String> {
 }
 
 fn respond(response_out: ResponseOutparam, status: u16, body: &str) {
-    let headers = Fields::from_list(&[("content-type".to_string(), b"application/json".to_vec())]).expect("content-type is an allowed header");
+    let headers = Fields::from_list(&[("content-type".to_string(), b"application/json".to_vec())])
+        .expect("content-type is an allowed header");
     let response = OutgoingResponse::new(headers);
     response.set_status_code(status).expect("a valid status");
     let outgoing = response.body().expect("a new response has a body");
