@@ -84,6 +84,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .into_body()
         .read_to_string()?;
     println!("GET /hello → {}", hello.trim());
+    let started_legacy = Instant::now();
+    let permit = ureq::get(&format!("http://{}/permits/42", node.gateway))
+        .call()
+        .context("call the permit registry (a Python process service)")?
+        .into_body()
+        .read_to_string()?;
+    println!(
+        "GET /permits/42 → {} (the legacy app is a Python process: this first request waited {:.1} s for it to load and pass its readiness probe)",
+        permit.trim(),
+        started_legacy.elapsed().as_secs_f64()
+    );
 
     println!(
         "\nBooking opens: {} requests from {} clients at the reservations service (each burns {} ms of CPU)…",

@@ -58,6 +58,9 @@ fn main() -> std::process::ExitCode {
 fn test() -> anyhow::Result<()> {
     let root = env::root();
     env::ensure_wasm_target()?;
+    // The process-service tests run examples/legacy-app, a Python program.
+    env::ensure_debian_package("python3", "python3")?;
+    env::ensure_debian_package("prlimit", "util-linux")?;
     env::step("formatting", env::cargo(&["fmt", "--all", "--", "--check"]))?;
     env::step(
         "formatting of the examples",

@@ -10,7 +10,7 @@ use std::fmt;
 use std::ops::Range;
 use std::time::Duration;
 
-use runtime::Origin;
+use runtime::{LivenessProbe, Origin, Probe, Signal};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -20,6 +20,15 @@ pub const QUEUE_MAX: u32 = 100_000;
 pub const MEMORY_BYTES_MIN: u64 = 1 << 20;
 pub const MEMORY_BYTES_MAX: u64 = 4 << 30;
 pub const BODY_BYTES_MAX: u64 = 64 << 20;
+pub const PROCESS_MEMORY_BYTES_MAX: u64 = 256 << 30;
+const SIGNALS: [(&str, Signal); 6] = [
+    ("SIGTERM", Signal::SIGTERM),
+    ("SIGINT", Signal::SIGINT),
+    ("SIGQUIT", Signal::SIGQUIT),
+    ("SIGHUP", Signal::SIGHUP),
+    ("SIGUSR1", Signal::SIGUSR1),
+    ("SIGUSR2", Signal::SIGUSR2),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppManifest {
@@ -33,21 +42,55 @@ pub struct AppManifest {
 /// One service, with every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceManifest {
-    /// Path of the component, relative to the manifest.
-    pub component: String,
+    /// What runs: a component or a program.
+    pub workload: Workload,
     pub routes: Vec<String>,
     pub hosts: Vec<String>,
     pub instances_min: u32,
     pub instances_max: u32,
     pub concurrency: u32,
     pub idle_timeout: Duration,
-    pub memory_bytes: u64,
+    /// Components: always set (default 64 MiB). Processes: only if the manifest sets it.
+    pub memory_bytes: Option<u64>,
     pub timeout: Duration,
     pub startup_timeout: Duration,
     pub queue: u32,
     pub body_limit_bytes: u64,
     pub outbound: Vec<Origin>,
     pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// Path of a `wasi:http/proxy` component, relative to the manifest.
+    Component {
+        path: String,
+    },
+    Process(ProcessManifest),
+}
+
+/// An existing program run as supervised process instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessManifest {
+    /// Program and arguments; `{port}` stands for the instance's port (also in `PORT`).
+    pub command: Vec<String>,
+    /// Working directory, relative to the manifest.
+    pub workdir: String,
+    pub ready: Probe,
+    pub ready_timeout: Duration,
+    pub liveness: Option<LivenessProbe>,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+}
+
+impl ServiceManifest {
+    /// The component path, for component services.
+    pub fn component(&self) -> Option<&str> {
+        match &self.workload {
+            Workload::Component { path } => Some(path),
+            Workload::Process(_) => None,
+        }
+    }
 }
 
 impl ServiceManifest {
@@ -59,6 +102,21 @@ impl ServiceManifest {
                 changed.push(name);
             }
         };
+        match (&self.workload, &other.workload) {
+            (Workload::Process(a), Workload::Process(b)) => {
+                check("command", a.command != b.command);
+                check("workdir", a.workdir != b.workdir);
+                check(
+                    "ready",
+                    (&a.ready, a.ready_timeout) != (&b.ready, b.ready_timeout),
+                );
+                check("liveness", a.liveness != b.liveness);
+                check("stop_signal", a.stop_signal != b.stop_signal);
+                check("stop_timeout", a.stop_timeout != b.stop_timeout);
+            }
+            (Workload::Component { .. }, Workload::Component { .. }) => {}
+            _ => check("kind", true),
+        }
         check("routes", self.routes != other.routes);
         check("hosts", self.hosts != other.hosts);
         check(
@@ -142,6 +200,22 @@ struct RawService {
     body_limit: Option<Spanned<String>>,
     outbound: Option<Vec<Spanned<String>>>,
     env: Option<BTreeMap<String, Spanned<String>>>,
+    command: Option<Spanned<Vec<String>>>,
+    workdir: Option<Spanned<String>>,
+    ready: Option<Spanned<RawProbe>>,
+    liveness: Option<Spanned<RawProbe>>,
+    stop_signal: Option<Spanned<String>>,
+    stop_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    http: Option<Spanned<String>>,
+    tcp: Option<bool>,
+    timeout: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    failures: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -340,32 +414,60 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             )
         })?;
         let service = service.get_ref();
-        let component = match &service.component {
-            Some(component) if !component.get_ref().trim().is_empty() => {
-                parser.note(&at("component"), component);
-                component.get_ref().clone()
-            }
-            Some(component) => {
+        let table_span = parser.spans[&format!("service.{service_name}")].clone();
+        let workload = match (&service.component, &service.command) {
+            (Some(_), Some(command)) => {
                 return Err(parser.error(
-                    &at("component"),
-                    component.span(),
-                    "the component path is empty",
-                    None,
+                    &at("command"),
+                    command.span(),
+                    "a service has either `component` or `command`, not both",
+                    Some("split it into two services".into()),
                 ));
             }
-            None => {
-                let span = parser.spans[&format!("service.{service_name}")].clone();
+            (Some(component), None) => {
+                parser.note(&at("component"), component);
+                if component.get_ref().trim().is_empty() {
+                    return Err(parser.error(
+                        &at("component"),
+                        component.span(),
+                        "the component path is empty",
+                        None,
+                    ));
+                }
+                for (field, present) in [
+                    ("workdir", service.workdir.as_ref().map(|v| v.span())),
+                    ("ready", service.ready.as_ref().map(|v| v.span())),
+                    ("liveness", service.liveness.as_ref().map(|v| v.span())),
+                    (
+                        "stop_signal",
+                        service.stop_signal.as_ref().map(|v| v.span()),
+                    ),
+                    (
+                        "stop_timeout",
+                        service.stop_timeout.as_ref().map(|v| v.span()),
+                    ),
+                ] {
+                    if let Some(span) = present {
+                        return Err(parser.error(&at(field), span, format!("`{field}` applies to process services (with `command`), not components"), None));
+                    }
+                }
+                Workload::Component {
+                    path: component.get_ref().clone(),
+                }
+            }
+            (None, Some(command)) => {
+                Workload::Process(process(&mut parser, &at, service, command)?)
+            }
+            (None, None) => {
                 return Err(parser.error(
                     &at("component"),
-                    span,
-                    "missing field `component`",
-                    Some(
-                        "add component = \"path/to/service.wasm\", relative to this manifest"
-                            .into(),
-                    ),
+                    table_span,
+                    "the service has neither `component` nor `command`",
+                    Some("add component = \"path/to/service.wasm\" (relative to this manifest), or command = [\"program\", \"arg\"] to run a program".into()),
                 ));
             }
         };
+        let is_process = matches!(workload, Workload::Process(_));
         let mut hosts = Vec::new();
         for host in service.hosts.iter().flatten() {
             let value = host.get_ref().to_ascii_lowercase();
@@ -437,28 +539,54 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 (min, max)
             }
         };
-        let concurrency = parser.count(&at("concurrency"), service.concurrency.as_ref(), 1, (1, 1)).map_err(|mut error| {
-            error.hint = Some("a wasi:http component instance serves one request at a time; raise instances.max to serve more at once".into());
-            error
-        })?;
+        let concurrency = if is_process {
+            parser.count(
+                &at("concurrency"),
+                service.concurrency.as_ref(),
+                10,
+                (1, 10_000),
+            )?
+        } else {
+            parser.count(&at("concurrency"), service.concurrency.as_ref(), 1, (1, 1)).map_err(|mut error| {
+                error.hint = Some("a wasi:http component instance serves one request at a time; raise instances.max to serve more at once".into());
+                error
+            })?
+        };
         let idle_timeout = parser.duration(
             &at("idle_timeout"),
             service.idle_timeout.as_ref(),
             Duration::from_secs(30),
             (Duration::from_secs(1), Duration::from_secs(24 * 3600)),
         )?;
-        let memory_bytes = parser.size(
-            &at("memory"),
-            service.memory.as_ref(),
-            64 << 20,
-            (MEMORY_BYTES_MIN, MEMORY_BYTES_MAX),
-        )?;
+        let memory_bytes = match (is_process, &service.memory) {
+            (true, None) => None,
+            (true, memory) => Some(parser.size(
+                &at("memory"),
+                memory.as_ref(),
+                0,
+                (16 << 20, PROCESS_MEMORY_BYTES_MAX),
+            )?),
+            (false, memory) => Some(parser.size(
+                &at("memory"),
+                memory.as_ref(),
+                64 << 20,
+                (MEMORY_BYTES_MIN, MEMORY_BYTES_MAX),
+            )?),
+        };
         let timeout = parser.duration(
             &at("timeout"),
             service.timeout.as_ref(),
             Duration::from_secs(10),
             (Duration::from_millis(10), Duration::from_secs(900)),
         )?;
+        if let (true, Some(startup)) = (is_process, &service.startup_timeout) {
+            return Err(parser.error(
+                &at("startup_timeout"),
+                startup.span(),
+                "process services set their start-up limit with ready.timeout",
+                Some("write ready = { http = \"/healthz\", timeout = \"30s\" }".into()),
+            ));
+        }
         let startup_timeout = parser.duration(
             &at("startup_timeout"),
             service.startup_timeout.as_ref(),
@@ -473,6 +601,17 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             (0, BODY_BYTES_MAX),
         )?;
         let mut outbound = Vec::new();
+        if let (true, Some(origin)) = (
+            is_process,
+            service.outbound.as_ref().and_then(|o| o.first()),
+        ) {
+            return Err(parser.error(
+                &at("outbound"),
+                origin.span(),
+                "`outbound` applies to components; a process has the host's network",
+                None,
+            ));
+        }
         for origin in service.outbound.iter().flatten() {
             parser.note(&at("outbound"), origin);
             let parsed = Origin::parse(origin.get_ref()).map_err(|error| {
@@ -501,7 +640,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         services.insert(
             service_name.clone(),
             ServiceManifest {
-                component,
+                workload,
                 routes,
                 hosts,
                 instances_min,
@@ -524,6 +663,157 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         file: file.to_string(),
         text: text.to_string(),
         spans: parser.spans,
+    })
+}
+
+fn probe(
+    parser: &mut Parser<'_>,
+    field: &str,
+    raw: &Spanned<RawProbe>,
+) -> Result<Probe, ManifestError> {
+    parser.note(field, raw);
+    match (&raw.get_ref().http, raw.get_ref().tcp) {
+        (Some(path), None | Some(false)) => {
+            check_route(path.get_ref()).map_err(|why| {
+                parser.error(
+                    field,
+                    path.span(),
+                    why.replace("route", "probe path"),
+                    Some("write a path such as \"/healthz\"".into()),
+                )
+            })?;
+            Ok(Probe::Http(path.get_ref().clone()))
+        }
+        (None, Some(true)) => Ok(Probe::Tcp),
+        _ => Err(parser.error(
+            field,
+            raw.span(),
+            "a probe needs exactly one of http = \"/path\" or tcp = true",
+            None,
+        )),
+    }
+}
+
+fn process(
+    parser: &mut Parser<'_>,
+    at: &dyn Fn(&str) -> String,
+    service: &RawService,
+    command: &Spanned<Vec<String>>,
+) -> Result<ProcessManifest, ManifestError> {
+    parser.note(&at("command"), command);
+    let words = command.get_ref();
+    if words.is_empty() || words[0].trim().is_empty() {
+        return Err(parser.error(
+            &at("command"),
+            command.span(),
+            "the command is empty",
+            Some("write command = [\"program\", \"arg\", ...]".into()),
+        ));
+    }
+    if words.iter().any(|w| w.contains('\0')) {
+        return Err(parser.error(
+            &at("command"),
+            command.span(),
+            "the command contains a NUL byte",
+            None,
+        ));
+    }
+    let workdir = match &service.workdir {
+        Some(dir) => {
+            parser.note(&at("workdir"), dir);
+            dir.get_ref().clone()
+        }
+        None => ".".to_string(),
+    };
+    let (ready, ready_timeout) = match &service.ready {
+        Some(raw) => {
+            let probe = probe(parser, &at("ready"), raw)?;
+            for (name, present) in [
+                ("interval", raw.get_ref().interval.is_some()),
+                ("failures", raw.get_ref().failures.is_some()),
+            ] {
+                if present {
+                    return Err(parser.error(&at("ready"), raw.span(), format!("`{name}` belongs to the liveness probe; readiness is polled until it passes"), None));
+                }
+            }
+            let timeout = parser.duration(
+                &at("ready.timeout"),
+                raw.get_ref().timeout.as_ref(),
+                Duration::from_secs(30),
+                (Duration::from_millis(100), Duration::from_secs(600)),
+            )?;
+            (probe, timeout)
+        }
+        None => (Probe::Tcp, Duration::from_secs(30)),
+    };
+    let liveness = match &service.liveness {
+        Some(raw) => {
+            let probe = probe(parser, &at("liveness"), raw)?;
+            let interval = parser.duration(
+                &at("liveness.interval"),
+                raw.get_ref().interval.as_ref(),
+                Duration::from_secs(10),
+                (Duration::from_millis(100), Duration::from_secs(3600)),
+            )?;
+            let timeout = parser.duration(
+                &at("liveness.timeout"),
+                raw.get_ref().timeout.as_ref(),
+                Duration::from_secs(1),
+                (Duration::from_millis(10), Duration::from_secs(60)),
+            )?;
+            let failures = parser.count(
+                &at("liveness.failures"),
+                raw.get_ref().failures.as_ref(),
+                3,
+                (1, 100),
+            )?;
+            Some(LivenessProbe {
+                probe,
+                interval,
+                timeout,
+                failures,
+            })
+        }
+        None => None,
+    };
+    let stop_signal = match &service.stop_signal {
+        Some(name) => {
+            parser.note(&at("stop_signal"), name);
+            let wanted = name.get_ref().to_ascii_uppercase();
+            let wanted = if wanted.starts_with("SIG") {
+                wanted
+            } else {
+                format!("SIG{wanted}")
+            };
+            SIGNALS
+                .iter()
+                .find(|(n, _)| *n == wanted)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| {
+                    parser.error(
+                        &at("stop_signal"),
+                        name.span(),
+                        format!("`{}` is not a stop signal Maru sends", name.get_ref()),
+                        Some(format!("use one of {}", SIGNALS.map(|(n, _)| n).join(", "))),
+                    )
+                })?
+        }
+        None => Signal::SIGTERM,
+    };
+    let stop_timeout = parser.duration(
+        &at("stop_timeout"),
+        service.stop_timeout.as_ref(),
+        Duration::from_secs(10),
+        (Duration::ZERO, Duration::from_secs(600)),
+    )?;
+    Ok(ProcessManifest {
+        command: words.clone(),
+        workdir,
+        ready,
+        ready_timeout,
+        liveness,
+        stop_signal,
+        stop_timeout,
     })
 }
 

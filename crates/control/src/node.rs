@@ -7,15 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use autopilot::{Reactive, ScalingBounds};
-use gateway::{Gateway, RouteKey, RouteTable, Service, ServiceConfig};
+use gateway::{Backend, Gateway, RouteKey, RouteTable, Service, ServiceConfig};
 use maru_api::{
     AppInfo, DeployRequest, DeployResponse, RevisionInfo, ServiceChange, ServiceStatus,
 };
-use runtime::{ArtifactCache, ArtifactError, ComponentHash, InstanceSpec, Runtime, ServiceLog};
+use runtime::{
+    ArtifactCache, ArtifactError, ComponentHash, InstanceSpec, ProcessSpec, Runtime, ServiceLog,
+};
 use tokio::task::JoinSet;
 
-use crate::manifest::{self, AppManifest, ManifestError, ServiceManifest};
-use crate::state::{State, StateError};
+use crate::manifest::{self, AppManifest, ManifestError, ServiceManifest, Workload};
+use crate::state::{RevisionRecord, State, StateError};
 
 /// Errors of control operations, shaped for the API to map to statuses.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +43,19 @@ pub enum ControlError {
 /// (app, service)
 pub type ServiceKey = (String, String);
 
-struct Running {
+/// One service as the stored state wants it.
+#[derive(Clone, PartialEq, Eq)]
+struct Desired {
     revision: u64,
     manifest: ServiceManifest,
-    component: ComponentHash,
+    /// For components.
+    component: Option<ComponentHash>,
+    /// For processes: the resolved working directory.
+    workdir: Option<PathBuf>,
+}
+
+struct Running {
+    desired: Desired,
     service: Arc<Service>,
 }
 
@@ -74,6 +85,10 @@ impl Node {
             .with_context(|| format!("create data directory {}", data_dir.display()))?;
         let state = State::open(&data_dir.join("state.redb")).context("open the state database")?;
         let cache = ArtifactCache::open(data_dir).context("open the component cache")?;
+        // Process groups left by a `maru` that was killed before it could stop them.
+        for reaped in runtime::reap_leftovers(&data_dir.join("processes")) {
+            tracing::warn!(%reaped, "killed a process left over from an earlier run");
+        }
         Ok(Arc::new(Node {
             state,
             cache,
@@ -91,12 +106,8 @@ impl Node {
         &self.data_dir
     }
 
-    /// Bring the running services in line with the stored state; called at start and after
-    /// every change. A revision whose components cannot be loaded is reported and skipped,
-    /// so one broken app never keeps the others from serving.
-    pub async fn reconcile(&self) -> Result<(), ControlError> {
-        let mut desired: BTreeMap<ServiceKey, (u64, ServiceManifest, ComponentHash)> =
-            BTreeMap::new();
+    fn desired_state(&self) -> Result<BTreeMap<ServiceKey, Desired>, ControlError> {
+        let mut desired = BTreeMap::new();
         for (app, record) in self.state.apps()? {
             let revision = self.state.revision(&app, record.current)?;
             let parsed = match manifest::parse(&revision.manifest_path, &revision.manifest) {
@@ -107,49 +118,74 @@ impl Node {
                 }
             };
             for (name, service) in parsed.services {
-                let Some(hash) = revision
-                    .components
-                    .get(&service.component)
-                    .and_then(|h| ComponentHash::parse(h).ok())
-                else {
-                    tracing::error!(%app, service = %name, "revision has no component hash for the service; not started");
-                    continue;
+                let (component, workdir) = match &service.workload {
+                    Workload::Component { path } => match revision
+                        .components
+                        .get(path)
+                        .and_then(|h| ComponentHash::parse(h).ok())
+                    {
+                        Some(hash) => (Some(hash), None),
+                        None => {
+                            tracing::error!(%app, service = %name, "revision has no component hash for the service; not started");
+                            continue;
+                        }
+                    },
+                    Workload::Process(process) => (
+                        None,
+                        Some(resolve_workdir(
+                            revision.manifest_dir.as_deref(),
+                            &process.workdir,
+                        )),
+                    ),
                 };
-                desired.insert((app.clone(), name), (revision.number, service, hash));
+                desired.insert(
+                    (app.clone(), name),
+                    Desired {
+                        revision: revision.number,
+                        manifest: service,
+                        component,
+                        workdir,
+                    },
+                );
             }
         }
+        Ok(desired)
+    }
 
+    /// Bring the running services in line with the stored state; called at start and after
+    /// every change. A service that cannot be started is reported and skipped, so one
+    /// broken app never keeps the others from serving.
+    pub async fn reconcile(&self) -> Result<(), ControlError> {
+        let desired = self.desired_state()?;
         let mut retired = Vec::new();
         let table = {
             let mut running = self.running.lock().expect("running lock is never poisoned");
             let keys: Vec<ServiceKey> = running.keys().cloned().collect();
             for key in keys {
-                let keep = desired.get(&key).is_some_and(|(_, manifest, hash)| {
-                    let current = &running[&key];
-                    &current.manifest == manifest && &current.component == hash
+                let keep = desired.get(&key).is_some_and(|want| {
+                    let have = &running[&key].desired;
+                    (&have.manifest, &have.component, &have.workdir)
+                        == (&want.manifest, &want.component, &want.workdir)
                 });
                 if keep {
-                    if let (Some(current), Some((revision, _, _))) =
-                        (running.get_mut(&key), desired.get(&key))
+                    if let (Some(current), Some(want)) = (running.get_mut(&key), desired.get(&key))
                     {
-                        current.revision = *revision;
+                        current.desired.revision = want.revision;
                     }
                 } else if let Some(old) = running.remove(&key) {
                     retired.push(old.service);
                 }
             }
-            for (key, (revision, manifest, hash)) in &desired {
+            for (key, want) in &desired {
                 if running.contains_key(key) {
                     continue;
                 }
-                match self.start_service(key, *revision, manifest, hash) {
+                match self.start_service(key, want) {
                     Ok(service) => {
                         running.insert(
                             key.clone(),
                             Running {
-                                revision: *revision,
-                                manifest: manifest.clone(),
-                                component: hash.clone(),
+                                desired: want.clone(),
                                 service,
                             },
                         );
@@ -161,20 +197,8 @@ impl Node {
             }
             let mut routes = Vec::new();
             for running in running.values() {
-                let hosts: Vec<Option<&str>> = if running.manifest.hosts.is_empty() {
-                    vec![None]
-                } else {
-                    running
-                        .manifest
-                        .hosts
-                        .iter()
-                        .map(|h| Some(h.as_str()))
-                        .collect()
-                };
-                for host in hosts {
-                    for route in &running.manifest.routes {
-                        routes.push((RouteKey::new(host, route), running.service.clone()));
-                    }
+                for key in route_keys(&running.desired.manifest) {
+                    routes.push((key, running.service.clone()));
                 }
             }
             RouteTable::new(routes)
@@ -200,15 +224,59 @@ impl Node {
     fn start_service(
         &self,
         key: &ServiceKey,
-        revision: u64,
-        manifest: &ServiceManifest,
-        hash: &ComponentHash,
+        want: &Desired,
     ) -> Result<Arc<Service>, ArtifactError> {
-        let component = self.runtime.load(&self.cache, hash)?;
+        let manifest = &want.manifest;
+        let log = self.log_for(key);
+        let env: Vec<(String, String)> = manifest
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let backend = match (&manifest.workload, &want.component, &want.workdir) {
+            (Workload::Process(process), _, Some(workdir)) => {
+                log.push(
+                    runtime::LogStream::Platform,
+                    &format!("limits in force: {}", runtime::limits_in_force()),
+                );
+                Backend::Process(ProcessSpec {
+                    command: process.command.clone(),
+                    workdir: workdir.clone(),
+                    env,
+                    ready: process.ready.clone(),
+                    ready_timeout: process.ready_timeout,
+                    liveness: process.liveness.clone(),
+                    stop_signal: process.stop_signal,
+                    stop_timeout: process.stop_timeout,
+                    memory_bytes_max: manifest.memory_bytes,
+                    log: log.clone(),
+                    registry: self.data_dir.join("processes"),
+                })
+            }
+            (_, Some(hash), _) => Backend::Component {
+                component: self.runtime.load(&self.cache, hash)?,
+                instance: InstanceSpec {
+                    env,
+                    memory_bytes_max: manifest.memory_bytes.unwrap_or(64 << 20),
+                    outbound: manifest.outbound.clone().into(),
+                    log: log.clone(),
+                },
+            },
+            _ => {
+                return Err(ArtifactError::Compile {
+                    hash: ComponentHash::of(b""),
+                    reason: "the service has no component".into(),
+                });
+            }
+        };
+        let startup_timeout = match &manifest.workload {
+            Workload::Process(process) => process.ready_timeout,
+            Workload::Component { .. } => manifest.startup_timeout,
+        };
         let config = ServiceConfig {
             app: key.0.clone(),
             name: key.1.clone(),
-            revision,
+            revision: want.revision,
             bounds: ScalingBounds {
                 instances_min: manifest.instances_min,
                 instances_max: manifest.instances_max,
@@ -218,18 +286,9 @@ impl Node {
             timeout: manifest.timeout,
             queue_max: manifest.queue as usize,
             body_bytes_max: manifest.body_limit_bytes,
-            startup_timeout: manifest.startup_timeout,
-            component,
-            instance: InstanceSpec {
-                env: manifest
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                memory_bytes_max: manifest.memory_bytes,
-                outbound: manifest.outbound.clone().into(),
-                log: self.log_for(key),
-            },
+            startup_timeout,
+            backend,
+            log,
         };
         Ok(Service::start(
             config,
@@ -244,42 +303,22 @@ impl Node {
         let parsed = manifest::parse(&request.manifest_path, &request.manifest)
             .map_err(ControlError::BadManifest)?;
         self.check_routes_free(&parsed)?;
-        // Every component must be uploaded, compile, and be a wasi:http proxy, before the
-        // revision is committed; compiling here is what lets scaling never compile.
+        // Every component must be uploaded, compile, and be a wasi:http proxy, and every
+        // command must exist, before the revision is committed; compiling here is what lets
+        // scaling never compile.
         let mut components = BTreeMap::new();
         for (name, service) in &parsed.services {
-            let field = format!("service.{name}.component");
-            let hash_text = request.components.get(&service.component).ok_or_else(|| {
-                ControlError::BadManifest(parsed.error_at(
-                    &field,
-                    format!(
-                        "component `{}` was not uploaded with the deploy",
-                        service.component
-                    ),
-                    Some("deploy with `maru deploy`, which uploads components".into()),
-                ))
-            })?;
-            let hash = ComponentHash::parse(hash_text).map_err(|e| ControlError::BadRequest {
-                message: e.to_string(),
-                hint: None,
-            })?;
-            let check = tokio::task::block_in_place(|| {
-                self.runtime
-                    .compile(&self.cache, &hash)
-                    .and_then(|()| self.runtime.load(&self.cache, &hash).map(drop))
-            });
-            if let Err(error) = check {
-                let hint = match &error {
-                    ArtifactError::Missing(_) => Some("upload it first: PUT /v1/blobs/{hash}".to_string()),
-                    _ => Some("build it for the wasi:http/proxy world, e.g. `cargo build --target wasm32-wasip2`".to_string()),
-                };
-                return Err(ControlError::BadManifest(parsed.error_at(
-                    &field,
-                    error.to_string(),
-                    hint,
-                )));
+            match &service.workload {
+                Workload::Component { path } => {
+                    let hash = self.check_component(&parsed, name, path, &request)?;
+                    components.insert(path.clone(), hash.to_string());
+                }
+                Workload::Process(process) => {
+                    let workdir =
+                        resolve_workdir(request.manifest_dir.as_deref(), &process.workdir);
+                    check_command(&parsed, name, &process.command, &workdir)?;
+                }
             }
-            components.insert(service.component.clone(), hash.to_string());
         }
 
         let previous = match self.state.app(&parsed.name) {
@@ -288,7 +327,12 @@ impl Node {
             Err(error) => return Err(error.into()),
         };
         let changes = match &previous {
-            Some(previous) => diff(previous, &parsed, &components),
+            Some(previous) => diff(
+                previous,
+                &parsed,
+                &components,
+                request.manifest_dir.as_deref(),
+            ),
             None => parsed
                 .services
                 .keys()
@@ -310,6 +354,7 @@ impl Node {
         let revision = self.state.deploy(
             &parsed.name,
             &request.manifest_path,
+            request.manifest_dir.as_deref(),
             &request.manifest,
             components,
         )?;
@@ -320,6 +365,44 @@ impl Node {
             previous: previous.map(|p| p.number),
             changes,
         })
+    }
+
+    fn check_component(
+        &self,
+        parsed: &AppManifest,
+        name: &str,
+        path: &str,
+        request: &DeployRequest,
+    ) -> Result<ComponentHash, ControlError> {
+        let field = format!("service.{name}.component");
+        let hash_text = request.components.get(path).ok_or_else(|| {
+            ControlError::BadManifest(parsed.error_at(
+                &field,
+                format!("component `{path}` was not uploaded with the deploy"),
+                Some("deploy with `maru deploy`, which uploads components".into()),
+            ))
+        })?;
+        let hash = ComponentHash::parse(hash_text).map_err(|e| ControlError::BadRequest {
+            message: e.to_string(),
+            hint: None,
+        })?;
+        let check = tokio::task::block_in_place(|| {
+            self.runtime
+                .compile(&self.cache, &hash)
+                .and_then(|()| self.runtime.load(&self.cache, &hash).map(drop))
+        });
+        if let Err(error) = check {
+            let hint = match &error {
+                ArtifactError::Missing(_) => Some("upload it first: PUT /v1/blobs/{hash}".to_string()),
+                _ => Some("build it for the wasi:http/proxy world, e.g. `cargo build --target wasm32-wasip2`".to_string()),
+            };
+            return Err(ControlError::BadManifest(parsed.error_at(
+                &field,
+                error.to_string(),
+                hint,
+            )));
+        }
+        Ok(hash)
     }
 
     fn check_routes_free(&self, parsed: &AppManifest) -> Result<(), ControlError> {
@@ -418,15 +501,28 @@ impl Node {
             .iter()
             .map(|((app, name), running)| {
                 let (gauges, metrics) = running.service.snapshot();
+                let manifest = &running.desired.manifest;
+                let failure = running.service.failure();
                 ServiceStatus {
                     app: app.clone(),
                     service: name.clone(),
-                    revision: running.revision,
-                    routes: running.manifest.routes.clone(),
+                    revision: running.desired.revision,
+                    kind: if manifest.component().is_some() {
+                        "component".into()
+                    } else {
+                        "process".into()
+                    },
+                    state: if failure.is_some() {
+                        "failed".into()
+                    } else {
+                        "running".into()
+                    },
+                    failure,
+                    routes: manifest.routes.clone(),
                     instances_ready: gauges.ready,
                     instances_starting: gauges.starting,
-                    instances_min: running.manifest.instances_min,
-                    instances_max: running.manifest.instances_max,
+                    instances_min: manifest.instances_min,
+                    instances_max: manifest.instances_max,
                     in_flight: running
                         .service
                         .metrics
@@ -440,6 +536,7 @@ impl Node {
                     cold_starts: metrics.cold_starts,
                     instance_starts: metrics.instance_starts,
                     instance_seconds: metrics.instance_seconds,
+                    startup_last_ms: metrics.startup_last_ms,
                 }
             })
             .collect()
@@ -467,7 +564,7 @@ impl Node {
         for ((app, name), running) in running.iter() {
             let labels = format!(
                 "app=\"{app}\",service=\"{name}\",revision=\"{}\"",
-                running.revision
+                running.desired.revision
             );
             running
                 .service
@@ -495,6 +592,67 @@ impl Node {
     }
 }
 
+/// The working directory of a process service: relative paths are relative to the directory
+/// the manifest was deployed from.
+fn resolve_workdir(manifest_dir: Option<&str>, workdir: &str) -> PathBuf {
+    let workdir = Path::new(workdir);
+    match manifest_dir {
+        Some(dir) if workdir.is_relative() => Path::new(dir).join(workdir),
+        _ => workdir.to_path_buf(),
+    }
+}
+
+/// The program must exist and be executable on this node.
+fn check_command(
+    parsed: &AppManifest,
+    name: &str,
+    command: &[String],
+    workdir: &Path,
+) -> Result<(), ControlError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let field = format!("service.{name}.command");
+    if !workdir.is_dir() {
+        return Err(ControlError::BadManifest(parsed.error_at(
+            &format!("service.{name}.workdir"),
+            format!(
+                "the working directory {} does not exist on the node",
+                workdir.display()
+            ),
+            Some("workdir is relative to the manifest's directory".into()),
+        )));
+    }
+    let program = &command[0];
+    let executable = |path: &Path| {
+        path.is_file()
+            && path
+                .metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(&workdir.join(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| executable(&dir.join(program)))
+        })
+    };
+    if found {
+        return Ok(());
+    }
+    let (message, hint) = if program.contains('/') {
+        (format!("command `{program}` is not an executable file (looked in {})", workdir.display()), "a path with a `/` is relative to workdir; check it exists and is executable (chmod +x)".to_string())
+    } else {
+        (
+            format!("command `{program}` was not found on the node's PATH"),
+            "install the program on the node, or give its path".to_string(),
+        )
+    };
+    Err(ControlError::BadManifest(parsed.error_at(
+        &field,
+        message,
+        Some(hint),
+    )))
+}
+
 fn route_keys(service: &ServiceManifest) -> Vec<RouteKey> {
     let hosts: Vec<Option<&str>> = if service.hosts.is_empty() {
         vec![None]
@@ -513,9 +671,10 @@ fn route_keys(service: &ServiceManifest) -> Vec<RouteKey> {
 }
 
 fn diff(
-    previous: &crate::state::RevisionRecord,
+    previous: &RevisionRecord,
     next: &AppManifest,
     next_components: &BTreeMap<String, String>,
+    next_dir: Option<&str>,
 ) -> Vec<ServiceChange> {
     let Ok(old) = manifest::parse(&previous.manifest_path, &previous.manifest) else {
         return next
@@ -542,10 +701,19 @@ fn diff(
                     .into_iter()
                     .map(str::to_string)
                     .collect();
-                if previous.components.get(&before.component)
-                    != next_components.get(&service.component)
+                match (before.component(), service.component()) {
+                    (Some(a), Some(b)) if previous.components.get(a) != next_components.get(b) => {
+                        fields.insert(0, "component".into())
+                    }
+                    _ => {}
+                }
+                if let (Workload::Process(a), Workload::Process(b)) =
+                    (&before.workload, &service.workload)
+                    && resolve_workdir(previous.manifest_dir.as_deref(), &a.workdir)
+                        != resolve_workdir(next_dir, &b.workdir)
+                    && !fields.iter().any(|f| f == "workdir")
                 {
-                    fields.insert(0, "component".into());
+                    fields.push("workdir".into());
                 }
                 if !fields.is_empty() {
                     changes.push(ServiceChange {

@@ -27,6 +27,9 @@ pub struct AppRecord {
 pub struct RevisionRecord {
     pub number: u64,
     pub manifest_path: String,
+    /// Absolute directory the manifest was deployed from, for relative process paths.
+    #[serde(default)]
+    pub manifest_dir: Option<String>,
     pub manifest: String,
     /// Component path as written in the manifest → blake3 hash.
     pub components: BTreeMap<String, String>,
@@ -121,6 +124,7 @@ impl State {
         &self,
         app: &str,
         manifest_path: &str,
+        manifest_dir: Option<&str>,
         manifest: &str,
         components: BTreeMap<String, String>,
     ) -> Result<u64, StateError> {
@@ -144,6 +148,7 @@ impl State {
             let revision = RevisionRecord {
                 number,
                 manifest_path: manifest_path.to_string(),
+                manifest_dir: manifest_dir.map(str::to_string),
                 manifest: manifest.to_string(),
                 components,
                 created_unix_ms: SystemTime::now()
@@ -221,19 +226,19 @@ mod tests {
             let state = State::open(&path).expect("open");
             assert_eq!(
                 state
-                    .deploy("a", "m.toml", "v1", BTreeMap::new())
+                    .deploy("a", "m.toml", None, "v1", BTreeMap::new())
                     .expect("deploy"),
                 1
             );
             assert_eq!(
                 state
-                    .deploy("a", "m.toml", "v2", BTreeMap::new())
+                    .deploy("a", "m.toml", None, "v2", BTreeMap::new())
                     .expect("deploy"),
                 2
             );
             assert_eq!(
                 state
-                    .deploy("b", "m.toml", "b1", BTreeMap::new())
+                    .deploy("b", "m.toml", None, "b1", BTreeMap::new())
                     .expect("deploy"),
                 1
             );
@@ -248,7 +253,7 @@ mod tests {
         assert_eq!(state.revision("a", 1).expect("rev").manifest, "v1");
         assert_eq!(
             state
-                .deploy("a", "m.toml", "v3", BTreeMap::new())
+                .deploy("a", "m.toml", None, "v3", BTreeMap::new())
                 .expect("deploy"),
             3
         );

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -19,7 +19,7 @@ const RATE_WINDOW_SECONDS: usize = 10;
 #[derive(Debug)]
 pub struct ServiceMetrics {
     origin: Instant,
-    pub in_flight: AtomicU64,
+    pub in_flight: Arc<AtomicU64>,
     pub instance_starts: AtomicU64,
     pub cold_starts: AtomicU64,
     pub instance_failures: AtomicU64,
@@ -39,6 +39,9 @@ struct Inner {
     instance_ms: u128,
     instances: u64,
     instances_since: Instant,
+    startup_seconds_sum: f64,
+    startup_count: u64,
+    startup_last: Option<Duration>,
 }
 
 /// A point-in-time copy for `maru ps`.
@@ -51,13 +54,15 @@ pub struct MetricsSnapshot {
     pub cold_starts: u64,
     pub instance_starts: u64,
     pub instance_seconds: f64,
+    /// Time the most recent instance took from start to ready.
+    pub startup_last_ms: Option<f64>,
 }
 
 impl ServiceMetrics {
     pub fn new(now: Instant) -> Self {
         ServiceMetrics {
             origin: now,
-            in_flight: AtomicU64::new(0),
+            in_flight: Arc::new(AtomicU64::new(0)),
             instance_starts: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),
@@ -72,6 +77,9 @@ impl ServiceMetrics {
                 instance_ms: 0,
                 instances: 0,
                 instances_since: now,
+                startup_seconds_sum: 0.0,
+                startup_count: 0,
+                startup_last: None,
             }),
         }
     }
@@ -103,6 +111,18 @@ impl ServiceMetrics {
             *slot = (second, 0);
         }
         slot.1 += 1;
+    }
+
+    pub fn in_flight_counter(&self) -> Arc<AtomicU64> {
+        self.in_flight.clone()
+    }
+
+    /// Record how long an instance took from start to ready (the autopilot's lead time).
+    pub fn record_startup(&self, startup: Duration) {
+        let mut inner = self.lock();
+        inner.startup_seconds_sum += startup.as_secs_f64();
+        inner.startup_count += 1;
+        inner.startup_last = Some(startup);
     }
 
     /// Note that the number of live instances (starting or ready) changed to `instances`.
@@ -155,6 +175,7 @@ impl ServiceMetrics {
             cold_starts: self.cold_starts.load(Ordering::Relaxed),
             instance_starts: self.instance_starts.load(Ordering::Relaxed),
             instance_seconds,
+            startup_last_ms: inner.startup_last.map(|d| d.as_secs_f64() * 1000.0),
         }
     }
 
@@ -190,6 +211,23 @@ impl ServiceMetrics {
             "maru_request_duration_seconds_count{{{labels}}} {}",
             inner.latency_count
         );
+        _ = writeln!(
+            out,
+            "maru_instance_startup_seconds_sum{{{labels}}} {:.6}",
+            inner.startup_seconds_sum
+        );
+        _ = writeln!(
+            out,
+            "maru_instance_startup_seconds_count{{{labels}}} {}",
+            inner.startup_count
+        );
+        if let Some(last) = inner.startup_last {
+            _ = writeln!(
+                out,
+                "maru_instance_startup_last_seconds{{{labels}}} {:.6}",
+                last.as_secs_f64()
+            );
+        }
         drop(inner);
         _ = writeln!(
             out,
@@ -280,6 +318,16 @@ pub fn render_preamble(out: &mut String) {
             "maru_instance_seconds_total",
             "counter",
             "Seconds of instance lifetime (starting or ready), the cost measure of scaling.",
+        ),
+        (
+            "maru_instance_startup_seconds",
+            "summary",
+            "Time from starting an instance to it being ready (the scaling lead time).",
+        ),
+        (
+            "maru_instance_startup_last_seconds",
+            "gauge",
+            "Startup time of the most recently started instance.",
         ),
     ] {
         _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -18,10 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::routes::RouteTable;
-use crate::service::{Service, ServiceError};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+use crate::service::{Body, Service, ServiceError};
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -270,10 +266,7 @@ impl Gateway {
         }
         let request = Request::from_parts(parts, Full::new(body));
         match service.handle(request, arrival).await {
-            Ok(response) => Ok(response.map(|body| {
-                body.map_err(|error| -> BoxError { format!("{error:?}").into() })
-                    .boxed_unsync()
-            })),
+            Ok(response) => Ok(response),
             Err(error @ ServiceError::QueueFull(_)) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue_full",
@@ -290,6 +283,14 @@ impl Gateway {
             Err(error @ ServiceError::GuestFailed(_)) => Err((
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "guest_failed",
+                error.to_string(),
+            )),
+            Err(error @ ServiceError::BadGateway(_)) => {
+                Err((StatusCode::BAD_GATEWAY, "bad_gateway", error.to_string()))
+            }
+            Err(error @ ServiceError::Failed(_)) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_failed",
                 error.to_string(),
             )),
         }

@@ -1,27 +1,51 @@
-//! One deployed service at run time: its bounded request queue, its instances, and the
-//! scaler task that sizes the pool by asking an `autopilot` policy.
+//! One deployed service at run time: its bounded request queue, its instances (components or
+//! processes), and the scaler task that sizes the pool by asking an `autopilot` policy.
 //!
 //! Ownership: a [`Service`] owns one scaler task; the scaler owns the instance tasks in a
 //! `JoinSet`. [`Service::shutdown`] stops intake, lets queued and in-flight requests finish
 //! (bounded by the request timeout), then stops every instance and waits for them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use autopilot::{InstanceActivity, Observation, Policy, ScalingBounds};
 use bytes::Bytes;
-use http_body_util::Full;
-use runtime::{GuestBody, Instance, InstanceSpec, LoadedComponent, LogStream, Runtime, ServeError};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full};
+use runtime::{
+    Instance, InstanceSpec, LoadedComponent, LogStream, ProcessInstance, ProcessSpec, Runtime,
+    ServeError, ServiceLog,
+};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Gauges, MetricsSnapshot, ServiceMetrics};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every response the gateway sends.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
 /// How often the scaler looks at the pool when nothing wakes it.
 const SCALE_TICK: Duration = Duration::from_millis(200);
+/// How often a process instance is checked for having exited.
+const EXIT_CHECK: Duration = Duration::from_millis(100);
+/// Crashes within [`CRASH_WINDOW`] that mark a service failed.
+const CRASH_LOOP_COUNT: usize = 5;
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What an instance of the service is.
+#[derive(Clone)]
+pub enum Backend {
+    Component {
+        component: LoadedComponent,
+        instance: InstanceSpec,
+    },
+    Process(ProcessSpec),
+}
 
 /// Everything a service needs to run, resolved from its manifest.
 #[derive(Clone)]
@@ -35,11 +59,11 @@ pub struct ServiceConfig {
     pub queue_max: usize,
     pub body_bytes_max: u64,
     pub startup_timeout: Duration,
-    pub component: LoadedComponent,
-    pub instance: InstanceSpec,
+    pub backend: Backend,
+    pub log: Arc<ServiceLog>,
 }
 
-/// Why the service could not answer a request with a guest response.
+/// Why the service could not answer a request with a response from an instance.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
     #[error("the service's queue is full ({0} requests waiting); retry shortly")]
@@ -48,21 +72,27 @@ pub enum ServiceError {
     Timeout(Duration),
     #[error("the service failed to handle the request: {0}")]
     GuestFailed(String),
+    #[error("the service's process did not answer: {0}")]
+    BadGateway(String),
+    #[error("the service has failed and is not restarted: {0}; fix it and deploy again")]
+    Failed(String),
     #[error("the service is shutting down or being replaced; retry shortly")]
     Unavailable,
 }
 
+type Reply = Result<http::Response<Body>, ServiceError>;
+
 struct Job {
     request: http::Request<Full<Bytes>>,
     deadline: Instant,
-    respond: oneshot::Sender<Result<http::Response<GuestBody>, ServeError>>,
+    respond: oneshot::Sender<Reply>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     Starting,
     Ready {
-        busy: bool,
+        busy: u32,
         idle_since: Instant,
     },
     /// Told to stop; no longer counted as capacity, still counted as cost until gone.
@@ -78,6 +108,10 @@ struct Slot {
 struct Pool {
     next_id: u64,
     slots: BTreeMap<u64, Slot>,
+    /// Recent crashes and failed starts, for backoff and crash-loop detection.
+    crashes: VecDeque<Instant>,
+    no_start_before: Option<Instant>,
+    failed: Option<String>,
 }
 
 impl Pool {
@@ -92,13 +126,20 @@ pub struct Service {
     jobs_tx: async_channel::Sender<Job>,
     jobs_rx: async_channel::Receiver<Job>,
     pool: Mutex<Pool>,
-    /// Ready instances not serving a request; mirrors `pool` so the hot path need not lock.
-    idle: AtomicU64,
+    /// Requests the ready instances could take right now; mirrors `pool` so the hot path
+    /// need not lock.
+    free_capacity: AtomicU64,
     wake: Notify,
     pub metrics: ServiceMetrics,
     origin: Instant,
     intake_closed: CancellationToken,
     scaler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// How an instance task ended.
+enum End {
+    Stopped,
+    Crashed(String),
 }
 
 impl Service {
@@ -116,7 +157,7 @@ impl Service {
             jobs_tx,
             jobs_rx,
             pool: Mutex::new(Pool::default()),
-            idle: AtomicU64::new(0),
+            free_capacity: AtomicU64::new(0),
             wake: Notify::new(),
             metrics: ServiceMetrics::new(now),
             origin: now,
@@ -137,7 +178,7 @@ impl Service {
     }
 
     pub fn log(&self, text: &str) {
-        self.config.instance.log.push(LogStream::Platform, text);
+        self.config.log.push(LogStream::Platform, text);
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -146,14 +187,22 @@ impl Service {
             .expect("pool lock is never poisoned: no panics while held")
     }
 
+    fn concurrency(&self) -> u32 {
+        self.config.bounds.concurrency.max(1)
+    }
+
+    /// Why the service no longer starts instances, if it has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.lock_pool().failed.clone()
+    }
+
     /// Queue a request and wait for an instance to answer it.
-    pub async fn handle(
-        &self,
-        request: http::Request<Full<Bytes>>,
-        arrival: Instant,
-    ) -> Result<http::Response<GuestBody>, ServiceError> {
+    pub async fn handle(&self, request: http::Request<Full<Bytes>>, arrival: Instant) -> Reply {
         if self.intake_closed.is_cancelled() {
             return Err(ServiceError::Unavailable);
+        }
+        if let Some(reason) = self.failure() {
+            return Err(ServiceError::Failed(reason));
         }
         let deadline = arrival + self.config.timeout;
         let (respond, response) = oneshot::channel();
@@ -168,15 +217,19 @@ impl Service {
             }
             Err(async_channel::TrySendError::Closed(_)) => return Err(ServiceError::Unavailable),
         }
-        if self.idle.load(Ordering::Acquire) == 0 {
+        if self.free_capacity.load(Ordering::Acquire) == 0 {
             self.wake.notify_one();
         }
         match tokio::time::timeout_at(deadline.into(), response).await {
             Err(_elapsed) => Err(ServiceError::Timeout(self.config.timeout)),
-            Ok(Err(_dropped)) => Err(ServiceError::Unavailable),
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(ServeError::Timeout))) => Err(ServiceError::Timeout(self.config.timeout)),
-            Ok(Ok(Err(error))) => Err(ServiceError::GuestFailed(error.to_string())),
+            Ok(Err(_dropped)) => Err(self
+                .failure()
+                .map(ServiceError::Failed)
+                .unwrap_or(ServiceError::Unavailable)),
+            Ok(Ok(Err(ServiceError::Timeout(_)))) => {
+                Err(ServiceError::Timeout(self.config.timeout))
+            }
+            Ok(Ok(reply)) => reply,
         }
     }
 
@@ -252,6 +305,12 @@ impl Service {
         let now = Instant::now();
         let queued = self.jobs_tx.len() as u32;
         let mut pool = self.lock_pool();
+        if pool.failed.is_some() {
+            while let Ok(job) = self.jobs_rx.try_recv() {
+                drop(job); // its requester sees the failure
+            }
+            return;
+        }
         let observation = Observation {
             now: now.saturating_duration_since(self.origin),
             in_flight: self.metrics.in_flight.load(Ordering::Acquire) as u32,
@@ -262,7 +321,7 @@ impl Service {
                 .values()
                 .filter_map(|slot| match slot.state {
                     SlotState::Ready { busy, idle_since } => Some(InstanceActivity {
-                        busy: u32::from(busy),
+                        busy,
                         idle_since: idle_since.saturating_duration_since(self.origin),
                     }),
                     _ => None,
@@ -272,6 +331,12 @@ impl Service {
         let current = observation.starting + observation.ready.len() as u32;
         let desired = policy.desired(&self.config.bounds, &observation);
         if desired > current {
+            if pool
+                .no_start_before
+                .is_some_and(|not_before| now < not_before)
+            {
+                return; // backing off after a crash; the next tick tries again
+            }
             if observation.ready.is_empty() && queued > 0 {
                 self.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
             }
@@ -296,46 +361,54 @@ impl Service {
                 .iter()
                 .filter_map(|(id, slot)| match slot.state {
                     SlotState::Ready {
-                        busy: false,
+                        busy: 0,
                         idle_since,
                     } => Some((idle_since, *id)),
                     _ => None,
                 })
                 .collect();
             idle.sort();
+            let concurrency = u64::from(self.concurrency());
             for (_, id) in idle.into_iter().take((current - desired) as usize) {
                 if let Some(slot) = pool.slots.get_mut(&id) {
                     slot.state = SlotState::Stopping;
                     slot.stop.cancel();
-                    self.idle.fetch_sub(1, Ordering::AcqRel);
+                    self.free_capacity.fetch_sub(concurrency, Ordering::AcqRel);
                 }
             }
         }
     }
 
+    /// Free request slots an instance in `state` offers.
+    fn capacity_of(&self, state: &SlotState) -> u64 {
+        match state {
+            SlotState::Ready { busy, .. } => u64::from(self.concurrency().saturating_sub(*busy)),
+            _ => 0,
+        }
+    }
+
     fn set_state(&self, id: u64, state: SlotState) {
         let mut pool = self.lock_pool();
-        if let Some(slot) = pool.slots.get_mut(&id) {
-            let was_idle = matches!(slot.state, SlotState::Ready { busy: false, .. });
-            let is_idle = matches!(state, SlotState::Ready { busy: false, .. });
-            // A slot told to stop stays stopping.
-            if slot.state != SlotState::Stopping {
-                slot.state = state;
-                match (was_idle, is_idle) {
-                    (false, true) => _ = self.idle.fetch_add(1, Ordering::AcqRel),
-                    (true, false) => _ = self.idle.fetch_sub(1, Ordering::AcqRel),
-                    _ => {}
-                }
+        if let Some(slot) = pool.slots.get_mut(&id)
+            && slot.state != SlotState::Stopping
+        {
+            let (before, after) = (self.capacity_of(&slot.state), self.capacity_of(&state));
+            slot.state = state;
+            if after > before {
+                self.free_capacity
+                    .fetch_add(after - before, Ordering::AcqRel);
+            } else {
+                self.free_capacity
+                    .fetch_sub(before - after, Ordering::AcqRel);
             }
         }
     }
 
     fn remove(&self, id: u64) {
         let mut pool = self.lock_pool();
-        if let Some(slot) = pool.slots.remove(&id)
-            && matches!(slot.state, SlotState::Ready { busy: false, .. })
-        {
-            self.idle.fetch_sub(1, Ordering::AcqRel);
+        if let Some(slot) = pool.slots.remove(&id) {
+            self.free_capacity
+                .fetch_sub(self.capacity_of(&slot.state), Ordering::AcqRel);
         }
         self.metrics
             .set_instances(Instant::now(), pool.slots.len() as u64);
@@ -344,23 +417,91 @@ impl Service {
         self.wake.notify_one();
     }
 
+    /// Count a crash or failed start: back off before the next start, and after
+    /// [`CRASH_LOOP_COUNT`] within [`CRASH_WINDOW`], mark the service failed.
+    fn note_crash(&self, reason: &str) {
+        self.metrics
+            .instance_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut pool = self.lock_pool();
+        pool.crashes.push_back(now);
+        while pool
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+        {
+            pool.crashes.pop_front();
+        }
+        let recent = pool.crashes.len();
+        if recent >= CRASH_LOOP_COUNT && pool.failed.is_none() {
+            let failure = format!(
+                "crash loop: {recent} crashes within {}s, the last: {reason}",
+                CRASH_WINDOW.as_secs()
+            );
+            pool.failed = Some(failure.clone());
+            drop(pool);
+            self.log(&format!("service failed: {failure}"));
+            tracing::error!(service = %self.id(), %failure, "service failed");
+            return;
+        }
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << recent.min(10))
+            .min(BACKOFF_MAX);
+        pool.no_start_before = Some(now + backoff);
+    }
+
     async fn run_instance(self: Arc<Self>, id: u64, stop: CancellationToken) {
+        let end = match &self.config.backend {
+            Backend::Component {
+                component,
+                instance,
+            } => self.run_component(id, &stop, component, instance).await,
+            Backend::Process(spec) => self.run_process(id, &stop, spec).await,
+        };
+        if let End::Crashed(reason) = end {
+            self.note_crash(&reason);
+        }
+        self.remove(id);
+    }
+
+    /// Take the next job this instance should serve, or `None` when it must stop.
+    async fn next_job(&self, stop: &CancellationToken) -> Option<(Job, Instant)> {
+        loop {
+            let job = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                job = self.jobs_rx.recv() => job.ok()?,
+            };
+            let now = Instant::now();
+            if now < job.deadline && !job.respond.is_closed() {
+                return Some((job, now));
+            }
+            // Otherwise its requester has already been told it timed out.
+        }
+    }
+
+    async fn run_component(
+        &self,
+        id: u64,
+        stop: &CancellationToken,
+        component: &LoadedComponent,
+        spec: &InstanceSpec,
+    ) -> End {
         let started = Instant::now();
         let instance = tokio::select! {
-            _ = stop.cancelled() => None,
-            instance = Instance::start(&self.runtime, &self.config.component, &self.config.instance, self.config.startup_timeout) => Some(instance),
+            _ = stop.cancelled() => return End::Stopped,
+            instance = Instance::start(&self.runtime, component, spec, self.config.startup_timeout) => instance,
         };
         let mut instance = match instance {
-            None => return self.remove(id),
-            Some(Err(error)) => {
-                self.metrics
-                    .instance_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                self.log(&format!("instance {id} failed to start: {error:#}"));
-                return self.remove(id);
+            Ok(instance) => instance,
+            Err(error) => {
+                let reason = format!("failed to start: {error:#}");
+                self.log(&format!("instance {id} {reason}"));
+                return End::Crashed(reason);
             }
-            Some(Ok(instance)) => instance,
         };
+        self.metrics.record_startup(started.elapsed());
         self.log(&format!(
             "instance {id} ready in {:.1} ms",
             started.elapsed().as_secs_f64() * 1000.0
@@ -368,50 +509,187 @@ impl Service {
         self.set_state(
             id,
             SlotState::Ready {
-                busy: false,
+                busy: 0,
                 idle_since: Instant::now(),
             },
         );
-        loop {
-            let job = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                job = self.jobs_rx.recv() => match job { Ok(job) => job, Err(_closed) => break },
-            };
-            let now = Instant::now();
-            if now >= job.deadline || job.respond.is_closed() {
-                continue; // the requester has already been told it timed out
-            }
+        while let Some((job, now)) = self.next_job(stop).await {
             self.set_state(
                 id,
                 SlotState::Ready {
-                    busy: true,
+                    busy: 1,
                     idle_since: now,
                 },
             );
             self.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
+            let respond = job.respond;
             let outcome = instance
-                .serve(job.request, job.deadline - now, job.respond)
+                .serve(job.request, job.deadline - now, move |reply| {
+                    _ = respond.send(
+                        reply
+                            .map(|response| {
+                                response.map(|body| {
+                                    body.map_err(|error| -> BoxError {
+                                        format!("{error:?}").into()
+                                    })
+                                    .boxed_unsync()
+                                })
+                            })
+                            .map_err(guest_error),
+                    );
+                })
                 .await;
             self.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
             match outcome {
                 Ok(()) => self.set_state(
                     id,
                     SlotState::Ready {
-                        busy: false,
+                        busy: 0,
                         idle_since: Instant::now(),
                     },
                 ),
                 Err(error) => {
+                    // A discarded instance is not a crash of the service: the request failed,
+                    // the next one gets a fresh instance without backoff.
                     self.metrics
                         .instance_failures
                         .fetch_add(1, Ordering::Relaxed);
                     self.log(&format!("instance {id} discarded: {error}"));
-                    break;
+                    return End::Stopped;
                 }
             }
         }
-        drop(instance);
-        self.remove(id);
+        End::Stopped
+    }
+
+    async fn run_process(&self, id: u64, stop: &CancellationToken, spec: &ProcessSpec) -> End {
+        let instance = tokio::select! {
+            _ = stop.cancelled() => return End::Stopped,
+            instance = ProcessInstance::start(spec) => instance,
+        };
+        let mut instance = match instance {
+            Ok(instance) => instance,
+            Err(error) => {
+                let reason = format!("failed to start: {error}");
+                self.log(&format!("instance {id} {reason}"));
+                return End::Crashed(reason);
+            }
+        };
+        let startup = instance.startup_time();
+        self.metrics.record_startup(startup);
+        self.log(&format!(
+            "instance {id} (pid {}) ready in {:.1} ms",
+            instance.pid(),
+            startup.as_secs_f64() * 1000.0
+        ));
+        self.set_state(
+            id,
+            SlotState::Ready {
+                busy: 0,
+                idle_since: Instant::now(),
+            },
+        );
+        let concurrency = self.concurrency() as usize;
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut exit_check = tokio::time::interval(EXIT_CHECK);
+        let liveness_interval = spec
+            .liveness
+            .as_ref()
+            .map(|l| l.interval)
+            .unwrap_or(Duration::from_secs(3600));
+        let mut liveness = tokio::time::interval_at(
+            tokio::time::Instant::now() + liveness_interval,
+            liveness_interval,
+        );
+        let mut liveness_failures = 0u32;
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break End::Stopped,
+                _ = exit_check.tick() => {
+                    if let Some(status) = instance.try_exited() {
+                        let reason = format!("pid {} exited ({status})", instance.pid());
+                        self.log(&format!("instance {id} {reason}"));
+                        break End::Crashed(reason);
+                    }
+                }
+                _ = liveness.tick(), if spec.liveness.is_some() => {
+                    let probe = spec.liveness.as_ref().expect("guarded by the branch condition");
+                    if instance.probe(&probe.probe, probe.timeout).await {
+                        liveness_failures = 0;
+                    } else {
+                        liveness_failures += 1;
+                        if liveness_failures >= probe.failures {
+                            let reason = format!("pid {} failed its liveness probe {liveness_failures} times in a row; killed", instance.pid());
+                            self.log(&format!("instance {id} {reason}"));
+                            break End::Crashed(reason);
+                        }
+                    }
+                }
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    self.set_state(id, SlotState::Ready { busy: in_flight.len() as u32, idle_since: Instant::now() });
+                }
+                job = self.next_job(stop), if in_flight.len() < concurrency => {
+                    let Some((job, now)) = job else { break End::Stopped };
+                    let forward = instance.forward(job.request);
+                    let remaining = job.deadline - now;
+                    let respond = job.respond;
+                    self.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
+                    let metrics_in_flight = self.in_flight_guard();
+                    in_flight.spawn(async move {
+                        let _guard = metrics_in_flight;
+                        let reply = match tokio::time::timeout(remaining, forward).await {
+                            Err(_elapsed) => Err(ServiceError::Timeout(remaining)),
+                            Ok(Err(error)) => Err(ServiceError::BadGateway(error)),
+                            Ok(Ok(response)) => Ok(response.map(|body| body.map_err(|error| -> BoxError { Box::new(error) }).boxed_unsync())),
+                        };
+                        _ = respond.send(reply);
+                    });
+                    self.set_state(id, SlotState::Ready { busy: in_flight.len() as u32, idle_since: now });
+                }
+            }
+        };
+        let status = if matches!(end, End::Stopped) {
+            // Draining: requests already forwarded finish (each is bounded by its deadline).
+            while in_flight.join_next().await.is_some() {}
+            instance.stop(spec.stop_signal, spec.stop_timeout).await
+        } else {
+            // Dead or hung: kill it first, so requests still in flight fail at once (502)
+            // instead of waiting out their deadlines.
+            let status = instance
+                .stop(runtime::Signal::SIGKILL, spec.stop_timeout)
+                .await;
+            while in_flight.join_next().await.is_some() {}
+            status
+        };
+        if matches!(end, End::Stopped) {
+            self.log(&format!(
+                "instance {id} stopped ({})",
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "status unknown".into())
+            ));
+        }
+        end
+    }
+
+    fn in_flight_guard(&self) -> InFlight {
+        InFlight(self.metrics.in_flight_counter())
+    }
+}
+
+/// Decrements the in-flight gauge when a forwarded request ends, however it ends.
+struct InFlight(Arc<AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn guest_error(error: ServeError) -> ServiceError {
+    match error {
+        ServeError::Timeout => ServiceError::Timeout(Duration::ZERO),
+        other => ServiceError::GuestFailed(other.to_string()),
     }
 }

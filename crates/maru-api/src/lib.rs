@@ -16,6 +16,10 @@ pub struct DeployRequest {
     pub manifest_path: String,
     /// The manifest's TOML text.
     pub manifest: String,
+    /// Absolute directory of the manifest on the deploying machine; process services'
+    /// relative `workdir` and program paths are resolved against it.
+    #[serde(default)]
+    pub manifest_dir: Option<String>,
     /// Component path as written in the manifest → blake3 hash of its uploaded bytes.
     pub components: BTreeMap<String, String>,
 }
@@ -73,6 +77,12 @@ pub struct ServiceStatus {
     pub app: String,
     pub service: String,
     pub revision: u64,
+    /// `component` or `process`.
+    pub kind: String,
+    /// `running`, or `failed` (crash loop; see `failure`).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     pub routes: Vec<String>,
     pub instances_ready: u64,
     pub instances_starting: u64,
@@ -87,6 +97,8 @@ pub struct ServiceStatus {
     pub cold_starts: u64,
     pub instance_starts: u64,
     pub instance_seconds: f64,
+    /// Start-to-ready time of the most recently started instance.
+    pub startup_last_ms: Option<f64>,
 }
 
 /// `GET /v1/logs/{app}/{service}?after=N&limit=M`.

@@ -148,10 +148,13 @@ pub fn deploy(target: &Target, manifest_path: &Path) -> anyhow::Result<()> {
     let client = Client::new(target)?;
     let mut components = BTreeMap::new();
     for (name, service) in &manifest.services {
-        if components.contains_key(&service.component) {
+        let Some(component) = service.component() else {
+            continue;
+        };
+        if components.contains_key(component) {
             continue;
         }
-        let path = base.join(&service.component);
+        let path = base.join(component);
         let bytes = std::fs::read(&path).map_err(|error| {
             let hint = Some(format!(
                 "the path is relative to the manifest; build the component first (looked for {})",
@@ -161,7 +164,7 @@ pub fn deploy(target: &Target, manifest_path: &Path) -> anyhow::Result<()> {
                 "{}",
                 manifest.error_at(
                     &format!("service.{name}.component"),
-                    format!("cannot read component `{}`: {error}", service.component),
+                    format!("cannot read component `{component}`: {error}"),
                     hint
                 )
             )
@@ -177,11 +180,7 @@ pub fn deploy(target: &Target, manifest_path: &Path) -> anyhow::Result<()> {
             .unwrap_or(false);
         if !present {
             if !target.json {
-                eprintln!(
-                    "uploading {} ({} KiB)",
-                    service.component,
-                    bytes.len() / 1024
-                );
+                eprintln!("uploading {component} ({} KiB)", bytes.len() / 1024);
             }
             let response = client
                 .agent
@@ -191,24 +190,32 @@ pub fn deploy(target: &Target, manifest_path: &Path) -> anyhow::Result<()> {
                 .send(&bytes[..]);
             let mut response = response.with_context(|| {
                 format!(
-                    "upload {}: cannot reach the control API at {}",
-                    service.component, client.base
+                    "upload {component}: cannot reach the control API at {}",
+                    client.base
                 )
             })?;
             if !response.status().is_success() {
                 bail!(
-                    "upload {} failed ({}): {}",
-                    service.component,
+                    "upload {component} failed ({}): {}",
                     response.status(),
                     response.body_mut().read_to_string().unwrap_or_default()
                 );
             }
         }
-        components.insert(service.component.clone(), hash);
+        components.insert(component.to_string(), hash);
     }
+    // The node resolves process services' relative paths against this directory.
+    let manifest_dir = std::fs::canonicalize(if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    })
+    .ok()
+    .map(|dir| dir.display().to_string());
     let request = DeployRequest {
         manifest_path: shown,
         manifest: text,
+        manifest_dir,
         components,
     };
     let response: DeployResponse = client.post("deploy", "/v1/apps", &request)?;
@@ -283,8 +290,9 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>5} {:>9}",
+        "{:<28} {:<9} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>5} {:>9} {:>10}",
         "SERVICE",
+        "KIND",
         "REV",
         "READY",
         "START",
@@ -294,12 +302,14 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         "P50 ms",
         "P99 ms",
         "COLD",
-        "INST-S"
+        "INST-S",
+        "STARTUP ms"
     );
     for s in services {
         println!(
-            "{:<28} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8.2} {:>8.2} {:>5} {:>9.1}",
+            "{:<28} {:<9} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8.2} {:>8.2} {:>5} {:>9.1} {:>10}",
             format!("{}/{}", s.app, s.service),
+            s.kind,
             s.revision,
             format!("{}/{}", s.instances_ready, s.instances_max),
             s.instances_starting,
@@ -309,8 +319,14 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
             s.latency_p50_ms,
             s.latency_p99_ms,
             s.cold_starts,
-            s.instance_seconds
+            s.instance_seconds,
+            s.startup_last_ms
+                .map(|ms| format!("{ms:.1}"))
+                .unwrap_or_else(|| "-".into())
         );
+        if let Some(failure) = &s.failure {
+            println!("  FAILED: {failure}");
+        }
     }
     Ok(())
 }

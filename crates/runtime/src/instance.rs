@@ -127,7 +127,7 @@ impl Instance {
         Ok(Instance { store, proxy })
     }
 
-    /// Serve one request. The response head is sent on `respond` as soon as the guest sets
+    /// Serve one request. The response head is passed to `respond` as soon as the guest sets
     /// it, while the guest goes on writing the body. Returns `Err` if the instance must be
     /// discarded; in that case `respond` has received the error unless a response was
     /// already sent.
@@ -135,7 +135,7 @@ impl Instance {
         &mut self,
         request: http::Request<Full<Bytes>>,
         timeout: Duration,
-        respond: oneshot::Sender<Result<http::Response<GuestBody>, ServeError>>,
+        respond: impl FnOnce(Result<http::Response<GuestBody>, ServeError>) + Send,
     ) -> Result<(), ServeError> {
         let (response_tx, mut response_rx) = oneshot::channel();
         let resources = {
@@ -147,7 +147,7 @@ impl Instance {
             Ok(resources) => resources,
             Err(error) => {
                 let error = ServeError::Host(format!("{error:#}"));
-                _ = respond.send(Err(error.clone()));
+                respond(Err(error.clone()));
                 // The store itself is untouched; the instance stays usable.
                 return Ok(());
             }
@@ -170,7 +170,7 @@ impl Instance {
                             Err(_) => Err(ServeError::NoResponse),
                         };
                         if let Some(respond) = respond.take() {
-                            _ = respond.send(reply);
+                            respond(reply);
                         }
                     }
                     outcome = &mut call => break outcome,
@@ -193,7 +193,7 @@ impl Instance {
                 (Err(error), _) => Err(error.clone()),
                 (Ok(()), _) => Err(ServeError::NoResponse),
             };
-            _ = respond.send(reply);
+            respond(reply);
         }
         result
     }

@@ -14,9 +14,15 @@ mod engine;
 mod instance;
 mod logs;
 mod outbound;
+mod process;
 
 pub use artifact::{ArtifactCache, ArtifactError, ComponentHash, write_atomically};
 pub use engine::{LoadedComponent, Runtime, RuntimeConfig};
 pub use instance::{GuestBody, Instance, InstanceSpec, ServeError};
 pub use logs::{LogLine, LogStream, ServiceLog};
+pub use nix::sys::signal::Signal;
 pub use outbound::{Origin, OriginParseError};
+pub use process::{
+    LivenessProbe, Probe, ProcessError, ProcessInstance, ProcessSpec, limits_in_force,
+    reap_leftovers,
+};

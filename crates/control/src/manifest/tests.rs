@@ -29,13 +29,16 @@ fn check(text: &str, expect: Expect) {
                 format!(
                     "{}/{name}: {} routes={:?} hosts={:?} instances={}..{} idle={:?} memory={} timeout={:?} queue={} body={} outbound={} env={:?}",
                     app.name,
-                    s.component,
+                    match &s.workload {
+                        Workload::Component { path } => path.clone(),
+                        Workload::Process(p) => format!("process {:?} in {} ready={:?}/{:?} liveness={:?} stop={:?}/{:?}", p.command, p.workdir, p.ready, p.ready_timeout, p.liveness, p.stop_signal, p.stop_timeout),
+                    },
                     s.routes,
                     s.hosts,
                     s.instances_min,
                     s.instances_max,
                     s.idle_timeout,
-                    format_size(s.memory_bytes),
+                    s.memory_bytes.map(format_size).unwrap_or_else(|| "unlimited".into()),
                     s.timeout,
                     s.queue,
                     format_size(s.body_limit_bytes),
@@ -75,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `ready`, `liveness`, `stop_signal`, `stop_timeout`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -135,8 +138,8 @@ fn missing_component_and_bad_routes() {
     check(
         &GOOD.replace("component = \"hello.wasm\"\n", ""),
         expect![[r#"
-            maru.toml:5:1: `service.hello.component`: missing field `component`
-              hint: add component = "path/to/service.wasm", relative to this manifest"#]],
+            maru.toml:5:1: `service.hello.component`: the service has neither `component` nor `command`
+              hint: add component = "path/to/service.wasm" (relative to this manifest), or command = ["program", "arg"] to run a program"#]],
     );
     check(
         &GOOD.replace("[\"/hello\"]", "[\"hello\"]"),
@@ -183,6 +186,83 @@ fn names_and_outbound() {
         expect![[r#"
             maru.toml:1:1: `app`: missing field `app`
               hint: start the manifest with [app] and name = "my-app""#]],
+    );
+}
+
+const PROCESS: &str = r#"
+[app]
+name = "permits"
+
+[service.registry]
+command = ["python3", "app.py", "--port", "{port}"]
+workdir = "legacy"
+routes = ["/permits"]
+concurrency = 8
+ready = { http = "/healthz", timeout = "20s" }
+liveness = { tcp = true, interval = "2s", failures = 2 }
+stop_signal = "INT"
+stop_timeout = "3s"
+"#;
+
+#[test]
+fn process_services_parse_with_defaults() {
+    check(
+        PROCESS,
+        expect![[
+            r#"permits/registry: process ["python3", "app.py", "--port", "{port}"] in legacy ready=Http("/healthz")/20s liveness=Some(LivenessProbe { probe: Tcp, interval: 2s, timeout: 1s, failures: 2 }) stop=SIGINT/3s routes=["/permits"] hosts=[] instances=0..10 idle=30s memory=unlimited timeout=10s queue=1000 body=1MiB outbound= env={}"#
+        ]],
+    );
+}
+
+#[test]
+fn process_fields_are_checked() {
+    check(
+        &PROCESS.replace("command = [", "component = \"x.wasm\"\ncommand = ["),
+        expect![[r#"
+            maru.toml:7:11: `service.registry.command`: a service has either `component` or `command`, not both
+              hint: split it into two services"#]],
+    );
+    check(
+        &PROCESS.replace("stop_signal = \"INT\"", "stop_signal = \"KILL\""),
+        expect![[r#"
+            maru.toml:12:15: `service.registry.stop_signal`: `KILL` is not a stop signal Maru sends
+              hint: use one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2"#]],
+    );
+    check(
+        &PROCESS.replace("concurrency = 8", "outbound = [\"https://x.org\"]"),
+        expect![
+            "maru.toml:9:13: `service.registry.outbound`: `outbound` applies to components; a process has the host's network"
+        ],
+    );
+    check(
+        &PROCESS.replace(
+            "command = [\"python3\", \"app.py\", \"--port\", \"{port}\"]",
+            "command = []",
+        ),
+        expect![[r#"
+            maru.toml:6:11: `service.registry.command`: the command is empty
+              hint: write command = ["program", "arg", ...]"#]],
+    );
+    check(
+        &PROCESS.replace(
+            "ready = { http = \"/healthz\", timeout = \"20s\" }",
+            "ready = { http = \"/healthz\", tcp = true }",
+        ),
+        expect![
+            "maru.toml:10:9: `service.registry.ready`: a probe needs exactly one of http = \"/path\" or tcp = true"
+        ],
+    );
+    check(
+        &GOOD.replace("concurrency = 1", "ready = { tcp = true }"),
+        expect![
+            "maru.toml:9:9: `service.hello.ready`: `ready` applies to process services (with `command`), not components"
+        ],
+    );
+    check(
+        "[app]\nname = \"a\"\n[service.web]\nroutes = [\"/\"]\n",
+        expect![[r#"
+            maru.toml:3:1: `service.web.component`: the service has neither `component` nor `command`
+              hint: add component = "path/to/service.wasm" (relative to this manifest), or command = ["program", "arg"] to run a program"#]],
     );
 }
 

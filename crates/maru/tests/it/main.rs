@@ -5,3 +5,4 @@
 mod harness;
 mod lifecycle;
 mod limits;
+mod processes;

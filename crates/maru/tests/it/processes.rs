@@ -1,0 +1,275 @@
+//! Process services: real programs (examples/legacy-app, Python) behind the same gateway,
+//! scaling and healing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::harness::Node;
+
+fn app_py() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/legacy-app/app.py")
+        .canonicalize()
+        .expect("examples/legacy-app/app.py")
+}
+
+/// A manifest for the legacy app with extra service fields.
+fn legacy(app: &str, route: &str, extra: &str) -> String {
+    format!(
+        "[app]\nname = \"{app}\"\n\n[service.registry]\ncommand = [\"python3\", \"{}\"]\nroutes = [\"{route}\"]\nready = {{ http = \"/healthz\", timeout = \"20s\" }}\n{extra}\n",
+        app_py().display()
+    )
+}
+
+fn pid_of(body: &str) -> u32 {
+    let value: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    value["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid in {body}")) as u32
+}
+
+fn alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie would still count as alive here.
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_process_service_is_routed_and_scales_from_zero_waiting_for_readiness() {
+    let node = Node::start();
+    let out = node.deploy(
+        "legacy.toml",
+        &legacy(
+            "permits",
+            "/permits",
+            "env = { STARTUP_MS = \"700\" }\nidle_timeout = \"1s\"\nmemory = \"512MiB\"",
+        ),
+    );
+    assert!(out.contains("permits: revision 1 now serving"), "{out}");
+    let service = node.service("permits", "registry");
+    assert_eq!(
+        (
+            service["kind"].as_str(),
+            service["instances_ready"].as_u64()
+        ),
+        (Some("process"), Some(0))
+    );
+
+    // The first request arrives with no instance; it waits for the program to load, not fails.
+    let permit = node.get("/permits/7");
+    assert_eq!(permit.status, 200, "{}", permit.body);
+    assert!(permit.body.contains("\"id\": 7"), "{}", permit.body);
+    let listing = node.get("/permits");
+    let pid = pid_of(&listing.body);
+    let limits =
+        std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read the process's limits");
+    let address_space = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .expect("address space line");
+    assert!(
+        address_space.contains(&(512u64 << 20).to_string()),
+        "memory = 512MiB is in force as RLIMIT_AS: {address_space}"
+    );
+
+    let service = node.service("permits", "registry");
+    let startup = service["startup_last_ms"]
+        .as_f64()
+        .expect("startup time measured");
+    assert!(
+        startup >= 700.0,
+        "startup includes the program's 700 ms load: {service}"
+    );
+    let metrics = node
+        .control_api("GET", "/metrics", Some(&node.token), None)
+        .body;
+    assert!(
+        metrics.contains("maru_instance_startup_last_seconds{app=\"permits\",service=\"registry\""),
+        "{metrics}"
+    );
+    let ps = node.cli_ok(&["ps"]);
+    assert!(
+        ps.contains("STARTUP ms") && ps.contains("permits/registry") && ps.contains("process"),
+        "{ps}"
+    );
+    node.wait_for("program output in the log", Duration::from_secs(5), || {
+        node.cli_ok(&["logs", "permits/registry"])
+            .contains("listening on")
+    });
+
+    // Idle past idle_timeout: scaled to zero, and the program is gone.
+    node.wait_for("scale down to zero", Duration::from_secs(15), || {
+        node.service("permits", "registry")["instances_ready"] == 0
+    });
+    node.wait_for("the process to exit", Duration::from_secs(10), || {
+        !alive(pid)
+    });
+    let logs = node.cli_ok(&["logs", "permits/registry"]);
+    assert!(
+        logs.contains("stopped (exit status: 0)") || logs.contains("stopped (signal: 15"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_crashed_process_is_replaced() {
+    let node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy("crashy", "/c", "env = { STARTUP_MS = \"0\" }"),
+    );
+    let first = pid_of(&node.get("/c").body);
+    let crash = node.get("/c/crash");
+    assert_eq!(crash.status, 502, "{}", crash.body);
+    assert!(
+        crash.body.contains("\"code\":\"bad_gateway\""),
+        "{}",
+        crash.body
+    );
+    node.wait_for("a replacement to serve", Duration::from_secs(15), || {
+        let response = node.get("/c");
+        response.status == 200 && pid_of(&response.body) != first
+    });
+    let logs = node.cli_ok(&["logs", "crashy/registry"]);
+    assert!(logs.contains("exited (exit status: 3)"), "{logs}");
+    assert_eq!(node.service("crashy", "registry")["state"], "running");
+}
+
+#[test]
+fn a_crash_loop_marks_the_service_failed_with_the_reason() {
+    let node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy(
+            "loopy",
+            "/l",
+            "env = { STARTUP_MS = \"0\", CRASH_AT_START = \"1\" }\ntimeout = \"30s\"",
+        ),
+    );
+    let response = node.get("/l");
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert!(
+        response.body.contains("\"code\":\"service_failed\"")
+            && response.body.contains("crash loop"),
+        "{}",
+        response.body
+    );
+    let service = node.service("loopy", "registry");
+    assert_eq!(service["state"], "failed", "{service}");
+    assert!(
+        service["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("5 crashes")),
+        "{service}"
+    );
+    let ps = node.cli_ok(&["ps"]);
+    assert!(ps.contains("FAILED: crash loop"), "{ps}");
+    let logs = node.cli_ok(&["logs", "loopy/registry"]);
+    assert!(
+        logs.contains("cannot open the permit database"),
+        "the program's own stderr explains why: {logs}"
+    );
+    assert!(logs.contains("service failed: crash loop"), "{logs}");
+    // Later requests are refused at once, not queued.
+    assert_eq!(node.get("/l").status, 503);
+}
+
+#[test]
+fn a_hung_process_is_killed_and_replaced() {
+    let node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy(
+            "hangs",
+            "/h",
+            "env = { STARTUP_MS = \"0\" }\ntimeout = \"2s\"\nliveness = { http = \"/healthz\", interval = \"200ms\", timeout = \"200ms\", failures = 2 }",
+        ),
+    );
+    let first = pid_of(&node.get("/h").body);
+    // The request that hung it fails when the liveness probe kills the process (well
+    // before its 2 s deadline would give 504).
+    let hang = node.get("/h/hang");
+    assert!(
+        hang.status == 502 || hang.status == 504,
+        "{} {}",
+        hang.status,
+        hang.body
+    );
+    node.wait_for(
+        "the liveness probe to kill it",
+        Duration::from_secs(15),
+        || {
+            node.cli_ok(&["logs", "hangs/registry"])
+                .contains("failed its liveness probe 2 times in a row; killed")
+        },
+    );
+    node.wait_for(
+        "the hung process to be gone",
+        Duration::from_secs(10),
+        || !alive(first),
+    );
+    node.wait_for("a replacement to serve", Duration::from_secs(15), || {
+        let response = node.get("/h");
+        response.status == 200 && pid_of(&response.body) != first
+    });
+}
+
+#[test]
+fn no_process_outlives_a_killed_maru_after_the_next_start() {
+    let mut node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy(
+            "sticky",
+            "/s",
+            "env = { STARTUP_MS = \"0\" }\ninstances = { min = 1, max = 2 }",
+        ),
+    );
+    let pid = pid_of(&node.get("/s").body);
+    node.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(pid),
+        "with maru killed -9 its process is orphaned (this is what the next start must clean up)"
+    );
+    node.restart();
+    node.wait_for("the orphan to be reaped", Duration::from_secs(10), || {
+        !alive(pid)
+    });
+    assert!(
+        node.log()
+            .contains("killed a process left over from an earlier run"),
+        "{}",
+        node.log()
+    );
+    // And the service runs again, from a fresh process.
+    node.wait_for(
+        "the service to serve again",
+        Duration::from_secs(15),
+        || {
+            let response = node.get("/s");
+            response.status == 200 && pid_of(&response.body) != pid
+        },
+    );
+}
+
+#[test]
+fn a_command_that_does_not_exist_is_rejected_at_deploy() {
+    let node = Node::start();
+    let manifest = "[app]\nname = \"ghost\"\n\n[service.web]\ncommand = [\"no-such-program-maru-test\", \"--port\", \"{port}\"]\nroutes = [\"/ghost\"]\n";
+    let path = node.manifest("ghost.toml", manifest);
+    let output = node.cli(&["deploy", path.to_str().expect("utf-8")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ghost.toml:5:11: `service.web.command`: command `no-such-program-maru-test` was not found on the node's PATH"), "{stderr}");
+    let relative = manifest.replace("no-such-program-maru-test", "./bin/missing");
+    let path = node.manifest("ghost2.toml", &relative);
+    let stderr =
+        String::from_utf8_lossy(&node.cli(&["deploy", path.to_str().expect("utf-8")]).stderr)
+            .into_owned();
+    assert!(
+        stderr.contains("command `./bin/missing` is not an executable file"),
+        "{stderr}"
+    );
+    assert!(node.cli_ok(&["apps"]).contains("no apps deployed"));
+}

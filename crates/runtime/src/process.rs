@@ -1,0 +1,365 @@
+//! Process instances: an existing program, started on a free loopback port, supervised, and
+//! reached over HTTP.
+//!
+//! Every instance runs in its own process group, so stopping it stops everything it started.
+//! Each live group is recorded in `DATA/processes/<pid>.json` until it is stopped; if `maru`
+//! itself dies without stopping them, the next `maru up` finds the records and kills the
+//! leftover groups ([`reap_leftovers`]) before it starts anything.
+//!
+//! Limits: memory is enforced with `RLIMIT_AS` through util-linux `prlimit`, set before the
+//! program executes. cgroup v2 is detected ([`limits_in_force`]) but not used yet.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
+
+use crate::logs::{LogStream, ServiceLog};
+
+/// How readiness or liveness is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET path` must answer 2xx or 3xx.
+    Http(String),
+    /// A TCP connection to the port must succeed.
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LivenessProbe {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures before the instance is killed and replaced.
+    pub failures: u32,
+}
+
+/// Everything needed to start instances of one process service.
+#[derive(Clone)]
+pub struct ProcessSpec {
+    /// Program and arguments; `{port}` is replaced by the instance's port.
+    pub command: Vec<String>,
+    pub workdir: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub ready: Probe,
+    pub ready_timeout: Duration,
+    pub liveness: Option<LivenessProbe>,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub memory_bytes_max: Option<u64>,
+    pub log: Arc<ServiceLog>,
+    /// `DATA/processes`: where live process groups are recorded.
+    pub registry: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("exited before it was ready ({0})")]
+    ExitedEarly(String),
+    #[error("not ready within {0:?} (readiness probe: {1})")]
+    NotReady(Duration, String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Which mechanisms enforce process limits on this machine, for `maru ps` and the logs.
+pub fn limits_in_force() -> &'static str {
+    static ANSWER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    ANSWER.get_or_init(|| {
+        let controllers = ["/sys/fs/cgroup/cgroup.controllers", "/sys/fs/cgroup/unified/cgroup.controllers"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .find(|c| !c.trim().is_empty());
+        match controllers {
+            Some(_) => "rlimit (RLIMIT_AS via prlimit); cgroup v2 controllers are present but Maru does not use them yet",
+            None => "rlimit (RLIMIT_AS via prlimit); no cgroup v2 controllers available",
+        }
+    })
+}
+
+/// A live process instance.
+pub struct ProcessInstance {
+    child: Child,
+    pid: u32,
+    port: u16,
+    client: Client<HttpConnector, Full<Bytes>>,
+    record: PathBuf,
+    output: JoinSet<()>,
+    startup: Duration,
+    exit: Option<ExitStatus>,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Field 22 of /proc/PID/stat, the start time in clock ticks since boot; with the pid it
+/// identifies a process across pid reuse.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl ProcessInstance {
+    /// Start the program and wait until its readiness probe passes.
+    pub async fn start(spec: &ProcessSpec) -> Result<Self, ProcessError> {
+        let started = Instant::now();
+        let port = free_port().map_err(|e| ProcessError::Io(format!("find a free port: {e}")))?;
+        let args: Vec<String> = spec
+            .command
+            .iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect();
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| ProcessError::Io("the command is empty".into()))?;
+        let mut command = match spec.memory_bytes_max {
+            Some(bytes) => {
+                let mut command = Command::new("prlimit");
+                command.arg(format!("--as={bytes}")).arg("--").arg(program);
+                command
+            }
+            None => Command::new(program),
+        };
+        command
+            .args(rest)
+            .current_dir(&spec.workdir)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PORT", port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| ProcessError::Io("the process exited at once".into()))?;
+        let record = spec.registry.join(format!("{pid}.json"));
+        let entry = serde_json::json!({ "pid": pid, "start_ticks": start_ticks(pid), "command": spec.command });
+        if let Err(error) = std::fs::create_dir_all(&spec.registry)
+            .and_then(|()| std::fs::write(&record, entry.to_string()))
+        {
+            _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return Err(ProcessError::Io(format!(
+                "record process {pid} in {}: {error}",
+                spec.registry.display()
+            )));
+        }
+        let mut output = JoinSet::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            let mut writer = spec.log.writer(LogStream::Stdout);
+            output.spawn(async move {
+                _ = tokio::io::copy(&mut stdout, &mut writer).await;
+            });
+        }
+        if let Some(mut stderr) = child.stderr.take() {
+            let mut writer = spec.log.writer(LogStream::Stderr);
+            output.spawn(async move {
+                _ = tokio::io::copy(&mut stderr, &mut writer).await;
+            });
+        }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http();
+        let mut instance = ProcessInstance {
+            child,
+            pid,
+            port,
+            client,
+            record,
+            output,
+            startup: Duration::ZERO,
+            exit: None,
+        };
+        let deadline = started + spec.ready_timeout;
+        loop {
+            if let Some(status) = instance
+                .child
+                .try_wait()
+                .map_err(|e| ProcessError::Io(e.to_string()))?
+            {
+                instance.exit = Some(status);
+                return Err(ProcessError::ExitedEarly(status.to_string()));
+            }
+            if instance
+                .probe(&spec.ready, Duration::from_millis(500))
+                .await
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ProcessError::NotReady(
+                    spec.ready_timeout,
+                    describe(&spec.ready),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        instance.startup = started.elapsed();
+        Ok(instance)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// From spawn to the first passing readiness probe.
+    pub fn startup_time(&self) -> Duration {
+        self.startup
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    pub async fn probe(&self, probe: &Probe, timeout: Duration) -> bool {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let check = async {
+            match probe {
+                Probe::Tcp => tokio::net::TcpStream::connect(address).await.is_ok(),
+                Probe::Http(path) => {
+                    let Ok(request) =
+                        http::Request::get(format!("http://127.0.0.1:{}{path}", self.port))
+                            .body(Full::new(Bytes::new()))
+                    else {
+                        return false;
+                    };
+                    self.client
+                        .request(request)
+                        .await
+                        .is_ok_and(|r| r.status().is_success() || r.status().is_redirection())
+                }
+            }
+        };
+        tokio::time::timeout(timeout, check).await.unwrap_or(false)
+    }
+
+    /// Forward a request; the returned future owns everything it needs.
+    pub fn forward(
+        &self,
+        request: http::Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<http::Response<Incoming>, String>> + Send + 'static {
+        let client = self.client.clone();
+        let port = self.port;
+        async move {
+            let (mut parts, body) = request.into_parts();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            parts.uri = format!("http://127.0.0.1:{port}{path}")
+                .parse()
+                .map_err(|e| format!("build upstream URI: {e}"))?;
+            for hop in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "transfer-encoding",
+                "upgrade",
+            ] {
+                parts.headers.remove(hop);
+            }
+            client
+                .request(http::Request::from_parts(parts, body))
+                .await
+                .map_err(|e| format!("the process did not answer: {e}"))
+        }
+    }
+
+    /// Ask the process group to stop with `signal`; after `timeout`, kill it.
+    pub async fn stop(mut self, signal: Signal, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            _ = killpg(Pid::from_raw(self.pid as i32), signal);
+            match tokio::time::timeout(timeout, self.child.wait()).await {
+                Ok(Ok(status)) => self.exit = Some(status),
+                _ => {
+                    _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+                    self.exit = self.child.wait().await.ok();
+                }
+            }
+        }
+        // The leader is gone; anything it left in its group goes too.
+        _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        self.output.shutdown().await;
+        self.exit
+    }
+}
+
+impl Drop for ProcessInstance {
+    fn drop(&mut self) {
+        _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        _ = std::fs::remove_file(&self.record);
+    }
+}
+
+fn describe(probe: &Probe) -> String {
+    match probe {
+        Probe::Http(path) => format!("GET {path}"),
+        Probe::Tcp => "TCP connect".into(),
+    }
+}
+
+/// Kill process groups recorded by an earlier `maru` that did not stop them (it was killed).
+/// Returns one line per group killed.
+pub fn reap_leftovers(registry: &Path) -> Vec<String> {
+    let mut reaped = Vec::new();
+    let Ok(entries) = std::fs::read_dir(registry) else {
+        return reaped;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(record) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        else {
+            _ = std::fs::remove_file(&path);
+            continue;
+        };
+        let Some(pid) = record["pid"].as_u64().and_then(|p| i32::try_from(p).ok()) else {
+            _ = std::fs::remove_file(&path);
+            continue;
+        };
+        // Linux never hands out a pid still in use as a process group id, so a live group with
+        // this id is ours, unless its leader is a different process that started later.
+        let leader_is_other = match (start_ticks(pid as u32), record["start_ticks"].as_u64()) {
+            (Some(now), Some(recorded)) => now != recorded,
+            _ => false,
+        };
+        if !leader_is_other && killpg(Pid::from_raw(pid), None).is_ok() {
+            _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            reaped.push(format!("process group {pid} ({})", record["command"]));
+        }
+        _ = std::fs::remove_file(&path);
+    }
+    reaped
+}
