@@ -66,9 +66,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         node.control,
         log.display()
     );
+    env::ensure_debian_package("python3", "python3")?;
     for manifest in [
         "examples/hello/maru.toml",
         "examples/reservations/maru.toml",
+        "examples/legacy-app/maru.toml",
     ] {
         print!(
             "{}",
