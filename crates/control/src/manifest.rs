@@ -81,6 +81,8 @@ pub struct ProcessManifest {
     pub liveness: Option<LivenessProbe>,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    /// Total CPU time one instance may use before the kernel kills it.
+    pub cpu_time: Option<Duration>,
 }
 
 impl ServiceManifest {
@@ -113,6 +115,7 @@ impl ServiceManifest {
                 check("liveness", a.liveness != b.liveness);
                 check("stop_signal", a.stop_signal != b.stop_signal);
                 check("stop_timeout", a.stop_timeout != b.stop_timeout);
+                check("cpu_time", a.cpu_time != b.cpu_time);
             }
             (Workload::Component { .. }, Workload::Component { .. }) => {}
             _ => check("kind", true),
@@ -206,6 +209,7 @@ struct RawService {
     liveness: Option<Spanned<RawProbe>>,
     stop_signal: Option<Spanned<String>>,
     stop_timeout: Option<Spanned<String>>,
+    cpu_time: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -446,6 +450,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                         "stop_timeout",
                         service.stop_timeout.as_ref().map(|v| v.span()),
                     ),
+                    ("cpu_time", service.cpu_time.as_ref().map(|v| v.span())),
                 ] {
                     if let Some(span) = present {
                         return Err(parser.error(&at(field), span, format!("`{field}` applies to process services (with `command`), not components"), None));
@@ -806,6 +811,15 @@ fn process(
         Duration::from_secs(10),
         (Duration::ZERO, Duration::from_secs(600)),
     )?;
+    let cpu_time = match &service.cpu_time {
+        Some(value) => Some(parser.duration(
+            &at("cpu_time"),
+            Some(value),
+            Duration::ZERO,
+            (Duration::from_secs(1), Duration::from_secs(365 * 24 * 3600)),
+        )?),
+        None => None,
+    };
     Ok(ProcessManifest {
         command: words.clone(),
         workdir,
@@ -814,6 +828,7 @@ fn process(
         liveness,
         stop_signal,
         stop_timeout,
+        cpu_time,
     })
 }
 

@@ -249,6 +249,7 @@ impl Node {
                     stop_signal: process.stop_signal,
                     stop_timeout: process.stop_timeout,
                     memory_bytes_max: manifest.memory_bytes,
+                    cpu_seconds_max: process.cpu_time.map(|t| t.as_secs().max(1)),
                     log: log.clone(),
                     registry: self.data_dir.join("processes"),
                 })

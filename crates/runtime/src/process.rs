@@ -6,8 +6,9 @@
 //! itself dies without stopping them, the next `maru up` finds the records and kills the
 //! leftover groups ([`reap_leftovers`]) before it starts anything.
 //!
-//! Limits: memory is enforced with `RLIMIT_AS` through util-linux `prlimit`, set before the
-//! program executes. cgroup v2 is detected ([`limits_in_force`]) but not used yet.
+//! Limits: memory (`RLIMIT_AS`) and total CPU time (`RLIMIT_CPU`) are set through util-linux
+//! `prlimit` before the program executes. cgroup v2 is detected ([`limits_in_force`]) but not
+//! used yet, so there is no CPU *share* limit.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -58,6 +59,8 @@ pub struct ProcessSpec {
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub memory_bytes_max: Option<u64>,
+    /// Total CPU seconds one instance may use (`RLIMIT_CPU`); a runaway guard, not a share.
+    pub cpu_seconds_max: Option<u64>,
     pub log: Arc<ServiceLog>,
     /// `DATA/processes`: where live process groups are recorded.
     pub registry: PathBuf,
@@ -87,8 +90,8 @@ pub fn limits_in_force() -> &'static str {
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .find(|c| !c.trim().is_empty());
         match controllers {
-            Some(_) => "rlimit (RLIMIT_AS via prlimit); cgroup v2 controllers are present but Maru does not use them yet",
-            None => "rlimit (RLIMIT_AS via prlimit); no cgroup v2 controllers available",
+            Some(_) => "rlimits (RLIMIT_AS for memory, RLIMIT_CPU for cpu_time, via prlimit); cgroup v2 controllers are present but Maru does not use them yet",
+            None => "rlimits (RLIMIT_AS for memory, RLIMIT_CPU for cpu_time, via prlimit); no cgroup v2 controllers available, so no CPU share limit",
         }
     })
 }
@@ -132,13 +135,18 @@ impl ProcessInstance {
         let (program, rest) = args
             .split_first()
             .ok_or_else(|| ProcessError::Io("the command is empty".into()))?;
-        let mut command = match spec.memory_bytes_max {
-            Some(bytes) => {
-                let mut command = Command::new("prlimit");
-                command.arg(format!("--as={bytes}")).arg("--").arg(program);
-                command
+        let mut command = if spec.memory_bytes_max.is_some() || spec.cpu_seconds_max.is_some() {
+            let mut command = Command::new("prlimit");
+            if let Some(bytes) = spec.memory_bytes_max {
+                command.arg(format!("--as={bytes}"));
             }
-            None => Command::new(program),
+            if let Some(seconds) = spec.cpu_seconds_max {
+                command.arg(format!("--cpu={seconds}"));
+            }
+            command.arg("--").arg(program);
+            command
+        } else {
+            Command::new(program)
         };
         command
             .args(rest)

@@ -42,7 +42,7 @@ fn a_process_service_is_routed_and_scales_from_zero_waiting_for_readiness() {
         &legacy(
             "permits",
             "/permits",
-            "env = { STARTUP_MS = \"700\" }\nidle_timeout = \"1s\"\nmemory = \"512MiB\"",
+            "env = { STARTUP_MS = \"700\" }\nidle_timeout = \"1s\"\nmemory = \"512MiB\"\ncpu_time = \"1h\"",
         ),
     );
     assert!(out.contains("permits: revision 1 now serving"), "{out}");
@@ -70,6 +70,14 @@ fn a_process_service_is_routed_and_scales_from_zero_waiting_for_readiness() {
     assert!(
         address_space.contains(&(512u64 << 20).to_string()),
         "memory = 512MiB is in force as RLIMIT_AS: {address_space}"
+    );
+    let cpu = limits
+        .lines()
+        .find(|l| l.starts_with("Max cpu time"))
+        .expect("cpu time line");
+    assert!(
+        cpu.contains("3600"),
+        "cpu_time = 1h is in force as RLIMIT_CPU: {cpu}"
     );
 
     let service = node.service("permits", "registry");
