@@ -29,6 +29,21 @@ pub enum Which {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// Every scaling policy on every shared trace, each tuned on the first 70 % to the
+    /// cheapest setting holding 99.9 % availability, reported on the last 30 %, for several
+    /// instance start-up times. Prints a Markdown table for BENCHMARKS.md.
+    Autoscale {
+        /// Start-up times to sweep, comma-separated.
+        #[arg(long, default_value = "1s,30s,120s")]
+        startups: String,
+        /// Simulate at most this many days of each trace (the long per-second traces would
+        /// otherwise take hours to tune).
+        #[arg(long, default_value_t = 7.0)]
+        limit_days: f64,
+        /// Only traces whose file name contains this.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -38,6 +53,11 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             connections,
             rounds,
         } => gateway(seconds, connections, rounds),
+        Which::Autoscale {
+            startups,
+            limit_days,
+            only,
+        } => autoscale(&startups, limit_days, only.as_deref()),
     }
 }
 
@@ -303,20 +323,26 @@ fn cold_start(node: &MaruNode, hello: &Path) -> anyhow::Result<()> {
     println!(
         "\nCold start: scale-from-zero to first byte, against a bare wasmtime instantiate-and-call"
     );
-    let output = Command::new(env::cargo_bin())
-        .args([
-            "run",
+    // Built together with maru so both share one feature set (and one wasmtime build).
+    env::step(
+        "build the bare instantiate baseline",
+        env::cargo(&[
+            "build",
             "--release",
             "--quiet",
             "-p",
+            "maru",
+            "-p",
             "runtime",
+            "--bin",
+            "maru",
             "--example",
             "bare_instantiate",
-            "--",
-        ])
+        ]),
+    )?;
+    let output = Command::new(env::root().join("target/release/examples/bare_instantiate"))
         .arg(hello)
         .arg("300")
-        .current_dir(env::root())
         .output()
         .context("run the bare instantiate baseline")?;
     if !output.status.success() {
@@ -370,6 +396,94 @@ fn cold_start(node: &MaruNode, hello: &Path) -> anyhow::Result<()> {
     println!(
         "  overhead over bare instantiate-and-call: {:.3} ms (target < 1 ms)",
         cold_p50 - bare_p50_ms
+    );
+    Ok(())
+}
+
+fn autoscale(startups: &str, limit_days: f64, only: Option<&str>) -> anyhow::Result<()> {
+    let maru = env::build_maru_release()?;
+    let traces_dir = env::root().join("../shared/traces");
+    let mut traces: Vec<PathBuf> = std::fs::read_dir(&traces_dir)
+        .with_context(|| format!("read {} (the shared demand traces)", traces_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "csv" || x == "txt"))
+        .filter(|p| {
+            only.is_none_or(|o| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(o))
+            })
+        })
+        .collect();
+    traces.sort();
+    let bench_dir = env::root().join("target/bench/autoscale");
+    std::fs::create_dir_all(&bench_dir)?;
+    let mut table = String::from(
+        "| trace | startup | policy | knob (tuned) | availability % (held-out) | p99 ms | instance-s vs hpa | vs oracle | cold starts |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for trace in &traces {
+        let name = trace
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for startup in startups.split(',').map(str::trim) {
+            eprintln!("xtask: {name}, startup {startup}");
+            let stem = format!("{}-{startup}", name.split('.').next().unwrap_or("trace"));
+            let output = Command::new(&maru)
+                .args([
+                    "sim",
+                    "--tune",
+                    "--json",
+                    "--startup",
+                    startup,
+                    "--limit-days",
+                    &limit_days.to_string(),
+                    "--plot",
+                ])
+                .arg(bench_dir.join(format!("{stem}.svg")))
+                .arg("--trace")
+                .arg(trace)
+                .output()
+                .context("run maru sim")?;
+            if !output.status.success() {
+                bail!(
+                    "maru sim on {name} failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            std::fs::write(bench_dir.join(format!("{stem}.json")), &output.stdout)?;
+            let report: serde_json::Value =
+                serde_json::from_slice(&output.stdout).context("maru sim output")?;
+            for row in report["rows"].as_array().into_iter().flatten() {
+                let missed = if row["tuned_reached_target"] == false {
+                    " (missed 99.9 % in training)"
+                } else {
+                    ""
+                };
+                let ratio = |key: &str| {
+                    row[key]
+                        .as_f64()
+                        .map(|r| format!("{r:.2}"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let line = format!(
+                    "| {name} | {startup} | {} | {}{missed} | {:.3} | {:.0} | {} | {} | {} |\n",
+                    row["policy"].as_str().unwrap_or(""),
+                    row["knob"].as_str().unwrap_or(""),
+                    row["availability"].as_f64().unwrap_or(0.0) * 100.0,
+                    row["latency_p99_ms"].as_f64().unwrap_or(0.0),
+                    ratio("instance_seconds_vs_hpa"),
+                    ratio("instance_seconds_vs_oracle"),
+                    row["cold_starts"]
+                );
+                print!("{line}");
+                table.push_str(&line);
+            }
+        }
+    }
+    std::fs::write(bench_dir.join("table.md"), &table)?;
+    println!(
+        "\nTable written to {}; plots and JSON beside it.",
+        bench_dir.join("table.md").display()
     );
     Ok(())
 }

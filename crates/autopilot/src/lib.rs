@@ -8,6 +8,12 @@
 
 use std::time::Duration;
 
+pub mod evaluate;
+pub mod forecast;
+pub mod policies;
+pub mod sim;
+pub mod traces;
+
 /// What a policy sees of one service at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -21,6 +27,9 @@ pub struct Observation {
     pub starting: u32,
     /// Ready instances, each with the moment it last finished (or started) work.
     pub ready: Vec<InstanceActivity>,
+    /// Requests that have arrived since the service started (admitted or not): demand, the
+    /// signal forecasting policies learn from. Rates are differences of this count.
+    pub arrivals_total: u64,
 }
 
 /// Activity of one ready instance.
@@ -126,6 +135,7 @@ mod tests {
                     idle_since: Duration::from_secs(idle_since),
                 })
                 .collect(),
+            arrivals_total: 0,
         };
         let desired = Reactive.desired(&bounds, &observation);
         expect.assert_eq(&desired.to_string());

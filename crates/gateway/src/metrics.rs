@@ -20,6 +20,8 @@ const RATE_WINDOW_SECONDS: usize = 10;
 pub struct ServiceMetrics {
     origin: Instant,
     pub in_flight: Arc<AtomicU64>,
+    /// Requests that reached the service (demand), admitted or not.
+    pub arrivals: AtomicU64,
     pub instance_starts: AtomicU64,
     pub cold_starts: AtomicU64,
     pub instance_failures: AtomicU64,
@@ -63,6 +65,7 @@ impl ServiceMetrics {
         ServiceMetrics {
             origin: now,
             in_flight: Arc::new(AtomicU64::new(0)),
+            arrivals: AtomicU64::new(0),
             instance_starts: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),

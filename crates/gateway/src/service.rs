@@ -198,6 +198,7 @@ impl Service {
 
     /// Queue a request and wait for an instance to answer it.
     pub async fn handle(&self, request: http::Request<Full<Bytes>>, arrival: Instant) -> Reply {
+        self.metrics.arrivals.fetch_add(1, Ordering::Relaxed);
         if self.intake_closed.is_cancelled() {
             return Err(ServiceError::Unavailable);
         }
@@ -327,6 +328,7 @@ impl Service {
                     _ => None,
                 })
                 .collect(),
+            arrivals_total: self.metrics.arrivals.load(Ordering::Relaxed),
         };
         let current = observation.starting + observation.ready.len() as u32;
         let desired = policy.desired(&self.config.bounds, &observation);

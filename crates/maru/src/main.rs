@@ -2,6 +2,7 @@
 //! node's control API.
 
 mod client;
+mod sim;
 mod up;
 
 use std::path::PathBuf;
@@ -75,6 +76,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Run scaling policies against a demand trace in the deterministic simulator.
+    Sim(sim::SimArgs),
     /// Make the revision that served before the current one serve again.
     Rollback {
         app: String,
@@ -97,6 +100,7 @@ fn main() -> std::process::ExitCode {
         } => client::logs(&target, &service, follow),
         Command::Rm { app, target } => client::remove(&target, &app),
         Command::Rollback { app, target } => client::rollback(&target, &app),
+        Command::Sim(args) => sim::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

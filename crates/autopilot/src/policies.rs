@@ -1,0 +1,555 @@
+//! Scaling policies: Maru's own forecasting policy and the baselines it is judged against,
+//! each a deterministic function of its observations.
+//!
+//! The baselines follow the documented behaviour of the systems they are named after:
+//! - [`Hpa`]: Kubernetes Horizontal Pod Autoscaler (autoscaling/v2 defaults).
+//! - [`Kpa`]: Knative Pod Autoscaler (stable and panic windows).
+//! - [`AwsPredictive`]: AWS EC2 Auto Scaling predictive scaling with target tracking.
+//! - [`Oracle`]: perfect foresight of arrivals, the lower bound (simulator only).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::forecast::{Holt, SeasonalHistory, quantile};
+use crate::{Observation, Policy, ScalingBounds, clamp_desired};
+
+/// A fixed number of instances.
+#[derive(Debug, Clone)]
+pub struct Static {
+    pub instances: u32,
+}
+
+impl Policy for Static {
+    fn desired(&mut self, bounds: &ScalingBounds, _: &Observation) -> u32 {
+        clamp_desired(bounds, self.instances)
+    }
+}
+
+/// Work in the system (executing plus waiting), per instance slot.
+fn load(observation: &Observation) -> f64 {
+    f64::from(observation.in_flight + observation.queued)
+}
+
+/// Turns cumulative arrival counts into a rate per second between observations.
+#[derive(Debug, Clone, Default)]
+struct RateMeter {
+    last: Option<(Duration, u64)>,
+}
+
+impl RateMeter {
+    /// Arrivals per second since the previous call, or `None` on the first call.
+    fn update(&mut self, observation: &Observation) -> Option<f64> {
+        let now = (observation.now, observation.arrivals_total);
+        let rate = self.last.and_then(|(then, count)| {
+            let seconds = now.0.saturating_sub(then).as_secs_f64();
+            (seconds > 0.0).then(|| now.1.saturating_sub(count) as f64 / seconds)
+        });
+        if self.last.is_none_or(|(then, _)| now.0 > then) {
+            self.last = Some(now);
+        }
+        rate
+    }
+}
+
+/// Kubernetes HPA: `desired = ceil(current × metric / target)` evaluated every 15 s, with a
+/// 10 % tolerance, scale-up limited to max(+4 pods, +100 %) per 15 s, and a 5 min
+/// scale-down stabilisation window (the highest recommendation of the last 5 minutes wins).
+/// The metric is utilisation: busy slots over ready slots (like CPU, it saturates at 100 %).
+/// HPA never scales to zero: at least one instance stays.
+#[derive(Debug, Clone)]
+pub struct Hpa {
+    pub target: f64,
+    pub sync_period: Duration,
+    pub tolerance: f64,
+    pub stabilization: Duration,
+    last_sync: Option<Duration>,
+    current: u32,
+    recommendations: VecDeque<(Duration, u32)>,
+}
+
+impl Hpa {
+    pub fn new(target: f64) -> Self {
+        Hpa {
+            target: target.clamp(0.01, 1.0),
+            sync_period: Duration::from_secs(15),
+            tolerance: 0.1,
+            stabilization: Duration::from_secs(300),
+            last_sync: None,
+            current: 0,
+            recommendations: VecDeque::new(),
+        }
+    }
+}
+
+impl Policy for Hpa {
+    fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
+        let floor = bounds.instances_min.max(1);
+        if self.current == 0 {
+            self.current = clamp_desired(bounds, floor);
+        }
+        let due = self
+            .last_sync
+            .is_none_or(|last| observation.now >= last + self.sync_period);
+        if !due {
+            return self.current;
+        }
+        self.last_sync = Some(observation.now);
+        let ready = observation.ready.len() as u32;
+        let slots = f64::from(ready.max(1) * bounds.concurrency.max(1));
+        // Busy slots only: like CPU, the metric cannot see the queue beyond saturation.
+        let utilisation = (f64::from(observation.in_flight) / slots).min(1.0);
+        let ratio = utilisation / self.target;
+        let base = ready.max(1);
+        let mut recommendation = if (ratio - 1.0).abs() <= self.tolerance {
+            self.current
+        } else {
+            (f64::from(base) * ratio).ceil() as u32
+        };
+        // Scale-up limit per period: the larger of +4 pods and +100 %.
+        let up_limit = (self.current + 4).max(self.current * 2);
+        recommendation = recommendation.min(up_limit);
+        self.recommendations
+            .push_back((observation.now, recommendation));
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|(t, _)| observation.now.saturating_sub(*t) > self.stabilization)
+        {
+            self.recommendations.pop_front();
+        }
+        let stabilised = if recommendation < self.current {
+            self.recommendations
+                .iter()
+                .map(|(_, r)| *r)
+                .max()
+                .unwrap_or(recommendation)
+                .min(self.current)
+        } else {
+            recommendation
+        };
+        self.current = clamp_desired(bounds, stabilised.max(floor));
+        self.current
+    }
+}
+
+/// Knative KPA: desired = ceil(average concurrency / (per-instance concurrency × target)),
+/// averaged over a 60 s stable window, with a 6 s panic window: when the panic-window
+/// desired count reaches 200 % of the ready instances, the autoscaler panics, scales on the
+/// panic window and never scales down until 60 s pass without the panic condition. Scales to
+/// zero once the stable window has seen no traffic.
+#[derive(Debug, Clone)]
+pub struct Kpa {
+    pub target: f64,
+    pub stable_window: Duration,
+    pub panic_window: Duration,
+    pub panic_threshold: f64,
+    samples: VecDeque<(Duration, f64)>,
+    panicking_since: Option<Duration>,
+    last_panic_condition: Option<Duration>,
+    current: u32,
+}
+
+impl Kpa {
+    pub fn new(target: f64) -> Self {
+        Kpa {
+            target: target.clamp(0.01, 1.0),
+            stable_window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(6),
+            panic_threshold: 2.0,
+            samples: VecDeque::new(),
+            panicking_since: None,
+            last_panic_condition: None,
+            current: 0,
+        }
+    }
+
+    fn average(&self, now: Duration, window: Duration) -> f64 {
+        let values: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now.saturating_sub(*t) < window)
+            .map(|(_, v)| *v)
+            .collect();
+        if values.is_empty() {
+            0.0
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        }
+    }
+}
+
+impl Policy for Kpa {
+    fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
+        let now = observation.now;
+        self.samples.push_back((now, load(observation)));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) >= self.stable_window)
+        {
+            self.samples.pop_front();
+        }
+        let per_instance = f64::from(bounds.concurrency.max(1)) * self.target;
+        let stable = (self.average(now, self.stable_window) / per_instance).ceil() as u32;
+        let panic = (self.average(now, self.panic_window) / per_instance).ceil() as u32;
+        let ready = (observation.ready.len() as u32).max(1);
+        if f64::from(panic) / f64::from(ready) >= self.panic_threshold {
+            self.last_panic_condition = Some(now);
+            self.panicking_since.get_or_insert(now);
+        } else if self.panicking_since.is_some()
+            && self
+                .last_panic_condition
+                .is_none_or(|t| now.saturating_sub(t) >= self.stable_window)
+        {
+            self.panicking_since = None;
+        }
+        let desired = if self.panicking_since.is_some() {
+            panic.max(self.current)
+        } else {
+            stable
+        };
+        self.current = clamp_desired(bounds, desired);
+        self.current
+    }
+}
+
+/// AWS predictive scaling with target tracking: an hourly load forecast made from up to 14
+/// days of history, refreshed every 6 hours for the next 48 hours, sets the minimum capacity
+/// a buffer (default 5 minutes) ahead of each hour; predictive scaling never scales in.
+/// Target tracking on utilisation adds capacity above that minimum, scaling out at once and
+/// in after a 300 s cooldown.
+///
+/// AWS's forecasting model is not public; this one predicts each hour as the mean of the
+/// same hour on the days in the history window, which is what its documentation describes
+/// it learning (daily and weekly patterns from 14 days).
+#[derive(Debug, Clone)]
+pub struct AwsPredictive {
+    pub target: f64,
+    pub buffer: Duration,
+    history: SeasonalHistory,
+    rate: RateMeter,
+    forecast_made: Option<Duration>,
+    /// (hour start, forecast rate per second) for the next 48 hours.
+    forecast: Vec<(Duration, f64)>,
+    per_instance_rate: ServiceRate,
+    tracking: u32,
+    last_scale_in: Duration,
+}
+
+impl AwsPredictive {
+    pub fn new(target: f64) -> Self {
+        AwsPredictive {
+            target: target.clamp(0.01, 1.0),
+            buffer: Duration::from_secs(300),
+            history: SeasonalHistory::new(Duration::from_secs(3600), 14 * 24),
+            rate: RateMeter::default(),
+            forecast_made: None,
+            forecast: Vec::new(),
+            per_instance_rate: ServiceRate::default(),
+            tracking: 0,
+            last_scale_in: Duration::ZERO,
+        }
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl Policy for AwsPredictive {
+    fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
+        let now = observation.now;
+        if let Some(rate) = self.rate.update(observation) {
+            self.history.record(now, rate);
+            self.per_instance_rate.update(bounds, observation, rate);
+        }
+        if self.forecast_made.is_none_or(|made| now >= made + 6 * HOUR)
+            && self.history.days_covered() >= 1.0
+        {
+            self.forecast_made = Some(now);
+            let start = Duration::from_secs(now.as_secs() / 3600 * 3600);
+            self.forecast = (0..48u32)
+                .map(|h| {
+                    (
+                        start + h * HOUR,
+                        self.history.seasonal_mean(start + h * HOUR, 24),
+                    )
+                })
+                .collect();
+        }
+        let ahead = now + self.buffer;
+        let predicted_rate = self
+            .forecast
+            .iter()
+            .rev()
+            .find(|(hour, _)| *hour <= ahead)
+            .map(|(_, r)| *r)
+            .unwrap_or(0.0);
+        let capacity = self.per_instance_rate.per_instance(bounds) * self.target;
+        let predictive_min = if capacity > 0.0 {
+            (predicted_rate / capacity).ceil() as u32
+        } else {
+            0
+        };
+
+        let ready = observation.ready.len() as u32;
+        let slots = f64::from(ready.max(1) * bounds.concurrency.max(1));
+        let utilisation = f64::from(observation.in_flight) / slots;
+        let wanted = ((f64::from(ready.max(1)) * utilisation / self.target).ceil() as u32).max(1);
+        if wanted > self.tracking || ready == 0 && observation.queued > 0 {
+            self.tracking = wanted.max(1);
+        } else if wanted < self.tracking
+            && now.saturating_sub(self.last_scale_in) >= Duration::from_secs(300)
+        {
+            self.tracking = wanted;
+            self.last_scale_in = now;
+        }
+        clamp_desired(bounds, self.tracking.max(predictive_min).max(1))
+    }
+}
+
+/// Estimates how many requests per second one instance completes, from Little's law
+/// (in flight = rate × service time) while the service is not overloaded.
+#[derive(Debug, Clone, Default)]
+struct ServiceRate {
+    service_seconds: Option<f64>,
+}
+
+impl ServiceRate {
+    fn update(&mut self, bounds: &ScalingBounds, observation: &Observation, arrival_rate: f64) {
+        let slots = observation.ready.len() as u32 * bounds.concurrency.max(1);
+        if arrival_rate > 0.5 && observation.queued == 0 && observation.in_flight < slots {
+            let sample = f64::from(observation.in_flight) / arrival_rate;
+            if sample > 0.0 {
+                self.service_seconds = Some(match self.service_seconds {
+                    Some(previous) => 0.95 * previous + 0.05 * sample,
+                    None => sample,
+                });
+            }
+        }
+    }
+
+    /// Requests per second one instance serves; until measured, assumes 100 ms per request.
+    fn per_instance(&self, bounds: &ScalingBounds) -> f64 {
+        f64::from(bounds.concurrency.max(1)) / self.service_seconds.unwrap_or(0.1).max(1e-4)
+    }
+}
+
+/// How cautious a service wants its scaling: an authentication service conservative, a
+/// game-data service aggressive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Caution {
+    /// Quantile of forecast error provisioned for.
+    pub quantile: f64,
+    /// Target utilisation of provisioned capacity.
+    pub utilisation: f64,
+}
+
+impl Caution {
+    pub const CONSERVATIVE: Caution = Caution {
+        quantile: 0.999,
+        utilisation: 0.6,
+    };
+    pub const NORMAL: Caution = Caution {
+        quantile: 0.99,
+        utilisation: 0.75,
+    };
+    pub const AGGRESSIVE: Caution = Caution {
+        quantile: 0.95,
+        utilisation: 0.9,
+    };
+
+    pub fn parse(text: &str) -> Option<Caution> {
+        match text {
+            "conservative" => Some(Self::CONSERVATIVE),
+            "normal" => Some(Self::NORMAL),
+            "aggressive" => Some(Self::AGGRESSIVE),
+            _ => None,
+        }
+    }
+}
+
+/// Maru's policy: forecast demand over the instance start-up lead time and provision for an
+/// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
+/// slowly (hysteresis).
+///
+/// The forecast combines a short-term level-and-trend model (Holt's linear smoothing of the
+/// per-second arrival rate) with a daily seasonal model (the same time on earlier days,
+/// rescaled to today's level) once a day of history exists. Forecast errors are tracked per
+/// horizon, and the provisioned rate is the forecast plus the `caution.quantile` of recent
+/// relative errors.
+#[derive(Debug, Clone)]
+pub struct Predictive {
+    pub caution: Caution,
+    /// Instance start-up time, the forecast horizon.
+    pub lead: Duration,
+    /// How long demand must stay low before capacity is released.
+    pub scale_down_delay: Duration,
+    rate: RateMeter,
+    holt: Holt,
+    seasonal: SeasonalHistory,
+    per_instance_rate: ServiceRate,
+    /// Forecasts made `lead` ago, to score against what arrived: (for time, forecast).
+    pending: VecDeque<(Duration, f64)>,
+    /// Recent relative errors (actual / forecast), newest last.
+    errors: VecDeque<f64>,
+    recent_desired: VecDeque<(Duration, u32)>,
+    /// The error quantile, recomputed every [`Self::MARGIN_EVERY`] observations.
+    margin: Option<f64>,
+    since_margin: u32,
+}
+
+impl Predictive {
+    pub fn new(caution: Caution, lead: Duration) -> Self {
+        Predictive {
+            caution,
+            lead,
+            scale_down_delay: Duration::from_secs(60).max(lead * 2),
+            rate: RateMeter::default(),
+            holt: Holt::new(0.3, 0.05),
+            seasonal: SeasonalHistory::new(Duration::from_secs(60), 14 * 24 * 60),
+            per_instance_rate: ServiceRate::default(),
+            pending: VecDeque::new(),
+            errors: VecDeque::new(),
+            recent_desired: VecDeque::new(),
+            margin: None,
+            since_margin: 0,
+        }
+    }
+
+    const ERRORS_KEPT: usize = 2000;
+    const MARGIN_EVERY: u32 = 60;
+
+    fn forecast(&self, now: Duration, horizon: Duration) -> f64 {
+        let short = self.holt.forecast(horizon.as_secs_f64());
+        if self.seasonal.days_covered() < 1.0 {
+            return short;
+        }
+        // Seasonal: the same minute on earlier days, scaled by how today compares with them
+        // over the last hour.
+        let at = now + horizon;
+        let seasonal_then = self.seasonal.seasonal_mean(at, 24 * 60);
+        let seasonal_now = self.seasonal.seasonal_mean(now, 24 * 60);
+        let level = if seasonal_now > 1e-9 {
+            (self.holt.level() / seasonal_now).clamp(0.25, 4.0)
+        } else {
+            1.0
+        };
+        short.max(seasonal_then * level)
+    }
+}
+
+impl Policy for Predictive {
+    fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
+        let now = observation.now;
+        if let Some(rate) = self.rate.update(observation) {
+            self.holt.update(rate);
+            self.seasonal.record(now, rate);
+            self.per_instance_rate.update(bounds, observation, rate);
+            while let Some(&(at, predicted)) = self.pending.front() {
+                if at > now {
+                    break;
+                }
+                self.pending.pop_front();
+                if predicted > 0.5 || rate > 0.5 {
+                    self.errors.push_back(rate / predicted.max(0.5));
+                    if self.errors.len() > Self::ERRORS_KEPT {
+                        self.errors.pop_front();
+                    }
+                }
+            }
+        }
+        let horizon = self.lead + Duration::from_secs(1);
+        let forecast = self.forecast(now, horizon);
+        self.pending.push_back((now + horizon, forecast));
+        self.since_margin += 1;
+        if self.errors.len() >= 30
+            && (self.margin.is_none() || self.since_margin >= Self::MARGIN_EVERY)
+        {
+            self.margin =
+                Some(quantile(self.errors.iter().copied(), self.caution.quantile).max(1.0));
+            self.since_margin = 0;
+        }
+        let error_margin = self.margin.unwrap_or(2.0);
+        let provisioned_rate = forecast * error_margin;
+        let capacity = self.per_instance_rate.per_instance(bounds) * self.caution.utilisation;
+        let forecast_instances = if capacity > 0.0 {
+            (provisioned_rate / capacity).ceil() as u32
+        } else {
+            0
+        };
+        // Reactive guard: never fewer than the work already here needs.
+        let guard = (load(observation)
+            / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation))
+            .ceil() as u32;
+        let wanted = forecast_instances.max(guard);
+        self.recent_desired.push_back((now, wanted));
+        while self
+            .recent_desired
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > self.scale_down_delay)
+        {
+            self.recent_desired.pop_front();
+        }
+        // Hysteresis: release capacity only when it has not been wanted for a while.
+        let held = self
+            .recent_desired
+            .iter()
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or(wanted);
+        clamp_desired(bounds, held)
+    }
+}
+
+/// Perfect foresight: at each moment, the capacity that covers the highest arrival rate in
+/// the window that starts when an instance started now would be ready. Exists only in the
+/// simulator, as the lower bound every policy is measured against. Its knobs are the window
+/// (smoothing) and the utilisation it runs instances at.
+#[derive(Debug, Clone)]
+pub struct Oracle {
+    /// Future arrivals per second, one value per simulation step.
+    rates: std::sync::Arc<[f64]>,
+    step: Duration,
+    lead_steps: usize,
+    window_steps: usize,
+    per_instance_rate: f64,
+    utilisation: f64,
+}
+
+impl Oracle {
+    pub fn new(
+        rates: std::sync::Arc<[f64]>,
+        step: Duration,
+        lead: Duration,
+        window: Duration,
+        per_instance_rate: f64,
+        utilisation: f64,
+    ) -> Self {
+        let steps = |d: Duration| (d.as_secs_f64() / step.as_secs_f64()).ceil() as usize;
+        Oracle {
+            rates,
+            step,
+            lead_steps: steps(lead),
+            window_steps: steps(window).max(1),
+            per_instance_rate,
+            utilisation: utilisation.clamp(0.01, 1.0),
+        }
+    }
+}
+
+impl Policy for Oracle {
+    fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
+        let index = (observation.now.as_secs_f64() / self.step.as_secs_f64()).round() as usize;
+        let from = (index + self.lead_steps).min(self.rates.len());
+        let to = (from + self.window_steps).min(self.rates.len());
+        let peak = self.rates[from..to].iter().copied().fold(0.0, f64::max);
+        // Also cover work already waiting, which foresight of arrivals alone does not see.
+        let backlog = load(observation) / f64::from(bounds.concurrency.max(1));
+        let needed = (peak / (self.per_instance_rate * self.utilisation))
+            .ceil()
+            .max(backlog.ceil());
+        clamp_desired(bounds, needed as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests;

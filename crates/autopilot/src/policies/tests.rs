@@ -1,0 +1,208 @@
+//! Each baseline pinned to the documented behaviour of the system it mimics, with small
+//! scenarios whose answers are worked out by hand in the comments.
+
+use std::time::Duration;
+
+use super::*;
+use crate::InstanceActivity;
+
+fn bounds() -> ScalingBounds {
+    ScalingBounds {
+        instances_min: 0,
+        instances_max: 1000,
+        concurrency: 1,
+        idle_timeout: Duration::from_secs(30),
+    }
+}
+
+/// An observation at `now_s` with `ready` instances of which `busy` are busy, `queued`
+/// waiting, and `arrivals` arrived in total so far.
+fn at(now_s: u64, ready: u32, busy: u32, queued: u32, arrivals: u64) -> Observation {
+    Observation {
+        now: Duration::from_secs(now_s),
+        in_flight: busy,
+        queued,
+        starting: 0,
+        ready: (0..ready)
+            .map(|i| InstanceActivity {
+                busy: u32::from(i < busy),
+                idle_since: Duration::ZERO,
+            })
+            .collect(),
+        arrivals_total: arrivals,
+    }
+}
+
+#[test]
+fn hpa_scales_by_the_ratio_of_metric_to_target() {
+    // 4 ready, all busy (100 %), target 50 %: ceil(4 × 1.0 / 0.5) = 8, within max(+4, +100 %).
+    let mut hpa = Hpa::new(0.5);
+    hpa.current = 4;
+    assert_eq!(hpa.desired(&bounds(), &at(0, 4, 4, 0, 0)), 8);
+}
+
+#[test]
+fn hpa_ignores_changes_within_tolerance() {
+    // 10 ready, 5.4 busy on average is not expressible; 10 ready with 5 busy at target 0.47:
+    // ratio 0.5 / 0.47 = 1.064, inside the 10 % tolerance: stays 10.
+    let mut hpa = Hpa::new(0.47);
+    hpa.current = 10;
+    assert_eq!(hpa.desired(&bounds(), &at(0, 10, 5, 0, 0)), 10);
+}
+
+#[test]
+fn hpa_limits_scale_up_to_max_of_four_pods_or_double() {
+    // 2 ready at 100 %, target 0.1: the ratio asks for 20, the limit is max(2 + 4, 2 × 2) = 6.
+    let mut hpa = Hpa::new(0.1);
+    hpa.current = 2;
+    assert_eq!(hpa.desired(&bounds(), &at(0, 2, 2, 0, 0)), 6);
+    // 10 ready at 100 %: limit max(14, 20) = 20.
+    let mut hpa = Hpa::new(0.1);
+    hpa.current = 10;
+    assert_eq!(hpa.desired(&bounds(), &at(0, 10, 10, 0, 0)), 20);
+}
+
+#[test]
+fn hpa_acts_only_every_fifteen_seconds() {
+    let mut hpa = Hpa::new(0.5);
+    hpa.current = 4;
+    assert_eq!(hpa.desired(&bounds(), &at(100, 4, 4, 0, 0)), 8);
+    // 14 s later nothing changes whatever the metric says.
+    assert_eq!(hpa.desired(&bounds(), &at(114, 8, 8, 0, 0)), 8);
+    assert_eq!(hpa.desired(&bounds(), &at(115, 8, 8, 0, 0)), 16);
+}
+
+#[test]
+fn hpa_stabilises_scale_down_over_five_minutes_and_keeps_one() {
+    let mut hpa = Hpa::new(0.5);
+    hpa.current = 10;
+    // Recommends 10 (5 busy of 10 at target 0.5 is on target).
+    assert_eq!(hpa.desired(&bounds(), &at(0, 10, 5, 0, 0)), 10);
+    // Load vanishes: the recommendation is 0, but the highest of the last 300 s (10) wins.
+    for t in (15..=300).step_by(15) {
+        assert_eq!(hpa.desired(&bounds(), &at(t, 10, 0, 0, 0)), 10, "at {t} s");
+    }
+    // Once the 10 is older than 300 s, HPA goes down, but never below one instance.
+    assert_eq!(hpa.desired(&bounds(), &at(315, 10, 0, 0, 0)), 1);
+}
+
+#[test]
+fn kpa_scales_on_the_sixty_second_average_concurrency() {
+    // 14 requests in the system for a minute; per-instance target 1 × 0.7: ceil(14 / 0.7) = 20.
+    let mut kpa = Kpa::new(0.7);
+    let mut desired = 0;
+    for t in 0..60 {
+        desired = kpa.desired(&bounds(), &at(t, 20, 14, 0, 0));
+    }
+    assert_eq!(desired, 20);
+}
+
+#[test]
+fn kpa_panics_on_a_burst_and_does_not_scale_down_while_panicking() {
+    let mut kpa = Kpa::new(1.0);
+    // A minute of 2 in flight on 2 instances: stable.
+    for t in 0..60 {
+        assert_eq!(kpa.desired(&bounds(), &at(t, 2, 2, 0, 0)), 2);
+    }
+    // A burst: 2 busy + 18 queued for 6 s. The 6 s average reaches 2 + 18 = 20 → 20 wanted,
+    // ≥ 200 % of 2 ready: panic, and scale on the panic window.
+    let mut desired = 0;
+    for t in 60..66 {
+        desired = kpa.desired(&bounds(), &at(t, 2, 2, 18, 0));
+    }
+    assert_eq!(desired, 20);
+    assert!(kpa.panicking_since.is_some());
+    // Load drops back right away: still panicking, so no scale down for 60 s.
+    for t in 66..125 {
+        assert_eq!(kpa.desired(&bounds(), &at(t, 20, 2, 0, 0)), 20, "at {t} s");
+    }
+    // 60 s after the last panic condition, back to the stable window's answer (2 busy → 2).
+    assert_eq!(kpa.desired(&bounds(), &at(126, 20, 2, 0, 0)), 2);
+}
+
+#[test]
+fn kpa_scales_to_zero_after_a_quiet_stable_window() {
+    let mut kpa = Kpa::new(0.7);
+    for t in 0..60 {
+        kpa.desired(&bounds(), &at(t, 1, 0, 0, 0));
+    }
+    assert_eq!(kpa.desired(&bounds(), &at(60, 1, 0, 0, 0)), 0);
+}
+
+#[test]
+fn aws_forecast_raises_capacity_a_buffer_ahead_and_never_scales_in_on_it() {
+    // Two days of history: 100 req/s from 10:00 to 11:00, 1 req/s otherwise; service time
+    // 100 ms (learned from Little's law: in flight = rate × service time).
+    let mut aws = AwsPredictive::new(0.5);
+    let mut arrivals = 0u64;
+    let day = 86_400;
+    let rate_at = |t: u64| {
+        if (36_000..39_600).contains(&(t % day)) {
+            100
+        } else {
+            1
+        }
+    };
+    let mut last = 0;
+    for t in 0..=(2 * day + 35_700) {
+        let rate = rate_at(t);
+        arrivals += rate;
+        // Enough instances that nothing queues; in flight = rate × 0.1 s (0 when quiet).
+        let busy = (rate as f64 * 0.1).floor() as u32;
+        last = aws.desired(&bounds(), &at(t, 40, busy, 0, arrivals));
+    }
+    // At 09:55 on day 3 the forecast for 10:00 (100 req/s at 10 req/s per instance at 50 %
+    // target) already asks for 20 instances, before any load arrived.
+    assert_eq!(
+        last, 20,
+        "capacity is launched 5 minutes ahead of the forecast hour"
+    );
+    // At 11:30, load is back to 1 req/s; the forecast minimum falls, but scale-in is left to
+    // target tracking, which waits out its 300 s cooldown.
+    let mut t = 2 * day + 35_701;
+    while t < 2 * day + 41_400 {
+        let rate = rate_at(t);
+        arrivals += rate;
+        last = aws.desired(
+            &bounds(),
+            &at(t, 40, (rate as f64 * 0.1).floor() as u32, 0, arrivals),
+        );
+        t += 1;
+    }
+    assert!(
+        last < 20,
+        "after the busy hour and the cooldown, target tracking scales in: {last}"
+    );
+}
+
+#[test]
+fn oracle_covers_the_peak_of_its_window_one_lead_ahead() {
+    let rates: Vec<f64> = vec![0.0, 0.0, 0.0, 50.0, 10.0, 0.0, 0.0];
+    // Lead 2 s, window 2 s, 10 req/s per instance at 100 %: at t=1 it looks at [3, 5) → 50.
+    let mut oracle = Oracle::new(
+        rates.into(),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        10.0,
+        1.0,
+    );
+    assert_eq!(oracle.desired(&bounds(), &at(1, 0, 0, 0, 0)), 5);
+    assert_eq!(oracle.desired(&bounds(), &at(3, 5, 0, 0, 0)), 0);
+}
+
+#[test]
+fn predictive_provisions_ahead_of_a_rising_ramp() {
+    // A steady climb of 1 req/s each second; with a 30 s lead, the policy must already ask
+    // for what the rate will be in 30 s, which the reactive guard alone would not.
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    let mut arrivals = 0u64;
+    let mut desired = 0;
+    for t in 0..300u64 {
+        arrivals += t;
+        let busy = (t as f64 * 0.1).ceil() as u32;
+        desired = predictive.desired(&bounds(), &at(t, 100, busy, 0, arrivals));
+    }
+    // Now 299 req/s needs 30 instances at 100 %; in 31 s, 330 req/s → 44 at 75 %.
+    assert!(desired >= 44, "{desired}");
+}
