@@ -500,8 +500,9 @@ impl Policy for Predictive {
     }
 }
 
-/// Perfect foresight: at each moment, the capacity that covers the highest arrival rate in
-/// the window that starts when an instance started now would be ready. Exists only in the
+/// Perfect foresight: at each moment, the capacity that covers the highest arrival rate
+/// between now and the end of the window that starts when an instance asked for now would be
+/// ready (an instance released now could not come back sooner). Exists only in the
 /// simulator, as the lower bound every policy is measured against. Its knobs are the window
 /// (smoothing) and the utilisation it runs instances at.
 #[derive(Debug, Clone)]
@@ -539,8 +540,11 @@ impl Oracle {
 impl Policy for Oracle {
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
         let index = (observation.now.as_secs_f64() / self.step.as_secs_f64()).round() as usize;
-        let from = (index + self.lead_steps).min(self.rates.len());
-        let to = (from + self.window_steps).min(self.rates.len());
+        // An instance removed now cannot be back before `lead` has passed, so keep what any
+        // moment from now until an instance asked for now would be ready (plus the window)
+        // needs; add exactly `lead` ahead of need.
+        let from = index.min(self.rates.len());
+        let to = (index + self.lead_steps + self.window_steps).min(self.rates.len());
         let peak = self.rates[from..to].iter().copied().fold(0.0, f64::max);
         // Also cover work already waiting, which foresight of arrivals alone does not see.
         let backlog = load(observation) / f64::from(bounds.concurrency.max(1));

@@ -176,9 +176,10 @@ fn aws_forecast_raises_capacity_a_buffer_ahead_and_never_scales_in_on_it() {
 }
 
 #[test]
-fn oracle_covers_the_peak_of_its_window_one_lead_ahead() {
-    let rates: Vec<f64> = vec![0.0, 0.0, 0.0, 50.0, 10.0, 0.0, 0.0];
-    // Lead 2 s, window 2 s, 10 req/s per instance at 100 %: at t=1 it looks at [3, 5) → 50.
+fn oracle_keeps_what_the_next_lead_needs_and_adds_one_lead_ahead() {
+    let rates: Vec<f64> = vec![0.0, 0.0, 0.0, 50.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    // Lead 2 s, window 2 s, 10 req/s per instance at 100 %: at t it keeps what [t, t + 4)
+    // needs.
     let mut oracle = Oracle::new(
         rates.into(),
         Duration::from_secs(1),
@@ -187,8 +188,12 @@ fn oracle_covers_the_peak_of_its_window_one_lead_ahead() {
         10.0,
         1.0,
     );
-    assert_eq!(oracle.desired(&bounds(), &at(1, 0, 0, 0, 0)), 5);
-    assert_eq!(oracle.desired(&bounds(), &at(3, 5, 0, 0, 0)), 0);
+    // [0, 4) holds the 50 req/s at t=3: 5 instances, asked for in time to be ready.
+    assert_eq!(oracle.desired(&bounds(), &at(0, 0, 0, 0, 0)), 5);
+    // [4, 8): only the 10 req/s at t=4 is left → 1 instance.
+    assert_eq!(oracle.desired(&bounds(), &at(4, 5, 0, 0, 0)), 1);
+    // [5, 9): nothing.
+    assert_eq!(oracle.desired(&bounds(), &at(5, 1, 0, 0, 0)), 0);
 }
 
 #[test]
