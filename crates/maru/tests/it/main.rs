@@ -6,3 +6,4 @@ mod harness;
 mod lifecycle;
 mod limits;
 mod processes;
+mod sim;
