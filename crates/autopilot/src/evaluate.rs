@@ -54,7 +54,7 @@ impl PolicyKind {
             PolicyKind::Static => "instances",
             PolicyKind::Reactive => "-",
             PolicyKind::Hpa | PolicyKind::Kpa | PolicyKind::AwsPredictive => "target utilisation",
-            PolicyKind::Predictive => "utilisation (q99 of forecast error)",
+            PolicyKind::Predictive => "error quantile knob (0.999 - knob / 2)",
             PolicyKind::Oracle => "utilisation, window s",
         }
     }
@@ -65,6 +65,21 @@ impl PolicyKind {
 pub struct Knob {
     pub value: f64,
     pub window: Duration,
+}
+
+/// Steps at the start of a trace that are simulated but not measured: every policy starts
+/// from its own idle state, which no running service is in. The shorter of one hour and a
+/// tenth of the trace.
+pub fn warm_up_steps(len: usize, step: Duration) -> usize {
+    let hour = (3600.0 / step.as_secs_f64().max(1e-9)) as usize;
+    hour.min(len / 10)
+}
+
+/// The predictive policy's tuning knob, in the same "higher is cheaper" sense as the
+/// others' utilisation targets: it sets the quantile of forecast error provisioned for,
+/// from 0.974 (knob 0.05) down to 0.524 (knob 0.95).
+pub fn predictive_quantile(knob: f64) -> f64 {
+    0.999 - 0.5 * knob.clamp(0.0, 1.0)
 }
 
 /// Build a policy. `rates` is the whole trace (only the oracle looks at it).
@@ -84,8 +99,8 @@ pub fn build(
         PolicyKind::AwsPredictive => Box::new(AwsPredictive::new(knob.value)),
         PolicyKind::Predictive => Box::new(Predictive::new(
             Caution {
-                quantile: 0.99,
-                utilisation: knob.value,
+                quantile: predictive_quantile(knob.value),
+                utilisation: 0.9,
             },
             config.startup,
         )),
@@ -111,7 +126,7 @@ pub fn default_knob(kind: PolicyKind, config: &SimConfig) -> Knob {
         PolicyKind::Hpa | PolicyKind::AwsPredictive => Knob { value: 0.5, window },
         PolicyKind::Kpa => Knob { value: 0.7, window },
         PolicyKind::Predictive => Knob {
-            value: Caution::NORMAL.utilisation,
+            value: (0.999 - Caution::NORMAL.quantile) * 2.0,
             window,
         },
         PolicyKind::Reactive | PolicyKind::Oracle => Knob { value: 1.0, window },
@@ -159,8 +174,9 @@ pub fn tune(
 ) -> Tuned {
     let train: Arc<[f64]> = rates[..train_end].into();
     // The oracle reads the future from the same array it is simulated over.
+    let warm_up = warm_up_steps(train.len(), config.step);
     let attempt = |knob: Knob, progress: &mut dyn FnMut(usize, usize)| {
-        run(kind, knob, &train, config, 0, progress)
+        run(kind, knob, &train, config, warm_up, progress)
     };
     let window = Duration::from_secs(1).max(config.step);
     match kind {

@@ -449,8 +449,11 @@ impl Policy for Predictive {
                     break;
                 }
                 self.pending.pop_front();
+                // Errors are ratios on a floor of one instance's worth of demand, so a miss of a
+                // few requests at a near-zero forecast is not a thousandfold error.
+                let floor = self.per_instance_rate.per_instance(bounds);
                 if predicted > 0.5 || rate > 0.5 {
-                    self.errors.push_back(rate / predicted.max(0.5));
+                    self.errors.push_back((rate + floor) / (predicted + floor));
                     if self.errors.len() > Self::ERRORS_KEPT {
                         self.errors.pop_front();
                     }
@@ -469,7 +472,8 @@ impl Policy for Predictive {
             self.since_margin = 0;
         }
         let error_margin = self.margin.unwrap_or(2.0);
-        let provisioned_rate = forecast * error_margin;
+        let floor = self.per_instance_rate.per_instance(bounds);
+        let provisioned_rate = ((forecast + floor) * error_margin - floor).max(0.0);
         let capacity = self.per_instance_rate.per_instance(bounds) * self.caution.utilisation;
         let forecast_instances = if capacity > 0.0 {
             (provisioned_rate / capacity).ceil() as u32

@@ -8,8 +8,9 @@
 //! - a request served `k` steps after the step it arrived in has latency
 //!   `k × step + service_time`; it is within the SLO if that is at most `slo`;
 //! - a request still waiting after `timeout` is dropped (a failure);
-//! - an instance asked for at step `t` is ready `startup` later, and costs from the moment it
-//!   is asked for; only idle ready instances are stopped (never busy or starting ones);
+//! - an instance asked for at the end of a step is ready `startup` later (serving for the rest
+//!   of the step it becomes ready in), and costs from the moment it is asked for; only idle
+//!   ready instances are stopped (never busy or starting ones);
 //! - the policy sees observations `metric_delay` old;
 //! - energy is a linear power model per instance: `idle_watts` when idle, `busy_watts` when
 //!   fully busy, linear in between; starting instances draw `busy_watts`.
@@ -189,7 +190,13 @@ pub fn simulate(
             }
         }
         let ready = instances.iter().filter(|i| i.ready_at <= t).count();
-        let mut capacity = ready as f64 * per_instance * dt;
+        // An instance that becomes ready during the step serves for the rest of it; with
+        // long steps (per-minute traces) this matters.
+        let ready_seconds: f64 = instances
+            .iter()
+            .map(|i| (t + dt - i.ready_at).clamp(0.0, dt))
+            .sum();
+        let mut capacity = ready_seconds * per_instance;
         let full_capacity = capacity;
         let mut served = 0.0;
         while capacity > 1e-12 {

@@ -155,7 +155,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let measure_from = if args.tune {
         (rates.len() as f64 * args.train) as usize
     } else {
-        0
+        evaluate::warm_up_steps(rates.len(), trace.step)
     };
 
     let bar = if args.json {
@@ -269,7 +269,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 args.train * 100.0
             )
         } else {
-            String::new()
+            format!(", measured after a warm-up of {measure_from} steps")
         }
     );
     println!(
