@@ -15,7 +15,7 @@ pub mod sim;
 pub mod traces;
 
 /// What a policy sees of one service at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observation {
     /// Monotonic time since an arbitrary origin fixed for the life of the service.
     pub now: Duration,
@@ -30,6 +30,9 @@ pub struct Observation {
     /// Requests that have arrived since the service started (admitted or not): demand, the
     /// signal forecasting policies learn from. Rates are differences of this count.
     pub arrivals_total: u64,
+    /// How long the most recent instance took to become ready, once measured: the lead
+    /// time a forecasting policy must look ahead.
+    pub startup_last: Option<Duration>,
 }
 
 /// Activity of one ready instance.
@@ -59,6 +62,58 @@ pub struct ScalingBounds {
 pub trait Policy: Send {
     /// The number of instances (ready plus starting) the service should have.
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32;
+
+    /// The arrival rate (requests per second) the policy expects one start-up lead ahead,
+    /// if it forecasts at all.
+    fn forecast(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// Calls a policy at most once per `period` (policies with time windows are built for
+/// regular observations, and the platform observes irregularly, on every wake-up), and in
+/// between returns its last answer, raised at once if work is waiting with no capacity at
+/// all, so a scale from zero never waits for the next period.
+pub struct Paced<P> {
+    pub inner: P,
+    pub period: Duration,
+    last: Option<(Duration, u32)>,
+}
+
+impl<P: Policy> Paced<P> {
+    pub fn new(inner: P, period: Duration) -> Self {
+        Paced {
+            inner,
+            period,
+            last: None,
+        }
+    }
+}
+
+impl<P: Policy> Policy for Paced<P> {
+    fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
+        let answer = match self.last {
+            Some((at, answer)) if observation.now < at + self.period => answer,
+            _ => {
+                let answer = self.inner.desired(bounds, observation);
+                self.last = Some((observation.now, answer));
+                answer
+            }
+        };
+        let no_capacity = observation.ready.is_empty() && observation.starting == 0;
+        let waiting = observation.queued + observation.in_flight;
+        if no_capacity && waiting > 0 {
+            return clamp_desired(
+                bounds,
+                answer.max(waiting.div_ceil(bounds.concurrency.max(1))),
+            );
+        }
+        answer
+    }
+
+    fn forecast(&self) -> Option<f64> {
+        self.inner.forecast()
+    }
 }
 
 /// Clamp a policy's answer to the service's bounds.
@@ -136,6 +191,7 @@ mod tests {
                 })
                 .collect(),
             arrivals_total: 0,
+            startup_last: None,
         };
         let desired = Reactive.desired(&bounds, &observation);
         expect.assert_eq(&desired.to_string());
@@ -200,5 +256,35 @@ mod tests {
     #[test]
     fn busy_instance_is_kept_even_if_idle_since_is_old() {
         check(bounds(), 100, 1, 0, 0, &[(1, 0)], expect!["1"]);
+    }
+
+    #[test]
+    fn paced_asks_the_inner_policy_once_per_period_but_never_delays_a_cold_start() {
+        struct Counting(u32);
+        impl Policy for Counting {
+            fn desired(&mut self, _: &ScalingBounds, _: &Observation) -> u32 {
+                self.0 += 1;
+                0
+            }
+        }
+        let mut paced = Paced::new(Counting(0), Duration::from_secs(1));
+        let at = |ms: u64, queued: u32| Observation {
+            now: Duration::from_millis(ms),
+            queued,
+            ..Observation::default()
+        };
+        for ms in [0, 200, 400, 999] {
+            assert_eq!(paced.desired(&bounds(), &at(ms, 0)), 0);
+        }
+        assert_eq!(paced.inner.0, 1, "one call within the first second");
+        // Work arrives with nothing running: answered at once, between periods.
+        assert_eq!(paced.desired(&bounds(), &at(1100, 3)), 3);
+        assert_eq!(paced.inner.0, 2);
+        assert_eq!(
+            paced.desired(&bounds(), &at(1500, 3)),
+            3,
+            "still between periods, still guarded"
+        );
+        assert_eq!(paced.inner.0, 2);
     }
 }

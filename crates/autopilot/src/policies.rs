@@ -392,6 +392,7 @@ pub struct Predictive {
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
     recent_desired: VecDeque<(Duration, u32)>,
+    last_forecast: Option<f64>,
     /// The error quantile, recomputed every [`Self::MARGIN_EVERY`] observations.
     margin: Option<f64>,
     since_margin: u32,
@@ -410,6 +411,7 @@ impl Predictive {
             pending: VecDeque::new(),
             errors: VecDeque::new(),
             recent_desired: VecDeque::new(),
+            last_forecast: None,
             margin: None,
             since_margin: 0,
         }
@@ -438,6 +440,10 @@ impl Predictive {
 }
 
 impl Policy for Predictive {
+    fn forecast(&self) -> Option<f64> {
+        self.last_forecast
+    }
+
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
         let now = observation.now;
         if let Some(rate) = self.rate.update(observation) {
@@ -460,8 +466,12 @@ impl Policy for Predictive {
                 }
             }
         }
-        let horizon = self.lead + Duration::from_secs(1);
+        let lead = observation
+            .startup_last
+            .map_or(self.lead, |measured| measured.max(self.lead));
+        let horizon = lead + Duration::from_secs(1);
         let forecast = self.forecast(now, horizon);
+        self.last_forecast = Some(forecast);
         self.pending.push_back((now + horizon, forecast));
         self.since_margin += 1;
         if self.errors.len() >= 30

@@ -149,14 +149,7 @@ pub fn simulate(
 
     // Every policy starts in its own steady state: what it asks for before any traffic is
     // there at time zero.
-    let start = Observation {
-        now: Duration::ZERO,
-        in_flight: 0,
-        queued: 0,
-        starting: 0,
-        ready: Vec::new(),
-        arrivals_total: 0,
-    };
+    let start = Observation::default();
     for _ in 0..policy.desired(&config.bounds, &start) {
         instances.push(SimInstance {
             ready_at: 0.0,
@@ -256,6 +249,7 @@ pub fn simulate(
             starting: starting as u32,
             ready: activity.clone(),
             arrivals_total: arrivals_total as u64,
+            startup_last: Some(config.startup),
         });
         let observed = if observations.len() > delay_steps {
             observations

@@ -58,6 +58,51 @@ pub struct ServiceManifest {
     pub body_limit_bytes: u64,
     pub outbound: Vec<Origin>,
     pub env: BTreeMap<String, String>,
+    pub scaling: Scaling,
+}
+
+/// Which policy scales the service, and its one knob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scaling {
+    pub policy: ScalingPolicy,
+    /// Target utilisation in percent, for `hpa`, `kpa` and `aws-predictive`.
+    pub target_percent: Option<u32>,
+    /// For `predictive`.
+    pub caution: CautionLevel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScalingPolicy {
+    Reactive,
+    Hpa,
+    Kpa,
+    AwsPredictive,
+    Predictive,
+}
+
+impl ScalingPolicy {
+    pub const ALL: [(&'static str, ScalingPolicy); 5] = [
+        ("reactive", ScalingPolicy::Reactive),
+        ("hpa", ScalingPolicy::Hpa),
+        ("kpa", ScalingPolicy::Kpa),
+        ("aws-predictive", ScalingPolicy::AwsPredictive),
+        ("predictive", ScalingPolicy::Predictive),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("reactive")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CautionLevel {
+    Conservative,
+    Normal,
+    Aggressive,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +186,7 @@ impl ServiceManifest {
         );
         check("outbound", self.outbound != other.outbound);
         check("env", self.env != other.env);
+        check("scaling", self.scaling != other.scaling);
         changed
     }
 }
@@ -210,6 +256,15 @@ struct RawService {
     stop_signal: Option<Spanned<String>>,
     stop_timeout: Option<Spanned<String>>,
     cpu_time: Option<Spanned<String>>,
+    scaling: Option<Spanned<RawScaling>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScaling {
+    policy: Option<Spanned<String>>,
+    target: Option<Spanned<f64>>,
+    caution: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -642,9 +697,11 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             }
             env.insert(key.clone(), value.get_ref().clone());
         }
+        let scaling = scaling(&mut parser, &at, service.scaling.as_ref())?;
         services.insert(
             service_name.clone(),
             ServiceManifest {
+                scaling,
                 workload,
                 routes,
                 hosts,
@@ -668,6 +725,99 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         file: file.to_string(),
         text: text.to_string(),
         spans: parser.spans,
+    })
+}
+
+fn scaling(
+    parser: &mut Parser<'_>,
+    at: &dyn Fn(&str) -> String,
+    raw: Option<&Spanned<RawScaling>>,
+) -> Result<Scaling, ManifestError> {
+    let Some(raw) = raw else {
+        return Ok(Scaling {
+            policy: ScalingPolicy::Reactive,
+            target_percent: None,
+            caution: CautionLevel::Normal,
+        });
+    };
+    parser.note(&at("scaling"), raw);
+    let policy = match &raw.get_ref().policy {
+        None => ScalingPolicy::Reactive,
+        Some(name) => ScalingPolicy::ALL
+            .iter()
+            .find(|(n, _)| n == name.get_ref())
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                parser.error(
+                    &at("scaling.policy"),
+                    name.span(),
+                    format!("`{}` is not a scaling policy", name.get_ref()),
+                    Some(format!(
+                        "use one of {}",
+                        ScalingPolicy::ALL.map(|(n, _)| n).join(", ")
+                    )),
+                )
+            })?,
+    };
+    let target_percent = match &raw.get_ref().target {
+        None => None,
+        Some(target)
+            if !matches!(
+                policy,
+                ScalingPolicy::Hpa | ScalingPolicy::Kpa | ScalingPolicy::AwsPredictive
+            ) =>
+        {
+            return Err(parser.error(
+                &at("scaling.target"),
+                target.span(),
+                format!(
+                    "`target` applies to hpa, kpa and aws-predictive, not {}",
+                    policy.name()
+                ),
+                None,
+            ));
+        }
+        Some(target) => {
+            let value = *target.get_ref();
+            if !(0.05..=1.0).contains(&value) {
+                return Err(parser.error(
+                    &at("scaling.target"),
+                    target.span(),
+                    format!("{value} is out of range"),
+                    Some("a target utilisation from 0.05 to 1.0".into()),
+                ));
+            }
+            Some((value * 100.0).round() as u32)
+        }
+    };
+    let caution = match &raw.get_ref().caution {
+        None => CautionLevel::Normal,
+        Some(level) if policy != ScalingPolicy::Predictive => {
+            return Err(parser.error(
+                &at("scaling.caution"),
+                level.span(),
+                "`caution` applies to the predictive policy",
+                None,
+            ));
+        }
+        Some(level) => match level.get_ref().as_str() {
+            "conservative" => CautionLevel::Conservative,
+            "normal" => CautionLevel::Normal,
+            "aggressive" => CautionLevel::Aggressive,
+            other => {
+                return Err(parser.error(
+                    &at("scaling.caution"),
+                    level.span(),
+                    format!("`{other}` is not a caution level"),
+                    Some("use conservative, normal or aggressive".into()),
+                ));
+            }
+        },
+    };
+    Ok(Scaling {
+        policy,
+        target_percent,
+        caution,
     })
 }
 

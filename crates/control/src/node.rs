@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use autopilot::{Reactive, ScalingBounds};
+use autopilot::policies::{AwsPredictive, Caution, Hpa, Kpa, Predictive};
+use autopilot::{Paced, Policy, Reactive, ScalingBounds};
 use gateway::{Backend, Gateway, RouteKey, RouteTable, Service, ServiceConfig};
 use maru_api::{
     AppInfo, DeployRequest, DeployResponse, RevisionInfo, ServiceChange, ServiceStatus,
@@ -16,7 +17,10 @@ use runtime::{
 };
 use tokio::task::JoinSet;
 
-use crate::manifest::{self, AppManifest, ManifestError, ServiceManifest, Workload};
+use crate::manifest::{
+    self, AppManifest, CautionLevel, ManifestError, Scaling, ScalingPolicy, ServiceManifest,
+    Workload,
+};
 use crate::state::{RevisionRecord, State, StateError};
 
 /// Errors of control operations, shaped for the API to map to statuses.
@@ -294,7 +298,7 @@ impl Node {
         Ok(Service::start(
             config,
             self.runtime.clone(),
-            Box::new(Reactive),
+            policy_for(&manifest.scaling),
         ))
     }
 
@@ -538,6 +542,8 @@ impl Node {
                     instance_starts: metrics.instance_starts,
                     instance_seconds: metrics.instance_seconds,
                     startup_last_ms: metrics.startup_last_ms,
+                    policy: manifest.scaling.policy.name().into(),
+                    forecast_requests_per_second: running.service.metrics.forecast(),
                 }
             })
             .collect()
@@ -590,6 +596,34 @@ impl Node {
             retiring.spawn(async move { service.shutdown().await });
         }
         while retiring.join_next().await.is_some() {}
+    }
+}
+
+/// The policy a service's manifest asks for. Policies with time windows observe once a
+/// second (see `autopilot::Paced`); the reactive one on every wake-up.
+fn policy_for(scaling: &Scaling) -> Box<dyn Policy> {
+    let second = std::time::Duration::from_secs(1);
+    let target = |default: f64| {
+        scaling
+            .target_percent
+            .map_or(default, |p| f64::from(p) / 100.0)
+    };
+    match scaling.policy {
+        ScalingPolicy::Reactive => Box::new(Reactive),
+        ScalingPolicy::Hpa => Box::new(Paced::new(Hpa::new(target(0.5)), second)),
+        ScalingPolicy::Kpa => Box::new(Paced::new(Kpa::new(target(0.7)), second)),
+        ScalingPolicy::AwsPredictive => {
+            Box::new(Paced::new(AwsPredictive::new(target(0.5)), second))
+        }
+        ScalingPolicy::Predictive => {
+            let caution = match scaling.caution {
+                CautionLevel::Conservative => Caution::CONSERVATIVE,
+                CautionLevel::Normal => Caution::NORMAL,
+                CautionLevel::Aggressive => Caution::AGGRESSIVE,
+            };
+            // The horizon grows to the measured start-up time once instances have started.
+            Box::new(Paced::new(Predictive::new(caution, second), second))
+        }
     }
 }
 

@@ -22,6 +22,8 @@ pub struct ServiceMetrics {
     pub in_flight: Arc<AtomicU64>,
     /// Requests that reached the service (demand), admitted or not.
     pub arrivals: AtomicU64,
+    /// `f64` bits of the policy's forecast; `u64::MAX` for none.
+    forecast_bits: AtomicU64,
     pub instance_starts: AtomicU64,
     pub cold_starts: AtomicU64,
     pub instance_failures: AtomicU64,
@@ -66,6 +68,7 @@ impl ServiceMetrics {
             origin: now,
             in_flight: Arc::new(AtomicU64::new(0)),
             arrivals: AtomicU64::new(0),
+            forecast_bits: AtomicU64::new(u64::MAX),
             instance_starts: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),
@@ -114,6 +117,21 @@ impl ServiceMetrics {
             *slot = (second, 0);
         }
         slot.1 += 1;
+    }
+
+    pub fn startup_last(&self) -> Option<Duration> {
+        self.lock().startup_last
+    }
+
+    /// The policy's latest forecast of the arrival rate, if it forecasts.
+    pub fn set_forecast(&self, forecast: Option<f64>) {
+        self.forecast_bits
+            .store(forecast.map_or(u64::MAX, f64::to_bits), Ordering::Relaxed);
+    }
+
+    pub fn forecast(&self) -> Option<f64> {
+        let bits = self.forecast_bits.load(Ordering::Relaxed);
+        (bits != u64::MAX).then(|| f64::from_bits(bits))
     }
 
     pub fn in_flight_counter(&self) -> Arc<AtomicU64> {
@@ -214,6 +232,12 @@ impl ServiceMetrics {
             "maru_request_duration_seconds_count{{{labels}}} {}",
             inner.latency_count
         );
+        if let Some(forecast) = self.forecast() {
+            _ = writeln!(
+                out,
+                "maru_forecast_requests_per_second{{{labels}}} {forecast:.3}"
+            );
+        }
         _ = writeln!(
             out,
             "maru_instance_startup_seconds_sum{{{labels}}} {:.6}",
@@ -331,6 +355,11 @@ pub fn render_preamble(out: &mut String) {
             "maru_instance_startup_last_seconds",
             "gauge",
             "Startup time of the most recently started instance.",
+        ),
+        (
+            "maru_forecast_requests_per_second",
+            "gauge",
+            "The scaling policy's forecast of the arrival rate one start-up lead ahead (forecasting policies only).",
         ),
     ] {
         _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -329,9 +329,11 @@ impl Service {
                 })
                 .collect(),
             arrivals_total: self.metrics.arrivals.load(Ordering::Relaxed),
+            startup_last: self.metrics.startup_last(),
         };
         let current = observation.starting + observation.ready.len() as u32;
         let desired = policy.desired(&self.config.bounds, &observation);
+        self.metrics.set_forecast(policy.forecast());
         if desired > current {
             if pool
                 .no_start_before

@@ -99,6 +99,11 @@ pub struct ServiceStatus {
     pub instance_seconds: f64,
     /// Start-to-ready time of the most recently started instance.
     pub startup_last_ms: Option<f64>,
+    /// The scaling policy: `reactive`, `hpa`, `kpa`, `aws-predictive` or `predictive`.
+    pub policy: String,
+    /// What a forecasting policy expects the arrival rate to be one start-up lead ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast_requests_per_second: Option<f64>,
 }
 
 /// `GET /v1/logs/{app}/{service}?after=N&limit=M`.

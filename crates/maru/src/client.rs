@@ -290,15 +290,16 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:<9} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>5} {:>9} {:>10}",
+        "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>9} {:>10}",
         "SERVICE",
-        "KIND",
+        "KIND/POLICY",
         "REV",
         "READY",
         "START",
         "FLIGHT",
         "QUEUED",
         "REQ/S",
+        "FORECAST",
         "P50 ms",
         "P99 ms",
         "COLD",
@@ -307,15 +308,18 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
     );
     for s in services {
         println!(
-            "{:<28} {:<9} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8.2} {:>8.2} {:>5} {:>9.1} {:>10}",
+            "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8} {:>8.2} {:>8.2} {:>5} {:>9.1} {:>10}",
             format!("{}/{}", s.app, s.service),
-            s.kind,
+            format!("{} {}", s.kind, s.policy),
             s.revision,
             format!("{}/{}", s.instances_ready, s.instances_max),
             s.instances_starting,
             s.in_flight,
             s.queued,
             s.requests_per_second,
+            s.forecast_requests_per_second
+                .map(|f| format!("{f:.1}"))
+                .unwrap_or_else(|| "-".into()),
             s.latency_p50_ms,
             s.latency_p99_ms,
             s.cold_starts,

@@ -30,6 +30,7 @@ fn at(now_s: u64, ready: u32, busy: u32, queued: u32, arrivals: u64) -> Observat
             })
             .collect(),
         arrivals_total: arrivals,
+        startup_last: None,
     }
 }
 

@@ -78,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -263,6 +263,55 @@ fn process_fields_are_checked() {
         expect![[r#"
             maru.toml:3:1: `service.web.component`: the service has neither `component` nor `command`
               hint: add component = "path/to/service.wasm" (relative to this manifest), or command = ["program", "arg"] to run a program"#]],
+    );
+}
+
+#[test]
+fn scaling_policies_parse_and_are_checked() {
+    let with = |scaling: &str| GOOD.replace("concurrency = 1", scaling);
+    let parsed = parse(
+        "maru.toml",
+        &with("scaling = { policy = \"hpa\", target = 0.6 }"),
+    )
+    .expect("hpa");
+    assert_eq!(
+        parsed.services["hello"].scaling,
+        Scaling {
+            policy: ScalingPolicy::Hpa,
+            target_percent: Some(60),
+            caution: CautionLevel::Normal
+        }
+    );
+    let parsed = parse(
+        "maru.toml",
+        &with("scaling = { policy = \"predictive\", caution = \"conservative\" }"),
+    )
+    .expect("predictive");
+    assert_eq!(
+        parsed.services["hello"].scaling.caution,
+        CautionLevel::Conservative
+    );
+    assert_eq!(
+        parse("maru.toml", GOOD).expect("default").services["hello"]
+            .scaling
+            .policy,
+        ScalingPolicy::Reactive
+    );
+    check(
+        &with("scaling = { policy = \"magic\" }"),
+        expect![[r#"
+            maru.toml:9:22: `service.hello.scaling.policy`: `magic` is not a scaling policy
+              hint: use one of reactive, hpa, kpa, aws-predictive, predictive"#]],
+    );
+    check(
+        &with("scaling = { policy = \"predictive\", target = 0.5 }"),
+        expect!["maru.toml:9:45: `service.hello.scaling.target`: `target` applies to hpa, kpa and aws-predictive, not predictive"],
+    );
+    check(
+        &with("scaling = { policy = \"kpa\", target = 1.5 }"),
+        expect![[r#"
+            maru.toml:9:38: `service.hello.scaling.target`: 1.5 is out of range
+              hint: a target utilisation from 0.05 to 1.0"#]],
     );
 }
 

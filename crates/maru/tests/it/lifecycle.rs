@@ -341,3 +341,55 @@ fn logs_capture_guest_output_and_platform_events() {
         "{json}"
     );
 }
+
+#[test]
+fn a_service_scales_with_the_policy_its_manifest_names() {
+    let node = Node::start();
+    node.deploy(
+        "hpa.toml",
+        &misbehave_manifest(
+            "steady",
+            "/hpa",
+            "scaling = { policy = \"hpa\", target = 0.5 }\nidle_timeout = \"1s\"",
+        ),
+    );
+    node.deploy(
+        "forecast.toml",
+        &misbehave_manifest(
+            "foreseen",
+            "/pred",
+            "scaling = { policy = \"predictive\", caution = \"aggressive\" }",
+        ),
+    );
+    assert_eq!(node.get("/hpa/echo").status, 200);
+    for _ in 0..20 {
+        assert_eq!(node.get("/pred/echo").status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hpa = node.service("steady", "guest");
+    assert_eq!(hpa["policy"], "hpa");
+    // Unlike the reactive default, HPA never scales to zero: well past idle_timeout, one
+    // instance stays.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(node.service("steady", "guest")["instances_ready"], 1);
+    let predictive = node.service("foreseen", "guest");
+    assert_eq!(predictive["policy"], "predictive");
+    assert!(
+        predictive["forecast_requests_per_second"]
+            .as_f64()
+            .is_some(),
+        "a forecasting policy's forecast is shown: {predictive}"
+    );
+    let ps = node.cli_ok(&["ps"]);
+    assert!(
+        ps.contains("FORECAST") && ps.contains("component predictive"),
+        "{ps}"
+    );
+    let metrics = node
+        .control_api("GET", "/metrics", Some(&node.token), None)
+        .body;
+    assert!(
+        metrics.contains("maru_forecast_requests_per_second{app=\"foreseen\""),
+        "{metrics}"
+    );
+}
