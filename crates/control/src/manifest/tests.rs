@@ -305,7 +305,9 @@ fn scaling_policies_parse_and_are_checked() {
     );
     check(
         &with("scaling = { policy = \"predictive\", target = 0.5 }"),
-        expect!["maru.toml:9:45: `service.hello.scaling.target`: `target` applies to hpa, kpa and aws-predictive, not predictive"],
+        expect![
+            "maru.toml:9:45: `service.hello.scaling.target`: `target` applies to hpa, kpa and aws-predictive, not predictive"
+        ],
     );
     check(
         &with("scaling = { policy = \"kpa\", target = 1.5 }"),

@@ -51,29 +51,21 @@ fn write_traces(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             .collect::<Vec<_>>()
             .join("\n"),
     );
+    let header = (1..=120)
+        .map(|m| format!("minute_{m}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let steady = (0..120)
+        .map(|m| (m * 7 % 50).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let bursts = (0..120)
+        .map(|m| if m % 30 == 0 { "500" } else { "0" })
+        .collect::<Vec<_>>()
+        .join(",");
     write(
         "azure-functions-2019-1000fn-per-minute.csv",
-        format!(
-            "HashFunction,HashApp,HashOwner,{}\n{}\n{}\n",
-            (1..=120)
-                .map(|m| format!("minute_{m}"))
-                .collect::<Vec<_>>()
-                .join(","),
-            format!(
-                "f1,a1,o1,{}",
-                (0..120)
-                    .map(|m| (m * 7 % 50).to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            format!(
-                "f2,a2,o2,{}",
-                (0..120)
-                    .map(|m| if m % 30 == 0 { "500" } else { "0" })
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-        ),
+        format!("HashFunction,HashApp,HashOwner,{header}\nf1,a1,o1,{steady}\nf2,a2,o2,{bursts}\n"),
     );
     files
 }
