@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+pub mod anomaly;
 pub mod evaluate;
 pub mod forecast;
 pub mod policies;

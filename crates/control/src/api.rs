@@ -43,6 +43,10 @@ pub fn router(node: Arc<Node>, token: String) -> Router {
         .route("/v1/apps/{app}", axum::routing::delete(remove_app))
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/services", get(list_services))
+        .route(
+            "/v1/anomalies",
+            get(|State(ctx): State<Ctx>| async move { json(&ctx.node.anomalies()) }),
+        )
         .route("/v1/logs/{app}/{service}", get(logs))
         .route(
             "/v1/blobs/{hash}",

@@ -549,6 +549,35 @@ impl Node {
             .collect()
     }
 
+    /// Anomalies of every running service, oldest first.
+    pub fn anomalies(&self) -> Vec<maru_api::AnomalyInfo> {
+        let running = self.running.lock().expect("running lock is never poisoned");
+        let mut all: Vec<maru_api::AnomalyInfo> = running
+            .iter()
+            .flat_map(|((app, name), running)| {
+                running
+                    .service
+                    .anomalies()
+                    .into_iter()
+                    .map(move |a| maru_api::AnomalyInfo {
+                        app: app.clone(),
+                        service: name.clone(),
+                        signal: a.signal.into(),
+                        unix_ms: a.unix_ms,
+                        value: a.value,
+                        expected: a.expected,
+                        direction: if a.high {
+                            "above".into()
+                        } else {
+                            "below".into()
+                        },
+                    })
+            })
+            .collect();
+        all.sort_by_key(|a| a.unix_ms);
+        all
+    }
+
     pub fn log(&self, app: &str, service: &str) -> Option<Arc<ServiceLog>> {
         self.logs
             .lock()

@@ -13,4 +13,4 @@ mod service;
 pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_preamble};
 pub use routes::{RouteKey, RouteTable};
 pub use server::{Gateway, GatewayConfig};
-pub use service::{Backend, Body, BoxError, Service, ServiceConfig, ServiceError};
+pub use service::{AnomalyRecord, Backend, Body, BoxError, Service, ServiceConfig, ServiceError};

@@ -22,6 +22,8 @@ pub struct ServiceMetrics {
     pub in_flight: Arc<AtomicU64>,
     /// Requests that reached the service (demand), admitted or not.
     pub arrivals: AtomicU64,
+    /// Anomalies found, by signal: traffic, latency, errors.
+    pub anomalies: [AtomicU64; 3],
     /// `f64` bits of the policy's forecast; `u64::MAX` for none.
     forecast_bits: AtomicU64,
     pub instance_starts: AtomicU64,
@@ -69,6 +71,7 @@ impl ServiceMetrics {
             in_flight: Arc::new(AtomicU64::new(0)),
             arrivals: AtomicU64::new(0),
             forecast_bits: AtomicU64::new(u64::MAX),
+            anomalies: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             instance_starts: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),
@@ -117,6 +120,22 @@ impl ServiceMetrics {
             *slot = (second, 0);
         }
         slot.1 += 1;
+    }
+
+    /// (requests finished, of them with a 5xx status, sum of their latencies in seconds),
+    /// since the service started.
+    pub fn totals(&self) -> (u64, u64, f64) {
+        let inner = self.lock();
+        let server_errors = inner
+            .by_status
+            .range(500..600)
+            .map(|(_, count)| count)
+            .sum();
+        (
+            inner.latency_count,
+            server_errors,
+            inner.latency_sum_seconds,
+        )
     }
 
     pub fn startup_last(&self) -> Option<Duration> {
@@ -232,6 +251,13 @@ impl ServiceMetrics {
             "maru_request_duration_seconds_count{{{labels}}} {}",
             inner.latency_count
         );
+        for (signal, count) in ["traffic", "latency", "errors"].iter().zip(&self.anomalies) {
+            _ = writeln!(
+                out,
+                "maru_anomalies_total{{{labels},signal=\"{signal}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
         if let Some(forecast) = self.forecast() {
             _ = writeln!(
                 out,
@@ -355,6 +381,11 @@ pub fn render_preamble(out: &mut String) {
             "maru_instance_startup_last_seconds",
             "gauge",
             "Startup time of the most recently started instance.",
+        ),
+        (
+            "maru_anomalies_total",
+            "counter",
+            "Anomalies found in the service's traffic (against the forecast or its baseline), latency and error rate.",
         ),
         (
             "maru_forecast_requests_per_second",

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use autopilot::anomaly::Detector;
 use autopilot::{InstanceActivity, Observation, Policy, ScalingBounds};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -134,6 +135,27 @@ pub struct Service {
     origin: Instant,
     intake_closed: CancellationToken,
     scaler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The most recent anomalies, newest last.
+    anomalies: Mutex<VecDeque<AnomalyRecord>>,
+}
+
+/// An anomaly found in one of a service's signals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyRecord {
+    /// `traffic` (requests per second), `latency` (mean ms) or `errors` (5xx fraction).
+    pub signal: &'static str,
+    pub unix_ms: u64,
+    pub value: f64,
+    pub expected: f64,
+    pub high: bool,
+}
+
+const ANOMALIES_KEPT: usize = 100;
+
+/// The three signals' detectors and the counters they were last fed from.
+struct AnomalyWatch {
+    detectors: [Detector; 3],
+    last: (u64, u64, u64, f64),
 }
 
 /// How an instance task ended.
@@ -163,6 +185,7 @@ impl Service {
             origin: now,
             intake_closed: CancellationToken::new(),
             scaler: Mutex::new(None),
+            anomalies: Mutex::new(VecDeque::new()),
         });
         let scaler = tokio::spawn(service.clone().scale_loop(policy));
         *service
@@ -263,11 +286,86 @@ impl Service {
         }
     }
 
+    pub fn anomalies(&self) -> Vec<AnomalyRecord> {
+        self.anomalies
+            .lock()
+            .expect("anomaly lock is never poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Once a second: feed each signal's detector, record and log what it finds.
+    fn watch(&self, watch: &mut AnomalyWatch, forecast: Option<f64>) {
+        let arrivals = self.metrics.arrivals.load(Ordering::Relaxed);
+        let (finished, errors, latency_sum) = self.metrics.totals();
+        let (last_arrivals, last_finished, last_errors, last_latency) = watch.last;
+        watch.last = (arrivals, finished, errors, latency_sum);
+        let done = finished.saturating_sub(last_finished);
+        let rate = arrivals.saturating_sub(last_arrivals) as f64;
+        let mean_latency_ms = if done > 0 {
+            (latency_sum - last_latency) / done as f64 * 1000.0
+        } else {
+            f64::NAN
+        };
+        let error_rate = if done > 0 {
+            errors.saturating_sub(last_errors) as f64 / done as f64
+        } else {
+            0.0
+        };
+        let values = [
+            (rate, forecast),
+            (mean_latency_ms, None),
+            (error_rate, None),
+        ];
+        for (index, ((value, expected), signal)) in values
+            .into_iter()
+            .zip(["traffic", "latency", "errors"])
+            .enumerate()
+        {
+            let Some(anomaly) = watch.detectors[index].observe(value, expected) else {
+                continue;
+            };
+            self.metrics.anomalies[index].fetch_add(1, Ordering::Relaxed);
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let direction = if anomaly.high { "above" } else { "below" };
+            self.log(&format!(
+                "anomaly: {signal} {:.3} is {direction} the expected {:.3} (σ {:.3})",
+                anomaly.value, anomaly.expected, anomaly.sigma
+            ));
+            tracing::warn!(service = %self.id(), signal, value = anomaly.value, expected = anomaly.expected, "anomaly");
+            let mut records = self
+                .anomalies
+                .lock()
+                .expect("anomaly lock is never poisoned");
+            if records.len() == ANOMALIES_KEPT {
+                records.pop_front();
+            }
+            records.push_back(AnomalyRecord {
+                signal,
+                unix_ms,
+                value: anomaly.value,
+                expected: anomaly.expected,
+                high: anomaly.high,
+            });
+        }
+    }
+
     async fn scale_loop(self: Arc<Self>, mut policy: Box<dyn Policy>) {
         let mut instances = JoinSet::new();
+        let mut watch = AnomalyWatch {
+            detectors: [Detector::new(1.0), Detector::new(5.0), Detector::new(0.02)],
+            last: (0, 0, 0, 0.0),
+        };
+        let mut every_second = tokio::time::interval(Duration::from_secs(1));
+        every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = self.intake_closed.cancelled() => break,
+                _ = every_second.tick() => self.watch(&mut watch, policy.forecast()),
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(SCALE_TICK) => {}
                 Some(joined) = instances.join_next(), if !instances.is_empty() => {

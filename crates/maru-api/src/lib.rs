@@ -150,3 +150,18 @@ pub struct ManifestLocation {
     pub column: usize,
     pub field: String,
 }
+
+/// `GET /v1/anomalies`: one entry per anomaly found, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyInfo {
+    pub app: String,
+    pub service: String,
+    /// `traffic` (requests per second), `latency` (mean ms) or `errors` (5xx fraction).
+    pub signal: String,
+    pub unix_ms: u64,
+    pub value: f64,
+    /// The forecast (traffic under a forecasting policy) or the signal's recent baseline.
+    pub expected: f64,
+    /// `above` or `below`.
+    pub direction: String,
+}

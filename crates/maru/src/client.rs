@@ -439,3 +439,31 @@ pub fn rollback(target: &Target, app: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+pub fn anomalies(target: &Target) -> anyhow::Result<()> {
+    let anomalies: Vec<maru_api::AnomalyInfo> =
+        Client::new(target)?.get("list anomalies", "/v1/anomalies")?;
+    if target.json {
+        return print_json(&anomalies);
+    }
+    if anomalies.is_empty() {
+        println!("no anomalies found");
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<28} {:<8} {:>12} {:>12}  DIRECTION",
+        "TIME (UTC)", "SERVICE", "SIGNAL", "VALUE", "EXPECTED"
+    );
+    for a in anomalies {
+        println!(
+            "{:<12} {:<28} {:<8} {:>12.3} {:>12.3}  {}",
+            clock(a.unix_ms),
+            format!("{}/{}", a.app, a.service),
+            a.signal,
+            a.value,
+            a.expected,
+            a.direction
+        );
+    }
+    Ok(())
+}

@@ -60,6 +60,11 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// List anomalies found in services' traffic, latency and error rate.
+    Anomalies {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print a service's guest stdout/stderr and platform events.
     Logs {
         /// APP/SERVICE, or SERVICE if its name is unique.
@@ -101,6 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Rm { app, target } => client::remove(&target, &app),
         Command::Rollback { app, target } => client::rollback(&target, &app),
         Command::Sim(args) => sim::run(args),
+        Command::Anomalies { target } => client::anomalies(&target),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

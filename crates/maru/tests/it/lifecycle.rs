@@ -393,3 +393,57 @@ fn a_service_scales_with_the_policy_its_manifest_names() {
         "{metrics}"
     );
 }
+
+#[test]
+fn anomalies_in_latency_and_errors_are_found_logged_and_counted() {
+    let node = Node::start();
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest("watched", "/w", "instances = { min = 1, max = 4 }"),
+    );
+    // A minute of steady, quick, successful traffic: the detectors' baseline.
+    let steady_until = std::time::Instant::now() + Duration::from_secs(66);
+    while std::time::Instant::now() < steady_until {
+        assert_eq!(node.get("/w/echo").status, 200);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // Then every request is slow for five seconds, then every request fails for five.
+    let slow_until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < slow_until {
+        assert_eq!(node.get("/w/sleep?ms=300").status, 200);
+    }
+    let failing_until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < failing_until {
+        assert_eq!(node.get("/w/trap").status, 500);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.wait_for(
+        "both anomalies to be listed",
+        Duration::from_secs(10),
+        || {
+            let listed: serde_json::Value =
+                serde_json::from_str(&node.cli_ok(&["anomalies", "--json"])).expect("json");
+            let signals: Vec<&str> = listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["app"] == "watched")
+                .filter_map(|a| a["signal"].as_str())
+                .collect();
+            signals.contains(&"latency") && signals.contains(&"errors")
+        },
+    );
+    let table = node.cli_ok(&["anomalies"]);
+    assert!(
+        table.contains("watched/guest") && table.contains("above"),
+        "{table}"
+    );
+    assert!(
+        node.cli_ok(&["logs", "watched/guest"])
+            .contains("anomaly: latency")
+    );
+    let metrics = node
+        .control_api("GET", "/metrics", Some(&node.token), None)
+        .body;
+    assert!(metrics.contains("maru_anomalies_total{app=\"watched\",service=\"guest\",revision=\"1\",signal=\"errors\"} 1"), "{metrics}");
+}
