@@ -54,7 +54,7 @@ impl PolicyKind {
             PolicyKind::Static => "instances",
             PolicyKind::Reactive => "-",
             PolicyKind::Hpa | PolicyKind::Kpa | PolicyKind::AwsPredictive => "target utilisation",
-            PolicyKind::Predictive => "error quantile knob (0.999 - knob / 2)",
+            PolicyKind::Predictive => "boldness (error quantile and utilisation)",
             PolicyKind::Oracle => "utilisation, window s",
         }
     }
@@ -76,10 +76,15 @@ pub fn warm_up_steps(len: usize, step: Duration) -> usize {
 }
 
 /// The predictive policy's tuning knob, in the same "higher is cheaper" sense as the
-/// others' utilisation targets: it sets the quantile of forecast error provisioned for,
-/// from 0.974 (knob 0.05) down to 0.524 (knob 0.95).
-pub fn predictive_quantile(knob: f64) -> f64 {
-    0.999 - 0.5 * knob.clamp(0.0, 1.0)
+/// others' utilisation targets: from the most cautious (knob 0.05: provision for the 99.9th
+/// percentile of forecast error at 60 % utilisation) to the boldest (knob 0.95: the median
+/// error at 95 %).
+pub fn predictive_caution(knob: f64) -> Caution {
+    let boldness = ((knob - 0.05) / 0.9).clamp(0.0, 1.0);
+    Caution {
+        quantile: 0.999 - 0.499 * boldness,
+        utilisation: 0.6 + 0.35 * boldness,
+    }
 }
 
 /// Build a policy. `rates` is the whole trace (only the oracle looks at it).
@@ -98,10 +103,7 @@ pub fn build(
         PolicyKind::Kpa => Box::new(Kpa::new(knob.value)),
         PolicyKind::AwsPredictive => Box::new(AwsPredictive::new(knob.value)),
         PolicyKind::Predictive => Box::new(Predictive::new(
-            Caution {
-                quantile: predictive_quantile(knob.value),
-                utilisation: 0.9,
-            },
+            predictive_caution(knob.value),
             config.startup,
         )),
         PolicyKind::Oracle => Box::new(Oracle::new(
@@ -125,10 +127,7 @@ pub fn default_knob(kind: PolicyKind, config: &SimConfig) -> Knob {
         },
         PolicyKind::Hpa | PolicyKind::AwsPredictive => Knob { value: 0.5, window },
         PolicyKind::Kpa => Knob { value: 0.7, window },
-        PolicyKind::Predictive => Knob {
-            value: (0.999 - Caution::NORMAL.quantile) * 2.0,
-            window,
-        },
+        PolicyKind::Predictive => Knob { value: 0.5, window },
         PolicyKind::Reactive | PolicyKind::Oracle => Knob { value: 1.0, window },
     }
 }

@@ -371,9 +371,10 @@ impl Caution {
 /// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
 /// slowly (hysteresis).
 ///
-/// The forecast combines a short-term level-and-trend model (Holt's linear smoothing of the
-/// per-second arrival rate) with a daily seasonal model (the same time on earlier days,
-/// rescaled to today's level) once a day of history exists. Forecast errors are tracked per
+/// Two forecasters compete: a short-term level-and-trend model (Holt's smoothing of the
+/// per-second arrival rate, trend damped) and, once a day of history exists, a daily seasonal
+/// model (the same time on earlier days, rescaled to today's level). Each forecast is scored
+/// against what then arrived; the one with the lower rolling error is the champion. Forecast errors are tracked per
 /// horizon, and the provisioned rate is the forecast plus the `caution.quantile` of recent
 /// relative errors.
 #[derive(Debug, Clone)]
@@ -387,8 +388,11 @@ pub struct Predictive {
     holt: Holt,
     seasonal: SeasonalHistory,
     per_instance_rate: ServiceRate,
-    /// Forecasts made `lead` ago, to score against what arrived: (for time, forecast).
-    pending: VecDeque<(Duration, f64)>,
+    /// Forecasts made `lead` ago, to score against what arrived: (for time, chosen forecast,
+    /// short-term forecast, seasonal forecast).
+    pending: VecDeque<(Duration, f64, f64, Option<f64>)>,
+    /// Rolling mean absolute errors of the short-term and seasonal forecasts.
+    backtest: Option<(f64, f64)>,
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
     recent_desired: VecDeque<(Duration, u32)>,
@@ -409,6 +413,7 @@ impl Predictive {
             seasonal: SeasonalHistory::new(Duration::from_secs(60), 14 * 24 * 60),
             per_instance_rate: ServiceRate::default(),
             pending: VecDeque::new(),
+            backtest: None,
             errors: VecDeque::new(),
             recent_desired: VecDeque::new(),
             last_forecast: None,
@@ -420,22 +425,35 @@ impl Predictive {
     const ERRORS_KEPT: usize = 2000;
     const MARGIN_EVERY: u32 = 60;
 
-    fn forecast(&self, now: Duration, horizon: Duration) -> f64 {
+    /// The short-term and (with a day of history) seasonal forecasts of the rate at
+    /// `now + horizon`.
+    fn forecasts(&self, now: Duration, horizon: Duration) -> (f64, Option<f64>) {
         let short = self.holt.forecast(horizon.as_secs_f64());
         if self.seasonal.days_covered() < 1.0 {
-            return short;
+            return (short, None);
         }
-        // Seasonal: the same minute on earlier days, scaled by how today compares with them
-        // over the last hour.
-        let at = now + horizon;
-        let seasonal_then = self.seasonal.seasonal_mean(at, 24 * 60);
+        // Seasonal: the same minute on earlier days, scaled by how today compares with them.
+        let seasonal_then = self.seasonal.seasonal_mean(now + horizon, 24 * 60);
         let seasonal_now = self.seasonal.seasonal_mean(now, 24 * 60);
         let level = if seasonal_now > 1e-9 {
             (self.holt.level() / seasonal_now).clamp(0.25, 4.0)
         } else {
             1.0
         };
-        short.max(seasonal_then * level)
+        (short, Some(seasonal_then * level))
+    }
+
+    /// The champion: the seasonal forecast once its rolling backtest error is lower than the
+    /// short-term one's, else the short-term forecast.
+    fn champion(&self, short: f64, seasonal: Option<f64>) -> f64 {
+        match (seasonal, self.backtest) {
+            (Some(seasonal), Some((short_error, seasonal_error)))
+                if seasonal_error < short_error =>
+            {
+                seasonal
+            }
+            _ => short,
+        }
     }
 }
 
@@ -450,11 +468,22 @@ impl Policy for Predictive {
             self.holt.update(rate);
             self.seasonal.record(now, rate);
             self.per_instance_rate.update(bounds, observation, rate);
-            while let Some(&(at, predicted)) = self.pending.front() {
+            while let Some(&(at, predicted, short, seasonal)) = self.pending.front() {
                 if at > now {
                     break;
                 }
                 self.pending.pop_front();
+                if let Some(seasonal) = seasonal {
+                    let (short_error, seasonal_error) =
+                        ((short - rate).abs(), (seasonal - rate).abs());
+                    self.backtest = Some(match self.backtest {
+                        None => (short_error, seasonal_error),
+                        Some((s, z)) => (
+                            0.99 * s + 0.01 * short_error,
+                            0.99 * z + 0.01 * seasonal_error,
+                        ),
+                    });
+                }
                 // Errors are ratios on a floor of one instance's worth of demand, so a miss of a
                 // few requests at a near-zero forecast is not a thousandfold error.
                 let floor = self.per_instance_rate.per_instance(bounds);
@@ -470,9 +499,11 @@ impl Policy for Predictive {
             .startup_last
             .map_or(self.lead, |measured| measured.max(self.lead));
         let horizon = lead + Duration::from_secs(1);
-        let forecast = self.forecast(now, horizon);
+        let (short, seasonal) = self.forecasts(now, horizon);
+        let forecast = self.champion(short, seasonal);
         self.last_forecast = Some(forecast);
-        self.pending.push_back((now + horizon, forecast));
+        self.pending
+            .push_back((now + horizon, forecast, short, seasonal));
         self.since_margin += 1;
         if self.errors.len() >= 30
             && (self.margin.is_none() || self.since_margin >= Self::MARGIN_EVERY)

@@ -103,8 +103,14 @@ pub fn parse(name: &str, format: Format, text: &str) -> Result<Trace, TraceError
                 })?;
                 let hour = epoch_hour(stamp.trim())
                     .ok_or_else(|| error(index + 1, format!("`{stamp}` is not a date and time")))?;
-                if hours.last().is_some_and(|(last, _)| hour <= *last) {
-                    return Err(error(index + 1, "hours must increase".into()));
+                match hours.last() {
+                    // A repeated hour (the Wikipedia trace has one, with the same count)
+                    // says nothing new: the first one stands.
+                    Some((last, _)) if hour == *last => continue,
+                    Some((last, _)) if hour < *last => {
+                        return Err(error(index + 1, "hours must not go backwards".into()));
+                    }
+                    _ => {}
                 }
                 hours.push((hour, number(index + 1, count)? / 3600.0));
             }
@@ -236,6 +242,21 @@ mod tests {
         assert_eq!(
             trace.rates[120], 1.5,
             "the missing hour 02:00 is interpolated"
+        );
+        let repeated = parse(
+            "w.csv",
+            Format::HourlySemicolon,
+            "2010-05-01 00:00:00;3600\n2010-05-01 00:00:00;3600\n2010-05-01 01:00:00;7200\n",
+        )
+        .expect("a repeated hour is skipped");
+        assert_eq!(repeated.rates.len(), 120);
+        assert!(
+            parse(
+                "w.csv",
+                Format::HourlySemicolon,
+                "2010-05-01 01:00:00;1\n2010-05-01 00:00:00;1\n"
+            )
+            .is_err()
         );
     }
 
