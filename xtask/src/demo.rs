@@ -105,6 +105,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (samples, results, elapsed) = stampede(&node, &args)?;
     report(&node, &args, &samples, &results, elapsed)?;
 
+    replay_a_day(&node, &root)?;
+
     println!("\nExplore (in another terminal):");
     println!("  export MARU_DATA={}", data.display());
     println!("  target/release/maru ps                      # services, instances, load, latency");
@@ -303,5 +305,39 @@ fn report(
             node.data.join("../maru.log").display()
         );
     }
+    Ok(())
+}
+
+/// Replay a day of the World Cup 1998 trace, compressed to 30 seconds, against the
+/// reservations service (which scales with the predictive policy).
+fn replay_a_day(node: &MaruNode, root: &std::path::Path) -> anyhow::Result<()> {
+    let trace = root.join("../shared/traces/worldcup98-per-second.csv");
+    if !trace.exists() {
+        println!(
+            "\n(No demand trace at {}; skipping the replay of a real day.)",
+            trace.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "\nA real day, compressed: 24 hours of the World Cup 1998 web site's traffic in 30 s against reservations/api (predictive policy)…"
+    );
+    let url = format!("http://{}/reservations?work_ms=2", node.gateway);
+    let out = node.cli(&[
+        "replay",
+        "--trace",
+        trace.to_str().context("non-UTF-8 path")?,
+        "--speed",
+        "2880",
+        "--duration",
+        "30s",
+        "--url",
+        &url,
+        "--service",
+        "reservations/api",
+        "--peak-rps",
+        "150",
+    ])?;
+    print!("{out}");
     Ok(())
 }

@@ -280,8 +280,12 @@ pub fn apps(target: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn services(target: &Target) -> anyhow::Result<Vec<ServiceStatus>> {
+    Client::new(target)?.get("list services", "/v1/services")
+}
+
 pub fn ps(target: &Target) -> anyhow::Result<()> {
-    let services: Vec<ServiceStatus> = Client::new(target)?.get("list services", "/v1/services")?;
+    let services = self::services(target)?;
     if target.json {
         return print_json(&services);
     }

@@ -2,6 +2,7 @@
 //! node's control API.
 
 mod client;
+mod replay;
 mod sim;
 mod up;
 
@@ -81,6 +82,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Replay a demand trace, time-compressed, against a live service.
+    Replay(replay::ReplayArgs),
     /// Run scaling policies against a demand trace in the deterministic simulator.
     Sim(sim::SimArgs),
     /// Make the revision that served before the current one serve again.
@@ -106,6 +109,7 @@ fn main() -> std::process::ExitCode {
         Command::Rm { app, target } => client::remove(&target, &app),
         Command::Rollback { app, target } => client::rollback(&target, &app),
         Command::Sim(args) => sim::run(args),
+        Command::Replay(args) => replay::run(args),
         Command::Anomalies { target } => client::anomalies(&target),
     };
     match result {

@@ -188,3 +188,46 @@ fn sim_names_what_is_wrong_with_a_bad_trace() {
         .expect("run maru sim");
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown policy `magic`"));
 }
+
+#[test]
+fn replay_sends_the_trace_open_loop_and_reports_like_sim() {
+    let node = crate::harness::Node::start();
+    node.deploy(
+        "m.toml",
+        &crate::harness::misbehave_manifest("replayed", "/r", "idle_timeout = \"2s\""),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("tiny-per-second.txt");
+    // Ten trace seconds at 2× speed: five real seconds, the second half twice as busy.
+    std::fs::write(&trace, "10 10 10 10 10 20 20 20 20 20").expect("write trace");
+    let url = format!("http://{}/r/echo", node.gateway);
+    let output = node.cli(&[
+        "replay",
+        "--json",
+        "--trace",
+        trace.to_str().expect("utf-8"),
+        "--speed",
+        "2",
+        "--peak-rps",
+        "40",
+        "--url",
+        &url,
+        "--service",
+        "replayed/guest",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    // Real seconds carry 20, 20, 30, 40, 40 trace requests, scaled so the peak is 40/s.
+    assert_eq!(
+        report["rates"],
+        serde_json::json!([20.0, 20.0, 30.0, 40.0, 40.0])
+    );
+    assert_eq!(report["requests"], 150);
+    assert_eq!(report["availability"], 1.0, "{report}");
+    assert!(report["instance_seconds"].as_f64() > Some(0.0), "{report}");
+    assert_eq!(report["cold_starts"], 1);
+}
