@@ -106,10 +106,6 @@ impl Node {
         }))
     }
 
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
     fn desired_state(&self) -> Result<BTreeMap<ServiceKey, Desired>, ControlError> {
         let mut desired = BTreeMap::new();
         for (app, record) in self.state.apps()? {

@@ -67,6 +67,8 @@ struct Row {
     trace: String,
     policy: String,
     knob: String,
+    /// What the knob sets.
+    knob_meaning: String,
     tuned_reached_target: Option<bool>,
     availability: f64,
     latency_p99_ms: f64,
@@ -214,6 +216,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         .map(|(kind, knob, reached, result)| Row {
             trace: trace.name.clone(),
             policy: kind.name().into(),
+            knob_meaning: kind.knob_name().into(),
             knob: match kind {
                 PolicyKind::Reactive => "-".into(),
                 PolicyKind::Static => format!("{}", knob.value),
