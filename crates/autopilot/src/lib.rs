@@ -11,6 +11,7 @@ use std::time::Duration;
 pub mod anomaly;
 pub mod evaluate;
 pub mod forecast;
+pub mod history;
 pub mod policies;
 pub mod sim;
 pub mod traces;

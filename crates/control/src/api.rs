@@ -48,6 +48,7 @@ pub fn router(node: Arc<Node>, token: String) -> Router {
             get(|State(ctx): State<Ctx>| async move { json(&ctx.node.anomalies()) }),
         )
         .route("/v1/logs/{app}/{service}", get(logs))
+        .route("/v1/history/{app}/{service}", get(history))
         .route(
             "/v1/blobs/{hash}",
             put(put_blob)
@@ -263,4 +264,55 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         ctx.node.metrics_text(),
     )
         .into_response()
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    resolution: Option<String>,
+}
+
+async fn history(
+    State(ctx): State<Ctx>,
+    Path((app, service)): Path<(String, String)>,
+    Query(query): Query<HistoryQuery>,
+) -> Response {
+    let resolution = query.resolution.unwrap_or_else(|| "seconds".into());
+    if resolution != "seconds" && resolution != "minutes" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("`{resolution}` is not a resolution"),
+            Some("use resolution=seconds or resolution=minutes".into()),
+        );
+    }
+    let Some((seconds, minutes)) = ctx.node.history(&app, &service) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no service {app}/{service} is running"),
+            Some("`maru ps` lists the services".into()),
+        );
+    };
+    let samples = if resolution == "seconds" {
+        seconds
+    } else {
+        minutes
+    };
+    let samples = samples
+        .into_iter()
+        .map(|s| maru_api::HistorySample {
+            unix_s: s.unix_s,
+            arrivals_per_second: s.arrivals,
+            completions_per_second: s.completions,
+            in_flight: s.in_flight,
+            queued: s.queued,
+            latency_ms: s.latency_ms,
+            instances: s.instances,
+            cold_starts: s.cold_starts,
+        })
+        .collect();
+    json(&maru_api::HistoryResponse {
+        resolution,
+        samples,
+    })
 }

@@ -173,6 +173,10 @@ impl Node {
                         current.desired.revision = want.revision;
                     }
                 } else if let Some(old) = running.remove(&key) {
+                    // The replacement (if any) carries on from this history.
+                    if desired.contains_key(&key) {
+                        self.save_history_of(&key, &old.service);
+                    }
                     retired.push(old.service);
                 }
             }
@@ -210,6 +214,73 @@ impl Node {
             retiring.spawn(async move { service.shutdown().await });
         }
         Ok(())
+    }
+
+    fn history_path(&self, key: &ServiceKey) -> PathBuf {
+        // App and service names are [a-z0-9-], so `.` cannot be part of either.
+        self.data_dir
+            .join("history")
+            .join(format!("{}.{}.txt", key.0, key.1))
+    }
+
+    /// The saved history of a service, or an empty one (a damaged file is reported and
+    /// set aside, never fatal).
+    fn load_history(&self, key: &ServiceKey) -> autopilot::history::History {
+        let path = self.history_path(key);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Default::default();
+        };
+        match autopilot::history::History::decode(&text) {
+            Ok(history) => history,
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "metrics history does not decode; starting a new one (the old file is kept as .damaged)");
+                _ = std::fs::rename(&path, path.with_extension("damaged"));
+                Default::default()
+            }
+        }
+    }
+
+    fn save_history_of(&self, key: &ServiceKey, service: &Service) {
+        let path = self.history_path(key);
+        let saved =
+            std::fs::create_dir_all(path.parent().expect("history files live in a directory"))
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    runtime::write_atomically(&path, service.history_text().as_bytes())
+                        .map_err(|e| e.to_string())
+                });
+        if let Err(error) = saved {
+            tracing::warn!(path = %path.display(), %error, "could not save metrics history");
+        }
+    }
+
+    /// Save every running service's metrics history (also called every few minutes).
+    pub fn save_history(&self) {
+        let services: Vec<(ServiceKey, Arc<Service>)> = self
+            .running
+            .lock()
+            .expect("running lock is never poisoned")
+            .iter()
+            .map(|(key, running)| (key.clone(), running.service.clone()))
+            .collect();
+        for (key, service) in services {
+            self.save_history_of(&key, &service);
+        }
+    }
+
+    /// A service's history: (by second, by minute).
+    pub fn history(
+        &self,
+        app: &str,
+        service: &str,
+    ) -> Option<(
+        Vec<autopilot::history::Sample>,
+        Vec<autopilot::history::Sample>,
+    )> {
+        let running = self.running.lock().expect("running lock is never poisoned");
+        running
+            .get(&(app.to_string(), service.to_string()))
+            .map(|r| r.service.history())
     }
 
     fn log_for(&self, key: &ServiceKey) -> Arc<ServiceLog> {
@@ -290,6 +361,7 @@ impl Node {
             startup_timeout,
             backend,
             log,
+            history: self.load_history(key),
         };
         Ok(Service::start(
             config,
@@ -464,7 +536,9 @@ impl Node {
             .unwrap_or_default();
         let mut logs = self.logs.lock().expect("logs lock is never poisoned");
         for service in &services {
-            logs.remove(&(app.to_string(), service.clone()));
+            let key = (app.to_string(), service.clone());
+            logs.remove(&key);
+            _ = std::fs::remove_file(self.history_path(&key));
         }
         Ok(services)
     }
@@ -608,6 +682,7 @@ impl Node {
 
     /// Stop every service, letting admitted requests finish.
     pub async fn shutdown(&self) {
+        self.save_history();
         let services: Vec<Arc<Service>> = {
             let mut running = self.running.lock().expect("running lock is never poisoned");
             std::mem::take(&mut *running)

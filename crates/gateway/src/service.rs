@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use autopilot::anomaly::Detector;
+use autopilot::history::{History, Sample};
 use autopilot::{InstanceActivity, Observation, Policy, ScalingBounds};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -62,6 +63,8 @@ pub struct ServiceConfig {
     pub startup_timeout: Duration,
     pub backend: Backend,
     pub log: Arc<ServiceLog>,
+    /// History carried over from an earlier run or revision of the service.
+    pub history: History,
 }
 
 /// Why the service could not answer a request with a response from an instance.
@@ -137,6 +140,7 @@ pub struct Service {
     scaler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The most recent anomalies, newest last.
     anomalies: Mutex<VecDeque<AnomalyRecord>>,
+    history: Mutex<History>,
 }
 
 /// An anomaly found in one of a service's signals.
@@ -156,6 +160,7 @@ const ANOMALIES_KEPT: usize = 100;
 struct AnomalyWatch {
     detectors: [Detector; 3],
     last: (u64, u64, u64, f64),
+    last_cold_starts: u64,
 }
 
 /// How an instance task ended.
@@ -167,11 +172,12 @@ enum End {
 impl Service {
     /// Start the service's scaler. With `instances.min > 0`, instances start right away.
     pub fn start(
-        config: ServiceConfig,
+        mut config: ServiceConfig,
         runtime: Arc<Runtime>,
         policy: Box<dyn Policy>,
     ) -> Arc<Self> {
         let (jobs_tx, jobs_rx) = async_channel::bounded(config.queue_max.max(1));
+        let history = std::mem::take(&mut config.history);
         let now = Instant::now();
         let service = Arc::new(Service {
             config,
@@ -186,6 +192,7 @@ impl Service {
             intake_closed: CancellationToken::new(),
             scaler: Mutex::new(None),
             anomalies: Mutex::new(VecDeque::new()),
+            history: Mutex::new(history),
         });
         let scaler = tokio::spawn(service.clone().scale_loop(policy));
         *service
@@ -286,6 +293,23 @@ impl Service {
         }
     }
 
+    /// The history as text, for persistence (closes the minute being filled).
+    pub fn history_text(&self) -> String {
+        self.history
+            .lock()
+            .expect("history lock is never poisoned")
+            .encode()
+    }
+
+    /// (the last hour by second, 14 days by minute).
+    pub fn history(&self) -> (Vec<Sample>, Vec<Sample>) {
+        let history = self.history.lock().expect("history lock is never poisoned");
+        (
+            history.seconds().copied().collect(),
+            history.minutes().copied().collect(),
+        )
+    }
+
     pub fn anomalies(&self) -> Vec<AnomalyRecord> {
         self.anomalies
             .lock()
@@ -313,6 +337,30 @@ impl Service {
         } else {
             0.0
         };
+        let cold_starts = self.metrics.cold_starts.load(Ordering::Relaxed);
+        let gauges = self.gauges();
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.history
+            .lock()
+            .expect("history lock is never poisoned")
+            .record(Sample {
+                unix_s,
+                arrivals: rate,
+                completions: done as f64,
+                in_flight: self.metrics.in_flight.load(Ordering::Relaxed) as f64,
+                queued: gauges.queued as f64,
+                latency_ms: if mean_latency_ms.is_finite() {
+                    mean_latency_ms
+                } else {
+                    0.0
+                },
+                instances: (gauges.ready + gauges.starting) as f64,
+                cold_starts: cold_starts.saturating_sub(watch.last_cold_starts) as f64,
+            });
+        watch.last_cold_starts = cold_starts;
         let values = [
             (rate, forecast),
             (mean_latency_ms, None),
@@ -359,6 +407,7 @@ impl Service {
         let mut watch = AnomalyWatch {
             detectors: [Detector::new(1.0), Detector::new(5.0), Detector::new(0.02)],
             last: (0, 0, 0, 0.0),
+            last_cold_starts: 0,
         };
         let mut every_second = tokio::time::interval(Duration::from_secs(1));
         every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

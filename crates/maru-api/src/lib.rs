@@ -165,3 +165,23 @@ pub struct AnomalyInfo {
     /// `above` or `below`.
     pub direction: String,
 }
+
+/// `GET /v1/history/{app}/{service}?resolution=seconds|minutes`: the last hour by second
+/// (default) or 14 days by minute (means over each minute); kept across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub resolution: String,
+    pub samples: Vec<HistorySample>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistorySample {
+    pub unix_s: u64,
+    pub arrivals_per_second: f64,
+    pub completions_per_second: f64,
+    pub in_flight: f64,
+    pub queued: f64,
+    pub latency_ms: f64,
+    pub instances: f64,
+    pub cold_starts: f64,
+}

@@ -216,6 +216,20 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .context("serve the control API")
     });
 
+    // Metrics history is saved at shutdown; also every 10 minutes, so a crash loses little.
+    let saver_node = node.clone();
+    let saver_shutdown = shutdown.clone();
+    servers.spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = saver_shutdown.cancelled() => return Ok(()),
+                _ = every.tick() => saver_node.save_history(),
+            }
+        }
+    });
+
     let mut failed = None;
     tokio::select! {
         signal = wait_for_signal() => tracing::info!(signal = signal?, "shutting down: no new connections; finishing requests in flight"),

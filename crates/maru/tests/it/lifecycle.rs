@@ -452,3 +452,79 @@ fn anomalies_in_latency_and_errors_are_found_logged_and_counted() {
         .unwrap_or(0);
     assert!(errors_found >= 1, "{metrics}");
 }
+
+#[test]
+fn metrics_history_is_kept_by_second_and_by_minute_across_restarts() {
+    let mut node = Node::start();
+    node.deploy("m.toml", &misbehave_manifest("remembered", "/h", ""));
+    for _ in 0..30 {
+        assert_eq!(node.get("/h/echo").status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let before: serde_json::Value = serde_json::from_str(
+        &node
+            .control_api(
+                "GET",
+                "/v1/history/remembered/guest",
+                Some(&node.token),
+                None,
+            )
+            .body,
+    )
+    .expect("json");
+    let busy = |history: &serde_json::Value| {
+        history["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["arrivals_per_second"].as_f64() > Some(0.0))
+            .count()
+    };
+    assert!(
+        busy(&before) >= 2,
+        "seconds with traffic are recorded: {before}"
+    );
+    node.stop();
+    node.restart();
+    let after: serde_json::Value = serde_json::from_str(
+        &node
+            .control_api(
+                "GET",
+                "/v1/history/remembered/guest",
+                Some(&node.token),
+                None,
+            )
+            .body,
+    )
+    .expect("json");
+    assert!(
+        busy(&after) >= busy(&before),
+        "the history came back after the restart: {after}"
+    );
+    let minutes: serde_json::Value = serde_json::from_str(
+        &node
+            .control_api(
+                "GET",
+                "/v1/history/remembered/guest?resolution=minutes",
+                Some(&node.token),
+                None,
+            )
+            .body,
+    )
+    .expect("json");
+    assert!(
+        minutes["samples"].as_array().is_some_and(|m| !m.is_empty()),
+        "the minute in progress was closed and kept at shutdown: {minutes}"
+    );
+    assert_eq!(
+        node.control_api(
+            "GET",
+            "/v1/history/remembered/guest?resolution=hours",
+            Some(&node.token),
+            None
+        )
+        .status,
+        400
+    );
+}
