@@ -12,7 +12,8 @@ Endpoints:
   GET /permits/hang       stop answering anything, health checks included (a hung process)
 
 Environment: PORT (set by Maru), STARTUP_MS, CRASH_AT_START=1 (exit during start-up, to
-show crash-loop detection), WORK_MS (CPU per request).
+show crash-loop detection), WORK_MS (CPU per request), WAIT_MS (time per request without
+CPU, like waiting on a database).
 """
 
 import json
@@ -74,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
         until = time.monotonic() + work
         while time.monotonic() < until:
             pass
+        wait = int(os.environ.get("WAIT_MS", "0")) / 1000
+        if wait > 0:
+            time.sleep(wait)
         parts = path.split("/")
         if len(parts) >= 3 and parts[-1].isdigit():
             permit = PERMITS.get(parts[-1])
