@@ -57,6 +57,10 @@ pub struct SimArgs {
     /// Write an SVG plot of demand and capacity over time.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Steps not measured at the start (every policy starts idle). Default: the shorter of
+    /// one hour and a tenth of the trace; 0 to compare with a replay that started idle too.
+    #[arg(long)]
+    warm_up: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -157,7 +161,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let measure_from = if args.tune {
         (rates.len() as f64 * args.train) as usize
     } else {
-        evaluate::warm_up_steps(rates.len(), trace.step)
+        args.warm_up
+            .unwrap_or_else(|| evaluate::warm_up_steps(rates.len(), trace.step))
     };
 
     let bar = if args.json {
