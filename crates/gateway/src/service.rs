@@ -141,6 +141,8 @@ pub struct Service {
     /// The most recent anomalies, newest last.
     anomalies: Mutex<VecDeque<AnomalyRecord>>,
     history: Mutex<History>,
+    /// Idle instances waiting for work, the most recently idle last.
+    idle_waiters: Mutex<Vec<(u64, Arc<Notify>)>>,
 }
 
 /// An anomaly found in one of a service's signals.
@@ -193,6 +195,7 @@ impl Service {
             scaler: Mutex::new(None),
             anomalies: Mutex::new(VecDeque::new()),
             history: Mutex::new(history),
+            idle_waiters: Mutex::new(Vec::new()),
         });
         let scaler = tokio::spawn(service.clone().scale_loop(policy));
         *service
@@ -248,7 +251,7 @@ impl Service {
             }
             Err(async_channel::TrySendError::Closed(_)) => return Err(ServiceError::Unavailable),
         }
-        if self.free_capacity.load(Ordering::Acquire) == 0 {
+        if !self.wake_an_idle_instance() && self.free_capacity.load(Ordering::Acquire) == 0 {
             self.wake.notify_one();
         }
         match tokio::time::timeout_at(deadline.into(), response).await {
@@ -617,18 +620,107 @@ impl Service {
     }
 
     /// Take the next job this instance should serve, or `None` when it must stop.
-    async fn next_job(&self, stop: &CancellationToken) -> Option<(Job, Instant)> {
+    /// Take the next job this instance should serve, or `None` when it must stop.
+    ///
+    /// Idle instances wait on a stack and a new request wakes the one that became idle most
+    /// recently, so work packs onto as few instances as it needs and the rest stay idle long
+    /// enough to be stopped. (Waiting on the queue itself would hand requests out in turn to
+    /// every instance, and none would ever be idle for `idle_timeout`.)
+    async fn next_job(&self, id: u64, stop: &CancellationToken) -> Option<(Job, Instant)> {
+        let waker = Arc::new(Notify::new());
         loop {
-            let job = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return None,
-                job = self.jobs_rx.recv() => job.ok()?,
+            let job = match self.jobs_rx.try_recv() {
+                Ok(job) => job,
+                Err(async_channel::TryRecvError::Closed) => return None,
+                Err(async_channel::TryRecvError::Empty) => {
+                    self.wait_for_job(id, stop, &waker).await?
+                }
             };
             let now = Instant::now();
             if now < job.deadline && !job.respond.is_closed() {
                 return Some((job, now));
             }
             // Otherwise its requester has already been told it timed out.
+        }
+    }
+
+    /// Wait on the idle stack until a job can be taken (or `None`: stop).
+    async fn wait_for_job(
+        &self,
+        id: u64,
+        stop: &CancellationToken,
+        waker: &Arc<Notify>,
+    ) -> Option<Job> {
+        self.idle_waiters
+            .lock()
+            .expect("waiter lock is never poisoned")
+            .push((id, waker.clone()));
+        loop {
+            // Checked after registering, so a request queued just before is not missed.
+            match self.jobs_rx.try_recv() {
+                Ok(job) => {
+                    if !self.leave_waiters(id) {
+                        // Woken for another request while taking this one: pass that on.
+                        self.wake_an_idle_instance();
+                    }
+                    return Some(job);
+                }
+                Err(async_channel::TryRecvError::Closed) => {
+                    _ = self.leave_waiters(id);
+                    return None;
+                }
+                Err(async_channel::TryRecvError::Empty) => {}
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    _ = self.leave_waiters(id);
+                    // If this instance was woken for a request it will not take, pass it on.
+                    if !self.jobs_rx.is_empty() {
+                        self.wake_an_idle_instance();
+                    }
+                    return None;
+                }
+                _ = waker.notified() => {
+                    // Taken off the stack to be woken: back on top unless a job is there.
+                    match self.jobs_rx.try_recv() {
+                        Ok(job) => return Some(job),
+                        Err(async_channel::TryRecvError::Closed) => return None,
+                        Err(async_channel::TryRecvError::Empty) => {
+                            self.idle_waiters.lock().expect("waiter lock is never poisoned").push((id, waker.clone()));
+                        }
+                    }
+                }
+                // A safety net against a lost wake-up; the instance keeps its place.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Leave the waiters; false if someone already took this instance off to wake it.
+    fn leave_waiters(&self, id: u64) -> bool {
+        let mut waiters = self
+            .idle_waiters
+            .lock()
+            .expect("waiter lock is never poisoned");
+        let before = waiters.len();
+        waiters.retain(|(waiting, _)| *waiting != id);
+        waiters.len() != before
+    }
+
+    /// Wake the most recently idle instance, if any is waiting; true if one was.
+    fn wake_an_idle_instance(&self) -> bool {
+        let waiter = self
+            .idle_waiters
+            .lock()
+            .expect("waiter lock is never poisoned")
+            .pop();
+        match waiter {
+            Some((_, waker)) => {
+                waker.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
@@ -664,7 +756,7 @@ impl Service {
                 idle_since: Instant::now(),
             },
         );
-        while let Some((job, now)) = self.next_job(stop).await {
+        while let Some((job, now)) = self.next_job(id, stop).await {
             self.set_state(
                 id,
                 SlotState::Ready {
@@ -780,7 +872,7 @@ impl Service {
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
                     self.set_state(id, SlotState::Ready { busy: in_flight.len() as u32, idle_since: Instant::now() });
                 }
-                job = self.next_job(stop), if in_flight.len() < concurrency => {
+                job = self.next_job(id, stop), if in_flight.len() < concurrency => {
                     let Some((job, now)) = job else { break End::Stopped };
                     let forward = instance.forward(job.request);
                     let remaining = job.deadline - now;

@@ -528,3 +528,41 @@ fn metrics_history_is_kept_by_second_and_by_minute_across_restarts() {
         400
     );
 }
+
+#[test]
+fn steady_light_traffic_packs_onto_few_instances_so_the_rest_scale_down() {
+    let node = Node::start();
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest(
+            "packed",
+            "/p",
+            "instances = { min = 0, max = 4 }\nidle_timeout = \"2s\"",
+        ),
+    );
+    // A burst brings up four instances.
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| assert_eq!(node.get("/p/sleep?ms=300").status, 200));
+        }
+    });
+    assert_eq!(node.service("packed", "guest")["instances_ready"], 4);
+    // Then one request at a time, 10 a second, keeps going: one instance is enough, and the
+    // other three must go idle and stop even though traffic never stops. (Handing requests
+    // to instances in turn would keep all four busy enough never to be idle for 2 s.)
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let mut scaled_down = false;
+    while std::time::Instant::now() < until {
+        assert_eq!(node.get("/p/echo").status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+        if node.service("packed", "guest")["instances_ready"] == 1 {
+            scaled_down = true;
+            break;
+        }
+    }
+    assert!(
+        scaled_down,
+        "still {} ready under light steady traffic",
+        node.service("packed", "guest")["instances_ready"]
+    );
+}
