@@ -462,17 +462,15 @@ fn metrics_history_is_kept_by_second_and_by_minute_across_restarts() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let before: serde_json::Value = serde_json::from_str(
-        &node
-            .control_api(
-                "GET",
-                "/v1/history/remembered/guest",
-                Some(&node.token),
-                None,
-            )
-            .body,
-    )
-    .expect("json");
+    let history = |node: &Node, query: &str| -> serde_json::Value {
+        let response = node.control_api(
+            "GET",
+            &format!("/v1/history/remembered/guest{query}"),
+            Some(&node.token),
+            None,
+        );
+        serde_json::from_str(&response.body).expect("history is JSON")
+    };
     let busy = |history: &serde_json::Value| {
         history["samples"]
             .as_array()
@@ -481,38 +479,19 @@ fn metrics_history_is_kept_by_second_and_by_minute_across_restarts() {
             .filter(|s| s["arrivals_per_second"].as_f64() > Some(0.0))
             .count()
     };
+    let before = history(&node, "");
     assert!(
         busy(&before) >= 2,
         "seconds with traffic are recorded: {before}"
     );
     node.stop();
     node.restart();
-    let after: serde_json::Value = serde_json::from_str(
-        &node
-            .control_api(
-                "GET",
-                "/v1/history/remembered/guest",
-                Some(&node.token),
-                None,
-            )
-            .body,
-    )
-    .expect("json");
+    let after = history(&node, "");
     assert!(
         busy(&after) >= busy(&before),
         "the history came back after the restart: {after}"
     );
-    let minutes: serde_json::Value = serde_json::from_str(
-        &node
-            .control_api(
-                "GET",
-                "/v1/history/remembered/guest?resolution=minutes",
-                Some(&node.token),
-                None,
-            )
-            .body,
-    )
-    .expect("json");
+    let minutes = history(&node, "?resolution=minutes");
     assert!(
         minutes["samples"].as_array().is_some_and(|m| !m.is_empty()),
         "the minute in progress was closed and kept at shutdown: {minutes}"
