@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use autopilot::traces::{self, Format};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -89,20 +88,10 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     if args.speed <= 0.0 || args.peak_rps <= 0.0 || args.connections == 0 {
         bail!("--speed, --peak-rps and --connections must be more than zero");
     }
-    let name = args
-        .trace
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let format =
-        Format::from_name(&name).with_context(|| format!("cannot tell the format of {name}"))?;
-    let text = std::fs::read_to_string(&args.trace)
-        .with_context(|| format!("read {}", args.trace.display()))?;
-    let trace = traces::parse(&name, format, &text)?;
-    let duration = control::manifest::parse_duration(&args.duration)
-        .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
-    let slo =
-        control::manifest::parse_duration(&args.slo).map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
+    let trace = crate::sim::load_trace(&args.trace)?;
+    let name = trace.name.clone();
+    let duration = crate::sim::duration("duration", &args.duration)?;
+    let slo = crate::sim::duration("slo", &args.slo)?;
     let trace_seconds = trace.rates.len() as f64 * trace.step.as_secs_f64() - args.skip;
     let seconds = ((trace_seconds / args.speed).floor() as usize)
         .min(duration.as_secs() as usize)

@@ -97,21 +97,24 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
+pub(crate) fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
     control::manifest::parse_duration(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
 }
 
-pub fn run(args: SimArgs) -> anyhow::Result<()> {
-    let name = args
-        .trace
+/// Read and parse a trace file; its format is told by its name.
+pub(crate) fn load_trace(path: &std::path::Path) -> anyhow::Result<traces::Trace> {
+    let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let format = Format::from_name(&name).with_context(|| format!("cannot tell the format of {name}; name it like the files in shared/traces (*.txt, *.csv, *hourly*, azure*)"))?;
-    let text = std::fs::read_to_string(&args.trace)
-        .with_context(|| format!("read {}", args.trace.display()))?;
-    let mut trace = traces::parse(&name, format, &text)?;
-    drop(text);
+    let format = Format::from_name(&name)
+        .with_context(|| format!("cannot tell the format of {name}; name it like the files in shared/traces (*.txt, *.csv, *hourly*, azure*)"))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    Ok(traces::parse(&name, format, &text)?)
+}
+
+pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    let mut trace = load_trace(&args.trace)?;
     if let Some(days) = args.limit_days {
         let steps = (days * 86_400.0 / trace.step.as_secs_f64()) as usize;
         trace.rates.truncate(steps.max(1));
