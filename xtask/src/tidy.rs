@@ -10,11 +10,12 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("maru-api", &[]),
     ("autopilot", &[]),
     ("runtime", &[]),
-    ("gateway", &["runtime", "autopilot"]),
-    ("control", &["maru-api", "runtime", "gateway", "autopilot"]),
+    ("events", &[]),
+    ("gateway", &["runtime", "autopilot", "events"]),
+    ("control", &["maru-api", "runtime", "gateway", "autopilot", "events"]),
     (
         "maru",
-        &["maru-api", "runtime", "gateway", "autopilot", "control"],
+        &["maru-api", "runtime", "gateway", "autopilot", "control", "events"],
     ),
     ("xtask", &[]),
 ];
@@ -25,6 +26,7 @@ const INTERNAL: &[&str] = &[
     "runtime",
     "gateway",
     "control",
+    "events",
     "maru",
 ];
 

@@ -1,0 +1,18 @@
+//! Durable events: topics stored as segmented logs, consumer groups with committed
+//! offsets, and ingest over MQTT.
+//!
+//! Invariant: nothing is acknowledged before it is durable. [`Topic::append`] resolves
+//! only after the events are written and (for `durability = "fsync"`) synced; the HTTP
+//! and MQTT front ends answer from that result and never before.
+//!
+//! The topic and consumer interfaces ([`Events`], [`Topic`]) do not expose files, so a
+//! cluster backend (NATS JetStream) can stand behind the same calls.
+
+mod broker;
+pub mod mqtt;
+pub mod record;
+mod topic;
+
+pub use broker::{Events, TopicError};
+pub use record::{Event, NewEvent};
+pub use topic::{AppendError, Durability, ReadError, Topic, TopicConfig, TopicStats};
