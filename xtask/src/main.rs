@@ -61,6 +61,7 @@ fn test() -> anyhow::Result<()> {
     // The process-service tests run examples/legacy-app, a Python program.
     env::ensure_debian_package("python3", "python3")?;
     env::ensure_debian_package("prlimit", "util-linux")?;
+    env::ensure_debian_package("mosquitto_pub", "mosquitto-clients")?;
     env::step("formatting", env::cargo(&["fmt", "--all", "--", "--check"]))?;
     env::step(
         "formatting of the examples",

@@ -12,10 +12,20 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("runtime", &[]),
     ("events", &[]),
     ("gateway", &["runtime", "autopilot", "events"]),
-    ("control", &["maru-api", "runtime", "gateway", "autopilot", "events"]),
+    (
+        "control",
+        &["maru-api", "runtime", "gateway", "autopilot", "events"],
+    ),
     (
         "maru",
-        &["maru-api", "runtime", "gateway", "autopilot", "control", "events"],
+        &[
+            "maru-api",
+            "runtime",
+            "gateway",
+            "autopilot",
+            "control",
+            "events",
+        ],
     ),
     ("xtask", &[]),
 ];

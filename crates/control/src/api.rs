@@ -55,6 +55,8 @@ pub fn router(node: Arc<Node>, token: String) -> Router {
                 .head(head_blob)
                 .layer(DefaultBodyLimit::max(BLOB_BYTES_MAX)),
         )
+        .route("/v1/events", get(list_topics))
+        .route("/v1/events/{topic}", get(read_events))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(
@@ -314,5 +316,85 @@ async fn history(
     json(&maru_api::HistoryResponse {
         resolution,
         samples,
+    })
+}
+
+async fn list_topics(State(ctx): State<Ctx>) -> Response {
+    json(&ctx.node.topics())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// Default: the last `limit` events.
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn read_events(
+    State(ctx): State<Ctx>,
+    Path(topic): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Response {
+    use base64::Engine as _;
+    let topic_handle = match ctx.node.events.topic(&topic) {
+        Ok(topic) => topic,
+        Err(unknown) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_topic",
+                &unknown.to_string(),
+                Some("`maru events stats` lists the topics".into()),
+            );
+        }
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let from = query.from.unwrap_or_else(|| {
+        topic_handle
+            .next_offset()
+            .saturating_sub(limit as u64)
+            .max(topic_handle.first_offset())
+    });
+    let events = match topic_handle.read(from, limit, 16 << 20).await {
+        Ok(events) => events,
+        Err(events::ReadError::Expired { first, .. }) => {
+            return error(
+                StatusCode::GONE,
+                "expired",
+                &format!("offset {from} of topic {topic} was deleted by retention"),
+                Some(format!("read from {first}, the oldest stored offset")),
+            );
+        }
+        Err(other) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "read_failed",
+                &other.to_string(),
+                None,
+            );
+        }
+    };
+    let next = events.last().map_or(from, |e| e.offset + 1);
+    let events = events
+        .into_iter()
+        .map(|e| {
+            let text = std::str::from_utf8(&e.payload).ok().map(str::to_string);
+            maru_api::EventInfo {
+                offset: e.offset,
+                unix_ms: e.time_ms,
+                key: e.key,
+                content_type: e.content_type,
+                kind: e.kind,
+                source: e.source,
+                data_base64: text
+                    .is_none()
+                    .then(|| base64::engine::general_purpose::STANDARD.encode(&e.payload)),
+                data: text,
+            }
+        })
+        .collect();
+    json(&maru_api::EventsResponse {
+        topic,
+        events,
+        next,
     })
 }

@@ -34,6 +34,8 @@ const SIGNALS: [(&str, Signal); 6] = [
 pub struct AppManifest {
     pub name: String,
     pub services: BTreeMap<String, ServiceManifest>,
+    /// Event topics this app declares, by name.
+    pub topics: BTreeMap<String, TopicManifest>,
     file: String,
     text: String,
     spans: BTreeMap<String, Range<usize>>,
@@ -59,6 +61,36 @@ pub struct ServiceManifest {
     pub outbound: Vec<Origin>,
     pub env: BTreeMap<String, String>,
     pub scaling: Scaling,
+    /// Topics whose events are delivered to this service.
+    pub triggers: Vec<TriggerManifest>,
+}
+
+/// A durable event topic (`[topic."NAME"]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicManifest {
+    /// `None` is `durability = "fsync"`; `Some(window)` is `"batch"` with its sync window.
+    pub batch_window: Option<Duration>,
+    pub retention: Duration,
+    pub retention_bytes: u64,
+    pub event_bytes_max: u64,
+    pub segment_bytes: u64,
+}
+
+/// Deliver a topic's events to the service (`[[service.NAME.trigger]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriggerManifest {
+    pub topic: String,
+    /// Events per request: 1 sends CloudEvents binary mode, more sends a JSON batch.
+    pub batch: u32,
+    /// Requests in flight at once; events with the same key stay in order.
+    pub parallel: u32,
+    /// The request path.
+    pub path: String,
+    /// Attempts per request before the events go to `dead_letter`.
+    pub max_attempts: u32,
+    pub dead_letter: Option<String>,
+    /// A successful response with a body is published to this topic.
+    pub reply_to: Option<String>,
 }
 
 /// Which policy scales the service, and its one knob.
@@ -166,6 +198,7 @@ impl ServiceManifest {
             _ => check("kind", true),
         }
         check("routes", self.routes != other.routes);
+        check("trigger", self.triggers != other.triggers);
         check("hosts", self.hosts != other.hosts);
         check(
             "instances",
@@ -225,6 +258,31 @@ struct RawManifest {
     app: Spanned<RawApp>,
     #[serde(default)]
     service: BTreeMap<String, Spanned<RawService>>,
+    #[serde(default)]
+    topic: BTreeMap<String, Spanned<RawTopic>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    durability: Option<Spanned<String>>,
+    sync_window: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    retention_size: Option<Spanned<String>>,
+    event_limit: Option<Spanned<String>>,
+    segment_size: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    topic: Spanned<String>,
+    batch: Option<Spanned<i64>>,
+    parallel: Option<Spanned<i64>>,
+    path: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<i64>>,
+    dead_letter: Option<Spanned<String>>,
+    reply_to: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +315,7 @@ struct RawService {
     stop_timeout: Option<Spanned<String>>,
     cpu_time: Option<Spanned<String>>,
     scaling: Option<Spanned<RawScaling>>,
+    trigger: Option<Vec<Spanned<RawTrigger>>>,
 }
 
 #[derive(Deserialize)]
@@ -698,10 +757,21 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             env.insert(key.clone(), value.get_ref().clone());
         }
         let scaling = scaling(&mut parser, &at, service.scaling.as_ref())?;
+        let mut triggers = Vec::new();
+        for trigger in service.trigger.iter().flatten() {
+            triggers.push(self::trigger(
+                &mut parser,
+                &at,
+                trigger,
+                &raw.topic,
+                instances_max,
+            )?);
+        }
         services.insert(
             service_name.clone(),
             ServiceManifest {
                 scaling,
+                triggers,
                 workload,
                 routes,
                 hosts,
@@ -719,12 +789,179 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             },
         );
     }
+    let mut topics = BTreeMap::new();
+    for (topic_name, raw_topic) in &raw.topic {
+        topics.insert(
+            topic_name.clone(),
+            self::topic(&mut parser, topic_name, raw_topic)?,
+        );
+    }
     Ok(AppManifest {
         name,
         services,
+        topics,
         file: file.to_string(),
         text: text.to_string(),
         spans: parser.spans,
+    })
+}
+
+fn topic(
+    parser: &mut Parser<'_>,
+    name: &str,
+    raw: &Spanned<RawTopic>,
+) -> Result<TopicManifest, ManifestError> {
+    let at = |field: &str| format!("topic.{name}.{field}");
+    parser.note(&format!("topic.{name}"), raw);
+    events::check_topic_name(name).map_err(|error| {
+        parser.error(
+            &format!("topic.{name}"),
+            raw.span(),
+            error.to_string(),
+            None,
+        )
+    })?;
+    let topic = raw.get_ref();
+    let batch = match &topic.durability {
+        None => false,
+        Some(value) => match value.get_ref().as_str() {
+            "fsync" => false,
+            "batch" => true,
+            other => {
+                return Err(parser.error(
+                    &at("durability"),
+                    value.span(),
+                    format!("`{other}` is not a durability"),
+                    Some("use \"fsync\" (acknowledge after fsync) or \"batch\" (acknowledge after write, fsync every sync_window)".into()),
+                ));
+            }
+        },
+    };
+    if let (false, Some(window)) = (batch, &topic.sync_window) {
+        return Err(parser.error(
+            &at("sync_window"),
+            window.span(),
+            "`sync_window` applies to durability = \"batch\"",
+            None,
+        ));
+    }
+    let window = parser.duration(
+        &at("sync_window"),
+        topic.sync_window.as_ref(),
+        Duration::from_millis(200),
+        (Duration::from_millis(1), Duration::from_secs(60)),
+    )?;
+    Ok(TopicManifest {
+        batch_window: batch.then_some(window),
+        retention: parser.duration(
+            &at("retention"),
+            topic.retention.as_ref(),
+            Duration::from_secs(7 * 24 * 3600),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(10 * 365 * 24 * 3600),
+            ),
+        )?,
+        retention_bytes: parser.size(
+            &at("retention_size"),
+            topic.retention_size.as_ref(),
+            1 << 30,
+            (1 << 20, 1 << 50),
+        )?,
+        event_bytes_max: parser.size(
+            &at("event_limit"),
+            topic.event_limit.as_ref(),
+            1 << 20,
+            (1024, 8 << 20),
+        )?,
+        segment_bytes: parser.size(
+            &at("segment_size"),
+            topic.segment_size.as_ref(),
+            64 << 20,
+            (64 << 10, 1 << 30),
+        )?,
+    })
+}
+
+fn trigger(
+    parser: &mut Parser<'_>,
+    at: &dyn Fn(&str) -> String,
+    raw: &Spanned<RawTrigger>,
+    declared: &BTreeMap<String, Spanned<RawTopic>>,
+    instances_max: u32,
+) -> Result<TriggerManifest, ManifestError> {
+    parser.note(&at("trigger"), raw);
+    let trigger = raw.get_ref();
+    let mut topic_field = |field: &str, value: &Spanned<String>| {
+        parser.note(&at(&format!("trigger.{field}")), value);
+        events::check_topic_name(value.get_ref()).map_err(|error| {
+            parser.error(
+                &at(&format!("trigger.{field}")),
+                value.span(),
+                error.to_string(),
+                None,
+            )
+        })?;
+        if field != "topic" && !declared.contains_key(value.get_ref()) {
+            return Err(parser.error(
+                &at(&format!("trigger.{field}")),
+                value.span(),
+                format!(
+                    "topic `{}` is not declared in this manifest",
+                    value.get_ref()
+                ),
+                Some(format!("add a [topic.\"{}\"] table", value.get_ref())),
+            ));
+        }
+        Ok(value.get_ref().clone())
+    };
+    let topic = topic_field("topic", &trigger.topic)?;
+    let dead_letter = trigger
+        .dead_letter
+        .as_ref()
+        .map(|v| topic_field("dead_letter", v))
+        .transpose()?;
+    let reply_to = trigger
+        .reply_to
+        .as_ref()
+        .map(|v| topic_field("reply_to", v))
+        .transpose()?;
+    let path = match &trigger.path {
+        None => "/".to_string(),
+        Some(path) => {
+            let value = path.get_ref();
+            if !value.starts_with('/')
+                || value.contains(['#', ' ', '\t', '\\'])
+                || value.chars().any(char::is_control)
+            {
+                return Err(parser.error(
+                    &at("trigger.path"),
+                    path.span(),
+                    format!("`{value}` is not a request path"),
+                    Some("write a path such as \"/events\" or \"/ingest?source=loops\"".into()),
+                ));
+            }
+            value.clone()
+        }
+    };
+    Ok(TriggerManifest {
+        topic,
+        batch: parser.count(&at("trigger.batch"), trigger.batch.as_ref(), 1, (1, 1000))?,
+        parallel: parser.count(
+            &at("trigger.parallel"),
+            trigger.parallel.as_ref(),
+            instances_max.min(64),
+            (1, 1000),
+        )?,
+        path,
+        max_attempts: parser.count(
+            &at("trigger.max_attempts"),
+            trigger.max_attempts.as_ref(),
+            5,
+            (1, 1000),
+        )?,
+        dead_letter,
+        reply_to,
     })
 }
 
@@ -1084,6 +1321,11 @@ fn check_route(route: &str) -> Result<(), String> {
     }
     if route.contains("//") {
         return Err(format!("route `{route}` contains an empty segment"));
+    }
+    if route == "/events" || route.starts_with("/events/") {
+        return Err(format!(
+            "route `{route}` is under /events, where the gateway takes events for topics"
+        ));
     }
     Ok(())
 }

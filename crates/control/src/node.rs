@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use autopilot::policies::{AwsPredictive, Caution, Hpa, Kpa, Predictive};
 use autopilot::{Paced, Policy, Reactive, ScalingBounds};
+use events::Events;
 use gateway::{Backend, Gateway, RouteKey, RouteTable, Service, ServiceConfig};
 use maru_api::{
     AppInfo, DeployRequest, DeployResponse, RevisionInfo, ServiceChange, ServiceStatus,
@@ -16,10 +17,11 @@ use runtime::{
     ArtifactCache, ArtifactError, ComponentHash, InstanceSpec, ProcessSpec, Runtime, ServiceLog,
 };
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{
     self, AppManifest, CautionLevel, ManifestError, Scaling, ScalingPolicy, ServiceManifest,
-    Workload,
+    TopicManifest, TriggerManifest, Workload,
 };
 use crate::state::{RevisionRecord, State, StateError};
 
@@ -63,6 +65,13 @@ struct Running {
     service: Arc<Service>,
 }
 
+/// The trigger tasks of one running service.
+struct Triggers {
+    service: Arc<Service>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
 pub struct Node {
     pub state: State,
     pub cache: ArtifactCache,
@@ -76,6 +85,10 @@ pub struct Node {
     logs: Mutex<BTreeMap<ServiceKey, Arc<ServiceLog>>>,
     /// Services replaced or removed, draining; awaited at shutdown.
     retiring: tokio::sync::Mutex<JoinSet<()>>,
+    pub events: Arc<Events>,
+    /// Topics open now, as declared.
+    topics: tokio::sync::Mutex<BTreeMap<String, TopicManifest>>,
+    triggers: tokio::sync::Mutex<BTreeMap<ServiceKey, Triggers>>,
 }
 
 impl Node {
@@ -83,6 +96,7 @@ impl Node {
         data_dir: &Path,
         runtime: Arc<Runtime>,
         gateway: Arc<Gateway>,
+        events: Arc<Events>,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
         std::fs::create_dir_all(data_dir)
@@ -103,6 +117,9 @@ impl Node {
             running: Mutex::new(BTreeMap::new()),
             logs: Mutex::new(BTreeMap::new()),
             retiring: tokio::sync::Mutex::new(JoinSet::new()),
+            events,
+            topics: tokio::sync::Mutex::new(BTreeMap::new()),
+            triggers: tokio::sync::Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -156,6 +173,7 @@ impl Node {
     /// every change. A service that cannot be started is reported and skipped, so one
     /// broken app never keeps the others from serving.
     pub async fn reconcile(&self) -> Result<(), ControlError> {
+        let topics_changed = self.reconcile_topics().await?;
         let desired = self.desired_state()?;
         let mut retired = Vec::new();
         let table = {
@@ -208,12 +226,154 @@ impl Node {
             RouteTable::new(routes)
         };
         self.gateway.install(table);
+        self.reconcile_triggers(topics_changed).await;
         let mut retiring = self.retiring.lock().await;
         while retiring.try_join_next().is_some() {}
         for service in retired {
             retiring.spawn(async move { service.shutdown().await });
         }
         Ok(())
+    }
+
+    /// Every topic declared by a deployed app, and which app declares it.
+    fn desired_topics(&self) -> Result<BTreeMap<String, (String, TopicManifest)>, ControlError> {
+        let mut topics = BTreeMap::new();
+        for (app, record) in self.state.apps()? {
+            let revision = self.state.revision(&app, record.current)?;
+            let Ok(parsed) = manifest::parse(&revision.manifest_path, &revision.manifest) else {
+                continue;
+            };
+            for (name, topic) in parsed.topics {
+                topics.entry(name).or_insert((app.clone(), topic));
+            }
+        }
+        Ok(topics)
+    }
+
+    /// Open declared topics and close undeclared ones (their data stays on disk). Returns
+    /// whether any topic was opened, reopened or closed.
+    async fn reconcile_topics(&self) -> Result<bool, ControlError> {
+        let want = self.desired_topics()?;
+        let mut open = self.topics.lock().await;
+        let mut changed = false;
+        for (name, (app, topic)) in &want {
+            if open.get(name) == Some(topic) {
+                continue;
+            }
+            changed = true;
+            match self.events.declare(name, topic_config(topic)).await {
+                Ok(_) => {
+                    open.insert(name.clone(), *topic);
+                }
+                Err(error) => {
+                    open.remove(name);
+                    tracing::error!(%app, topic = %name, %error, "topic not opened");
+                }
+            }
+        }
+        let gone: Vec<String> = open
+            .keys()
+            .filter(|name| !want.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            changed = true;
+            self.events.retire(&name).await;
+            open.remove(&name);
+        }
+        Ok(changed)
+    }
+
+    /// Start the triggers of services that have none yet; restart all if topics changed.
+    async fn reconcile_triggers(&self, topics_changed: bool) {
+        let running: Vec<(ServiceKey, Arc<Service>, Vec<TriggerManifest>)> = self
+            .running
+            .lock()
+            .expect("running lock is never poisoned")
+            .iter()
+            .map(|(key, r)| {
+                (
+                    key.clone(),
+                    r.service.clone(),
+                    r.desired.manifest.triggers.clone(),
+                )
+            })
+            .collect();
+        let mut triggers = self.triggers.lock().await;
+        let stale: Vec<ServiceKey> = triggers
+            .iter()
+            .filter(|(key, t)| {
+                topics_changed
+                    || !running
+                        .iter()
+                        .any(|(k, service, _)| k == *key && Arc::ptr_eq(service, &t.service))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(mut old) = triggers.remove(&key) {
+                old.cancel.cancel();
+                while old.tasks.join_next().await.is_some() {}
+            }
+        }
+        for (key, service, wanted) in running {
+            if wanted.is_empty() || triggers.contains_key(&key) {
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            let mut tasks = JoinSet::new();
+            for trigger in wanted {
+                let lookup = |name: &Option<String>| -> Result<Option<Arc<events::Topic>>, String> {
+                    name.as_ref()
+                        .map(|n| self.events.topic(n).map_err(|e| e.to_string()))
+                        .transpose()
+                };
+                let topics = self
+                    .events
+                    .topic(&trigger.topic)
+                    .map_err(|e| e.to_string())
+                    .and_then(|topic| {
+                        Ok((
+                            topic,
+                            lookup(&trigger.dead_letter)?,
+                            lookup(&trigger.reply_to)?,
+                        ))
+                    });
+                let (topic, dead_letter, reply_to) = match topics {
+                    Ok(found) => found,
+                    Err(error) => {
+                        service.log(&format!(
+                            "trigger on topic {} not started: {error}",
+                            trigger.topic
+                        ));
+                        continue;
+                    }
+                };
+                let config = gateway::TriggerConfig {
+                    group: format!("{}.{}", key.0, key.1),
+                    batch: trigger.batch as usize,
+                    parallel: trigger.parallel as usize,
+                    path: trigger.path.clone(),
+                    max_attempts: trigger.max_attempts,
+                    dead_letter,
+                    reply_to,
+                };
+                tasks.spawn(gateway::run_trigger(
+                    topic,
+                    service.clone(),
+                    config,
+                    cancel.clone(),
+                ));
+            }
+            triggers.insert(
+                key,
+                Triggers {
+                    service,
+                    cancel,
+                    tasks,
+                },
+            );
+        }
     }
 
     fn history_path(&self, key: &ServiceKey) -> PathBuf {
@@ -376,6 +536,7 @@ impl Node {
         let parsed = manifest::parse(&request.manifest_path, &request.manifest)
             .map_err(ControlError::BadManifest)?;
         self.check_routes_free(&parsed)?;
+        self.check_topics(&parsed)?;
         // Every component must be uploaded, compile, and be a wasi:http proxy, and every
         // command must exist, before the revision is committed; compiling here is what lets
         // scaling never compile.
@@ -512,6 +673,44 @@ impl Node {
                             ),
                         ),
                     ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A topic belongs to one app; a trigger's topic must be declared by some app.
+    fn check_topics(&self, parsed: &AppManifest) -> Result<(), ControlError> {
+        let others = self.desired_topics()?;
+        for name in parsed.topics.keys() {
+            if let Some((owner, _)) = others.get(name)
+                && *owner != parsed.name
+            {
+                return Err(ControlError::BadManifest(parsed.error_at(
+                    &format!("topic.{name}"),
+                    format!("topic {name} is already declared by app {owner}"),
+                    Some("choose another topic name; an app can trigger on another app's topic without declaring it".into()),
+                )));
+            }
+        }
+        for (service_name, service) in &parsed.services {
+            for trigger in &service.triggers {
+                let declared = parsed.topics.contains_key(&trigger.topic)
+                    || others
+                        .get(&trigger.topic)
+                        .is_some_and(|(owner, _)| *owner != parsed.name);
+                if !declared {
+                    return Err(ControlError::BadManifest(parsed.error_at(
+                        &format!("service.{service_name}.trigger.topic"),
+                        format!(
+                            "topic {} is not declared by this or any deployed app",
+                            trigger.topic
+                        ),
+                        Some(format!(
+                            "add a [topic.\"{}\"] table to this manifest",
+                            trigger.topic
+                        )),
+                    )));
                 }
             }
         }
@@ -677,12 +876,67 @@ impl Node {
                 .metrics
                 .render(&mut out, &labels, &running.service.gauges(), now);
         }
+        drop(running);
+        out.push_str("# HELP maru_events_appended_total Events appended to a topic since maru started.\n# TYPE maru_events_appended_total counter\n");
+        out.push_str("# HELP maru_events_next_offset The offset the next event of a topic will get.\n# TYPE maru_events_next_offset gauge\n");
+        out.push_str("# HELP maru_events_stored_bytes Bytes a topic's segments hold.\n# TYPE maru_events_stored_bytes gauge\n");
+        out.push_str("# HELP maru_events_consumer_lag Events of a topic a consumer group has not finished.\n# TYPE maru_events_consumer_lag gauge\n");
+        for topic in self.topics() {
+            let name = &topic.name;
+            out.push_str(&format!(
+                "maru_events_appended_total{{topic=\"{name}\"}} {}\nmaru_events_next_offset{{topic=\"{name}\"}} {}\nmaru_events_stored_bytes{{topic=\"{name}\"}} {}\n",
+                topic.appended_total, topic.next_offset, topic.bytes
+            ));
+            for group in &topic.groups {
+                out.push_str(&format!(
+                    "maru_events_consumer_lag{{topic=\"{name}\",group=\"{}\"}} {}\n",
+                    group.name, group.lag
+                ));
+            }
+        }
         out
+    }
+
+    /// Every open topic with its consumer groups.
+    pub fn topics(&self) -> Vec<maru_api::TopicInfo> {
+        self.events
+            .topics()
+            .into_iter()
+            .map(|topic| {
+                let stats = topic.stats();
+                maru_api::TopicInfo {
+                    name: topic.name().to_string(),
+                    first_offset: stats.first,
+                    next_offset: stats.next,
+                    bytes: stats.bytes,
+                    segments: stats.segments,
+                    appended_total: stats.appended_total,
+                    per_second: stats.per_second_last_10s,
+                    groups: stats
+                        .groups
+                        .into_iter()
+                        .map(|(name, committed)| maru_api::GroupInfo {
+                            name,
+                            committed,
+                            lag: stats.next.saturating_sub(committed),
+                        })
+                        .collect(),
+                    broken: topic.broken(),
+                }
+            })
+            .collect()
     }
 
     /// Stop every service, letting admitted requests finish.
     pub async fn shutdown(&self) {
         self.save_history();
+        {
+            let mut triggers = self.triggers.lock().await;
+            for (_, mut trigger) in std::mem::take(&mut *triggers) {
+                trigger.cancel.cancel();
+                while trigger.tasks.join_next().await.is_some() {}
+            }
+        }
         let services: Vec<Arc<Service>> = {
             let mut running = self.running.lock().expect("running lock is never poisoned");
             std::mem::take(&mut *running)
@@ -696,6 +950,20 @@ impl Node {
             retiring.spawn(async move { service.shutdown().await });
         }
         while retiring.join_next().await.is_some() {}
+        self.events.close_all().await;
+    }
+}
+
+fn topic_config(topic: &TopicManifest) -> events::TopicConfig {
+    events::TopicConfig {
+        durability: match topic.batch_window {
+            None => events::Durability::Fsync,
+            Some(window) => events::Durability::Batch { window },
+        },
+        retention_age: Some(topic.retention),
+        retention_bytes: Some(topic.retention_bytes),
+        segment_bytes: topic.segment_bytes,
+        event_bytes_max: usize::try_from(topic.event_bytes_max).unwrap_or(usize::MAX),
     }
 }
 
@@ -868,6 +1136,22 @@ fn diff(
                 fields: Vec::new(),
             });
         }
+    }
+    // Topics are reported as `topic NAME` beside the services.
+    let names: std::collections::BTreeSet<&String> =
+        old.topics.keys().chain(next.topics.keys()).collect();
+    for name in names {
+        let kind = match (old.topics.get(name), next.topics.get(name)) {
+            (None, Some(_)) => "added",
+            (Some(_), None) => "removed",
+            (Some(a), Some(b)) if a != b => "changed",
+            _ => continue,
+        };
+        changes.push(ServiceChange {
+            service: format!("topic {name}"),
+            kind: kind.into(),
+            fields: Vec::new(),
+        });
     }
     changes
 }

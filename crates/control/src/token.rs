@@ -9,11 +9,18 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 
 pub const TOKEN_FILE: &str = "token";
+/// The token event producers (HTTP and MQTT) present; it grants nothing else.
+pub const INGEST_TOKEN_FILE: &str = "ingest.token";
 
 /// Read the node's token, creating it if there is none. Returns the token and whether it was
 /// created by this call.
 pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(String, bool)> {
-    let path = data_dir.join(TOKEN_FILE);
+    load_or_create_file(data_dir, TOKEN_FILE)
+}
+
+/// Read or create the token kept in `data_dir/file`.
+pub fn load_or_create_file(data_dir: &Path, file: &str) -> anyhow::Result<(String, bool)> {
+    let path = data_dir.join(file);
     match fs::read_to_string(&path) {
         Ok(text) => {
             let mode = fs::metadata(&path)

@@ -13,6 +13,6 @@ pub mod mqtt;
 pub mod record;
 mod topic;
 
-pub use broker::{Events, TopicError};
+pub use broker::{Events, TopicError, check_topic_name};
 pub use record::{Event, NewEvent};
 pub use topic::{AppendError, Durability, ReadError, Topic, TopicConfig, TopicStats};

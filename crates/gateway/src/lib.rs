@@ -5,12 +5,15 @@
 //! [`Service`]s by the control plane and swaps it whole; it never reads or writes apps,
 //! revisions or manifests.
 
+mod ingest;
 mod metrics;
 mod routes;
 mod server;
 mod service;
+mod trigger;
 
 pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_preamble};
 pub use routes::{RouteKey, RouteTable};
 pub use server::{Gateway, GatewayConfig};
 pub use service::{AnomalyRecord, Backend, Body, BoxError, Service, ServiceConfig, ServiceError};
+pub use trigger::{TriggerConfig, run_trigger};

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::Ingest;
 use crate::routes::RouteTable;
 use crate::service::{Body, Service, ServiceError};
 
@@ -50,6 +51,7 @@ pub struct Gateway {
     request_id_prefix: String,
     request_id_next: AtomicU64,
     unrouted: AtomicU64,
+    ingest: std::sync::OnceLock<Ingest>,
 }
 
 impl Gateway {
@@ -66,6 +68,7 @@ impl Gateway {
             request_id_prefix: seed.iter().map(|b| format!("{b:02x}")).collect(),
             request_id_next: AtomicU64::new(1),
             unrouted: AtomicU64::new(0),
+            ingest: std::sync::OnceLock::new(),
         })
     }
 
@@ -79,6 +82,12 @@ impl Gateway {
             .read()
             .expect("route lock is never poisoned")
             .clone()
+    }
+
+    /// Take events at `/events/TOPIC` for `events`' topics from producers holding `token`.
+    /// Without this call, `/events/` answers 404.
+    pub fn enable_ingest(&self, events: Arc<events::Events>, token: String) {
+        _ = self.ingest.set(Ingest { events, token });
     }
 
     /// Requests that matched no route since start.
@@ -173,6 +182,36 @@ impl Gateway {
             .and_then(|h| h.to_str().ok())
             .or(request.uri().host())
             .map(str::to_string);
+        let path = request.uri().path();
+        if path == "/events" || path.starts_with("/events/") {
+            let mut response = match self.ingest.get() {
+                None => error_response(
+                    StatusCode::NOT_FOUND,
+                    "no_route",
+                    "this node takes no events",
+                    &request_id,
+                ),
+                Some(ingest) => match ingest.handle(request).await {
+                    Ok(answer) => {
+                        let mut response = Response::new(
+                            Full::new(Bytes::from(answer.to_string()))
+                                .map_err(|never| match never {})
+                                .boxed_unsync(),
+                        );
+                        *response.status_mut() = StatusCode::ACCEPTED;
+                        response
+                            .headers_mut()
+                            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                        response
+                    }
+                    Err((status, code, message)) => {
+                        error_response(status, code, &message, &request_id)
+                    }
+                },
+            };
+            set_request_id(&mut response, &request_id);
+            return response;
+        }
         let routes = self.routes();
         let Some(service) = routes
             .lookup(host.as_deref(), request.uri().path())

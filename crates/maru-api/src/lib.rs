@@ -185,3 +185,55 @@ pub struct HistorySample {
     pub instances: f64,
     pub cold_starts: f64,
 }
+
+/// `GET /v1/events`: one entry per open topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub name: String,
+    /// The oldest offset still stored.
+    pub first_offset: u64,
+    /// The offset the next event will get.
+    pub next_offset: u64,
+    pub bytes: u64,
+    pub segments: usize,
+    pub appended_total: u64,
+    /// Events appended per second over the last 10 seconds.
+    pub per_second: f64,
+    pub groups: Vec<GroupInfo>,
+    /// Why the topic refuses appends, if it does (an I/O error; restart maru to recover).
+    pub broken: Option<String>,
+}
+
+/// A consumer group of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub name: String,
+    /// The first offset the group has not finished.
+    pub committed: u64,
+    /// Events stored but not yet finished by the group.
+    pub lag: u64,
+}
+
+/// `GET /v1/events/{topic}?from=N&limit=M`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsResponse {
+    pub topic: String,
+    pub events: Vec<EventInfo>,
+    /// Where the next read should start.
+    pub next: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    pub offset: u64,
+    pub unix_ms: u64,
+    pub key: String,
+    pub content_type: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+    /// The payload, if it is UTF-8 text.
+    pub data: Option<String>,
+    /// The payload in base64, if it is not.
+    pub data_base64: Option<String>,
+}

@@ -471,3 +471,87 @@ pub fn anomalies(target: &Target) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub fn events_stats(target: &Target) -> anyhow::Result<()> {
+    let topics: Vec<maru_api::TopicInfo> = Client::new(target)?.get("list topics", "/v1/events")?;
+    if target.json {
+        return print_json(&topics);
+    }
+    if topics.is_empty() {
+        println!("no topics; declare one in an app manifest with [topic.\"NAME\"]");
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:>12} {:>12} {:>10} {:>10}  GROUPS (committed, lag)",
+        "TOPIC", "EVENTS", "NEXT", "SIZE", "PER SEC"
+    );
+    for topic in topics {
+        let groups: Vec<String> = topic
+            .groups
+            .iter()
+            .map(|g| format!("{} ({}, lag {})", g.name, g.committed, g.lag))
+            .collect();
+        println!(
+            "{:<28} {:>12} {:>12} {:>10} {:>10.1}  {}{}",
+            topic.name,
+            topic.next_offset - topic.first_offset,
+            topic.next_offset,
+            control::manifest::format_size(topic.bytes),
+            topic.per_second,
+            if groups.is_empty() {
+                "-".to_string()
+            } else {
+                groups.join(", ")
+            },
+            topic
+                .broken
+                .map(|why| format!("  BROKEN: {why}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub fn events_tail(
+    target: &Target,
+    topic: &str,
+    from: Option<u64>,
+    count: usize,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let mut path = match from {
+        Some(from) => format!("/v1/events/{topic}?from={from}&limit=1000"),
+        None => format!("/v1/events/{topic}?limit={}", count.clamp(1, 10_000)),
+    };
+    loop {
+        let page: maru_api::EventsResponse = client.get("read events", &path)?;
+        for event in &page.events {
+            if target.json {
+                println!("{}", serde_json::to_string(event)?);
+            } else {
+                let data = event.data.clone().unwrap_or_else(|| {
+                    format!("base64:{}", event.data_base64.clone().unwrap_or_default())
+                });
+                println!(
+                    "{:>10} {} {:<20} {}",
+                    event.offset,
+                    clock(event.unix_ms),
+                    if event.key.is_empty() {
+                        "-"
+                    } else {
+                        &event.key
+                    },
+                    data
+                );
+            }
+        }
+        path = format!("/v1/events/{topic}?from={}&limit=1000", page.next);
+        if !follow {
+            return Ok(());
+        }
+        if page.events.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+}

@@ -86,9 +86,37 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Run scaling policies against a demand trace in the deterministic simulator.
     Sim(sim::SimArgs),
+    /// Look at event topics: `maru events stats`, `maru events tail TOPIC`.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Make the revision that served before the current one serve again.
     Rollback {
         app: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Each topic's size, append rate, and each consumer group's committed offset and lag.
+    Stats {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a topic's events: the last few, or from an offset; --follow keeps printing.
+    Tail {
+        topic: String,
+        /// Start at this offset [default: the last --count events].
+        #[arg(long)]
+        from: Option<u64>,
+        /// How many recent events to print first.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        count: usize,
+        #[arg(long, short)]
+        follow: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -111,6 +139,19 @@ fn main() -> std::process::ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Anomalies { target } => client::anomalies(&target),
+        Command::Events {
+            command: EventsCommand::Stats { target },
+        } => client::events_stats(&target),
+        Command::Events {
+            command:
+                EventsCommand::Tail {
+                    topic,
+                    from,
+                    count,
+                    follow,
+                    target,
+                },
+        } => client::events_tail(&target, &topic, from, count, follow),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -24,6 +25,9 @@ pub struct UpArgs {
     /// Control API listen address.
     #[arg(long, env = "MARU_CONTROL_LISTEN")]
     control: Option<SocketAddr>,
+    /// Where the MQTT listener for sensors listens [default: 127.0.0.1:1883]
+    #[arg(long, env = "MARU_MQTT")]
+    mqtt: Option<SocketAddr>,
     /// Log format: text or json.
     #[arg(long, env = "MARU_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -47,6 +51,8 @@ struct NodeFile {
     data: Option<PathBuf>,
     gateway: Option<SocketAddr>,
     control: Option<SocketAddr>,
+    mqtt: Option<SocketAddr>,
+    mqtt_connections_max: Option<usize>,
     log_format: Option<LogFormat>,
     instances_total_max: Option<u32>,
     header_read_timeout: Option<String>,
@@ -62,6 +68,8 @@ struct ConfigFile {
     _app: Option<toml::Value>,
     #[serde(default, rename = "service")]
     _service: Option<toml::Value>,
+    #[serde(default, rename = "topic")]
+    _topic: Option<toml::Value>,
 }
 
 fn read_config(explicit: Option<&Path>) -> anyhow::Result<NodeFile> {
@@ -95,6 +103,8 @@ struct Settings {
     data: PathBuf,
     gateway: SocketAddr,
     control: SocketAddr,
+    mqtt: SocketAddr,
+    mqtt_connections_max: usize,
     log_format: LogFormat,
     runtime: RuntimeConfig,
     gateway_config: GatewayConfig,
@@ -131,6 +141,14 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
             .control
             .or(file.control)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8090))),
+        mqtt: args
+            .mqtt
+            .or(file.mqtt)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1883))),
+        mqtt_connections_max: file
+            .mqtt_connections_max
+            .unwrap_or(events::mqtt::MqttConfig::default().connections_max)
+            .max(1),
         log_format: args
             .log_format
             .or(file.log_format)
@@ -194,19 +212,49 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
     let gateway = Gateway::new(settings.gateway_config);
-    let node = Node::open(&settings.data, runtime, gateway.clone())?;
+    let events = Arc::new(events::Events::new(&settings.data.join("events")));
+    let (ingest_token, created) =
+        control::token::load_or_create_file(&settings.data, control::token::INGEST_TOKEN_FILE)?;
+    if created {
+        eprintln!(
+            "maru: created the event ingest token (kept in {}; producers send it over HTTP as a bearer token and over MQTT as the password)",
+            settings
+                .data
+                .join(control::token::INGEST_TOKEN_FILE)
+                .display()
+        );
+    }
+    gateway.enable_ingest(events.clone(), ingest_token.clone());
+    let node = Node::open(&settings.data, runtime, gateway.clone(), events.clone())?;
     node.reconcile().await.context("start the deployed apps")?;
 
     let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;
     let control_listener = bind(settings.control, "control API", "--control").await?;
+    let mqtt_listener = bind(settings.mqtt, "MQTT listener", "--mqtt").await?;
     let gateway_address = gateway_listener.local_addr()?;
     let control_address = control_listener.local_addr()?;
-    write_node_file(&settings.data, gateway_address, control_address)?;
-    tracing::info!(gateway = %gateway_address, control = %control_address, data = %settings.data.display(), "maru is up");
+    let mqtt_address = mqtt_listener.local_addr()?;
+    write_node_file(
+        &settings.data,
+        gateway_address,
+        control_address,
+        mqtt_address,
+    )?;
+    tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, data = %settings.data.display(), "maru is up");
 
     let shutdown = CancellationToken::new();
     let mut servers = JoinSet::new();
     servers.spawn(gateway.serve(gateway_listener, shutdown.clone()));
+    let mqtt_config = events::mqtt::MqttConfig {
+        token: ingest_token,
+        connections_max: settings.mqtt_connections_max,
+        ..events::mqtt::MqttConfig::default()
+    };
+    let mqtt_shutdown = shutdown.clone();
+    servers.spawn(async move {
+        events::mqtt::serve(events, mqtt_listener, mqtt_config, mqtt_shutdown).await;
+        Ok(())
+    });
     let api = control::api::router(node.clone(), token);
     let api_shutdown = shutdown.clone();
     servers.spawn(async move {
@@ -255,8 +303,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 pub const NODE_FILE: &str = "node.json";
 
 /// Where a running node listens, for the CLI and tests to find it.
-fn write_node_file(data: &Path, gateway: SocketAddr, control: SocketAddr) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "pid": std::process::id() });
+fn write_node_file(
+    data: &Path,
+    gateway: SocketAddr,
+    control: SocketAddr,
+    mqtt: SocketAddr,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "mqtt": mqtt.to_string(), "pid": std::process::id() });
     runtime::write_atomically(&data.join(NODE_FILE), body.to_string().as_bytes())
         .context("write node.json")
 }

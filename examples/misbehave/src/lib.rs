@@ -8,6 +8,8 @@
 //! - `.../sleep?ms=` wait without CPU, holding the instance
 //! - `.../print`     write a line to stdout and one to stderr
 //! - `.../outbound?url=` try an outbound HTTP GET and report what happened
+//! - `.../echo`      answer with the request body, unchanged (a trigger's reply)
+//! - `.../fail`      answer 500 (a consumer that always fails)
 //! - anything else   echo: method, path, the request body's length and a per-instance counter
 
 use std::cell::Cell;
@@ -45,6 +47,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
                 .find(|(k, _)| *k == key)
                 .map(|(_, v)| v.to_string())
         };
+        let mut status = 200;
         let text = match last {
             "spin" => {
                 let mut x = 0u64;
@@ -71,6 +74,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
                 "printed\n".to_string()
             }
             "outbound" => outbound(&param("url").unwrap_or_default()),
+            "echo" => String::from_utf8_lossy(&read_body(&request)).into_owned(),
+            "fail" => {
+                status = 500;
+                "failing as asked\n".to_string()
+            }
             _ => {
                 let length = read_body_length(&request);
                 format!(
@@ -80,6 +88,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
             }
         };
         let response = OutgoingResponse::new(Fields::new());
+        response
+            .set_status_code(status)
+            .expect("500 and 200 are valid statuses");
         let body = response.body().expect("a new response has a body");
         ResponseOutparam::set(response_out, Ok(response));
         let mut out = body.write().expect("a new body has a stream");
@@ -88,6 +99,20 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
         drop(out);
         OutgoingBody::finish(body, None).expect("finish body");
     }
+}
+
+fn read_body(request: &IncomingRequest) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let Ok(body) = request.consume() else {
+        return bytes;
+    };
+    let Ok(stream) = body.stream() else {
+        return bytes;
+    };
+    while let Ok(chunk) = stream.blocking_read(16384) {
+        bytes.extend_from_slice(&chunk);
+    }
+    bytes
 }
 
 fn read_body_length(request: &IncomingRequest) -> usize {

@@ -39,7 +39,10 @@ pub struct Node {
     _dir: Option<tempfile::TempDir>,
     pub gateway: String,
     pub control: String,
+    pub mqtt: String,
     pub token: String,
+    /// The token event producers present.
+    pub ingest_token: String,
 }
 
 pub struct Response {
@@ -87,7 +90,9 @@ impl Node {
             _dir: Some(dir),
             gateway: String::new(),
             control: String::new(),
+            mqtt: String::new(),
             token: String::new(),
+            ingest_token: String::new(),
         };
         node.launch();
         node
@@ -113,6 +118,8 @@ impl Node {
                 "--gateway",
                 "127.0.0.1:0",
                 "--control",
+                "127.0.0.1:0",
+                "--mqtt",
                 "127.0.0.1:0",
                 "--data",
             ])
@@ -140,6 +147,7 @@ impl Node {
                     .as_str()
                     .expect("control address")
                     .to_string();
+                self.mqtt = node["mqtt"].as_str().expect("mqtt address").to_string();
                 break;
             }
             if let Some(status) = self
@@ -161,6 +169,10 @@ impl Node {
         }
         self.token = std::fs::read_to_string(self.data.join("token"))
             .expect("token file")
+            .trim()
+            .to_string();
+        self.ingest_token = std::fs::read_to_string(self.data.join("ingest.token"))
+            .expect("ingest token file")
             .trim()
             .to_string();
     }

@@ -1,0 +1,566 @@
+//! Events end to end: HTTP and MQTT ingest (with the real mosquitto clients), triggers
+//! delivering to a component, dead letters, a slow consumer, and a crash test that kills
+//! `maru` while events are being published.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Node, component};
+
+/// An app with a topic, a reply topic and a dead-letter topic, and the misbehave guest
+/// consuming `city.air` at `path`.
+fn sensors_manifest(path: &str, trigger_extra: &str) -> String {
+    format!(
+        r#"[app]
+name = "sensors"
+
+[topic."city.air"]
+[topic."city.air.replies"]
+[topic."city.air.dead"]
+
+[service.echo]
+component = "{}"
+routes = ["/echo-svc"]
+
+[[service.echo.trigger]]
+topic = "city.air"
+path = "{path}"
+reply_to = "city.air.replies"
+{trigger_extra}
+"#,
+        component("misbehave").display()
+    )
+}
+
+struct Posted {
+    status: u16,
+    body: String,
+}
+
+fn post(
+    node: &Node,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Posted {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut request = agent.post(format!("http://{}{path}", node.gateway));
+    if let Some(token) = token {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request
+        .send(body)
+        .unwrap_or_else(|e| panic!("POST {path} ({} bytes): {e}\n{}", body.len(), node.log()));
+    Posted {
+        status: response.status().as_u16(),
+        body: response.body_mut().read_to_string().unwrap_or_default(),
+    }
+}
+
+/// Every stored event of a topic: (offset, key, data).
+fn read_topic(node: &Node, topic: &str) -> Vec<(u64, String, String)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = node.control_api(
+            "GET",
+            &format!("/v1/events/{topic}?from={from}&limit=10000"),
+            Some(&node.token),
+            None,
+        );
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page: serde_json::Value = serde_json::from_str(&page.body).expect("json");
+        let events = page["events"].as_array().expect("events");
+        if events.is_empty() {
+            return out;
+        }
+        for event in events {
+            out.push((
+                event["offset"].as_u64().expect("offset"),
+                event["key"].as_str().unwrap_or("").to_string(),
+                event["data"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        from = page["next"].as_u64().expect("next");
+    }
+}
+
+fn lag(node: &Node, topic: &str, group: &str) -> Option<u64> {
+    let stats: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["events", "stats", "--json"])).expect("json");
+    stats.as_array()?.iter().find(|t| t["name"] == topic)?["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["name"] == group)?["lag"]
+        .as_u64()
+}
+
+fn mosquitto_pub(
+    node: &Node,
+    password: &str,
+    version: &str,
+    topic: &str,
+    message: &str,
+) -> std::process::Output {
+    let (host, port) = node.mqtt.rsplit_once(':').expect("host:port");
+    Command::new("mosquitto_pub")
+        .args([
+            "-h", host, "-p", port, "-u", "sensor", "-P", password, "-q", "1",
+        ])
+        .args(["-V", version, "-t", topic, "-m", message])
+        .output()
+        .expect("run mosquitto_pub (cargo xtask test installs mosquitto-clients)")
+}
+
+#[test]
+fn http_ingest_stores_events_and_answers_every_mistake_clearly() {
+    let node = Node::start();
+    node.deploy("sensors.toml", &sensors_manifest("/echo", ""));
+    let token = node.ingest_token.clone();
+
+    let refused = post(&node, "/events/city.air", None, &[], b"x");
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(refused.body.contains("ingest token"), "{}", refused.body);
+    let refused = post(&node, "/events/city.air", Some(&node.token), &[], b"x");
+    assert_eq!(
+        refused.status, 401,
+        "the control token is not an ingest token"
+    );
+    let unknown = post(&node, "/events/city.water", Some(&token), &[], b"x");
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.body.contains("declare it in an app manifest"),
+        "{}",
+        unknown.body
+    );
+    assert_eq!(node.get("/events/city.air").status, 405);
+
+    let one = post(
+        &node,
+        "/events/city.air",
+        Some(&token),
+        &[
+            ("ce-partitionkey", "station-1"),
+            ("content-type", "application/json"),
+        ],
+        br#"{"pm25":3}"#,
+    );
+    assert_eq!(one.status, 202, "{}", one.body);
+    assert!(one.body.contains(r#""first_offset":0"#), "{}", one.body);
+    let batch =
+        br#"[{"type":"air.reading","source":"s2","partitionkey":"station-2","data":{"pm25":4}},
+                     {"partitionkey":"station-3","data":"text reading"},
+                     {"data_base64":"AAEC"}]"#;
+    let stored = post(
+        &node,
+        "/events/city.air",
+        Some(&token),
+        &[("content-type", "application/cloudevents-batch+json")],
+        batch,
+    );
+    assert_eq!(stored.status, 202, "{}", stored.body);
+    assert!(stored.body.contains(r#""count":3"#), "{}", stored.body);
+    assert!(
+        stored.body.contains(r#""first_offset":1"#),
+        "{}",
+        stored.body
+    );
+
+    let bad = post(
+        &node,
+        "/events/city.air",
+        Some(&token),
+        &[("content-type", "application/cloudevents-batch+json")],
+        br#"[{"data":1}, 7]"#,
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("event 1 of the batch"), "{}", bad.body);
+    let too_big = post(
+        &node,
+        "/events/city.air",
+        Some(&token),
+        &[],
+        &vec![b'x'; 2 << 20],
+    );
+    assert_eq!(too_big.status, 413, "{}", too_big.body);
+    assert!(too_big.body.contains("limit"), "{}", too_big.body);
+    // A declared length over the ingest limit is refused before the body is read.
+    let head = format!(
+        "POST /events/city.air HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        9 << 20
+    );
+    let (answer, _) =
+        crate::harness::raw_exchange(&mut node.connect(), head.as_bytes(), Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // Exactly the accepted events are stored, in order, and nothing of the refused ones.
+    let stored = read_topic(&node, "city.air");
+    let summary: Vec<(u64, &str, &str)> = stored
+        .iter()
+        .map(|(o, k, d)| (*o, k.as_str(), d.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (0, "station-1", r#"{"pm25":3}"#),
+            (1, "station-2", r#"{"pm25":4}"#),
+            (2, "station-3", "text reading"),
+            (3, "", "\0\u{1}\u{2}"),
+        ]
+    );
+    // The trigger echoes each event into the reply topic: delivered, and committed.
+    node.wait_for(
+        "the trigger to deliver every event",
+        Duration::from_secs(30),
+        || lag(&node, "city.air", "sensors.echo") == Some(0),
+    );
+    let replies: Vec<String> = read_topic(&node, "city.air.replies")
+        .into_iter()
+        .map(|(_, _, d)| d)
+        .collect();
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    assert_eq!(replies[0], r#"{"pm25":3}"#);
+    let tail = node.cli_ok(&["events", "tail", "city.air", "-n", "2"]);
+    assert!(
+        tail.contains("text reading") && !tail.contains("pm25\":3"),
+        "{tail}"
+    );
+}
+
+#[test]
+fn mqtt_sensors_publish_with_mosquitto_over_3_1_1_and_5() {
+    let node = Node::start();
+    node.deploy("sensors.toml", &sensors_manifest("/echo", ""));
+    let token = node.ingest_token.clone();
+    for (version, station) in [("mqttv311", "station-4"), ("mqttv5", "station-5")] {
+        let output = mosquitto_pub(
+            &node,
+            &token,
+            version,
+            &format!("city/air/{station}"),
+            &format!("{{\"at\":\"{station}\"}}"),
+        );
+        assert!(
+            output.status.success(),
+            "{version}: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            node.log()
+        );
+    }
+    let refused = mosquitto_pub(&node, "wrong", "mqttv5", "city/air/station-6", "x");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Bad User Name or Password"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // MQTT 5 refuses an unknown topic in the PUBACK; 3.1.1 has no way but to close.
+    let unknown = mosquitto_pub(&node, &token, "mqttv5", "city/water/x", "x");
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("Topic Name invalid"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let unknown = mosquitto_pub(&node, &token, "mqttv311", "city/water/x", "x");
+    assert!(!unknown.status.success());
+    // A payload over the packet limit (256 KiB) is refused, and the connection closed.
+    let big = node.manifest("big-payload", &"x".repeat(300 * 1024));
+    let (host, port) = node.mqtt.rsplit_once(':').expect("host:port");
+    let refused = Command::new("mosquitto_pub")
+        .args([
+            "-h", host, "-p", port, "-u", "sensor", "-P", &token, "-q", "1",
+        ])
+        .args(["-V", "mqttv311", "-t", "city/air/station-7", "-f"])
+        .arg(&big)
+        .output()
+        .expect("run mosquitto_pub");
+    assert!(!refused.status.success());
+
+    let stored = read_topic(&node, "city.air");
+    let summary: Vec<(&str, &str)> = stored
+        .iter()
+        .map(|(_, k, d)| (k.as_str(), d.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("station-4", r#"{"at":"station-4"}"#),
+            ("station-5", r#"{"at":"station-5"}"#)
+        ]
+    );
+    // Malformed bytes on the MQTT port: the connection is closed, the node keeps serving.
+    let mut raw = std::net::TcpStream::connect(&node.mqtt).expect("connect");
+    raw.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
+        .expect("send garbage");
+    let output = mosquitto_pub(
+        &node,
+        &token,
+        "mqttv311",
+        "city/air/station-8",
+        "after garbage",
+    );
+    assert!(output.status.success(), "{}", node.log());
+}
+
+#[test]
+fn a_consumer_that_always_fails_sends_events_to_the_dead_letter_topic() {
+    let node = Node::start();
+    node.deploy(
+        "sensors.toml",
+        &sensors_manifest("/fail", "max_attempts = 2\ndead_letter = \"city.air.dead\""),
+    );
+    for i in 0..3 {
+        let stored = post(
+            &node,
+            "/events/city.air",
+            Some(&node.ingest_token),
+            &[("ce-partitionkey", "station-1")],
+            format!("reading {i}").as_bytes(),
+        );
+        assert_eq!(stored.status, 202);
+    }
+    node.wait_for("three dead letters", Duration::from_secs(30), || {
+        read_topic(&node, "city.air.dead").len() == 3
+    });
+    let dead: Vec<String> = read_topic(&node, "city.air.dead")
+        .into_iter()
+        .map(|(_, _, d)| d)
+        .collect();
+    assert_eq!(
+        dead,
+        ["reading 0", "reading 1", "reading 2"],
+        "order is kept"
+    );
+    node.wait_for("the group to commit", Duration::from_secs(10), || {
+        lag(&node, "city.air", "sensors.echo") == Some(0)
+    });
+    let logs = node.cli_ok(&["logs", "sensors/echo"]);
+    assert!(
+        logs.contains("failed 2 times") && logs.contains("moved to topic city.air.dead"),
+        "{logs}"
+    );
+    assert!(read_topic(&node, "city.air.replies").is_empty());
+}
+
+#[test]
+fn a_slow_consumer_lags_without_slowing_ingest_and_catches_up() {
+    let node = Node::start();
+    node.deploy(
+        "sensors.toml",
+        &sensors_manifest("/sleep?ms=100", "parallel = 1"),
+    );
+    let started = Instant::now();
+    for i in 0..30 {
+        let stored = post(
+            &node,
+            "/events/city.air",
+            Some(&node.ingest_token),
+            &[],
+            format!("{i}").as_bytes(),
+        );
+        assert_eq!(stored.status, 202);
+    }
+    let ingest_time = started.elapsed();
+    let behind = lag(&node, "city.air", "sensors.echo").unwrap_or(30);
+    assert!(
+        behind > 0,
+        "the consumer cannot have finished 30 × 100 ms in {ingest_time:?}"
+    );
+    node.wait_for("the consumer to catch up", Duration::from_secs(60), || {
+        lag(&node, "city.air", "sensors.echo") == Some(0)
+    });
+    let metrics = node
+        .control_api("GET", "/metrics", Some(&node.token), None)
+        .body;
+    assert!(
+        metrics.contains("maru_events_consumer_lag{topic=\"city.air\",group=\"sensors.echo\"} 0"),
+        "{metrics}"
+    );
+}
+
+/// Publish over MQTT (mosquitto_pub) and HTTP while killing `maru` with SIGKILL at seeded
+/// random moments; every acknowledged event must be stored exactly once and delivered.
+#[test]
+fn no_acknowledged_event_is_lost_when_maru_is_killed() {
+    const ROUNDS: u64 = 20;
+    let mut node = Node::start();
+    node.deploy("sensors.toml", &sensors_manifest("/echo", "parallel = 4"));
+    let mut seed: u64 = 0x5eed_0005;
+    let mut next_random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut acknowledged: Vec<String> = Vec::new();
+    for round in 0..ROUNDS {
+        let kill_after = Duration::from_millis(150 + next_random() % 900);
+        let (host, port) = node.mqtt.rsplit_once(':').expect("host:port");
+        let mut publisher = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                host,
+                "-p",
+                port,
+                "-u",
+                "sensor",
+                "-P",
+                &node.ingest_token,
+            ])
+            .args([
+                "-q",
+                "1",
+                "-V",
+                "mqttv311",
+                "-d",
+                "-l",
+                "-t",
+                "city/air/crash",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run mosquitto_pub");
+        let mut stdin = publisher.stdin.take().expect("stdin");
+        let stdout = publisher.stdout.take().expect("stdout");
+        let feeder = std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            for i in 0..60_000 {
+                let line = format!("m-{round}-{i}");
+                if stdin.write_all(format!("{line}\n").as_bytes()).is_err()
+                    || stdin.flush().is_err()
+                {
+                    break;
+                }
+                sent.push(line);
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            sent
+        });
+        let reader = std::thread::spawn(move || {
+            // "sending PUBLISH (d0, q1, r0, m17, ..." then "received PUBACK (Mid: 17, RC:0)".
+            let mut sent_mids = Vec::new();
+            let mut acked = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("sending PUBLISH (").nth(1) {
+                    // A line cut short by the kill carries no usable mid.
+                    if let Some(mid) = rest
+                        .split(", ")
+                        .find_map(|f| f.strip_prefix('m')?.parse::<u32>().ok())
+                    {
+                        sent_mids.push(mid);
+                    }
+                } else if let Some(rest) = line.split("received PUBACK (Mid: ").nth(1) {
+                    let mid: u32 = rest
+                        .split(',')
+                        .next()
+                        .and_then(|m| m.parse().ok())
+                        .expect("mid");
+                    acked.push(mid);
+                }
+            }
+            (sent_mids, acked)
+        });
+        let http = {
+            let gateway = node.gateway.clone();
+            let token = node.ingest_token.clone();
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_secs(5)))
+                    .build()
+                    .into();
+                let mut acked = Vec::new();
+                for i in 0..100_000 {
+                    let payload = format!("h-{round}-{i}");
+                    match agent
+                        .post(format!("http://{gateway}/events/city.air"))
+                        .header("Authorization", format!("Bearer {token}"))
+                        .header("ce-partitionkey", "http")
+                        .send(payload.as_bytes())
+                    {
+                        Ok(response) if response.status().as_u16() == 202 => acked.push(payload),
+                        Ok(response) => panic!("ingest answered {}", response.status()),
+                        Err(_) => break, // maru was killed
+                    }
+                }
+                acked
+            })
+        };
+        std::thread::sleep(kill_after);
+        node.kill();
+        // The publisher has lost its connection; stop it so the feeder's pipe breaks.
+        std::thread::sleep(Duration::from_millis(100));
+        _ = publisher.kill();
+        _ = publisher.wait();
+        let http_acked = http.join().expect("http publisher");
+        let sent = feeder.join().expect("feeder");
+        let (sent_mids, acked_mids) = reader.join().expect("reader");
+        // The i-th PUBLISH carries the i-th line.
+        let by_mid: BTreeMap<u32, &String> = sent_mids.iter().copied().zip(sent.iter()).collect();
+        for mid in acked_mids {
+            acknowledged.push(
+                by_mid
+                    .get(&mid)
+                    .map(|s| (*s).clone())
+                    .expect("an acked mid was sent"),
+            );
+        }
+        acknowledged.extend(http_acked);
+        node.restart();
+    }
+    assert!(
+        acknowledged.len() > (ROUNDS as usize) * 50,
+        "too few events were acknowledged to test anything: {}",
+        acknowledged.len()
+    );
+
+    let stored = read_topic(&node, "city.air");
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, _, data) in &stored {
+        *counts.entry(data.as_str()).or_default() += 1;
+    }
+    for event in &acknowledged {
+        assert_eq!(
+            counts.get(event.as_str()),
+            Some(&1),
+            "acknowledged event {event} is stored {:?} times",
+            counts.get(event.as_str())
+        );
+    }
+    assert!(
+        stored.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "offsets have gaps"
+    );
+    node.wait_for(
+        "every event to be delivered",
+        Duration::from_secs(120),
+        || lag(&node, "city.air", "sensors.echo") == Some(0),
+    );
+    let delivered: std::collections::BTreeSet<String> = read_topic(&node, "city.air.replies")
+        .into_iter()
+        .map(|(_, _, d)| d)
+        .collect();
+    for event in &acknowledged {
+        assert!(
+            delivered.contains(event),
+            "acknowledged event {event} was never delivered"
+        );
+    }
+    eprintln!(
+        "crash test: {ROUNDS} rounds, {} acknowledged, {} stored, {} replies",
+        acknowledged.len(),
+        stored.len(),
+        delivered.len()
+    );
+}
