@@ -29,6 +29,19 @@ pub enum Which {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// Durable event ingest (1 KiB, fsync before ack) against nats-server -js and against a
+    /// raw write + fdatasync loop.
+    Events {
+        /// Seconds of load per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Producers, each with one connection, each waiting for its ack before the next send.
+        #[arg(long, default_value_t = 64)]
+        producers: u32,
+        /// Alternating rounds of every system; the median round is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Every scaling policy on every shared trace, each tuned on the first 70 % to the
     /// cheapest setting holding 99.9 % availability, reported on the last 30 %, for several
     /// instance start-up times. Prints a Markdown table for BENCHMARKS.md.
@@ -53,6 +66,11 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             connections,
             rounds,
         } => gateway(seconds, connections, rounds),
+        Which::Events {
+            seconds,
+            producers,
+            rounds,
+        } => crate::bench_events::events(seconds, producers, rounds),
         Which::Autoscale {
             startups,
             limit_days,

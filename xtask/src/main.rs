@@ -7,6 +7,7 @@
 //! - `cargo xtask tidy`: the tidy checks alone.
 
 mod bench;
+mod bench_events;
 mod demo;
 mod env;
 mod node;

@@ -30,7 +30,8 @@ impl MaruNode {
         let log =
             std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(binary)
-            .args(["up", "--gateway", gateway, "--control", control, "--data"])
+            .args(["up", "--gateway", gateway, "--control", control])
+            .args(["--mqtt", "127.0.0.1:0", "--data"])
             .arg(data)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -911,6 +911,7 @@ impl Node {
                     bytes: stats.bytes,
                     segments: stats.segments,
                     appended_total: stats.appended_total,
+                    commits_total: stats.commits_total,
                     per_second: stats.per_second_last_10s,
                     groups: stats
                         .groups

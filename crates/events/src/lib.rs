@@ -15,4 +15,4 @@ mod topic;
 
 pub use broker::{Events, TopicError, check_topic_name};
 pub use record::{Event, NewEvent};
-pub use topic::{AppendError, Durability, ReadError, Topic, TopicConfig, TopicStats};
+pub use topic::{AppendError, Appending, Durability, ReadError, Topic, TopicConfig, TopicStats};

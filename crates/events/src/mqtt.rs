@@ -30,11 +30,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::Events;
 use crate::record::NewEvent;
-use crate::topic::AppendError;
+use crate::topic::{AppendError, Appending};
 
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
@@ -259,6 +258,7 @@ pub async fn serve(
 }
 
 type Stored = Result<(), AppendError>;
+type Route = (Arc<crate::Topic>, String);
 
 enum ReadFailure {
     Io(String),
@@ -267,7 +267,7 @@ enum ReadFailure {
 
 enum Step {
     Read(Result<Packet, ReadFailure>),
-    Stored(Result<Stored, tokio::task::JoinError>),
+    Stored(Result<std::ops::Range<u64>, AppendError>),
 }
 
 async fn read_packet(
@@ -297,7 +297,8 @@ async fn read_packet(
 struct InFlight {
     pkid: u16,
     qos: QoS,
-    task: AbortOnDropHandle<Stored>,
+    /// Queued at the topic's writer as it arrived; awaited in arrival order.
+    stored: Appending,
 }
 
 struct Connection {
@@ -309,6 +310,11 @@ struct Connection {
     client_id: String,
     buffer: BytesMut,
     topics: BTreeSet<String>,
+    /// Where each topic name published on this connection goes. A topic closed since
+    /// (redeployed with a new configuration) fails its append; the entry is then dropped.
+    routes: HashMap<String, Route>,
+    /// The events' source: `mqtt:CLIENT-ID`.
+    source: String,
     aliases: HashMap<u16, String>,
     in_flight: VecDeque<InFlight>,
     out: BytesMut,
@@ -328,6 +334,8 @@ impl Connection {
             client_id: String::new(),
             buffer: BytesMut::with_capacity(8 * 1024),
             topics: BTreeSet::new(),
+            routes: HashMap::new(),
+            source: String::new(),
             aliases: HashMap::new(),
             in_flight: VecDeque::new(),
             out: BytesMut::new(),
@@ -402,6 +410,7 @@ impl Connection {
             return Err("the first packet was not CONNECT".into());
         };
         self.protocol = Some(protocol);
+        self.source = format!("mqtt:{client_id}");
         self.client_id = client_id;
         let authorised = password.is_some_and(|p| {
             !self.config.token.is_empty()
@@ -427,7 +436,7 @@ impl Connection {
                 let max = self.config.packet_bytes_max;
                 tokio::select! {
                     read = read_packet(reader, buffer, Some(protocol), max, idle), if can_read => Step::Read(read),
-                    stored = async { (&mut in_flight.front_mut().expect("guarded").task).await }, if !in_flight.is_empty() => Step::Stored(stored),
+                    stored = async { (&mut in_flight.front_mut().expect("guarded").stored).await }, if !in_flight.is_empty() => Step::Stored(stored),
                 }
             };
             match step {
@@ -484,13 +493,7 @@ impl Connection {
                 }
                 Step::Stored(stored) => {
                     let front = self.in_flight.pop_front().expect("guarded");
-                    self.acknowledge(
-                        front,
-                        stored.unwrap_or_else(|e| {
-                            Err(AppendError::Closed(format!("storing task failed: {e}")))
-                        }),
-                    )
-                    .await?;
+                    self.acknowledge(front, stored.map(|_| ())).await?;
                 }
             }
             self.flush().await?;
@@ -499,13 +502,14 @@ impl Connection {
 
     async fn finish_front(&mut self) -> Result<(), String> {
         let mut front = self.in_flight.pop_front().expect("caller checks");
-        let stored = (&mut front.task)
-            .await
-            .unwrap_or_else(|e| Err(AppendError::Closed(format!("storing task failed: {e}"))));
+        let stored = (&mut front.stored).await.map(|_| ());
         self.acknowledge(front, stored).await
     }
 
     async fn acknowledge(&mut self, done: InFlight, stored: Stored) -> Result<(), String> {
+        if matches!(stored, Err(AppendError::Closed(_))) {
+            self.routes.clear();
+        }
         match (stored, done.qos) {
             (Ok(()), QoS::AtLeastOnce) => self.puback(done.pkid, v5::PubAckReason::Success),
             (Ok(()), _) => Ok(()),
@@ -662,8 +666,15 @@ impl Connection {
             }
             self.topics.insert(topic.clone());
         }
-        let (target, key) = match self.events.route_mqtt(&topic) {
-            Ok(found) => found,
+        let cached = self.routes.get(&topic).cloned();
+        let (target, key) = match cached
+            .map(Ok)
+            .unwrap_or_else(|| self.events.route_mqtt(&topic))
+        {
+            Ok(found) => {
+                self.routes.insert(topic, found.clone());
+                found
+            }
             Err(error) => {
                 return self
                     .refuse(
@@ -679,15 +690,11 @@ impl Connection {
             key,
             content_type: content_type.unwrap_or_default(),
             kind: "maru.mqtt.publish".into(),
-            source: format!("mqtt:{}", self.client_id),
+            source: self.source.clone(),
             payload,
         };
-        let task = tokio::spawn(async move { target.append(vec![event]).await.map(|_| ()) });
-        self.in_flight.push_back(InFlight {
-            pkid,
-            qos,
-            task: AbortOnDropHandle::new(task),
-        });
+        let stored = target.append_soon(vec![event]);
+        self.in_flight.push_back(InFlight { pkid, qos, stored });
         Ok(())
     }
 }

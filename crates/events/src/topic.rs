@@ -26,6 +26,8 @@ const INDEX_EVERY_BYTES: u64 = 4096;
 const GROUP_BYTES_MAX: usize = 8 << 20;
 /// Appends waiting for the writer, in bytes, before producers wait (backpressure).
 const PENDING_BYTES_MAX: usize = 64 << 20;
+/// Turns the writer gives producers to join a group commit before it syncs.
+const GATHER_YIELDS_MAX: usize = 8;
 /// A consumer group name: at most this many bytes of `[a-z0-9._-]`.
 const GROUP_NAME_BYTES_MAX: usize = 128;
 
@@ -105,6 +107,8 @@ struct Log {
     /// Events appended per second over the last minute: (second, count).
     recent: VecDeque<(u64, u64)>,
     appended_total: u64,
+    /// Group commits (one write, and one fdatasync under `fsync` durability).
+    commits_total: u64,
     broken: Option<String>,
 }
 
@@ -112,6 +116,10 @@ enum Job {
     Append(Append),
     Stop,
 }
+
+/// An append under way; see [`Topic::append_soon`].
+pub type Appending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Range<u64>, AppendError>> + Send>>;
 
 struct Append {
     events: Vec<NewEvent>,
@@ -127,6 +135,7 @@ pub struct TopicStats {
     pub bytes: u64,
     pub segments: usize,
     pub appended_total: u64,
+    pub commits_total: u64,
     pub per_second_last_10s: f64,
     /// (group, committed offset).
     pub groups: Vec<(String, u64)>,
@@ -295,6 +304,7 @@ impl Topic {
             segments,
             recent: VecDeque::new(),
             appended_total: 0,
+            commits_total: 0,
             broken: None,
         }));
         let (queue, rx) = mpsc::channel(1024);
@@ -328,8 +338,82 @@ impl Topic {
 
     /// Append events; resolves once they are durable, with their offsets.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Range<u64>, AppendError> {
+        let bytes = self.checked_bytes(&events)?;
+        if events.is_empty() {
+            let next = *self.committed.borrow();
+            return Ok(next..next);
+        }
+        // Producers wait here while the writer is behind: memory stays bounded.
+        let permit = self
+            .pending_bytes
+            .acquire_many(u32::try_from(bytes).expect("bounded by checked_bytes"))
+            .await
+            .map_err(|_| AppendError::Closed(self.name.clone()))?;
+        permit.forget();
+        let (reply, answer) = oneshot::channel();
+        let append = Append {
+            events,
+            bytes,
+            reply,
+        };
+        if self.queue.send(Job::Append(append)).await.is_err() {
+            return Err(AppendError::Closed(self.name.clone()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(AppendError::Closed(self.name.clone())))
+    }
+
+    /// Like [`Topic::append`], but the events are queued before this returns whenever the
+    /// writer has room, so a caller can start many appends in order and await them later
+    /// without a task each. When the writer is behind, the returned future waits for room.
+    pub fn append_soon(self: &Arc<Self>, events: Vec<NewEvent>) -> Appending {
+        let bytes = match self.checked_bytes(&events) {
+            Ok(bytes) => bytes,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        if !events.is_empty()
+            && let Ok(permit) = self
+                .pending_bytes
+                .try_acquire_many(u32::try_from(bytes).expect("bounded by checked_bytes"))
+        {
+            permit.forget();
+            let (reply, answer) = oneshot::channel();
+            let append = Append {
+                events,
+                bytes,
+                reply,
+            };
+            match self.queue.try_send(Job::Append(append)) {
+                Ok(()) => {
+                    let topic = self.clone();
+                    return Box::pin(async move {
+                        answer
+                            .await
+                            .unwrap_or_else(|_| Err(AppendError::Closed(topic.name.clone())))
+                    });
+                }
+                Err(error) => {
+                    // The queue is full (or closed): give the room back and wait in line.
+                    self.pending_bytes.add_permits(bytes);
+                    let Job::Append(append) = error.into_inner() else {
+                        return Box::pin(std::future::ready(Err(AppendError::Closed(
+                            self.name.clone(),
+                        ))));
+                    };
+                    let topic = self.clone();
+                    return Box::pin(async move { topic.append(append.events).await });
+                }
+            }
+        }
+        let topic = self.clone();
+        Box::pin(async move { topic.append(events).await })
+    }
+
+    /// The bytes `events` take in the log, or why they cannot be appended.
+    fn checked_bytes(&self, events: &[NewEvent]) -> Result<usize, AppendError> {
         let mut bytes = 0;
-        for event in &events {
+        for event in events {
             event.check().map_err(AppendError::Invalid)?;
             let size = event.encoded_len() - record::HEADER_BYTES;
             if size > self.event_bytes_max {
@@ -346,29 +430,7 @@ impl Topic {
                 PENDING_BYTES_MAX / 2
             )));
         }
-        if events.is_empty() {
-            let next = *self.committed.borrow();
-            return Ok(next..next);
-        }
-        // Producers wait here while the writer is behind: memory stays bounded.
-        let permit = self
-            .pending_bytes
-            .acquire_many(u32::try_from(bytes).expect("bounded above"))
-            .await
-            .map_err(|_| AppendError::Closed(self.name.clone()))?;
-        permit.forget();
-        let (reply, answer) = oneshot::channel();
-        let append = Append {
-            events,
-            bytes,
-            reply,
-        };
-        if self.queue.send(Job::Append(append)).await.is_err() {
-            return Err(AppendError::Closed(self.name.clone()));
-        }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(AppendError::Closed(self.name.clone())))
+        Ok(bytes)
     }
 
     /// The offset after the last durable event.
@@ -565,6 +627,7 @@ impl Topic {
             bytes: log.segments.iter().map(|s| s.durable_bytes).sum(),
             segments: log.segments.len(),
             appended_total: log.appended_total,
+            commits_total: log.commits_total,
             per_second_last_10s: last_10s as f64 / 10.0,
             groups,
         }
@@ -695,6 +758,17 @@ impl Writer {
             let Some(Job::Append(first)) = first else {
                 break;
             };
+            // Group commit: let producers that are about to append join this sync. Each
+            // yield gives the other tasks one turn; stop as soon as no one new arrived.
+            if self.config.durability == Durability::Fsync {
+                for _ in 0..GATHER_YIELDS_MAX {
+                    let waiting = queue.len();
+                    tokio::task::yield_now().await;
+                    if queue.len() == waiting {
+                        break;
+                    }
+                }
+            }
             let mut batch = vec![first];
             let mut bytes = batch[0].bytes;
             let mut stop = false;
@@ -858,6 +932,7 @@ impl Writer {
             segment.newest_time_ms = time_ms;
             roll = roll || segment.durable_bytes >= self.config.segment_bytes;
             log.appended_total += count;
+            log.commits_total += 1;
             let second = time_ms / 1000;
             match log.recent.back_mut() {
                 Some((s, n)) if *s == second => *n += count,

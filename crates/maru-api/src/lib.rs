@@ -197,6 +197,8 @@ pub struct TopicInfo {
     pub bytes: u64,
     pub segments: usize,
     pub appended_total: u64,
+    /// Group commits since maru started: one write (and one fsync) for many events.
+    pub commits_total: u64,
     /// Events appended per second over the last 10 seconds.
     pub per_second: f64,
     pub groups: Vec<GroupInfo>,
