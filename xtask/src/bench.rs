@@ -247,6 +247,7 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
         &bench_dir.join("data"),
         "127.0.0.1:0",
         "127.0.0.1:0",
+        "127.0.0.1:0",
         &bench_dir.join("maru.log"),
     )?;
     let manifest = bench_dir.join("hello.toml");

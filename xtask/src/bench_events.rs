@@ -189,7 +189,7 @@ fn http_send(producer: &mut HttpProducer, payload: &[u8]) -> anyhow::Result<()> 
 }
 
 /// An MQTT 3.1.1 connection publishing with QoS 1, one PUBLISH in flight at a time.
-struct MqttProducer {
+pub struct MqttProducer {
     stream: TcpStream,
     packet_id: u16,
     topic: Vec<u8>,
@@ -210,7 +210,7 @@ fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn mqtt_connect(address: &str, index: u32, password: &str) -> anyhow::Result<MqttProducer> {
+pub fn mqtt_connect(address: &str, index: u32, password: &str) -> anyhow::Result<MqttProducer> {
     let mut stream = TcpStream::connect(address).context("connect to the MQTT listener")?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -238,11 +238,23 @@ fn mqtt_connect(address: &str, index: u32, password: &str) -> anyhow::Result<Mqt
 }
 
 fn mqtt_publish(producer: &mut MqttProducer, payload: &[u8]) -> anyhow::Result<()> {
+    let topic = std::mem::take(&mut producer.topic);
+    let result = mqtt_publish_to(producer, &topic, payload);
+    producer.topic = topic;
+    result
+}
+
+/// Publish with QoS 1 and wait for the PUBACK.
+pub fn mqtt_publish_to(
+    producer: &mut MqttProducer,
+    topic: &[u8],
+    payload: &[u8],
+) -> anyhow::Result<()> {
     producer.packet_id = producer.packet_id.wrapping_add(1).max(1);
     let mut packet = vec![0x32];
-    remaining_length(2 + producer.topic.len() + 2 + payload.len(), &mut packet);
-    packet.extend_from_slice(&(producer.topic.len() as u16).to_be_bytes());
-    packet.extend_from_slice(&producer.topic);
+    remaining_length(2 + topic.len() + 2 + payload.len(), &mut packet);
+    packet.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    packet.extend_from_slice(topic);
     packet.extend_from_slice(&producer.packet_id.to_be_bytes());
     packet.extend_from_slice(payload);
     producer.stream.write_all(&packet)?;
@@ -424,6 +436,7 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
     let mut node = MaruNode::start(
         &maru,
         &bench_dir.join("data"),
+        "127.0.0.1:0",
         "127.0.0.1:0",
         "127.0.0.1:0",
         &bench_dir.join("maru.log"),

@@ -57,13 +57,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let data = root.join("target/demo/data");
     let log = root.join("target/demo/maru.log");
     std::fs::create_dir_all(root.join("target/demo"))?;
-    let mut node = MaruNode::start(&maru, &data, &free_or_any(8080), &free_or_any(8090), &log)?;
+    let mut node = MaruNode::start(
+        &maru,
+        &data,
+        &free_or_any(8080),
+        &free_or_any(8090),
+        &free_or_any(1883),
+        &log,
+    )?;
     // --duration counts from here, not from before the build, which can take minutes.
     let started = Instant::now();
     println!(
-        "\nMaru is up: gateway http://{}  control http://{}  (log: {})",
+        "\nMaru is up: gateway http://{}  control http://{}  MQTT {}  (log: {})",
         node.gateway,
         node.control,
+        node.mqtt,
         log.display()
     );
     env::ensure_debian_package("python3", "python3")?;
@@ -71,6 +79,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "examples/hello/maru.toml",
         "examples/reservations/maru.toml",
         "examples/legacy-app/maru.toml",
+        "examples/traffic/maru.toml",
     ] {
         print!(
             "{}",
@@ -107,11 +116,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     replay_a_day(&node, &root)?;
 
+    traffic(&node)?;
+
     println!("\nExplore (in another terminal):");
     println!("  export MARU_DATA={}", data.display());
     println!("  target/release/maru ps                      # services, instances, load, latency");
     println!("  target/release/maru logs reservations/api   # guest output and platform events");
     println!("  target/release/maru apps                    # apps and revisions");
+    println!("  target/release/maru events stats            # topics, rates, consumer lag");
+    println!("  target/release/maru events tail city.congestion --follow");
+    println!(
+        "  mosquitto_pub -h {} -p {} -u sensor -P $(cat $MARU_DATA/ingest.token) -q 1 -t city/traffic/harbour-gate -m '{{\"loop\":\"x\",\"vehicles\":500,\"at_ms\":0}}'",
+        node.mqtt.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h),
+        node.mqtt.rsplit_once(':').map_or("1883", |(_, p)| p)
+    );
     println!("  curl http://{}/hello", node.gateway);
     println!(
         "  curl -H \"Authorization: Bearer $(cat $MARU_DATA/token)\" http://{}/metrics",
@@ -340,4 +358,106 @@ fn replay_a_day(node: &MaruNode, root: &std::path::Path) -> anyhow::Result<()> {
     ])?;
     print!("{out}");
     Ok(())
+}
+
+/// The loop-detector pipeline: simulated sensors publish ten minutes of vehicle counts over
+/// MQTT; the traffic component sums them per intersection and minute, and its congestion
+/// flags arrive as events in `city.congestion`.
+fn traffic(node: &MaruNode) -> anyhow::Result<()> {
+    const INTERSECTIONS: [&str; 6] = [
+        "main-and-5th",
+        "harbour-gate",
+        "station-square",
+        "river-bridge",
+        "market-street",
+        "north-ring",
+    ];
+    const LOOPS: [&str; 4] = ["north", "south", "east", "west"];
+    let token = std::fs::read_to_string(node.data.join("ingest.token"))
+        .context("read the ingest token")?
+        .trim()
+        .to_string();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let start_ms = (now_ms / 60_000 - 10) * 60_000;
+    println!(
+        "\nTraffic: {} loop detectors at {} intersections publish 10 minutes of counts over MQTT (every 15 s); harbour-gate jams in minutes 4 to 6…",
+        INTERSECTIONS.len() * LOOPS.len(),
+        INTERSECTIONS.len()
+    );
+    let mut sensor = crate::bench_events::mqtt_connect(&node.mqtt, 0, &token)?;
+    let mut seed: u64 = 0x7aff1c;
+    let mut published = 0;
+    let started = Instant::now();
+    for tick in 0..40u64 {
+        let at_ms = start_ms + tick * 15_000;
+        let minute = tick / 4;
+        for intersection in INTERSECTIONS {
+            let jammed = intersection == "harbour-gate" && (4..=6).contains(&minute);
+            for detector in LOOPS {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // About 24 vehicles a minute per loop (96 per intersection); jammed: 48.
+                let base = if jammed { 12 } else { 6 };
+                let vehicles = base - 2 + seed % 5;
+                let payload = format!(
+                    "{{\"loop\":\"{detector}\",\"vehicles\":{vehicles},\"at_ms\":{at_ms}}}"
+                );
+                crate::bench_events::mqtt_publish_to(
+                    &mut sensor,
+                    format!("city/traffic/{intersection}").as_bytes(),
+                    payload.as_bytes(),
+                )?;
+                published += 1;
+            }
+        }
+    }
+    println!(
+        "  {published} readings acknowledged (each durable before its PUBACK) in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let waited = Instant::now();
+    loop {
+        let stats: serde_json::Value =
+            serde_json::from_str(&node.cli(&["events", "stats", "--json"])?)?;
+        let lag = stats
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["name"] == "city.traffic")
+            .and_then(|t| {
+                t["groups"]
+                    .as_array()?
+                    .iter()
+                    .find(|g| g["name"] == "traffic.flow")
+                    .and_then(|g| g["lag"].as_u64())
+            });
+        if lag == Some(0) {
+            break;
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            println!(
+                "  the flow service still lags ({lag:?} events) after 60 s; see `maru logs traffic/flow`"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "  the flow service consumed them in batches of up to 100 (CloudEvents) within {:.1} s",
+        waited.elapsed().as_secs_f64()
+    );
+    print!("{}", indent(&node.cli(&["events", "stats"])?));
+    println!("  congestion flags (topic city.congestion, also at GET /v1/events/city.congestion):");
+    print!(
+        "{}",
+        indent(&node.cli(&["events", "tail", "city.congestion", "-n", "10"])?)
+    );
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
 }

@@ -11,6 +11,7 @@ pub struct MaruNode {
     pub data: PathBuf,
     pub gateway: String,
     pub control: String,
+    pub mqtt: String,
     child: Option<Child>,
 }
 
@@ -21,6 +22,7 @@ impl MaruNode {
         data: &Path,
         gateway: &str,
         control: &str,
+        mqtt: &str,
         log: &Path,
     ) -> anyhow::Result<Self> {
         if data.exists() {
@@ -31,7 +33,7 @@ impl MaruNode {
             std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(binary)
             .args(["up", "--gateway", gateway, "--control", control])
-            .args(["--mqtt", "127.0.0.1:0", "--data"])
+            .args(["--mqtt", mqtt, "--data"])
             .arg(data)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -43,6 +45,7 @@ impl MaruNode {
             data: data.to_path_buf(),
             gateway: String::new(),
             control: String::new(),
+            mqtt: String::new(),
             child: Some(child),
         };
         let started = Instant::now();
@@ -53,6 +56,7 @@ impl MaruNode {
             {
                 node.gateway = found["gateway"].as_str().unwrap_or_default().to_string();
                 node.control = found["control"].as_str().unwrap_or_default().to_string();
+                node.mqtt = found["mqtt"].as_str().unwrap_or_default().to_string();
                 return Ok(node);
             }
             if let Some(status) = node

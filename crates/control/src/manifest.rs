@@ -515,6 +515,13 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             Some("add a [service.NAME] table with at least `component` and `routes`".into()),
         ));
     }
+    let mut topics = BTreeMap::new();
+    for (topic_name, raw_topic) in &raw.topic {
+        topics.insert(
+            topic_name.clone(),
+            self::topic(&mut parser, topic_name, raw_topic)?,
+        );
+    }
     let mut services = BTreeMap::new();
     let mut seen_routes: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
     for (service_name, service) in &raw.service {
@@ -759,13 +766,22 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         let scaling = scaling(&mut parser, &at, service.scaling.as_ref())?;
         let mut triggers = Vec::new();
         for trigger in service.trigger.iter().flatten() {
-            triggers.push(self::trigger(
-                &mut parser,
-                &at,
-                trigger,
-                &raw.topic,
-                instances_max,
-            )?);
+            let parsed = self::trigger(&mut parser, &at, trigger, &raw.topic, instances_max)?;
+            if triggers
+                .iter()
+                .any(|t: &TriggerManifest| t.topic == parsed.topic)
+            {
+                return Err(parser.error(
+                    &at("trigger.topic"),
+                    trigger.get_ref().topic.span(),
+                    format!(
+                        "the service already has a trigger on topic {}",
+                        parsed.topic
+                    ),
+                    Some("one trigger per topic: raise its `parallel` or `batch` instead".into()),
+                ));
+            }
+            triggers.push(parsed);
         }
         services.insert(
             service_name.clone(),
@@ -787,13 +803,6 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 outbound,
                 env,
             },
-        );
-    }
-    let mut topics = BTreeMap::new();
-    for (topic_name, raw_topic) in &raw.topic {
-        topics.insert(
-            topic_name.clone(),
-            self::topic(&mut parser, topic_name, raw_topic)?,
         );
     }
     Ok(AppManifest {
@@ -1359,10 +1368,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => number.checked_mul(1000),
         "m" | "min" => number.checked_mul(60_000),
         "h" => number.checked_mul(3_600_000),
+        "d" => number.checked_mul(86_400_000),
         "" => return Err(format!("`{text}` has no unit")),
         other => {
             return Err(format!(
-                "`{other}` is not a duration unit (use ms, s, m or h)"
+                "`{other}` is not a duration unit (use ms, s, m, h or d)"
             ));
         }
     };

@@ -1,8 +1,9 @@
 //! Loop-detector pipeline, the aggregation step: a `wasi:http` component that receives
-//! batches of vehicle counts from Maru (CloudEvents batched mode, one event per sensor
-//! reading), sums them per intersection in one-minute windows, and answers with the
-//! windows whose flow is above the congestion threshold. Maru publishes a non-empty answer
-//! to the trigger's `reply_to` topic, so congestion flags become events too.
+//! vehicle counts from Maru (CloudEvents, one event per sensor reading, in batches when
+//! they queue up), sums them per intersection in one-minute windows, and when a window
+//! closes (a reading of a later minute arrives) answers with it if its flow was above the
+//! congestion threshold. Maru publishes a non-empty answer to the trigger's `reply_to`
+//! topic, so congestion flags become events too.
 //!
 //! A reading is published by a loop sensor over MQTT to `city/traffic/INTERSECTION` as
 //! `{"loop": "north-1", "vehicles": 12, "at_ms": 1795392000000}` (vehicles counted since
@@ -10,10 +11,11 @@
 //! `INTERSECTION`, so one intersection's readings reach the component in order.
 //!
 //! `CONGESTION_VEHICLES_PER_MINUTE` (default 120) sets the threshold for an intersection.
-//! Any component instance can take any batch: windows are summed within a batch, so a
-//! window cut across two batches is judged on each part (the demo sends whole windows).
+//! Open windows are kept in the instance's memory: if the instance is replaced (a crash,
+//! a redeploy), the windows open at that moment are judged only on what arrives after.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,30 @@ const BODY_BYTES_MAX: usize = 8 << 20;
 const WINDOW_MS: u64 = 60_000;
 
 struct Traffic;
+
+/// The minute being summed for one intersection.
+struct Window {
+    start_ms: u64,
+    vehicles: u64,
+    loops: BTreeSet<String>,
+}
+
+impl Window {
+    fn new(start_ms: u64) -> Self {
+        Window {
+            start_ms,
+            vehicles: 0,
+            loops: BTreeSet::new(),
+        }
+    }
+}
+
+thread_local! {
+    /// Open windows by intersection. They live in the instance, which Maru reuses for every
+    /// request; the manifest keeps exactly one instance and one request in flight, so this
+    /// instance sees every reading in order.
+    static OPEN: RefCell<BTreeMap<String, Window>> = const { RefCell::new(BTreeMap::new()) };
+}
 
 wasip2::http::proxy::export!(Traffic);
 
@@ -95,31 +121,35 @@ impl wasip2::exports::http::incoming_handler::Guest for Traffic {
                 }
             },
         };
-        // (intersection, window) -> (vehicles, loops seen)
-        let mut windows: BTreeMap<(String, u64), (u64, std::collections::BTreeSet<String>)> =
-            BTreeMap::new();
-        for reading in readings {
-            let Some(count) = reading.data else { continue };
-            let window = count.at_ms / WINDOW_MS * WINDOW_MS;
-            let entry = windows
-                .entry((reading.subject.clone(), window))
-                .or_default();
-            entry.0 += count.vehicles;
-            entry.1.insert(count.detector);
-        }
-        let flags: Vec<Congestion> = windows
-            .into_iter()
-            .filter(|(_, (vehicles, _))| *vehicles > threshold)
-            .map(
-                |((intersection, window_start_ms), (vehicles, loops))| Congestion {
-                    intersection,
-                    window_start_ms,
-                    vehicles_per_minute: vehicles,
-                    loops: loops.len(),
-                    threshold,
-                },
-            )
-            .collect();
+        let mut flags = Vec::new();
+        OPEN.with(|open| {
+            let mut open = open.borrow_mut();
+            for reading in readings {
+                let Some(count) = reading.data else { continue };
+                let window_start_ms = count.at_ms / WINDOW_MS * WINDOW_MS;
+                let current = open
+                    .entry(reading.subject.clone())
+                    .or_insert_with(|| Window::new(window_start_ms));
+                if window_start_ms > current.start_ms {
+                    // A reading of a later minute closes the intersection's window.
+                    let closed = std::mem::replace(current, Window::new(window_start_ms));
+                    if closed.vehicles > threshold {
+                        flags.push(Congestion {
+                            intersection: reading.subject.clone(),
+                            window_start_ms: closed.start_ms,
+                            vehicles_per_minute: closed.vehicles,
+                            loops: closed.loops.len(),
+                            threshold,
+                        });
+                    }
+                }
+                if window_start_ms == current.start_ms {
+                    current.vehicles += count.vehicles;
+                    current.loops.insert(count.detector);
+                }
+                // Readings older than the open window arrived late; they are not counted.
+            }
+        });
         if flags.is_empty() {
             respond(response_out, 200, "")
         } else {

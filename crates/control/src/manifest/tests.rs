@@ -78,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -379,4 +379,122 @@ fn durations_and_sizes() {
     assert_eq!(parse_size("1GiB"), Ok(1 << 30));
     assert_eq!(parse_size("100MB"), Ok(100_000_000));
     assert!(parse_size("18446744073709551615GiB").is_err());
+}
+
+/// Parse `text` and render its topics and triggers, or the error.
+fn check_events(text: &str, expect: Expect) {
+    let actual = match parse("maru.toml", text) {
+        Ok(app) => {
+            let mut lines: Vec<String> = app
+                .topics
+                .iter()
+                .map(|(name, t)| format!("topic {name}: {t:?}"))
+                .collect();
+            for (name, service) in &app.services {
+                for trigger in &service.triggers {
+                    lines.push(format!("{name} <- {trigger:?}"));
+                }
+            }
+            lines.join("\n")
+        }
+        Err(error) => error.to_string(),
+    };
+    expect.assert_eq(&actual);
+}
+
+const EVENTS: &str = r#"
+[app]
+name = "traffic"
+
+[topic."city.traffic"]
+durability = "batch"
+sync_window = "50ms"
+retention = "2d"
+retention_size = "10GiB"
+event_limit = "64KiB"
+
+[topic."city.congestion"]
+
+[service.flow]
+component = "traffic.wasm"
+instances = { max = 4 }
+
+[[service.flow.trigger]]
+topic = "city.traffic"
+batch = 100
+path = "/loops?window=60"
+reply_to = "city.congestion"
+"#;
+
+#[test]
+fn topics_and_triggers_parse_with_defaults() {
+    check_events(
+        EVENTS,
+        expect![[r#"
+            topic city.congestion: TopicManifest { batch_window: None, retention: 604800s, retention_bytes: 1073741824, event_bytes_max: 1048576, segment_bytes: 67108864 }
+            topic city.traffic: TopicManifest { batch_window: Some(50ms), retention: 172800s, retention_bytes: 10737418240, event_bytes_max: 65536, segment_bytes: 67108864 }
+            flow <- TriggerManifest { topic: "city.traffic", batch: 100, parallel: 4, path: "/loops?window=60", max_attempts: 5, dead_letter: None, reply_to: Some("city.congestion") }"#]],
+    );
+}
+
+#[test]
+fn topic_and_trigger_mistakes_name_line_and_field() {
+    check_events(
+        &EVENTS.replace("durability = \"batch\"", "durability = \"sometimes\""),
+        expect![[r#"
+            maru.toml:6:14: `topic.city.traffic.durability`: `sometimes` is not a durability
+              hint: use "fsync" (acknowledge after fsync) or "batch" (acknowledge after write, fsync every sync_window)"#]],
+    );
+    check_events(
+        &EVENTS.replace("[topic.\"city.congestion\"]", "[topic.\"City Congestion\"]"),
+        expect![[
+            r#"maru.toml:12:1: `topic.City Congestion`: "City Congestion" is not a valid topic name: use 1 to 128 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"#
+        ]],
+    );
+    check_events(
+        &EVENTS.replace(
+            "reply_to = \"city.congestion\"",
+            "reply_to = \"city.elsewhere\"",
+        ),
+        expect![[r#"
+            maru.toml:22:12: `service.flow.trigger.reply_to`: topic `city.elsewhere` is not declared in this manifest
+              hint: add a [topic."city.elsewhere"] table"#]],
+    );
+    check_events(
+        &EVENTS.replace("batch = 100", "batch = 0"),
+        expect![[r#"
+            maru.toml:20:9: `service.flow.trigger.batch`: 0 is out of range
+              hint: use a whole number from 1 to 1000"#]],
+    );
+    check_events(
+        &EVENTS
+            .replace("sync_window = \"50ms\"\n", "")
+            .replace("durability = \"batch\"", "sync_window = \"1s\""),
+        expect![[
+            r#"maru.toml:6:15: `topic.city.traffic.sync_window`: `sync_window` applies to durability = "batch""#
+        ]],
+    );
+    check_events(
+        &EVENTS.replace(
+            "topic = \"city.traffic\"\nbatch",
+            "topic = \"city.traffic\"\ntopic = \"x\"\nbatch",
+        ),
+        expect![[r#"
+            maru.toml:20:1: `service.flow.trigger.topic`: duplicate key
+              hint: see docs/manifest.md for the manifest format"#]],
+    );
+    check_events(
+        &format!("{EVENTS}\n[[service.flow.trigger]]\ntopic = \"city.traffic\"\n"),
+        expect![[r#"
+            maru.toml:25:9: `service.flow.trigger.topic`: the service already has a trigger on topic city.traffic
+              hint: one trigger per topic: raise its `parallel` or `batch` instead"#]],
+    );
+    check_events(
+        &EVENTS
+            .replace("routes", "routes")
+            .replace("instances = { max = 4 }", "routes = [\"/events/x\"]"),
+        expect![[r#"
+            maru.toml:16:11: `service.flow.routes`: route `/events/x` is under /events, where the gateway takes events for topics
+              hint: write a path prefix such as "/api" or "/""#]],
+    );
 }
