@@ -8,7 +8,7 @@
 //! - `.../sleep?ms=` wait without CPU, holding the instance
 //! - `.../print`     write a line to stdout and one to stderr
 //! - `.../outbound?url=` try an outbound HTTP GET and report what happened
-//! - `.../echo`      answer with the request body, unchanged (a trigger's reply)
+//! - `.../reply`     answer with the request body, unchanged (a trigger's reply)
 //! - `.../fail`      answer 500 (a consumer that always fails)
 //! - anything else   echo: method, path, the request body's length and a per-instance counter
 
@@ -74,7 +74,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
                 "printed\n".to_string()
             }
             "outbound" => outbound(&param("url").unwrap_or_default()),
-            "echo" => String::from_utf8_lossy(&read_body(&request)).into_owned(),
+            "reply" => String::from_utf8_lossy(&read_body(&request)).into_owned(),
             "fail" => {
                 status = 500;
                 "failing as asked\n".to_string()

@@ -490,9 +490,7 @@ fn topic_and_trigger_mistakes_name_line_and_field() {
               hint: one trigger per topic: raise its `parallel` or `batch` instead"#]],
     );
     check_events(
-        &EVENTS
-            .replace("routes", "routes")
-            .replace("instances = { max = 4 }", "routes = [\"/events/x\"]"),
+        &EVENTS.replace("instances = { max = 4 }", "routes = [\"/events/x\"]"),
         expect![[r#"
             maru.toml:16:11: `service.flow.routes`: route `/events/x` is under /events, where the gateway takes events for topics
               hint: write a path prefix such as "/api" or "/""#]],

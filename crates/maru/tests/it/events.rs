@@ -125,7 +125,7 @@ fn mosquitto_pub(
 #[test]
 fn http_ingest_stores_events_and_answers_every_mistake_clearly() {
     let node = Node::start();
-    node.deploy("sensors.toml", &sensors_manifest("/echo", ""));
+    node.deploy("sensors.toml", &sensors_manifest("/reply", ""));
     let token = node.ingest_token.clone();
 
     let refused = post(&node, "/events/city.air", None, &[], b"x");
@@ -240,7 +240,7 @@ fn http_ingest_stores_events_and_answers_every_mistake_clearly() {
 #[test]
 fn mqtt_sensors_publish_with_mosquitto_over_3_1_1_and_5() {
     let node = Node::start();
-    node.deploy("sensors.toml", &sensors_manifest("/echo", ""));
+    node.deploy("sensors.toml", &sensors_manifest("/reply", ""));
     let token = node.ingest_token.clone();
     for (version, station) in [("mqttv311", "station-4"), ("mqttv5", "station-5")] {
         let output = mosquitto_pub(
@@ -394,7 +394,7 @@ fn a_slow_consumer_lags_without_slowing_ingest_and_catches_up() {
 fn no_acknowledged_event_is_lost_when_maru_is_killed() {
     const ROUNDS: u64 = 20;
     let mut node = Node::start();
-    node.deploy("sensors.toml", &sensors_manifest("/echo", "parallel = 4"));
+    node.deploy("sensors.toml", &sensors_manifest("/reply", "parallel = 4"));
     let mut seed: u64 = 0x5eed_0005;
     let mut next_random = move || {
         seed ^= seed << 13;
