@@ -564,3 +564,41 @@ fn no_acknowledged_event_is_lost_when_maru_is_killed() {
         delivered.len()
     );
 }
+
+/// A backlog keeps `parallel` requests queued at the service, which its scaler sees as
+/// load: the consumer scales out while it lags.
+#[test]
+fn a_lagging_trigger_scales_its_service_out() {
+    let node = Node::start();
+    let manifest = sensors_manifest("/sleep?ms=300", "parallel = 4").replace(
+        "routes = [\"/echo-svc\"]",
+        "routes = [\"/echo-svc\"]\ninstances = { min = 0, max = 4 }",
+    );
+    node.deploy("sensors.toml", &manifest);
+    for i in 0..40 {
+        let stored = post(
+            &node,
+            "/events/city.air",
+            Some(&node.ingest_token),
+            &[("ce-partitionkey", &format!("station-{i}"))],
+            b"{}",
+        );
+        assert_eq!(stored.status, 202);
+    }
+    let mut most = 0;
+    node.wait_for(
+        "the backlog to be delivered",
+        Duration::from_secs(60),
+        || {
+            let ready = node.service("sensors", "echo")["instances_ready"]
+                .as_u64()
+                .unwrap_or(0);
+            most = most.max(ready);
+            lag(&node, "city.air", "sensors.echo") == Some(0)
+        },
+    );
+    assert!(
+        most >= 3,
+        "the service grew to only {most} instances while 40 events of 300 ms waited"
+    );
+}
