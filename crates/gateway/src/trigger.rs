@@ -228,7 +228,7 @@ async fn attempt_once(
     let Some(reply_to) = &config.reply_to else {
         return Ok(());
     };
-    let (content_type, kind) = {
+    let (content_type, kind, key) = {
         let header = |name: &str| {
             response
                 .headers()
@@ -241,7 +241,19 @@ async fn attempt_once(
             kind if kind.is_empty() => "maru.reply".to_string(),
             kind => kind,
         };
-        (header(CONTENT_TYPE.as_str()), kind)
+        // The answer's own key if it names one; else the request's key if all its events
+        // share one; else none.
+        let key = [header("ce-partitionkey"), header("ce-subject")]
+            .into_iter()
+            .find(|k| !k.is_empty())
+            .unwrap_or_else(|| {
+                if events.iter().all(|e| e.key == events[0].key) {
+                    events[0].key.clone()
+                } else {
+                    String::new()
+                }
+            });
+        (header(CONTENT_TYPE.as_str()), kind, key)
     };
     let mut stream = response.into_body();
     let mut body = Vec::new();
@@ -259,7 +271,7 @@ async fn attempt_once(
         return Ok(());
     }
     let reply = NewEvent {
-        key: events[0].key.clone(),
+        key,
         content_type,
         kind,
         source: format!("maru:trigger:{}", config.group),

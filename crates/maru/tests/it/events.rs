@@ -453,20 +453,24 @@ fn no_acknowledged_event_is_lost_when_maru_is_killed() {
             let mut sent_mids = Vec::new();
             let mut acked = Vec::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("sending PUBLISH (").nth(1) {
-                    // A line cut short by the kill carries no usable mid.
-                    if let Some(mid) = rest
+                // The publisher's stdout is a pipe, written in blocks; killing it can leave
+                // the last line cut anywhere ("... m10" of "m1021"), so only whole lines count.
+                if let Some(rest) = line.split("sending PUBLISH (").nth(1)
+                    && line.ends_with(" bytes))")
+                {
+                    let mid = rest
                         .split(", ")
                         .find_map(|f| f.strip_prefix('m')?.parse::<u32>().ok())
-                    {
-                        sent_mids.push(mid);
-                    }
-                } else if let Some(rest) = line.split("received PUBACK (Mid: ").nth(1) {
+                        .expect("a whole PUBLISH line has a mid");
+                    sent_mids.push(mid);
+                } else if let Some(rest) = line.split("received PUBACK (Mid: ").nth(1)
+                    && line.ends_with(')')
+                {
                     let mid: u32 = rest
                         .split(',')
                         .next()
                         .and_then(|m| m.parse().ok())
-                        .expect("mid");
+                        .expect("a whole PUBACK line has a mid");
                     acked.push(mid);
                 }
             }
@@ -506,8 +510,13 @@ fn no_acknowledged_event_is_lost_when_maru_is_killed() {
         let http_acked = http.join().expect("http publisher");
         let sent = feeder.join().expect("feeder");
         let (sent_mids, acked_mids) = reader.join().expect("reader");
-        // The i-th PUBLISH carries the i-th line.
+        // The i-th PUBLISH carries the i-th line; mids do not repeat within a round.
         let by_mid: BTreeMap<u32, &String> = sent_mids.iter().copied().zip(sent.iter()).collect();
+        assert_eq!(
+            by_mid.len(),
+            sent_mids.len(),
+            "mosquitto_pub sent a mid twice"
+        );
         for mid in acked_mids {
             acknowledged.push(
                 by_mid
