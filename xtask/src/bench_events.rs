@@ -39,6 +39,17 @@ impl Measured {
     fn p50_ms(&self) -> f64 {
         quantile_ms(&self.latencies, 0.5)
     }
+    /// One progress line on stderr.
+    fn report(self) -> Self {
+        eprintln!(
+            "  {:<34} {:>9.0} events/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+            self.name,
+            self.per_second(),
+            self.p50_ms(),
+            self.p99_ms()
+        );
+        self
+    }
 }
 
 /// Run `producers` threads of `send` (each given its index) for `seconds`; each call sends
@@ -81,20 +92,13 @@ fn load<C: Send + 'static>(
     }
     let seconds = started.elapsed().as_secs_f64();
     latencies.sort_unstable();
-    let measured = Measured {
+    Ok(Measured {
         name: name.to_string(),
         events: latencies.len(),
         seconds,
         latencies,
-    };
-    eprintln!(
-        "  {:<34} {:>9.0} events/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
-        measured.name,
-        measured.per_second(),
-        measured.p50_ms(),
-        measured.p99_ms()
-    );
-    Ok(measured)
+    }
+    .report())
 }
 
 /// One thread: write 1 KiB, fdatasync, repeat.
@@ -114,20 +118,13 @@ fn raw_fsync(dir: &std::path::Path, seconds: u32) -> anyhow::Result<Measured> {
     drop(file);
     _ = std::fs::remove_file(&path);
     latencies.sort_unstable();
-    let measured = Measured {
+    Ok(Measured {
         name: "raw write + fdatasync (1 thread)".into(),
         events: latencies.len(),
         seconds,
         latencies,
-    };
-    eprintln!(
-        "  {:<34} {:>9.0} events/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
-        measured.name,
-        measured.per_second(),
-        measured.p50_ms(),
-        measured.p99_ms()
-    );
-    Ok(measured)
+    }
+    .report())
 }
 
 /// A keep-alive HTTP/1.1 connection posting events to Maru's gateway.

@@ -127,6 +127,24 @@ struct Append {
     reply: oneshot::Sender<Result<Range<u64>, AppendError>>,
 }
 
+impl Append {
+    /// A job for the writer, and where its answer will arrive.
+    fn job(
+        events: Vec<NewEvent>,
+        bytes: usize,
+    ) -> (Job, oneshot::Receiver<Result<Range<u64>, AppendError>>) {
+        let (reply, answer) = oneshot::channel();
+        (
+            Job::Append(Append {
+                events,
+                bytes,
+                reply,
+            }),
+            answer,
+        )
+    }
+}
+
 /// A snapshot of a topic for stats.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopicStats {
@@ -350,13 +368,8 @@ impl Topic {
             .await
             .map_err(|_| AppendError::Closed(self.name.clone()))?;
         permit.forget();
-        let (reply, answer) = oneshot::channel();
-        let append = Append {
-            events,
-            bytes,
-            reply,
-        };
-        if self.queue.send(Job::Append(append)).await.is_err() {
+        let (job, answer) = Append::job(events, bytes);
+        if self.queue.send(job).await.is_err() {
             return Err(AppendError::Closed(self.name.clone()));
         }
         answer
@@ -378,13 +391,8 @@ impl Topic {
                 .try_acquire_many(u32::try_from(bytes).expect("bounded by checked_bytes"))
         {
             permit.forget();
-            let (reply, answer) = oneshot::channel();
-            let append = Append {
-                events,
-                bytes,
-                reply,
-            };
-            match self.queue.try_send(Job::Append(append)) {
+            let (job, answer) = Append::job(events, bytes);
+            match self.queue.try_send(job) {
                 Ok(()) => {
                     let topic = self.clone();
                     return Box::pin(async move {

@@ -18,6 +18,8 @@ use serde_json::Value;
 
 use events::{AppendError, Events, NewEvent};
 
+use crate::server::{BodyError, read_body};
+
 /// The largest ingest request body.
 pub const INGEST_BODY_BYTES_MAX: usize = 8 << 20;
 /// A client must send the whole body within this time.
@@ -157,26 +159,18 @@ impl Pending {
                 ),
             )
         };
-        let read = Limited::new(body, INGEST_BODY_BYTES_MAX).collect();
-        let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
-            Err(_) => {
+        let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+        let body = match read_body(body, INGEST_BODY_BYTES_MAX, deadline).await {
+            Ok(body) => body,
+            Err(BodyError::TimedOut) => {
                 return Err((
                     StatusCode::REQUEST_TIMEOUT,
                     "body_timeout",
                     "the request body did not arrive within 30 s".into(),
                 ));
             }
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-                return Err(too_large());
-            }
-            Ok(Err(error)) => {
-                return Err((
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("the request body could not be read: {error}"),
-                ));
-            }
-            Ok(Ok(collected)) => collected.to_bytes(),
+            Err(BodyError::TooLarge) => return Err(too_large()),
+            Err(BodyError::Broken(why)) => return Err((StatusCode::BAD_REQUEST, "bad_body", why)),
         };
         let media_type = content_type
             .split(';')

@@ -273,28 +273,21 @@ impl Gateway {
         let (mut parts, body) = request.into_parts();
         // The body is read whole before the request is queued, so an instance is never held
         // by a slow upload; reading it is bounded in size and in time.
-        let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
-        let body =
-            match tokio::time::timeout_at((arrival + service.config.timeout).into(), read).await {
-                Err(_elapsed) => {
-                    return Err((
-                        StatusCode::REQUEST_TIMEOUT,
-                        "body_timeout",
-                        "the request body did not arrive within the service's timeout".into(),
-                    ));
-                }
-                Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-                    return Err(too_large());
-                }
-                Ok(Err(error)) => {
-                    return Err((
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        format!("the request body could not be read: {error}"),
-                    ));
-                }
-                Ok(Ok(collected)) => collected.to_bytes(),
-            };
+        let deadline = (arrival + service.config.timeout).into();
+        let body = match read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), deadline)
+            .await
+        {
+            Ok(body) => body,
+            Err(BodyError::TimedOut) => {
+                return Err((
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive within the service's timeout".into(),
+                ));
+            }
+            Err(BodyError::TooLarge) => return Err(too_large()),
+            Err(BodyError::Broken(why)) => return Err((StatusCode::BAD_REQUEST, "bad_body", why)),
+        };
         if host.is_none() {
             parts
                 .headers
@@ -333,6 +326,30 @@ impl Gateway {
                 error.to_string(),
             )),
         }
+    }
+}
+
+pub(crate) enum BodyError {
+    TimedOut,
+    TooLarge,
+    Broken(String),
+}
+
+/// Read a whole request body of at most `limit` bytes, arriving before `deadline`.
+pub(crate) async fn read_body(
+    body: Incoming,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, BodyError> {
+    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+        Err(_elapsed) => Err(BodyError::TimedOut),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(BodyError::TooLarge)
+        }
+        Ok(Err(error)) => Err(BodyError::Broken(format!(
+            "the request body could not be read: {error}"
+        ))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 
