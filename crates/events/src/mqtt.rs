@@ -707,6 +707,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     fn publish_v4(topic: &str, payload: &[u8]) -> BytesMut {
         let mut out = BytesMut::new();
@@ -749,6 +750,71 @@ mod tests {
             );
             assert!(bytes.is_empty());
         }
+    }
+
+    /// A listener with `connections_max = 1` and the token "t"; returns its address.
+    async fn listener(
+        dir: &std::path::Path,
+        shutdown: &CancellationToken,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let events = Arc::new(Events::new(dir));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let config = MqttConfig {
+            token: "t".into(),
+            connections_max: 1,
+            ..MqttConfig::default()
+        };
+        let server = tokio::spawn(serve(events, listener, config, shutdown.clone()));
+        (address, server)
+    }
+
+    async fn connect_with(address: std::net::SocketAddr, password: &str) -> (TcpStream, Vec<u8>) {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        let mut connect = v4::Connect::new("sensor-1");
+        connect.set_login("u", password);
+        let mut bytes = BytesMut::new();
+        connect.write(&mut bytes).expect("encodes");
+        stream.write_all(&bytes).await.expect("send");
+        let mut answer = vec![0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .expect("read");
+        answer.truncate(read);
+        (stream, answer)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_passwords_and_connections_over_the_limit_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shutdown = CancellationToken::new();
+        let (address, server) = listener(dir.path(), &shutdown).await;
+        let (_, refused) = connect_with(address, "wrong").await;
+        assert_eq!(
+            refused,
+            [0x20, 2, 0, 4],
+            "CONNACK: bad user name or password"
+        );
+        // The refused client's slot is freed when its connection task ends; until then a
+        // new connection is turned away. Try for at most 5 s.
+        let mut tries = 0;
+        let _first = loop {
+            let (stream, accepted) = connect_with(address, "t").await;
+            if accepted == [0x20, 2, 0, 0] {
+                break stream;
+            }
+            tries += 1;
+            assert!(tries < 100, "never accepted: {accepted:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (_, over_limit) = connect_with(address, "t").await;
+        assert!(
+            over_limit.is_empty(),
+            "the second connection is closed unanswered"
+        );
+        shutdown.cancel();
+        server.await.expect("listener stops");
     }
 
     #[test]
