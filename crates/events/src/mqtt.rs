@@ -267,6 +267,7 @@ enum ReadFailure {
 
 enum Step {
     Read(Result<Packet, ReadFailure>),
+    Idle,
     Stored(Result<std::ops::Range<u64>, AppendError>),
 }
 
@@ -275,9 +276,7 @@ async fn read_packet(
     buffer: &mut BytesMut,
     protocol: Option<Protocol>,
     packet_bytes_max: usize,
-    wait: Duration,
 ) -> Result<Packet, ReadFailure> {
-    let deadline = tokio::time::Instant::now() + wait;
     loop {
         if let Some(packet) =
             decode(protocol, buffer, packet_bytes_max).map_err(ReadFailure::Decode)?
@@ -285,11 +284,10 @@ async fn read_packet(
             return Ok(packet);
         }
         buffer.reserve(8 * 1024);
-        match tokio::time::timeout_at(deadline, reader.read_buf(buffer)).await {
-            Err(_) => return Err(ReadFailure::Io("timed out waiting for a packet".into())),
-            Ok(Ok(0)) => return Err(ReadFailure::Io("the client closed the connection".into())),
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(ReadFailure::Io(format!("read: {error}"))),
+        match reader.read_buf(buffer).await {
+            Ok(0) => return Err(ReadFailure::Io("the client closed the connection".into())),
+            Ok(_) => {}
+            Err(error) => return Err(ReadFailure::Io(format!("read: {error}"))),
         }
     }
 }
@@ -373,14 +371,17 @@ impl Connection {
     /// Read the next packet, waiting at most `wait`; on a protocol error tell the client
     /// why (MQTT 5) before giving up.
     async fn next_packet(&mut self, wait: Duration) -> Result<Packet, String> {
-        let read = read_packet(
-            &mut self.reader,
-            &mut self.buffer,
-            self.protocol,
-            self.config.packet_bytes_max,
+        let read = tokio::time::timeout(
             wait,
+            read_packet(
+                &mut self.reader,
+                &mut self.buffer,
+                self.protocol,
+                self.config.packet_bytes_max,
+            ),
         )
-        .await;
+        .await
+        .unwrap_or_else(|_| Err(ReadFailure::Io("timed out waiting for a packet".into())));
         self.after_read(read).await
     }
 
@@ -427,6 +428,11 @@ impl Connection {
         } else {
             Duration::from_millis(u64::from(keep_alive) * 1500)
         };
+        // One timer for the keep-alive, moved only when it fires: a timer per packet would
+        // cost more than the packet.
+        let mut last_packet = tokio::time::Instant::now();
+        let keep_alive = tokio::time::sleep(idle);
+        tokio::pin!(keep_alive);
         loop {
             let can_read = self.in_flight.len() < usize::from(self.config.in_flight_max);
             let step = {
@@ -435,12 +441,20 @@ impl Connection {
                 let in_flight = &mut self.in_flight;
                 let max = self.config.packet_bytes_max;
                 tokio::select! {
-                    read = read_packet(reader, buffer, Some(protocol), max, idle), if can_read => Step::Read(read),
+                    read = read_packet(reader, buffer, Some(protocol), max), if can_read => Step::Read(read),
                     stored = async { (&mut in_flight.front_mut().expect("guarded").stored).await }, if !in_flight.is_empty() => Step::Stored(stored),
+                    () = &mut keep_alive => Step::Idle,
                 }
             };
             match step {
+                Step::Idle => {
+                    if last_packet.elapsed() >= idle {
+                        return Err("no packet within 1.5 × the keep-alive".into());
+                    }
+                    keep_alive.as_mut().reset(last_packet + idle);
+                }
                 Step::Read(read) => {
+                    last_packet = tokio::time::Instant::now();
                     match self.after_read(read).await? {
                         Packet::Publish {
                             qos,
@@ -707,7 +721,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     fn publish_v4(topic: &str, payload: &[u8]) -> BytesMut {
         let mut out = BytesMut::new();
