@@ -38,8 +38,9 @@ pub enum Which {
         /// Producers, each with one connection, each waiting for its ack before the next send.
         #[arg(long, default_value_t = 64)]
         producers: u32,
-        /// Alternating rounds of every system; the median round is reported.
-        #[arg(long, default_value_t = 3)]
+        /// Alternating rounds of every system; the median round and the median of the
+        /// per-round ratios are reported.
+        #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
     /// Every scaling policy on every shared trace, each tuned on the first 70 % to the

@@ -459,6 +459,7 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
 
     // The machine is shared and noisy: alternate the systems round by round and report
     // each one's median round.
+    // [nats-server, maru MQTT, maru HTTP, maru HTTP batch]
     let mut rounds_of: [Vec<Measured>; 4] = Default::default();
     for round in 1..=rounds {
         eprintln!("round {round} of {rounds}");
@@ -506,6 +507,25 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
     node.stop()?;
     drop(server);
 
+    // Paired ratios: each round's Maru figure against the nats-server figure of the same
+    // round, so a slow spell of the shared machine hits both sides of a ratio.
+    let paired = |of: &[Measured], by: fn(&Measured) -> f64| -> Vec<f64> {
+        let mut ratios: Vec<f64> = of
+            .iter()
+            .zip(&rounds_of[0])
+            .map(|(m, n)| by(m) / by(n))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios
+    };
+    let throughput_ratios = [
+        ("MQTT", paired(&rounds_of[1], Measured::per_second)),
+        ("HTTP", paired(&rounds_of[2], Measured::per_second)),
+    ];
+    let p99_ratios = [
+        paired(&rounds_of[1], Measured::p99_ms),
+        paired(&rounds_of[2], Measured::p99_ms),
+    ];
     let [nats, mqtt, http, batch] = rounds_of.map(|mut all| {
         all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
         let middle = all.len() / 2;
@@ -529,11 +549,20 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
         );
     }
     println!();
-    for (name, m) in [("MQTT", &mqtt), ("HTTP", &http)] {
+    let list = |ratios: &[f64]| {
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for ((name, throughput), p99) in throughput_ratios.iter().zip(&p99_ratios) {
         println!(
-            "maru {name} (fsync) / nats-server: throughput {:.2}×, p99 {:.2}× (lower is better)",
-            m.per_second() / nats.per_second(),
-            m.p99_ms() / nats.p99_ms()
+            "maru {name} (fsync) / nats-server, paired by round: throughput median {:.2}× (rounds: {}), p99 median {:.2}× (rounds: {}; lower is better)",
+            throughput[throughput.len() / 2],
+            list(throughput),
+            p99[p99.len() / 2],
+            list(p99)
         );
     }
     println!(
