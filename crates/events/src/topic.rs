@@ -26,6 +26,8 @@ const INDEX_EVERY_BYTES: u64 = 4096;
 const GROUP_BYTES_MAX: usize = 8 << 20;
 /// Appends waiting for the writer, in bytes, before producers wait (backpressure).
 const PENDING_BYTES_MAX: usize = 64 << 20;
+/// How often an idle topic's writer applies retention (a busy one does every 10 s).
+const RETENTION_IDLE_CHECK: Duration = Duration::from_secs(60);
 /// Turns the writer gives producers to join a group commit before it syncs.
 const GATHER_YIELDS_MAX: usize = 8;
 /// A consumer group name: at most this many bytes of `[a-z0-9._-]`.
@@ -761,7 +763,16 @@ impl Writer {
                         }
                     }
                 }
-                _ => queue.recv().await,
+                // An idle topic still ages: look at retention once a minute.
+                _ => tokio::select! {
+                    append = queue.recv() => append,
+                    _ = tokio::time::sleep(RETENTION_IDLE_CHECK) => {
+                        let now = now_ms();
+                        self.last_retention_ms = now;
+                        self.apply_retention(now);
+                        continue;
+                    }
+                },
             };
             let Some(Job::Append(first)) = first else {
                 break;
