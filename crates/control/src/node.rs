@@ -65,6 +65,13 @@ struct Running {
     service: Arc<Service>,
 }
 
+/// An app's serving revision and its parsed manifest.
+struct Deployed {
+    app: String,
+    revision: RevisionRecord,
+    manifest: AppManifest,
+}
+
 /// The trigger tasks of one running service.
 struct Triggers {
     service: Arc<Service>,
@@ -123,18 +130,35 @@ impl Node {
         }))
     }
 
-    fn desired_state(&self) -> Result<BTreeMap<ServiceKey, Desired>, ControlError> {
-        let mut desired = BTreeMap::new();
+    /// Every app's serving revision with its parsed manifest, read once per decision. An app
+    /// whose stored manifest no longer parses is reported and left out.
+    fn deployed(&self) -> Result<Vec<Deployed>, ControlError> {
+        let mut deployed = Vec::new();
         for (app, record) in self.state.apps()? {
             let revision = self.state.revision(&app, record.current)?;
-            let parsed = match manifest::parse(&revision.manifest_path, &revision.manifest) {
-                Ok(parsed) => parsed,
+            match manifest::parse(&revision.manifest_path, &revision.manifest) {
+                Ok(manifest) => deployed.push(Deployed {
+                    app,
+                    revision,
+                    manifest,
+                }),
                 Err(error) => {
                     tracing::error!(%app, revision = record.current, %error, "stored manifest no longer parses; app not started");
-                    continue;
                 }
-            };
-            for (name, service) in parsed.services {
+            }
+        }
+        Ok(deployed)
+    }
+
+    fn desired_state(deployed: &[Deployed]) -> BTreeMap<ServiceKey, Desired> {
+        let mut desired = BTreeMap::new();
+        for Deployed {
+            app,
+            revision,
+            manifest: parsed,
+        } in deployed
+        {
+            for (name, service) in &parsed.services {
                 let (component, workdir) = match &service.workload {
                     Workload::Component { path } => match revision
                         .components
@@ -156,25 +180,26 @@ impl Node {
                     ),
                 };
                 desired.insert(
-                    (app.clone(), name),
+                    (app.clone(), name.clone()),
                     Desired {
                         revision: revision.number,
-                        manifest: service,
+                        manifest: service.clone(),
                         component,
                         workdir,
                     },
                 );
             }
         }
-        Ok(desired)
+        desired
     }
 
     /// Bring the running services in line with the stored state; called at start and after
     /// every change. A service that cannot be started is reported and skipped, so one
     /// broken app never keeps the others from serving.
     pub async fn reconcile(&self) -> Result<(), ControlError> {
-        let topics_changed = self.reconcile_topics().await?;
-        let desired = self.desired_state()?;
+        let deployed = self.deployed()?;
+        let topics_changed = self.reconcile_topics(Self::desired_topics(&deployed)).await;
+        let desired = Self::desired_state(&deployed);
         let mut retired = Vec::new();
         let table = {
             let mut running = self.running.lock().expect("running lock is never poisoned");
@@ -236,24 +261,19 @@ impl Node {
     }
 
     /// Every topic declared by a deployed app, and which app declares it.
-    fn desired_topics(&self) -> Result<BTreeMap<String, (String, TopicManifest)>, ControlError> {
+    fn desired_topics(deployed: &[Deployed]) -> BTreeMap<String, (String, TopicManifest)> {
         let mut topics = BTreeMap::new();
-        for (app, record) in self.state.apps()? {
-            let revision = self.state.revision(&app, record.current)?;
-            let Ok(parsed) = manifest::parse(&revision.manifest_path, &revision.manifest) else {
-                continue;
-            };
-            for (name, topic) in parsed.topics {
-                topics.entry(name).or_insert((app.clone(), topic));
+        for Deployed { app, manifest, .. } in deployed {
+            for (name, topic) in &manifest.topics {
+                topics.entry(name.clone()).or_insert((app.clone(), *topic));
             }
         }
-        Ok(topics)
+        topics
     }
 
     /// Open declared topics and close undeclared ones (their data stays on disk). Returns
     /// whether any topic was opened, reopened or closed.
-    async fn reconcile_topics(&self) -> Result<bool, ControlError> {
-        let want = self.desired_topics()?;
+    async fn reconcile_topics(&self, want: BTreeMap<String, (String, TopicManifest)>) -> bool {
         let mut open = self.topics.lock().await;
         let mut changed = false;
         for (name, (app, topic)) in &want {
@@ -281,7 +301,7 @@ impl Node {
             self.events.retire(&name).await;
             open.remove(&name);
         }
-        Ok(changed)
+        changed
     }
 
     /// Start the triggers of services that have none yet; restart all if topics changed.
@@ -535,8 +555,9 @@ impl Node {
         let _change = self.change.lock().await;
         let parsed = manifest::parse(&request.manifest_path, &request.manifest)
             .map_err(ControlError::BadManifest)?;
-        self.check_routes_free(&parsed)?;
-        self.check_topics(&parsed)?;
+        let deployed = self.deployed()?;
+        Self::check_routes_free(&parsed, &deployed)?;
+        Self::check_topics(&parsed, &deployed)?;
         // Every component must be uploaded, compile, and be a wasi:http proxy, and every
         // command must exist, before the revision is committed; compiling here is what lets
         // scaling never compile.
@@ -639,16 +660,17 @@ impl Node {
         Ok(hash)
     }
 
-    fn check_routes_free(&self, parsed: &AppManifest) -> Result<(), ControlError> {
+    fn check_routes_free(parsed: &AppManifest, deployed: &[Deployed]) -> Result<(), ControlError> {
         let mut taken: BTreeMap<RouteKey, String> = BTreeMap::new();
-        for (app, record) in self.state.apps()? {
-            if app == parsed.name {
+        for Deployed {
+            app,
+            manifest: other,
+            ..
+        } in deployed
+        {
+            if *app == parsed.name {
                 continue;
             }
-            let revision = self.state.revision(&app, record.current)?;
-            let Ok(other) = manifest::parse(&revision.manifest_path, &revision.manifest) else {
-                continue;
-            };
             for (name, service) in &other.services {
                 for key in route_keys(service) {
                     taken.insert(key, format!("{app}/{name}"));
@@ -680,8 +702,8 @@ impl Node {
     }
 
     /// A topic belongs to one app; a trigger's topic must be declared by some app.
-    fn check_topics(&self, parsed: &AppManifest) -> Result<(), ControlError> {
-        let others = self.desired_topics()?;
+    fn check_topics(parsed: &AppManifest, deployed: &[Deployed]) -> Result<(), ControlError> {
+        let others = Self::desired_topics(deployed);
         for name in parsed.topics.keys() {
             if let Some((owner, _)) = others.get(name)
                 && *owner != parsed.name

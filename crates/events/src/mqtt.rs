@@ -413,10 +413,7 @@ impl Connection {
         self.protocol = Some(protocol);
         self.source = format!("mqtt:{client_id}");
         self.client_id = client_id;
-        let authorised = password.is_some_and(|p| {
-            !self.config.token.is_empty()
-                && constant_time_eq(p.as_bytes(), self.config.token.as_bytes())
-        });
+        let authorised = password.is_some_and(|p| crate::token_matches(&self.config.token, &p));
         self.connack(authorised)?;
         self.flush().await?;
         if !authorised {
@@ -711,10 +708,6 @@ impl Connection {
         self.in_flight.push_back(InFlight { pkid, qos, stored });
         Ok(())
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -69,8 +69,9 @@ impl Default for TopicConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
+    /// An event, or the batch, is over a size limit; nothing was stored.
     #[error("{0}")]
-    Invalid(String),
+    TooLarge(String),
     #[error("topic {0} is closed")]
     Closed(String),
     #[error("topic {topic} cannot be written: {message}; events were not stored")]
@@ -424,10 +425,10 @@ impl Topic {
     fn checked_bytes(&self, events: &[NewEvent]) -> Result<usize, AppendError> {
         let mut bytes = 0;
         for event in events {
-            event.check().map_err(AppendError::Invalid)?;
+            event.check().map_err(AppendError::TooLarge)?;
             let size = event.encoded_len() - record::HEADER_BYTES;
             if size > self.event_bytes_max {
-                return Err(AppendError::Invalid(format!(
+                return Err(AppendError::TooLarge(format!(
                     "an event of {size} bytes exceeds topic {}'s limit of {} bytes",
                     self.name, self.event_bytes_max
                 )));
@@ -435,7 +436,7 @@ impl Topic {
             bytes += event.encoded_len();
         }
         if bytes > PENDING_BYTES_MAX / 2 {
-            return Err(AppendError::Invalid(format!(
+            return Err(AppendError::TooLarge(format!(
                 "a batch of {bytes} bytes is too large; send at most {} bytes at once",
                 PENDING_BYTES_MAX / 2
             )));

@@ -41,10 +41,6 @@ fn header<'a>(request: &'a Request<()>, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Ingest {
     /// Store the request's events; the JSON answer on success.
     pub async fn handle(&self, request: Request<Incoming>) -> Result<Value, Failure> {
@@ -74,7 +70,7 @@ impl Ingest {
         let presented = header(&request, AUTHORIZATION.as_str())
             .strip_prefix("Bearer ")
             .unwrap_or("");
-        if self.token.is_empty() || !constant_time_eq(presented.as_bytes(), self.token.as_bytes()) {
+        if !events::token_matches(&self.token, presented) {
             return Err((
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -226,12 +222,9 @@ impl Pending {
                 "count": count,
                 "first_offset": offsets.start,
             })),
-            Err(AppendError::Invalid(why))
-                if why.contains("limit") || why.contains("too large") =>
-            {
+            Err(AppendError::TooLarge(why)) => {
                 Err((StatusCode::PAYLOAD_TOO_LARGE, "event_too_large", why))
             }
-            Err(AppendError::Invalid(why)) => Err((StatusCode::BAD_REQUEST, "bad_event", why)),
             Err(error) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "topic_unavailable",

@@ -192,18 +192,7 @@ impl Gateway {
                     &request_id,
                 ),
                 Some(ingest) => match ingest.handle(request).await {
-                    Ok(answer) => {
-                        let mut response = Response::new(
-                            Full::new(Bytes::from(answer.to_string()))
-                                .map_err(|never| match never {})
-                                .boxed_unsync(),
-                        );
-                        *response.status_mut() = StatusCode::ACCEPTED;
-                        response
-                            .headers_mut()
-                            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                        response
-                    }
+                    Ok(answer) => json_response(StatusCode::ACCEPTED, &answer),
                     Err((status, code, message)) => {
                         error_response(status, code, &message, &request_id)
                     }
@@ -368,15 +357,7 @@ fn set_request_id(response: &mut Response<Body>, request_id: &str) {
     }
 }
 
-fn error_response(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    request_id: &str,
-) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": { "status": status.as_u16(), "code": code, "message": message, "request_id": request_id }
-    });
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})
@@ -386,6 +367,19 @@ fn error_response(
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: &str,
+) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": { "status": status.as_u16(), "code": code, "message": message, "request_id": request_id }
+    });
+    let mut response = json_response(status, &body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response
             .headers_mut()
