@@ -4,7 +4,8 @@
 //! Appends go through one writer task per topic. It takes every append waiting in its
 //! queue, writes them with one `write`, syncs once (`fdatasync`) and only then answers
 //! them all, so an acknowledged event is on disk and fsync costs are shared by everyone
-//! who arrived while the previous sync ran. Readers see only what is durable.
+//! who arrived while the previous sync ran. The next group is gathered and encoded while
+//! a sync runs, and starts as soon as it returns. Readers see only what is durable.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -28,8 +29,6 @@ const GROUP_BYTES_MAX: usize = 8 << 20;
 const PENDING_BYTES_MAX: usize = 64 << 20;
 /// How often an idle topic's writer applies retention (a busy one does every 10 s).
 const RETENTION_IDLE_CHECK: Duration = Duration::from_secs(60);
-/// Turns the writer gives producers to join a group commit before it syncs.
-const GATHER_YIELDS_MAX: usize = 8;
 /// A consumer group name: at most this many bytes of `[a-z0-9._-]`.
 const GROUP_NAME_BYTES_MAX: usize = 128;
 
@@ -740,7 +739,55 @@ struct Writer {
     last_retention_ms: u64,
 }
 
+/// Appends taken from the queue and encoded, waiting for their turn to be written.
+#[derive(Default)]
+struct Prepared {
+    buffer: Vec<u8>,
+    /// Each append's reply and the offsets it got.
+    replies: Vec<(Reply, Range<u64>)>,
+    /// (offset, position within `buffer`) of every record.
+    positions: Vec<(u64, u64)>,
+    /// The appends' share of the pending-bytes budget, given back once they are answered.
+    permits: usize,
+    /// When the newest record was stamped.
+    time_ms: u64,
+}
+
+type Reply = oneshot::Sender<Result<Range<u64>, AppendError>>;
+
+impl Prepared {
+    fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+
+    fn fail(self, topic: &str, message: &str, pending: &Semaphore) {
+        pending.add_permits(self.permits);
+        for (reply, _) in self.replies {
+            _ = reply.send(Err(AppendError::Io {
+                topic: topic.to_string(),
+                message: message.to_string(),
+            }));
+        }
+    }
+}
+
+/// A group's write (and sync) running on a blocking thread.
+struct InFlight {
+    task: tokio::task::JoinHandle<(File, std::io::Result<()>)>,
+    /// The group, its buffer handed to the task.
+    group: Prepared,
+    written: u64,
+    /// Where in the newest segment the group starts.
+    start_position: u64,
+    synced: bool,
+}
+
 impl Writer {
+    /// Group commit, pipelined: while one group is written and synced on a blocking
+    /// thread, the appends arriving meanwhile are encoded into the next group, which starts
+    /// the moment the previous one is done. Nobody waits for a group to fill: a sync is
+    /// always running while there is something to sync, and each one carries everything
+    /// that arrived during the one before.
     async fn run(mut self, mut queue: mpsc::Receiver<Job>, pending: Arc<Semaphore>) {
         let mut file = match self.open_newest() {
             Ok(file) => Some(file),
@@ -750,111 +797,93 @@ impl Writer {
             }
         };
         let mut unsynced_since: Option<tokio::time::Instant> = None;
+        let mut next_group = Prepared::default();
+        let mut in_flight: Option<InFlight> = None;
+        let mut stopping = false;
         loop {
-            let first = match (self.config.durability, unsynced_since) {
-                (Durability::Batch { window }, Some(since)) => {
-                    tokio::select! {
-                        append = queue.recv() => append,
-                        _ = tokio::time::sleep_until(since + window) => {
-                            if let Some(f) = file.take() {
-                                file = self.sync(f).await;
+            if in_flight.is_none() && !next_group.is_empty() {
+                let group = std::mem::take(&mut next_group);
+                match file.take() {
+                    Some(f) => {
+                        let sync = match self.config.durability {
+                            Durability::Fsync => true,
+                            Durability::Batch { window } => {
+                                unsynced_since.is_some_and(|since| since.elapsed() >= window)
                             }
-                            unsynced_since = None;
-                            continue;
-                        }
+                        };
+                        in_flight = Some(self.launch(f, group, sync));
+                    }
+                    None => {
+                        let message = self.broken_message();
+                        group.fail(&self.name, &message, &pending);
                     }
                 }
-                // An idle topic still ages: look at retention once a minute.
-                _ => tokio::select! {
-                    append = queue.recv() => append,
-                    _ = tokio::time::sleep(RETENTION_IDLE_CHECK) => {
-                        let now = now_ms();
-                        self.last_retention_ms = now;
-                        self.apply_retention(now);
-                        continue;
-                    }
-                },
-            };
-            let Some(Job::Append(first)) = first else {
+            }
+            let idle = in_flight.is_none() && next_group.is_empty();
+            if stopping && idle {
                 break;
-            };
-            // Group commit: let producers that are about to append join this sync. Each
-            // yield gives the other tasks one turn; stop as soon as no one new arrived.
-            if self.config.durability == Durability::Fsync {
-                for _ in 0..GATHER_YIELDS_MAX {
-                    let waiting = queue.len();
-                    tokio::task::yield_now().await;
-                    if queue.len() == waiting {
-                        break;
-                    }
-                }
             }
-            let mut batch = vec![first];
-            let mut bytes = batch[0].bytes;
-            let mut stop = false;
-            while bytes < GROUP_BYTES_MAX
-                && let Ok(next) = queue.try_recv()
-            {
-                match next {
-                    Job::Append(next) => {
-                        bytes += next.bytes;
-                        batch.push(next);
-                    }
-                    Job::Stop => {
-                        stop = true;
-                        break;
-                    }
-                }
-            }
-            let released = u32::try_from(bytes).unwrap_or(u32::MAX);
-            let result = match file.take() {
-                Some(f) => {
-                    let sync = self.config.durability == Durability::Fsync;
-                    let (f, result) = self.write_batch(f, &batch, sync).await;
-                    file = f;
-                    result
-                }
-                None => Err(self
-                    .log
-                    .lock()
-                    .expect("log lock is never poisoned")
-                    .broken
-                    .clone()
-                    .unwrap_or_else(|| "the log is not open".into())),
+            let room = !stopping && next_group.buffer.len() < GROUP_BYTES_MAX;
+            let batch_deadline = match (self.config.durability, unsynced_since) {
+                (Durability::Batch { window }, Some(since)) => Some(since + window),
+                _ => None,
             };
-            pending.add_permits(released as usize);
-            match result {
-                Ok(ranges) => {
-                    if matches!(self.config.durability, Durability::Batch { .. })
-                        && unsynced_since.is_none()
-                    {
+            tokio::select! {
+                biased;
+                outcome = async { (&mut in_flight.as_mut().expect("checked").task).await }, if in_flight.is_some() => {
+                    let done = in_flight.take().expect("checked");
+                    let synced = done.synced;
+                    file = self.finish(done, outcome, &pending).await;
+                    if synced {
+                        unsynced_since = None;
+                    } else if unsynced_since.is_none() {
                         unsynced_since = Some(tokio::time::Instant::now());
                     }
-                    for (append, range) in batch.into_iter().zip(ranges) {
-                        _ = append.reply.send(Ok(range));
+                }
+                job = queue.recv(), if room => {
+                    match job {
+                        Some(Job::Append(append)) => {
+                            self.prepare(&mut next_group, append);
+                            while next_group.buffer.len() < GROUP_BYTES_MAX {
+                                match queue.try_recv() {
+                                    Ok(Job::Append(append)) => self.prepare(&mut next_group, append),
+                                    Ok(Job::Stop) => {
+                                        stopping = true;
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        Some(Job::Stop) | None => stopping = true,
                     }
                 }
-                Err(message) => {
-                    for append in batch {
-                        _ = append.reply.send(Err(AppendError::Io {
-                            topic: self.name.clone(),
-                            message: message.clone(),
-                        }));
+                _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(tokio::time::Instant::now)), if idle && batch_deadline.is_some() => {
+                    if let Some(f) = file.take() {
+                        file = self.sync(f).await;
                     }
+                    unsynced_since = None;
                 }
-            }
-            let now = now_ms();
-            if now.saturating_sub(self.last_retention_ms) > 10_000 {
-                self.last_retention_ms = now;
-                self.apply_retention(now);
-            }
-            if stop {
-                break;
+                // An idle topic still ages: look at retention once a minute.
+                _ = tokio::time::sleep(RETENTION_IDLE_CHECK), if idle && batch_deadline.is_none() => {
+                    let now = now_ms();
+                    self.last_retention_ms = now;
+                    self.apply_retention(now);
+                }
             }
         }
         if let Some(f) = file {
             _ = self.sync(f).await;
         }
+    }
+
+    fn broken_message(&self) -> String {
+        self.log
+            .lock()
+            .expect("log lock is never poisoned")
+            .broken
+            .clone()
+            .unwrap_or_else(|| "the log is not open".into())
     }
 
     fn open_newest(&self) -> Result<File, String> {
@@ -888,72 +917,100 @@ impl Writer {
         self.log.lock().expect("log lock is never poisoned").broken = Some(message);
     }
 
-    async fn write_batch(
-        &mut self,
-        file: File,
-        batch: &[Append],
-        sync: bool,
-    ) -> (Option<File>, Result<Vec<Range<u64>>, String>) {
+    /// Encode an append's events into the next group, giving them their offsets.
+    fn prepare(&mut self, group: &mut Prepared, append: Append) {
         let time_ms = now_ms();
-        let mut buffer = Vec::with_capacity(batch.iter().map(|a| a.bytes).sum());
-        let mut ranges = Vec::with_capacity(batch.len());
-        let mut positions = Vec::new();
+        let first = self.next;
+        for event in &append.events {
+            group.positions.push((self.next, group.buffer.len() as u64));
+            record::encode(event, self.next, time_ms, &mut group.buffer);
+            self.next += 1;
+        }
+        group.replies.push((append.reply, first..self.next));
+        group.permits += append.bytes;
+        group.time_ms = time_ms;
+    }
+
+    /// Start writing (and, if `sync`, syncing) a group on a blocking thread.
+    fn launch(&self, file: File, mut group: Prepared, sync: bool) -> InFlight {
+        let buffer = std::mem::take(&mut group.buffer);
+        let written = buffer.len() as u64;
         let start_position = {
             let log = self.log.lock().expect("log lock is never poisoned");
             log.segments.last().expect("a segment").durable_bytes
         };
-        let mut next = self.next;
-        for append in batch {
-            let first = next;
-            for event in &append.events {
-                positions.push((next, start_position + buffer.len() as u64));
-                record::encode(event, next, time_ms, &mut buffer);
-                next += 1;
-            }
-            ranges.push(first..next);
-        }
-        let written = buffer.len() as u64;
-        let outcome = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let mut file = file;
             let result = file
                 .write_all(&buffer)
                 .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
             (file, result)
-        })
-        .await;
-        let (file, result) = match outcome {
-            Ok(pair) => pair,
-            Err(error) => {
-                let message = format!("write task failed: {error}");
-                self.break_log(message.clone());
-                return (None, Err(message));
-            }
-        };
-        if let Err(error) = result {
-            let message = format!("write failed: {error}");
-            self.break_log(message.clone());
-            return (None, Err(message));
+        });
+        InFlight {
+            task,
+            group,
+            written,
+            start_position,
+            synced: sync,
         }
-        let count = next - self.next;
-        self.next = next;
-        let mut roll = false;
-        {
+    }
+
+    /// A group's write is done: make it visible and answer its appends, or break the log.
+    async fn finish(
+        &mut self,
+        done: InFlight,
+        outcome: Result<(File, std::io::Result<()>), tokio::task::JoinError>,
+        pending: &Semaphore,
+    ) -> Option<File> {
+        let InFlight {
+            group,
+            written,
+            start_position,
+            ..
+        } = done;
+        let message = match outcome {
+            Ok((file, Ok(()))) => {
+                return self
+                    .finish_written(file, group, written, start_position, pending)
+                    .await;
+            }
+            Ok((_, Err(error))) => format!("write failed: {error}"),
+            Err(error) => format!("write task failed: {error}"),
+        };
+        self.break_log(message.clone());
+        group.fail(&self.name, &message, pending);
+        None
+    }
+
+    async fn finish_written(
+        &mut self,
+        file: File,
+        group: Prepared,
+        written: u64,
+        start_position: u64,
+        pending: &Semaphore,
+    ) -> Option<File> {
+        let end = group.replies.last().expect("a group is never empty").1.end;
+        let first = group.replies[0].1.start;
+        let count = end - first;
+        let roll = {
             let mut log = self.log.lock().expect("log lock is never poisoned");
             let segment = log.segments.last_mut().expect("a segment");
             let mut last_indexed = segment.index.last().map(|(_, p)| *p);
-            for (offset, position) in positions {
+            for (offset, relative) in group.positions {
+                let position = start_position + relative;
                 if last_indexed.is_none_or(|at| position - at >= INDEX_EVERY_BYTES) {
                     segment.index.push((offset, position));
                     last_indexed = Some(position);
                 }
             }
             segment.durable_bytes += written;
-            segment.end = next;
-            segment.newest_time_ms = time_ms;
-            roll = roll || segment.durable_bytes >= self.config.segment_bytes;
+            segment.end = end;
+            segment.newest_time_ms = group.time_ms;
+            let roll = segment.durable_bytes >= self.config.segment_bytes;
             log.appended_total += count;
             log.commits_total += 1;
-            let second = time_ms / 1000;
+            let second = group.time_ms / 1000;
             match log.recent.back_mut() {
                 Some((s, n)) if *s == second => *n += count,
                 _ => log.recent.push_back((second, count)),
@@ -961,23 +1018,38 @@ impl Writer {
             while log.recent.len() > 60 {
                 log.recent.pop_front();
             }
-        }
-        self.committed.send_replace(next);
-        if roll {
-            return match self.roll(file).await {
-                Ok(file) => (Some(file), Ok(ranges)),
+            roll
+        };
+        self.committed.send_replace(end);
+        // A full segment is sealed before the answers go out (the group is durable either
+        // way), so whoever is answered sees the new segment.
+        let file = if roll {
+            match self.roll(file, end).await {
+                Ok(file) => Some(file),
                 Err(message) => {
                     self.break_log(message);
-                    (None, Ok(ranges))
+                    None
                 }
-            };
+            }
+        } else {
+            Some(file)
+        };
+        pending.add_permits(group.permits);
+        for (reply, range) in group.replies {
+            _ = reply.send(Ok(range));
         }
-        (Some(file), Ok(ranges))
+        let now = now_ms();
+        if now.saturating_sub(self.last_retention_ms) > 10_000 {
+            self.last_retention_ms = now;
+            self.apply_retention(now);
+        }
+        file
     }
 
     /// Seal the newest segment and start the next.
-    async fn roll(&mut self, file: File) -> Result<File, String> {
-        let path = segment_path(&self.dir, self.next);
+    /// `base` is the offset of the new segment's first record.
+    async fn roll(&mut self, file: File, base: u64) -> Result<File, String> {
+        let path = segment_path(&self.dir, base);
         let dir = self.dir.clone();
         let new_path = path.clone();
         let new_file = tokio::task::spawn_blocking(move || {
@@ -995,10 +1067,10 @@ impl Writer {
         let read = File::open(&path).map_err(|e| io_message("open", &path, e))?;
         let mut log = self.log.lock().expect("log lock is never poisoned");
         log.segments.push(Segment {
-            base: self.next,
+            base,
             path,
             file: Arc::new(read),
-            end: self.next,
+            end: base,
             durable_bytes: 0,
             newest_time_ms: 0,
             index: Vec::new(),

@@ -210,3 +210,43 @@ async fn oversized_events_are_refused_with_the_limit() {
     assert_eq!(topic.next_offset(), 0);
     topic.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_syncs_and_are_answered_only_once_visible() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("opens");
+    let (producers, each) = (50, 20);
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let range = topic
+                    .append(vec![event(p * each + i)])
+                    .await
+                    .expect("appends");
+                // The answer comes only after the group is durable and readable.
+                assert!(topic.next_offset() >= range.end, "answered before visible");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("producer");
+    }
+    let total = (producers * each) as u64;
+    let stats = topic.stats();
+    assert_eq!(stats.next, total);
+    assert!(
+        stats.commits_total < total,
+        "{} syncs for {total} appends: groups were not shared",
+        stats.commits_total
+    );
+    let offsets: Vec<u64> = topic
+        .read(0, 100_000, usize::MAX)
+        .await
+        .expect("reads")
+        .iter()
+        .map(|e| e.offset)
+        .collect();
+    assert_eq!(offsets, (0..total).collect::<Vec<_>>());
+}
