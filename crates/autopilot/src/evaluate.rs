@@ -54,7 +54,7 @@ impl PolicyKind {
             PolicyKind::Static => "instances",
             PolicyKind::Reactive => "-",
             PolicyKind::Hpa | PolicyKind::Kpa | PolicyKind::AwsPredictive => "target utilisation",
-            PolicyKind::Predictive => "boldness (error quantile and utilisation)",
+            PolicyKind::Predictive => "target utilisation (the error quantile moves with it)",
             PolicyKind::Oracle => "utilisation, window s",
         }
     }
@@ -76,14 +76,15 @@ pub fn warm_up_steps(len: usize, step: Duration) -> usize {
 }
 
 /// The predictive policy's tuning knob, in the same "higher is cheaper" sense as the
-/// others' utilisation targets: from the most cautious (knob 0.05: provision for the 99.9th
-/// percentile of forecast error at 60 % utilisation) to the boldest (knob 0.95: the median
-/// error at 95 %).
+/// others' utilisation targets and over the same range: the knob is the target utilisation
+/// (0.05 to 0.95, as for hpa, kpa and aws-predictive), and the forecast-error quantile
+/// provisioned for moves with it, from the 99.9th percentile (knob 0.05) to the median
+/// (knob 0.95).
 pub fn predictive_caution(knob: f64) -> Caution {
     let boldness = ((knob - 0.05) / 0.9).clamp(0.0, 1.0);
     Caution {
         quantile: 0.999 - 0.499 * boldness,
-        utilisation: 0.6 + 0.35 * boldness,
+        utilisation: knob.clamp(0.05, 0.95),
     }
 }
 
