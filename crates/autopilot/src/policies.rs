@@ -382,7 +382,8 @@ pub struct Predictive {
     pub caution: Caution,
     /// Instance start-up time, the forecast horizon.
     pub lead: Duration,
-    /// How long demand must stay low before capacity is released.
+    /// How long the forecast must stay low before the capacity it asked for is released
+    /// (what the reactive guard asked for is held for two start-up times).
     pub scale_down_delay: Duration,
     rate: RateMeter,
     holt: Holt,
@@ -395,7 +396,8 @@ pub struct Predictive {
     backtest: Option<(f64, f64)>,
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
-    recent_desired: VecDeque<(Duration, u32)>,
+    /// (when, instances the forecast wanted, instances the guard wanted).
+    recent_desired: VecDeque<(Duration, u32, u32)>,
     last_forecast: Option<f64>,
     /// The error quantile, recomputed every [`Self::MARGIN_EVERY`] observations.
     margin: Option<f64>,
@@ -525,22 +527,37 @@ impl Policy for Predictive {
         let guard = (load(observation)
             / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation))
             .ceil() as u32;
-        let wanted = forecast_instances.max(guard);
-        self.recent_desired.push_back((now, wanted));
+        self.recent_desired
+            .push_back((now, forecast_instances, guard));
+        let guard_hold = lead * 2;
         while self
             .recent_desired
             .front()
-            .is_some_and(|(t, _)| now.saturating_sub(*t) > self.scale_down_delay)
+            .is_some_and(|(t, _, _)| now.saturating_sub(*t) > self.scale_down_delay.max(guard_hold))
         {
             self.recent_desired.pop_front();
         }
-        // Hysteresis: release capacity only when it has not been wanted for a while.
+        // Hysteresis: release capacity only when it has not been wanted for a while. What
+        // the forecast wanted is held for `scale_down_delay`; what the guard wanted (work
+        // already here) for two start-up times, since an instance released now cannot be
+        // back sooner: with a 1 s start-up a burst's instances go once it has passed.
         let held = self
             .recent_desired
             .iter()
-            .map(|(_, d)| *d)
+            .map(|&(t, forecast, guard)| {
+                let age = now.saturating_sub(t);
+                let forecast = if age <= self.scale_down_delay {
+                    forecast
+                } else {
+                    0
+                };
+                let guard = if age <= guard_hold { guard } else { 0 };
+                forecast.max(guard)
+            })
             .max()
-            .unwrap_or(wanted);
+            .unwrap_or(0)
+            .max(forecast_instances)
+            .max(guard);
         clamp_desired(bounds, held)
     }
 }

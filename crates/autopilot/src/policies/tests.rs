@@ -212,3 +212,26 @@ fn predictive_provisions_ahead_of_a_rising_ramp() {
     // Now 299 req/s needs 30 instances at 100 %; in 31 s, 330 req/s → 44 at 75 %.
     assert!(desired >= 44, "{desired}");
 }
+
+#[test]
+fn predictive_holds_what_the_guard_asked_for_two_start_up_times() {
+    // Quiet, then 30 requests arrive at once at t = 100 and are served. The guard asks for
+    // ceil(30 / 0.75) = 40 instances. An instance released now is back after one start-up,
+    // so the guard's ask is held for two start-up times: with a 1 s start-up it is gone by
+    // t = 104; with 30 s it is still held (60 s).
+    let run = |lead_s: u64| {
+        let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(lead_s));
+        let mut desired = Vec::new();
+        for t in 0..=104u64 {
+            let (queued, arrivals) = if t >= 100 { (0, 30) } else { (0, 0) };
+            let queued = if t == 100 { 30 } else { queued };
+            desired.push(predictive.desired(&bounds(), &at(t, 1, 0, queued, arrivals)));
+        }
+        desired
+    };
+    let short = run(1);
+    let long = run(30);
+    assert!(short[100] >= 40 && long[100] >= 40, "{} {}", short[100], long[100]);
+    assert!(short[104] < 40, "1 s start-up still holds {}", short[104]);
+    assert!(long[104] >= 40, "30 s start-up released to {}", long[104]);
+}
