@@ -231,7 +231,12 @@ fn predictive_holds_what_the_guard_asked_for_two_start_up_times() {
     };
     let short = run(1);
     let long = run(30);
-    assert!(short[100] >= 40 && long[100] >= 40, "{} {}", short[100], long[100]);
+    assert!(
+        short[100] >= 40 && long[100] >= 40,
+        "{} {}",
+        short[100],
+        long[100]
+    );
     assert!(short[104] < 40, "1 s start-up still holds {}", short[104]);
     assert!(long[104] >= 40, "30 s start-up released to {}", long[104]);
 }
