@@ -111,6 +111,9 @@ struct Log {
     appended_total: u64,
     /// Group commits (one write, and one fdatasync under `fsync` durability).
     commits_total: u64,
+    /// fdatasyncs of the newest segment (group commits under `fsync`, window syncs under
+    /// `batch`).
+    syncs_total: u64,
     broken: Option<String>,
 }
 
@@ -156,6 +159,7 @@ pub struct TopicStats {
     pub segments: usize,
     pub appended_total: u64,
     pub commits_total: u64,
+    pub syncs_total: u64,
     pub per_second_last_10s: f64,
     /// (group, committed offset).
     pub groups: Vec<(String, u64)>,
@@ -325,6 +329,7 @@ impl Topic {
             recent: VecDeque::new(),
             appended_total: 0,
             commits_total: 0,
+            syncs_total: 0,
             broken: None,
         }));
         let (queue, rx) = mpsc::channel(1024);
@@ -638,6 +643,7 @@ impl Topic {
             segments: log.segments.len(),
             appended_total: log.appended_total,
             commits_total: log.commits_total,
+            syncs_total: log.syncs_total,
             per_second_last_10s: last_10s as f64 / 10.0,
             groups,
         }
@@ -897,7 +903,13 @@ impl Writer {
 
     async fn sync(&self, file: File) -> Option<File> {
         match tokio::task::spawn_blocking(move || file.sync_data().map(|()| file)).await {
-            Ok(Ok(file)) => Some(file),
+            Ok(Ok(file)) => {
+                self.log
+                    .lock()
+                    .expect("log lock is never poisoned")
+                    .syncs_total += 1;
+                Some(file)
+            }
             Ok(Err(error)) => {
                 self.break_log(format!("fsync failed: {error}"));
                 None
@@ -966,12 +978,13 @@ impl Writer {
             group,
             written,
             start_position,
+            synced,
             ..
         } = done;
         let message = match outcome {
             Ok((file, Ok(()))) => {
                 return self
-                    .finish_written(file, group, written, start_position, pending)
+                    .finish_written(file, group, written, start_position, synced, pending)
                     .await;
             }
             Ok((_, Err(error))) => format!("write failed: {error}"),
@@ -988,6 +1001,7 @@ impl Writer {
         group: Prepared,
         written: u64,
         start_position: u64,
+        synced: bool,
         pending: &Semaphore,
     ) -> Option<File> {
         let end = group.replies.last().expect("a group is never empty").1.end;
@@ -1010,6 +1024,7 @@ impl Writer {
             let roll = segment.durable_bytes >= self.config.segment_bytes;
             log.appended_total += count;
             log.commits_total += 1;
+            log.syncs_total += u64::from(synced);
             let second = group.time_ms / 1000;
             match log.recent.back_mut() {
                 Some((s, n)) if *s == second => *n += count,

@@ -154,7 +154,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Traffic {
             respond(response_out, 200, "")
         } else {
             let body = serde_json::json!({ "congested": flags }).to_string();
-            respond(response_out, 200, &body)
+            // The flag's key in the congestion topic: the intersections it names.
+            let mut subject: Vec<&str> = flags.iter().map(|f| f.intersection.as_str()).collect();
+            subject.dedup();
+            respond_about(response_out, 200, &body, &subject.join(","))
         }
     }
 }
@@ -192,11 +195,21 @@ fn read_body(request: &IncomingRequest) -> Result<Vec<u8>, String> {
 }
 
 fn respond(response_out: ResponseOutparam, status: u16, body: &str) {
-    let headers = Fields::from_list(&[
+    respond_about(response_out, status, body, "")
+}
+
+/// Answer with `body`; a non-empty `subject` becomes the answer's `ce-subject`, which Maru
+/// uses as the key of the event it publishes to the reply topic.
+fn respond_about(response_out: ResponseOutparam, status: u16, body: &str, subject: &str) {
+    let mut fields = vec![
         ("content-type".to_string(), b"application/json".to_vec()),
         ("ce-type".to_string(), b"city.traffic.congestion".to_vec()),
-    ])
-    .expect("content-type and ce-type are allowed headers");
+    ];
+    if !subject.is_empty() {
+        fields.push(("ce-subject".to_string(), subject.as_bytes().to_vec()));
+    }
+    let headers = Fields::from_list(&fields)
+        .expect("content-type, ce-type and ce-subject are allowed headers");
     let response = OutgoingResponse::new(headers);
     response.set_status_code(status).expect("a valid status");
     let outgoing = response.body().expect("a new response has a body");

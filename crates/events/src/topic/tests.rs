@@ -250,3 +250,45 @@ async fn concurrent_appends_share_syncs_and_are_answered_only_once_visible() {
         .collect();
     assert_eq!(offsets, (0..total).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_durability_answers_before_syncing_and_syncs_within_the_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig {
+        durability: Durability::Batch {
+            window: Duration::from_millis(50),
+        },
+        ..TopicConfig::default()
+    };
+    let topic = Topic::open("t", dir.path(), config).expect("opens");
+    // Idle: one append is answered after its write; the window's sync follows on its own.
+    topic.append(vec![event(0)]).await.expect("appends");
+    let waited = std::time::Instant::now();
+    while topic.stats().syncs_total == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no sync after the window"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Busy: appends without a pause for 0.5 s still get a sync at least every window
+    // (generously: at least two, where ten windows pass).
+    let before = topic.stats();
+    let started = std::time::Instant::now();
+    let mut i = 1;
+    while started.elapsed() < Duration::from_millis(500) {
+        topic.append(vec![event(i)]).await.expect("appends");
+        i += 1;
+    }
+    let after = topic.stats();
+    assert!(
+        after.commits_total - before.commits_total > after.syncs_total - before.syncs_total,
+        "batch durability synced every group"
+    );
+    assert!(
+        after.syncs_total - before.syncs_total >= 2,
+        "{} syncs in 0.5 s of appends with a 50 ms window",
+        after.syncs_total - before.syncs_total
+    );
+    topic.close().await;
+}
