@@ -411,7 +411,11 @@ impl Predictive {
             lead,
             scale_down_delay: Duration::from_secs(60).max(lead * 2),
             rate: RateMeter::default(),
-            holt: Holt::new(0.3, 0.05),
+            // Smoothing of level and trend per observation (second). Chosen with
+            // `maru sim --tune` over all shared traces and start-ups (BENCHMARKS.md): 0.3 and
+            // 0.05 chased per-second noise (World Cup cost more than hpa, Twitter at 30 s
+            // missed 99.9 %); 0.1 and 0.01 reacted too slowly to NASA's bursts at 1 s.
+            holt: Holt::new(0.2, 0.02),
             seasonal: SeasonalHistory::new(Duration::from_secs(60), 14 * 24 * 60),
             per_instance_rate: ServiceRate::default(),
             pending: VecDeque::new(),
