@@ -899,20 +899,50 @@ impl Node {
                 .render(&mut out, &labels, &running.service.gauges(), now);
         }
         drop(running);
-        out.push_str("# HELP maru_events_appended_total Events appended to a topic since maru started.\n# TYPE maru_events_appended_total counter\n");
-        out.push_str("# HELP maru_events_next_offset The offset the next event of a topic will get.\n# TYPE maru_events_next_offset gauge\n");
-        out.push_str("# HELP maru_events_stored_bytes Bytes a topic's segments hold.\n# TYPE maru_events_stored_bytes gauge\n");
+        // Each family's samples together, as the exposition format asks.
+        let topics = self.topics();
+        let families: [(&str, &str, &str, fn(&maru_api::TopicInfo) -> u64); 4] = [
+            (
+                "maru_events_appended_total",
+                "counter",
+                "Events appended to a topic since maru started.",
+                |t| t.appended_total,
+            ),
+            (
+                "maru_events_syncs_total",
+                "counter",
+                "fdatasyncs of a topic's log since maru started.",
+                |t| t.syncs_total,
+            ),
+            (
+                "maru_events_next_offset",
+                "gauge",
+                "The offset the next event of a topic will get.",
+                |t| t.next_offset,
+            ),
+            (
+                "maru_events_stored_bytes",
+                "gauge",
+                "Bytes a topic's segments hold.",
+                |t| t.bytes,
+            ),
+        ];
+        for (family, kind, help, value) in families {
+            out.push_str(&format!("# HELP {family} {help}\n# TYPE {family} {kind}\n"));
+            for topic in &topics {
+                out.push_str(&format!(
+                    "{family}{{topic=\"{}\"}} {}\n",
+                    topic.name,
+                    value(topic)
+                ));
+            }
+        }
         out.push_str("# HELP maru_events_consumer_lag Events of a topic a consumer group has not finished.\n# TYPE maru_events_consumer_lag gauge\n");
-        for topic in self.topics() {
-            let name = &topic.name;
-            out.push_str(&format!(
-                "maru_events_appended_total{{topic=\"{name}\"}} {}\nmaru_events_next_offset{{topic=\"{name}\"}} {}\nmaru_events_stored_bytes{{topic=\"{name}\"}} {}\n",
-                topic.appended_total, topic.next_offset, topic.bytes
-            ));
+        for topic in &topics {
             for group in &topic.groups {
                 out.push_str(&format!(
-                    "maru_events_consumer_lag{{topic=\"{name}\",group=\"{}\"}} {}\n",
-                    group.name, group.lag
+                    "maru_events_consumer_lag{{topic=\"{}\",group=\"{}\"}} {}\n",
+                    topic.name, group.name, group.lag
                 ));
             }
         }
@@ -934,6 +964,7 @@ impl Node {
                     segments: stats.segments,
                     appended_total: stats.appended_total,
                     commits_total: stats.commits_total,
+                    syncs_total: stats.syncs_total,
                     per_second: stats.per_second_last_10s,
                     groups: stats
                         .groups

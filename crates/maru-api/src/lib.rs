@@ -199,6 +199,10 @@ pub struct TopicInfo {
     pub appended_total: u64,
     /// Group commits since maru started: one write (and one fsync) for many events.
     pub commits_total: u64,
+    /// fdatasyncs since maru started (one per group commit under `durability = "fsync"`,
+    /// one per window under `"batch"`).
+    #[serde(default)]
+    pub syncs_total: u64,
     /// Events appended per second over the last 10 seconds.
     pub per_second: f64,
     pub groups: Vec<GroupInfo>,

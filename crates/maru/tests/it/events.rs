@@ -386,6 +386,30 @@ fn a_slow_consumer_lags_without_slowing_ingest_and_catches_up() {
         metrics.contains("maru_events_consumer_lag{topic=\"city.air\",group=\"sensors.echo\"} 0"),
         "{metrics}"
     );
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("maru_events_syncs_total{topic=\"city.air\"} ") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    // Several topics: each family's samples stay together, as the exposition format asks.
+    let lines: Vec<&str> = metrics.lines().collect();
+    for family in [
+        "maru_events_appended_total",
+        "maru_events_syncs_total",
+        "maru_events_next_offset",
+        "maru_events_stored_bytes",
+    ] {
+        let at: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].starts_with(&format!("{family}{{")))
+            .collect();
+        assert!(at.len() > 1, "{family}: {metrics}");
+        assert_eq!(
+            at.last().unwrap() - at[0] + 1,
+            at.len(),
+            "{family} is split: {metrics}"
+        );
+    }
 }
 
 /// Publish over MQTT (mosquitto_pub) and HTTP while killing `maru` with SIGKILL at seeded
