@@ -901,7 +901,13 @@ impl Node {
         drop(running);
         // Each family's samples together, as the exposition format asks.
         let topics = self.topics();
-        let families: [(&str, &str, &str, fn(&maru_api::TopicInfo) -> u64); 4] = [
+        type Family = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&maru_api::TopicInfo) -> u64,
+        );
+        let families: [Family; 4] = [
             (
                 "maru_events_appended_total",
                 "counter",
