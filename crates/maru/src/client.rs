@@ -482,8 +482,8 @@ pub fn events_stats(target: &Target) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:>12} {:>12} {:>10} {:>10}  GROUPS (committed, lag)",
-        "TOPIC", "EVENTS", "NEXT", "SIZE", "PER SEC"
+        "{:<28} {:>12} {:>12} {:>10} {:>10} {:>9}  GROUPS (committed, lag)",
+        "TOPIC", "EVENTS", "NEXT", "SIZE", "PER SEC", "PER SYNC"
     );
     for topic in topics {
         let groups: Vec<String> = topic
@@ -491,13 +491,23 @@ pub fn events_stats(target: &Target) -> anyhow::Result<()> {
             .iter()
             .map(|g| format!("{} ({}, lag {})", g.name, g.committed, g.lag))
             .collect();
+        // Events each fdatasync carried since maru started: how well group commit shares them.
+        let per_sync = if topic.syncs_total == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.1}",
+                topic.appended_total as f64 / topic.syncs_total as f64
+            )
+        };
         println!(
-            "{:<28} {:>12} {:>12} {:>10} {:>10.1}  {}{}",
+            "{:<28} {:>12} {:>12} {:>10} {:>10.1} {:>9}  {}{}",
             topic.name,
             topic.next_offset - topic.first_offset,
             topic.next_offset,
             control::manifest::format_size(topic.bytes),
             topic.per_second,
+            per_sync,
             if groups.is_empty() {
                 "-".to_string()
             } else {

@@ -392,6 +392,21 @@ fn a_slow_consumer_lags_without_slowing_ingest_and_catches_up() {
         ),
         "{metrics}"
     );
+    // The operator's table: city.air stored 30 events and synced at least once for them.
+    let table = node.cli_ok(&["events", "stats"]);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("city.air "))
+        .unwrap_or_else(|| panic!("no city.air row: {table}"))
+        .split_whitespace()
+        .collect();
+    assert!(
+        table.starts_with("TOPIC") && table.contains("PER SYNC"),
+        "{table}"
+    );
+    assert_eq!(row[1], "30", "{table}");
+    let per_sync: f64 = row[5].parse().unwrap_or_else(|_| panic!("{table}"));
+    assert!((1.0..=30.0).contains(&per_sync), "{table}");
     // Several topics: each family's samples stay together, as the exposition format asks.
     let lines: Vec<&str> = metrics.lines().collect();
     for family in [
