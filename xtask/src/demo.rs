@@ -373,10 +373,7 @@ fn traffic(node: &MaruNode) -> anyhow::Result<()> {
         "north-ring",
     ];
     const LOOPS: [&str; 4] = ["north", "south", "east", "west"];
-    let token = std::fs::read_to_string(node.data.join("ingest.token"))
-        .context("read the ingest token")?
-        .trim()
-        .to_string();
+    let token = node.ingest_token()?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;

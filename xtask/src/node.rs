@@ -73,6 +73,14 @@ impl MaruNode {
         }
     }
 
+    /// The token producers present to the gateway's `/events/` and the MQTT listener.
+    pub fn ingest_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data.join("ingest.token"))
+            .context("read the ingest token")?
+            .trim()
+            .to_string())
+    }
+
     /// Run a CLI command against this node; returns stdout.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let output = Command::new(&self.binary)

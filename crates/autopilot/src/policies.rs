@@ -559,9 +559,7 @@ impl Policy for Predictive {
                 forecast.max(guard)
             })
             .max()
-            .unwrap_or(0)
-            .max(forecast_instances)
-            .max(guard);
+            .expect("this step's entry was just pushed");
         clamp_desired(bounds, held)
     }
 }

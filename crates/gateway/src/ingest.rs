@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use events::{AppendError, Events, NewEvent};
 
-use crate::server::{BodyError, read_body};
+use crate::server::read_body;
 
 /// The largest ingest request body.
 pub const INGEST_BODY_BYTES_MAX: usize = 8 << 20;
@@ -32,6 +32,16 @@ pub struct Ingest {
 }
 
 pub type Failure = (StatusCode, &'static str, String);
+
+fn body_too_large() -> Failure {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!(
+            "an ingest request may carry at most {INGEST_BODY_BYTES_MAX} bytes; split the batch"
+        ),
+    )
+}
 
 fn header<'a>(request: &'a Request<()>, name: &str) -> &'a str {
     request
@@ -88,20 +98,11 @@ impl Ingest {
             .events
             .topic(&name)
             .map_err(|error| (StatusCode::NOT_FOUND, "unknown_topic", error.to_string()))?;
-        let too_large = || {
-            (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "an ingest request may carry at most {INGEST_BODY_BYTES_MAX} bytes; split the batch"
-                ),
-            )
-        };
         let declared = header(&request, CONTENT_LENGTH.as_str())
             .parse::<usize>()
             .ok();
         if declared.is_some_and(|length| length > INGEST_BODY_BYTES_MAX) {
-            return Err(too_large());
+            return Err(body_too_large());
         }
         let content_type = header(&request, CONTENT_TYPE.as_str()).to_string();
         let single = NewEvent {
@@ -146,28 +147,10 @@ impl Pending {
             content_type,
             single,
         } = self;
-        let too_large = || {
-            (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!(
-                    "an ingest request may carry at most {INGEST_BODY_BYTES_MAX} bytes; split the batch"
-                ),
-            )
-        };
         let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
-        let body = match read_body(body, INGEST_BODY_BYTES_MAX, deadline).await {
-            Ok(body) => body,
-            Err(BodyError::TimedOut) => {
-                return Err((
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body did not arrive within 30 s".into(),
-                ));
-            }
-            Err(BodyError::TooLarge) => return Err(too_large()),
-            Err(BodyError::Broken(why)) => return Err((StatusCode::BAD_REQUEST, "bad_body", why)),
-        };
+        let body = read_body(body, INGEST_BODY_BYTES_MAX, deadline)
+            .await
+            .map_err(|error| error.failure(body_too_large(), "30 s"))?;
         let media_type = content_type
             .split(';')
             .next()

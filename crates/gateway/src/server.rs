@@ -263,20 +263,9 @@ impl Gateway {
         // The body is read whole before the request is queued, so an instance is never held
         // by a slow upload; reading it is bounded in size and in time.
         let deadline = (arrival + service.config.timeout).into();
-        let body = match read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), deadline)
+        let body = read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), deadline)
             .await
-        {
-            Ok(body) => body,
-            Err(BodyError::TimedOut) => {
-                return Err((
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body did not arrive within the service's timeout".into(),
-                ));
-            }
-            Err(BodyError::TooLarge) => return Err(too_large()),
-            Err(BodyError::Broken(why)) => return Err((StatusCode::BAD_REQUEST, "bad_body", why)),
-        };
+            .map_err(|error| error.failure(too_large(), "the service's timeout"))?;
         if host.is_none() {
             parts
                 .headers
@@ -322,6 +311,26 @@ pub(crate) enum BodyError {
     TimedOut,
     TooLarge,
     Broken(String),
+}
+
+impl BodyError {
+    /// The answer to a request whose body could not be read: `too_large` over the limit,
+    /// and a timeout that says how long the body had (`within`).
+    pub(crate) fn failure(
+        self,
+        too_large: (StatusCode, &'static str, String),
+        within: &str,
+    ) -> (StatusCode, &'static str, String) {
+        match self {
+            BodyError::TimedOut => (
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {within}"),
+            ),
+            BodyError::TooLarge => too_large,
+            BodyError::Broken(why) => (StatusCode::BAD_REQUEST, "bad_body", why),
+        }
+    }
 }
 
 /// Read a whole request body of at most `limit` bytes, arriving before `deadline`.
