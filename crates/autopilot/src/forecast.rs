@@ -1,7 +1,12 @@
-//! Forecasting building blocks, all plain arithmetic on values handed in.
+//! Forecasting building blocks, all computed from values handed in (no I/O, no clock).
 
 use std::collections::VecDeque;
 use std::time::Duration;
+
+use augurs_core::{Fit, Predict};
+use augurs_ets::AutoETS;
+use augurs_mstl::MSTLModel;
+use augurs_seasons::{Detector, PeriodogramDetector};
 
 /// Holt's linear exponential smoothing: a level and a trend.
 #[derive(Debug, Clone)]
@@ -100,6 +105,41 @@ impl SeasonalHistory {
         (*count > 0).then(|| sum / f64::from(*count))
     }
 
+    /// Means over consecutive groups of `per_group` complete buckets, oldest first, at
+    /// most `groups` of them, ending with the last group that is complete at `now` (the
+    /// bucket `now` falls in is not complete). A bucket with nothing recorded carries the
+    /// previous bucket's mean. Also returns the time at which the last group ends.
+    pub fn recent_means(
+        &self,
+        now: Duration,
+        per_group: u64,
+        groups: usize,
+    ) -> (Vec<f64>, Duration) {
+        let per_group = per_group.max(1);
+        // Groups are aligned to multiples of `per_group` buckets.
+        let end = self.index(now) / per_group * per_group;
+        let first_held = self.buckets.front().map_or(end, |(i, _, _)| *i);
+        let first_group = first_held.div_ceil(per_group) * per_group;
+        let count = usize::try_from((end.saturating_sub(first_group)) / per_group)
+            .unwrap_or(usize::MAX)
+            .min(groups);
+        let start = end - count as u64 * per_group;
+        let mut previous = 0.0;
+        let mut means = Vec::with_capacity(count);
+        for group in 0..count as u64 {
+            let mut sum = 0.0;
+            for index in start + group * per_group..start + (group + 1) * per_group {
+                if let Some(mean) = self.mean_at(index) {
+                    previous = mean;
+                }
+                sum += previous;
+            }
+            means.push(sum / per_group as f64);
+        }
+        let width = self.width.as_secs();
+        (means, Duration::from_secs(end * width))
+    }
+
     /// Days of history held.
     pub fn days_covered(&self) -> f64 {
         self.buckets.len() as f64 * self.width.as_secs_f64() / 86_400.0
@@ -134,6 +174,81 @@ impl SeasonalHistory {
             values.iter().sum::<f64>() / values.len() as f64
         }
     }
+}
+
+/// Which of augurs' models a [`ModelForecast`] was fitted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// MSTL decomposition with a daily season, its trend forecast by AutoETS.
+    Mstl,
+    /// AutoETS alone (no daily season detected, or too little history for one).
+    Ets,
+}
+
+/// A forecast path from augurs' statistical models, fitted on a series of equally spaced
+/// means (for the policy: 5-minute means of the arrival rate). A daily season is used when
+/// the series holds two days and augurs' periodogram finds a period within a quarter of a
+/// day's length; MSTL then separates it from the trend, which AutoETS forecasts. Without a
+/// daily season, AutoETS (error, trend and damping chosen by AICc) forecasts the series.
+#[derive(Debug, Clone)]
+pub struct ModelForecast {
+    pub kind: ModelKind,
+    /// When the series ended: `path[k]` is the forecast for the step that starts
+    /// `k` steps after it.
+    pub start: Duration,
+    pub step: Duration,
+    pub path: Vec<f64>,
+}
+
+impl ModelForecast {
+    /// Fits a model to `series` (one value per `step`, ending at `end`) and forecasts
+    /// `steps` ahead. `None` when the series is too short or no model fits it.
+    pub fn fit(series: &[f64], step: Duration, end: Duration, steps: usize) -> Option<Self> {
+        const MIN_STEPS: usize = 24;
+        if series.len() < MIN_STEPS || step.is_zero() || series.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        let per_day = usize::try_from(86_400 / step.as_secs().max(1)).ok()?;
+        let (kind, path) = if daily_season(series, per_day) {
+            let model = MSTLModel::new(vec![per_day], AutoETS::non_seasonal().into_trend_model());
+            let fitted = model.fit(series).ok()?;
+            (ModelKind::Mstl, fitted.predict(steps, None).ok()?.point)
+        } else {
+            let fitted = AutoETS::non_seasonal().fit(series).ok()?;
+            (ModelKind::Ets, fitted.predict(steps, None).ok()?.point)
+        };
+        path.iter().all(|v| v.is_finite()).then(|| ModelForecast {
+            kind,
+            start: end,
+            step,
+            path: path.into_iter().map(|v| v.max(0.0)).collect(),
+        })
+    }
+
+    /// The forecast for `at`, interpolated between steps (each step's value sits at its
+    /// middle); `None` outside the path.
+    pub fn at(&self, at: Duration) -> Option<f64> {
+        let position = at.checked_sub(self.start)?.as_secs_f64() / self.step.as_secs_f64() - 0.5;
+        let below = position.floor().max(0.0);
+        let lower = *self.path.get(below as usize)?;
+        let upper = self.path.get(below as usize + 1).copied().unwrap_or(lower);
+        let fraction = (position - below).clamp(0.0, 1.0);
+        Some(lower + (upper - lower) * fraction)
+    }
+}
+
+/// Whether `series` (of `per_day` values a day) has a daily season: it must hold two days,
+/// and augurs' periodogram must find a period within a quarter of a day's length.
+fn daily_season(series: &[f64], per_day: usize) -> bool {
+    if per_day < 4 || series.len() < 2 * per_day {
+        return false;
+    }
+    let day = u32::try_from(per_day).unwrap_or(u32::MAX);
+    let detector = PeriodogramDetector::builder()
+        .min_period(day - day / 4)
+        .max_period(day + day / 4)
+        .build();
+    !detector.detect(series).is_empty()
 }
 
 /// The `q` quantile (0..=1) of the values, by nearest rank; 0 for no values.
@@ -190,5 +305,76 @@ mod tests {
         assert_eq!(quantile([3.0, 1.0, 2.0].into_iter(), 0.5), 2.0);
         assert_eq!(quantile([3.0, 1.0, 2.0].into_iter(), 1.0), 3.0);
         assert_eq!(quantile(std::iter::empty(), 0.9), 0.0);
+    }
+
+    /// A daily sine around 100 with amplitude 50, by minute.
+    fn daily_sine(minute: u64) -> f64 {
+        100.0 + 50.0 * (minute as f64 / 1440.0 * std::f64::consts::TAU).sin()
+    }
+
+    #[test]
+    fn recent_means_group_complete_buckets_and_carry_gaps() {
+        let mut history = SeasonalHistory::new(Duration::from_secs(60), 100);
+        // Minutes 0..=11 hold their own number, except 7 (nothing recorded).
+        for minute in (0..=11u64).filter(|m| *m != 7) {
+            history.record(Duration::from_secs(minute * 60 + 1), minute as f64);
+        }
+        // At minute 11 (incomplete): groups of 5 complete minutes are [0, 5) and [5, 10);
+        // minute 7 carries minute 6's value.
+        let (means, end) = history.recent_means(Duration::from_secs(11 * 60 + 30), 5, 10);
+        assert_eq!(means, vec![2.0, (5.0 + 6.0 + 6.0 + 8.0 + 9.0) / 5.0]);
+        assert_eq!(end, Duration::from_secs(600));
+        // At most `groups`, the newest kept.
+        let (means, _) = history.recent_means(Duration::from_secs(11 * 60 + 30), 5, 1);
+        assert_eq!(means.len(), 1);
+        assert_eq!(means[0], 6.8);
+    }
+
+    #[test]
+    fn mstl_forecasts_a_daily_season() {
+        let mut history = SeasonalHistory::new(Duration::from_secs(60), 14 * 1440);
+        let minutes = 3 * 1440 + 37;
+        for minute in 0..minutes {
+            history.record(Duration::from_secs(minute * 60 + 5), daily_sine(minute));
+        }
+        let now = Duration::from_secs(minutes * 60);
+        let (series, end) = history.recent_means(now, 5, 4 * 288);
+        let model =
+            ModelForecast::fit(&series, Duration::from_secs(300), end, 20).expect("three days fit");
+        assert_eq!(model.kind, ModelKind::Mstl);
+        for ahead in [0, 60, 600, 1800] {
+            let at = now + Duration::from_secs(ahead);
+            let forecast = model.at(at).expect("within the path");
+            let truth = daily_sine(at.as_secs() / 60);
+            assert!(
+                (forecast - truth).abs() < 1.0,
+                "+{ahead}s: {forecast} vs {truth}"
+            );
+        }
+        // Past the path's end there is no forecast.
+        assert_eq!(model.at(end + Duration::from_secs(300 * 21)), None);
+        assert_eq!(model.at(end - Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn ets_forecasts_a_series_without_a_daily_season() {
+        // Two hours of 5-minute means alternating 50, 51, 52: no day to find a season in.
+        let series: Vec<f64> = (0..24).map(|i| 50.0 + f64::from(i % 3)).collect();
+        let model = ModelForecast::fit(&series, Duration::from_secs(300), Duration::ZERO, 12)
+            .expect("two hours fit");
+        assert_eq!(model.kind, ModelKind::Ets);
+        assert!(
+            model.path.iter().all(|v| (50.0..=52.0).contains(v)),
+            "{:?}",
+            model.path
+        );
+        // Too short a series, or one with a gap, gives no model.
+        assert!(
+            ModelForecast::fit(&series[..10], Duration::from_secs(300), Duration::ZERO, 12)
+                .is_none()
+        );
+        let mut gap = series.clone();
+        gap[3] = f64::NAN;
+        assert!(ModelForecast::fit(&gap, Duration::from_secs(300), Duration::ZERO, 12).is_none());
     }
 }

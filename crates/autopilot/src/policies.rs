@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::forecast::{Holt, SeasonalHistory, quantile};
+use crate::forecast::{Holt, ModelForecast, ModelKind, SeasonalHistory, quantile};
 use crate::{Observation, Policy, ScalingBounds, clamp_desired};
 
 /// A fixed number of instances.
@@ -371,12 +371,19 @@ impl Caution {
 /// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
 /// slowly (hysteresis).
 ///
-/// Two forecasters compete: a short-term level-and-trend model (Holt's smoothing of the
-/// per-second arrival rate, trend damped) and, once a day of history exists, a daily seasonal
-/// model (the same time on earlier days, rescaled to today's level). Each forecast is scored
-/// against what then arrived; the one with the lower rolling error is the champion. Forecast errors are tracked per
-/// horizon, and the provisioned rate is the forecast plus the `caution.quantile` of recent
-/// relative errors.
+/// Three forecasters compete, each scored by rolling backtest (every forecast against what
+/// then arrived, a rolling mean absolute error); the one with the lowest error is the
+/// champion:
+/// - short-term: Holt's smoothing of the per-second arrival rate (level and damped trend);
+/// - seasonal: once a day of history exists, the same minute on earlier days;
+/// - augurs' model, refitted every hour on up to four days of 5-minute means: MSTL (a daily
+///   season, its trend forecast by AutoETS) when augurs' periodogram detects a daily period,
+///   else AutoETS alone ([`ModelForecast`]).
+///
+/// The seasonal and model forecasts are rescaled by how the current level (Holt's) compares
+/// with what they expected for now, so a forecast fitted up to an hour ago follows a level
+/// shift. The provisioned rate is the champion's forecast times the `caution.quantile` of
+/// recent relative errors.
 #[derive(Debug, Clone)]
 pub struct Predictive {
     pub caution: Caution,
@@ -389,11 +396,17 @@ pub struct Predictive {
     holt: Holt,
     seasonal: SeasonalHistory,
     per_instance_rate: ServiceRate,
+    /// augurs' model (MSTL or ETS) fitted on 5-minute means, refitted every
+    /// [`Self::REFIT_EVERY`]; and when it was last fitted or tried.
+    model: Option<ModelForecast>,
+    model_tried: Option<Duration>,
+    /// Index in [`Candidates`] of the champion at the last step.
+    champion_now: usize,
     /// Forecasts made `lead` ago, to score against what arrived: (for time, chosen forecast,
-    /// short-term forecast, seasonal forecast).
-    pending: VecDeque<(Duration, f64, f64, Option<f64>)>,
-    /// Rolling mean absolute errors of the short-term and seasonal forecasts.
-    backtest: Option<(f64, f64)>,
+    /// each candidate's forecast).
+    pending: VecDeque<(Duration, f64, Candidates)>,
+    /// Rolling mean absolute error of each candidate, in [`Candidates`] order.
+    backtest: [Option<f64>; 3],
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
     /// (when, instances the forecast wanted, instances the guard wanted).
@@ -418,8 +431,11 @@ impl Predictive {
             holt: Holt::new(0.2, 0.02),
             seasonal: SeasonalHistory::new(Duration::from_secs(60), 14 * 24 * 60),
             per_instance_rate: ServiceRate::default(),
+            model: None,
+            model_tried: None,
+            champion_now: 0,
             pending: VecDeque::new(),
-            backtest: None,
+            backtest: [None; 3],
             errors: VecDeque::new(),
             recent_desired: VecDeque::new(),
             last_forecast: None,
@@ -429,39 +445,82 @@ impl Predictive {
     }
 
     const ERRORS_KEPT: usize = 2000;
+    const REFIT_EVERY: Duration = Duration::from_secs(3600);
+    const MODEL_DAYS: usize = 4;
     const MARGIN_EVERY: u32 = 60;
 
-    /// The short-term and (with a day of history) seasonal forecasts of the rate at
-    /// `now + horizon`.
-    fn forecasts(&self, now: Duration, horizon: Duration) -> (f64, Option<f64>) {
+    /// Every candidate's forecast of the rate at `now + horizon`: the short-term one always,
+    /// the seasonal one with a day of history, augurs' model once fitted.
+    fn forecasts(&self, now: Duration, horizon: Duration) -> Candidates {
         let short = self.holt.forecast(horizon.as_secs_f64());
-        if self.seasonal.days_covered() < 1.0 {
-            return (short, None);
-        }
-        // Seasonal: the same minute on earlier days, scaled by how today compares with them.
-        let seasonal_then = self.seasonal.seasonal_mean(now + horizon, 24 * 60);
-        let seasonal_now = self.seasonal.seasonal_mean(now, 24 * 60);
-        let level = if seasonal_now > 1e-9 {
-            (self.holt.level() / seasonal_now).clamp(0.25, 4.0)
-        } else {
-            1.0
+        // Today's level against a reference for now, to rescale a forecast made from
+        // earlier data to the level seen now.
+        let level = |reference: f64| {
+            if reference > 1e-9 {
+                (self.holt.level() / reference).clamp(0.25, 4.0)
+            } else {
+                1.0
+            }
         };
-        (short, Some(seasonal_then * level))
+        // Seasonal: the same minute on earlier days, scaled by how today compares with them.
+        let seasonal = (self.seasonal.days_covered() >= 1.0).then(|| {
+            let seasonal_then = self.seasonal.seasonal_mean(now + horizon, 24 * 60);
+            seasonal_then * level(self.seasonal.seasonal_mean(now, 24 * 60))
+        });
+        let model = self.model.as_ref().and_then(|model| {
+            let then = model.at(now + horizon)?;
+            Some(then * level(model.at(now)?))
+        });
+        [Some(short), seasonal, model]
     }
 
-    /// The champion: the seasonal forecast once its rolling backtest error is lower than the
-    /// short-term one's, else the short-term forecast.
-    fn champion(&self, short: f64, seasonal: Option<f64>) -> f64 {
-        match (seasonal, self.backtest) {
-            (Some(seasonal), Some((short_error, seasonal_error)))
-                if seasonal_error < short_error =>
-            {
-                seasonal
-            }
-            _ => short,
+    /// The champion: the candidate with the lowest rolling backtest error among those with
+    /// a forecast now; the short-term forecast until others have been scored.
+    fn champion(&self, candidates: &Candidates) -> (usize, f64) {
+        candidates
+            .iter()
+            .zip(self.backtest)
+            .enumerate()
+            .filter_map(|(i, (forecast, error))| Some((i, (*forecast)?, error?)))
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .map_or((0, candidates[0].unwrap_or(0.0)), |(i, forecast, _)| {
+                (i, forecast)
+            })
+    }
+
+    /// The forecaster that is champion now: "short-term", "seasonal", "mstl" or "ets".
+    pub fn forecaster(&self) -> &'static str {
+        match self.champion_now {
+            1 => "seasonal",
+            2 => match self.model.as_ref().map(|model| model.kind) {
+                Some(ModelKind::Mstl) => "mstl",
+                _ => "ets",
+            },
+            _ => "short-term",
         }
     }
+
+    /// Refits augurs' model on the last days of 5-minute means, at most every
+    /// [`Self::REFIT_EVERY`], with a path long enough to reach `horizon` past the next refit.
+    fn refit(&mut self, now: Duration, horizon: Duration) {
+        if self
+            .model_tried
+            .is_some_and(|tried| now < tried + Self::REFIT_EVERY)
+        {
+            return;
+        }
+        self.model_tried = Some(now);
+        const STEP: Duration = Duration::from_secs(300);
+        let (series, end) = self.seasonal.recent_means(now, 5, Self::MODEL_DAYS * 288);
+        let ahead = (now + Self::REFIT_EVERY + horizon).saturating_sub(end);
+        let steps = (ahead.as_secs_f64() / STEP.as_secs_f64()).ceil() as usize + 1;
+        self.model = ModelForecast::fit(&series, STEP, end, steps);
+    }
 }
+
+/// Candidate forecasts: short-term (Holt), seasonal (same time on earlier days), augurs'
+/// model (MSTL or ETS).
+type Candidates = [Option<f64>; 3];
 
 impl Policy for Predictive {
     fn forecast(&self) -> Option<f64> {
@@ -474,21 +533,16 @@ impl Policy for Predictive {
             self.holt.update(rate);
             self.seasonal.record(now, rate);
             self.per_instance_rate.update(bounds, observation, rate);
-            while let Some(&(at, predicted, short, seasonal)) = self.pending.front() {
+            while let Some(&(at, predicted, candidates)) = self.pending.front() {
                 if at > now {
                     break;
                 }
                 self.pending.pop_front();
-                if let Some(seasonal) = seasonal {
-                    let (short_error, seasonal_error) =
-                        ((short - rate).abs(), (seasonal - rate).abs());
-                    self.backtest = Some(match self.backtest {
-                        None => (short_error, seasonal_error),
-                        Some((s, z)) => (
-                            0.99 * s + 0.01 * short_error,
-                            0.99 * z + 0.01 * seasonal_error,
-                        ),
-                    });
+                for (forecast, error) in candidates.iter().zip(self.backtest.iter_mut()) {
+                    if let Some(forecast) = forecast {
+                        let miss = (forecast - rate).abs();
+                        *error = Some(error.map_or(miss, |e| 0.99 * e + 0.01 * miss));
+                    }
                 }
                 // Errors are ratios on a floor of one instance's worth of demand, so a miss of a
                 // few requests at a near-zero forecast is not a thousandfold error.
@@ -505,11 +559,13 @@ impl Policy for Predictive {
             .startup_last
             .map_or(self.lead, |measured| measured.max(self.lead));
         let horizon = lead + Duration::from_secs(1);
-        let (short, seasonal) = self.forecasts(now, horizon);
-        let forecast = self.champion(short, seasonal);
+        self.refit(now, horizon);
+        let candidates = self.forecasts(now, horizon);
+        let (champion, forecast) = self.champion(&candidates);
+        self.champion_now = champion;
         self.last_forecast = Some(forecast);
         self.pending
-            .push_back((now + horizon, forecast, short, seasonal));
+            .push_back((now + horizon, forecast, candidates));
         self.since_margin += 1;
         if self.errors.len() >= 30
             && (self.margin.is_none() || self.since_margin >= Self::MARGIN_EVERY)

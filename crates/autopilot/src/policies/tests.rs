@@ -240,3 +240,51 @@ fn predictive_holds_what_the_guard_asked_for_two_start_up_times() {
     assert!(short[104] < 40, "1 s start-up still holds {}", short[104]);
     assert!(long[104] >= 40, "30 s start-up released to {}", long[104]);
 }
+
+#[test]
+fn predictive_champion_is_the_forecaster_with_the_lowest_backtest_error() {
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    // Nothing scored yet: the short-term forecast.
+    let candidates = [Some(10.0), Some(20.0), Some(30.0)];
+    assert_eq!(predictive.champion(&candidates), (0, 10.0));
+    // Rolling errors short 5, seasonal 1, model 3: the seasonal forecast.
+    predictive.backtest = [Some(5.0), Some(1.0), Some(3.0)];
+    assert_eq!(predictive.champion(&candidates), (1, 20.0));
+    // A candidate without a forecast now cannot win, however well it scored.
+    assert_eq!(
+        predictive.champion(&[Some(10.0), None, Some(30.0)]),
+        (2, 30.0)
+    );
+}
+
+#[test]
+fn predictive_fits_ets_first_then_mstl_once_two_days_show_a_daily_season() {
+    // A daily wave between 50 and 150 req/s, observed every minute, each request taking
+    // 100 ms (busy instances = rate / 10).
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    let mut arrivals = 0u64;
+    let mut kinds = Vec::new();
+    for minute in 0..=(2 * 1440 + 120u64) {
+        let rate = 100.0 + 50.0 * (minute as f64 / 1440.0 * std::f64::consts::TAU).sin();
+        arrivals += (rate * 60.0) as u64;
+        let busy = (rate / 10.0).ceil() as u32;
+        predictive.desired(&bounds(), &at(minute * 60, 20, busy, 0, arrivals));
+        if minute % 720 == 0 || minute == 2 * 1440 + 120 {
+            kinds.push(predictive.model.as_ref().map(|model| model.kind));
+        }
+    }
+    // At 0 h no model; at 12, 24, 36 and 48 h less than two full days of 5-minute means
+    // (the first minute gives no rate yet): ETS; refitted at 50 h: MSTL.
+    use crate::forecast::ModelKind::{Ets, Mstl};
+    assert_eq!(
+        kinds,
+        vec![None, Some(Ets), Some(Ets), Some(Ets), Some(Ets), Some(Mstl)]
+    );
+    let model = predictive.model.as_ref().expect("fitted");
+    let now = Duration::from_secs((2 * 1440 + 120) * 60);
+    let truth = 100.0 + 50.0 * ((2 * 1440 + 150) as f64 / 1440.0 * std::f64::consts::TAU).sin();
+    let forecast = model
+        .at(now + Duration::from_secs(1800))
+        .expect("on the path");
+    assert!((forecast - truth).abs() < 3.0, "{forecast} vs {truth}");
+}
