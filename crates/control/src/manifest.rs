@@ -101,6 +101,9 @@ pub struct Scaling {
     pub target_percent: Option<u32>,
     /// For `predictive`.
     pub caution: CautionLevel,
+    /// The latency objective, for every policy: requests answered successfully within it
+    /// are counted as met (`maru ps`, /metrics).
+    pub slo: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,6 +327,7 @@ struct RawScaling {
     policy: Option<Spanned<String>>,
     target: Option<Spanned<f64>>,
     caution: Option<Spanned<String>>,
+    slo: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -984,6 +988,7 @@ fn scaling(
             policy: ScalingPolicy::Reactive,
             target_percent: None,
             caution: CautionLevel::Normal,
+            slo: None,
         });
     };
     parser.note(&at("scaling"), raw);
@@ -1060,10 +1065,20 @@ fn scaling(
             }
         },
     };
+    let slo = match &raw.get_ref().slo {
+        None => None,
+        Some(slo) => Some(parser.duration(
+            &at("scaling.slo"),
+            Some(slo),
+            Duration::ZERO,
+            (Duration::from_millis(1), Duration::from_secs(3600)),
+        )?),
+    };
     Ok(Scaling {
         policy,
         target_percent,
         caution,
+        slo,
     })
 }
 

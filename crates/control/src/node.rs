@@ -542,6 +542,7 @@ impl Node {
             backend,
             log,
             history: self.load_history(key),
+            slo: manifest.scaling.slo,
         };
         Ok(Service::start(
             config,
@@ -835,6 +836,8 @@ impl Node {
                     startup_last_ms: metrics.startup_last_ms,
                     policy: manifest.scaling.policy.name().into(),
                     forecast_requests_per_second: running.service.metrics.forecast(),
+                    slo_ms: metrics.slo_ms,
+                    slo_met_percent: metrics.slo_met_ratio.map(|ratio| ratio * 100.0),
                 }
             })
             .collect()
@@ -879,13 +882,7 @@ impl Node {
 
     /// Prometheus text for every running service.
     pub fn metrics_text(&self) -> String {
-        let mut out = String::new();
-        gateway::render_preamble(&mut out);
-        out.push_str("# HELP maru_unrouted_requests_total Requests that matched no route.\n# TYPE maru_unrouted_requests_total counter\n");
-        out.push_str(&format!(
-            "maru_unrouted_requests_total {}\n",
-            self.gateway.unrouted()
-        ));
+        let mut samples = String::new();
         let now = Instant::now();
         let running = self.running.lock().expect("running lock is never poisoned");
         for ((app, name), running) in running.iter() {
@@ -896,9 +893,16 @@ impl Node {
             running
                 .service
                 .metrics
-                .render(&mut out, &labels, &running.service.gauges(), now);
+                .render(&mut samples, &labels, &running.service.gauges(), now);
         }
         drop(running);
+        let mut out = String::new();
+        gateway::render_families(&mut out, &samples);
+        out.push_str("# HELP maru_unrouted_requests_total Requests that matched no route.\n# TYPE maru_unrouted_requests_total counter\n");
+        out.push_str(&format!(
+            "maru_unrouted_requests_total {}\n",
+            self.gateway.unrouted()
+        ));
         // Each family's samples together, as the exposition format asks.
         let topics = self.topics();
         type Family = (

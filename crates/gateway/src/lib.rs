@@ -12,7 +12,7 @@ mod server;
 mod service;
 mod trigger;
 
-pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_preamble};
+pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_families};
 pub use routes::{RouteKey, RouteTable};
 pub use server::{Gateway, GatewayConfig};
 pub use service::{AnomalyRecord, Backend, Body, BoxError, Service, ServiceConfig, ServiceError};

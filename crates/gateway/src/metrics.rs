@@ -19,6 +19,8 @@ const RATE_WINDOW_SECONDS: usize = 10;
 #[derive(Debug)]
 pub struct ServiceMetrics {
     origin: Instant,
+    /// The service's latency objective (manifest `scaling.slo`), if it has one.
+    slo: Option<Duration>,
     pub in_flight: Arc<AtomicU64>,
     /// Requests that reached the service (demand), admitted or not.
     pub arrivals: AtomicU64,
@@ -39,6 +41,9 @@ struct Inner {
     latency_sum_seconds: f64,
     latency_count: u64,
     histogram_us: Histogram<u64>,
+    /// Requests answered with a 2xx or 3xx status within the SLO, and all others.
+    slo_met: u64,
+    slo_missed: u64,
     /// (second since origin, requests finished in it), a ring.
     per_second: [(u64, u64); RATE_WINDOW_SECONDS],
     /// Instance-milliseconds accumulated up to `instances_since`.
@@ -62,12 +67,16 @@ pub struct MetricsSnapshot {
     pub instance_seconds: f64,
     /// Time the most recent instance took from start to ready.
     pub startup_last_ms: Option<f64>,
+    /// With an SLO: it, and the fraction of requests answered successfully within it.
+    pub slo_ms: Option<f64>,
+    pub slo_met_ratio: Option<f64>,
 }
 
 impl ServiceMetrics {
-    pub fn new(now: Instant) -> Self {
+    pub fn new(now: Instant, slo: Option<Duration>) -> Self {
         ServiceMetrics {
             origin: now,
+            slo,
             in_flight: Arc::new(AtomicU64::new(0)),
             arrivals: AtomicU64::new(0),
             forecast_bits: AtomicU64::new(u64::MAX),
@@ -80,6 +89,8 @@ impl ServiceMetrics {
                 buckets: [0; LATENCY_BUCKETS_SECONDS.len()],
                 latency_sum_seconds: 0.0,
                 latency_count: 0,
+                slo_met: 0,
+                slo_missed: 0,
                 histogram_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                     .expect("static histogram bounds are valid"),
                 per_second: [(u64::MAX, 0); RATE_WINDOW_SECONDS],
@@ -112,6 +123,13 @@ impl ServiceMetrics {
         }
         inner.latency_sum_seconds += seconds;
         inner.latency_count += 1;
+        if let Some(slo) = self.slo {
+            if (200..400).contains(&status) && latency <= slo {
+                inner.slo_met += 1;
+            } else {
+                inner.slo_missed += 1;
+            }
+        }
         inner
             .histogram_us
             .saturating_record(latency.as_micros().max(1) as u64);
@@ -216,6 +234,11 @@ impl ServiceMetrics {
             instance_starts: self.instance_starts.load(Ordering::Relaxed),
             instance_seconds,
             startup_last_ms: inner.startup_last.map(|d| d.as_secs_f64() * 1000.0),
+            slo_ms: self.slo.map(|slo| slo.as_secs_f64() * 1000.0),
+            slo_met_ratio: self.slo.and_then(|_| {
+                let all = inner.slo_met + inner.slo_missed;
+                (all > 0).then(|| inner.slo_met as f64 / all as f64)
+            }),
         }
     }
 
@@ -251,6 +274,15 @@ impl ServiceMetrics {
             "maru_request_duration_seconds_count{{{labels}}} {}",
             inner.latency_count
         );
+        if let Some(slo) = self.slo {
+            _ = writeln!(out, "maru_slo_seconds{{{labels}}} {:.6}", slo.as_secs_f64());
+            for (outcome, count) in [("met", inner.slo_met), ("missed", inner.slo_missed)] {
+                _ = writeln!(
+                    out,
+                    "maru_slo_requests_total{{{labels},outcome=\"{outcome}\"}} {count}"
+                );
+            }
+        }
         for (signal, count) in ["traffic", "latency", "errors"].iter().zip(&self.anomalies) {
             _ = writeln!(
                 out,
@@ -328,74 +360,107 @@ pub struct Gauges {
     pub starting: u64,
 }
 
-/// The `# HELP` and `# TYPE` lines, written once before all services' series.
-pub fn render_preamble(out: &mut String) {
-    for (name, kind, help) in [
-        (
-            "maru_requests_total",
-            "counter",
-            "Requests answered, by HTTP status.",
-        ),
-        (
-            "maru_request_duration_seconds",
-            "histogram",
-            "Time from request arrival to response head.",
-        ),
-        (
-            "maru_requests_in_flight",
-            "gauge",
-            "Requests executing in an instance.",
-        ),
-        (
-            "maru_requests_queued",
-            "gauge",
-            "Requests admitted and waiting for an instance.",
-        ),
-        ("maru_instances", "gauge", "Instances by state."),
-        (
-            "maru_instance_starts_total",
-            "counter",
-            "Instances started.",
-        ),
-        (
-            "maru_cold_starts_total",
-            "counter",
-            "Instances started while work waited and no instance was ready (scale from zero).",
-        ),
-        (
-            "maru_instance_failures_total",
-            "counter",
-            "Instances discarded after a trap, timeout or failed start.",
-        ),
-        (
-            "maru_instance_seconds_total",
-            "counter",
-            "Seconds of instance lifetime (starting or ready), the cost measure of scaling.",
-        ),
-        (
-            "maru_instance_startup_seconds",
-            "summary",
-            "Time from starting an instance to it being ready (the scaling lead time).",
-        ),
-        (
-            "maru_instance_startup_last_seconds",
-            "gauge",
-            "Startup time of the most recently started instance.",
-        ),
-        (
-            "maru_anomalies_total",
-            "counter",
-            "Anomalies found in the service's traffic (against the forecast or its baseline), latency and error rate.",
-        ),
-        (
-            "maru_forecast_requests_per_second",
-            "gauge",
-            "The scaling policy's forecast of the arrival rate one start-up lead ahead (forecasting policies only).",
-        ),
-    ] {
+/// Writes `samples` (what [`ServiceMetrics::render`] appended for each service, one service
+/// after another) grouped by metric family, each family's `# HELP` and `# TYPE` lines
+/// first: the exposition format asks for every family's lines as one group.
+pub fn render_families(out: &mut String, samples: &str) {
+    let family_of = |line: &str| {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        FAMILIES.iter().position(|(family, _, _)| {
+            name.strip_prefix(family)
+                .is_some_and(|rest| ["", "_bucket", "_sum", "_count"].contains(&rest))
+        })
+    };
+    let lines: Vec<(Option<usize>, &str)> = samples
+        .lines()
+        .map(|line| (family_of(line), line))
+        .collect();
+    for (index, (name, kind, help)) in FAMILIES.iter().enumerate() {
         _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (_, line) in lines.iter().filter(|(family, _)| *family == Some(index)) {
+            _ = writeln!(out, "{line}");
+        }
+    }
+    // A sample of no listed family (a test checks there are none) is still not lost.
+    for (_, line) in lines.iter().filter(|(family, _)| family.is_none()) {
+        _ = writeln!(out, "{line}");
     }
 }
+
+/// Every family [`ServiceMetrics::render`] writes: (name, type, help).
+const FAMILIES: [(&str, &str, &str); 15] = [
+    (
+        "maru_slo_seconds",
+        "gauge",
+        "The service's latency objective (manifest scaling.slo); only for services with one.",
+    ),
+    (
+        "maru_slo_requests_total",
+        "counter",
+        "Requests answered with a 2xx or 3xx status within the SLO (met), and all others (missed).",
+    ),
+    (
+        "maru_requests_total",
+        "counter",
+        "Requests answered, by HTTP status.",
+    ),
+    (
+        "maru_request_duration_seconds",
+        "histogram",
+        "Time from request arrival to response head.",
+    ),
+    (
+        "maru_requests_in_flight",
+        "gauge",
+        "Requests executing in an instance.",
+    ),
+    (
+        "maru_requests_queued",
+        "gauge",
+        "Requests admitted and waiting for an instance.",
+    ),
+    ("maru_instances", "gauge", "Instances by state."),
+    (
+        "maru_instance_starts_total",
+        "counter",
+        "Instances started.",
+    ),
+    (
+        "maru_cold_starts_total",
+        "counter",
+        "Instances started while work waited and no instance was ready (scale from zero).",
+    ),
+    (
+        "maru_instance_failures_total",
+        "counter",
+        "Instances discarded after a trap, timeout or failed start.",
+    ),
+    (
+        "maru_instance_seconds_total",
+        "counter",
+        "Seconds of instance lifetime (starting or ready), the cost measure of scaling.",
+    ),
+    (
+        "maru_instance_startup_seconds",
+        "summary",
+        "Time from starting an instance to it being ready (the scaling lead time).",
+    ),
+    (
+        "maru_instance_startup_last_seconds",
+        "gauge",
+        "Startup time of the most recently started instance.",
+    ),
+    (
+        "maru_anomalies_total",
+        "counter",
+        "Anomalies found in the service's traffic (against the forecast or its baseline), latency and error rate.",
+    ),
+    (
+        "maru_forecast_requests_per_second",
+        "gauge",
+        "The scaling policy's forecast of the arrival rate one start-up lead ahead (forecasting policies only).",
+    ),
+];
 
 #[cfg(test)]
 mod tests {
@@ -404,7 +469,7 @@ mod tests {
     #[test]
     fn instance_seconds_integrate_over_changes() {
         let t0 = Instant::now();
-        let metrics = ServiceMetrics::new(t0);
+        let metrics = ServiceMetrics::new(t0, None);
         metrics.set_instances(t0, 2);
         metrics.set_instances(t0 + Duration::from_secs(3), 1);
         assert_eq!(metrics.instance_seconds(t0 + Duration::from_secs(5)), 8.0);
@@ -413,7 +478,7 @@ mod tests {
     #[test]
     fn snapshot_quantiles_and_rate() {
         let t0 = Instant::now();
-        let metrics = ServiceMetrics::new(t0);
+        let metrics = ServiceMetrics::new(t0, None);
         for i in 0..100u64 {
             metrics.record(
                 t0 + Duration::from_millis(1000 + i * 10),
@@ -436,5 +501,61 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("le=\"0.0025\"} 98"), "{out}");
+    }
+
+    #[test]
+    fn families_are_grouped_across_services_and_all_described() {
+        let t0 = Instant::now();
+        let mut samples = String::new();
+        for service in ["a", "b"] {
+            let metrics = ServiceMetrics::new(t0, Some(Duration::from_millis(5)));
+            metrics.record(t0, 200, Duration::from_millis(3));
+            metrics.record(t0, 503, Duration::from_millis(9));
+            metrics.record_startup(Duration::from_millis(40));
+            metrics.set_forecast(Some(2.0));
+            metrics.render(
+                &mut samples,
+                &format!("service=\"{service}\""),
+                &Gauges::default(),
+                t0,
+            );
+        }
+        let mut out = String::new();
+        render_families(&mut out, &samples);
+        // Every sample line of both services is kept, each after its family's TYPE line,
+        // and no family's lines are split by another family's.
+        let mut seen: Vec<&str> = Vec::new();
+        let mut current = "";
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap_or_default();
+                assert!(!seen.contains(&current), "{current} twice:\n{out}");
+                seen.push(current);
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let in_family = ["", "_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name == format!("{current}{suffix}"));
+            assert!(
+                in_family,
+                "{name} outside its family (under {current}):\n{out}"
+            );
+        }
+        let sample_lines = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(sample_lines(&out), sample_lines(&samples));
+        assert_eq!(seen.len(), FAMILIES.len());
+        // The 200 in 3 ms met the 5 ms SLO; the 503 did not.
+        assert!(
+            out.contains("maru_slo_requests_total{service=\"b\",outcome=\"met\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("maru_slo_requests_total{service=\"b\",outcome=\"missed\"} 1"),
+            "{out}"
+        );
     }
 }

@@ -65,6 +65,8 @@ pub struct ServiceConfig {
     pub log: Arc<ServiceLog>,
     /// History carried over from an earlier run or revision of the service.
     pub history: History,
+    /// The latency objective: requests answered successfully within it are counted as met.
+    pub slo: Option<Duration>,
 }
 
 /// Why the service could not answer a request with a response from an instance.
@@ -180,6 +182,7 @@ impl Service {
     ) -> Arc<Self> {
         let (jobs_tx, jobs_rx) = async_channel::bounded(config.queue_max.max(1));
         let history = std::mem::take(&mut config.history);
+        let slo = config.slo;
         let now = Instant::now();
         let service = Arc::new(Service {
             config,
@@ -189,7 +192,7 @@ impl Service {
             pool: Mutex::new(Pool::default()),
             free_capacity: AtomicU64::new(0),
             wake: Notify::new(),
-            metrics: ServiceMetrics::new(now),
+            metrics: ServiceMetrics::new(now, slo),
             origin: now,
             intake_closed: CancellationToken::new(),
             scaler: Mutex::new(None),

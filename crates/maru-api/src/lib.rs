@@ -104,6 +104,13 @@ pub struct ServiceStatus {
     /// What a forecasting policy expects the arrival rate to be one start-up lead ahead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forecast_requests_per_second: Option<f64>,
+    /// The service's latency objective (manifest `scaling.slo`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_ms: Option<f64>,
+    /// Percent of requests since the service started answered with a 2xx or 3xx status
+    /// within the SLO; none before the first request or without an SLO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_met_percent: Option<f64>,
 }
 
 /// `GET /v1/logs/{app}/{service}?after=N&limit=M`.

@@ -294,7 +294,7 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>9} {:>10}",
+        "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>16} {:>5} {:>9} {:>10}",
         "SERVICE",
         "KIND/POLICY",
         "REV",
@@ -306,13 +306,14 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         "FORECAST",
         "P50 ms",
         "P99 ms",
+        "SLO MET",
         "COLD",
         "INST-S",
         "STARTUP ms"
     );
     for s in services {
         println!(
-            "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8} {:>8.2} {:>8.2} {:>5} {:>9.1} {:>10}",
+            "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8} {:>8.2} {:>8.2} {:>16} {:>5} {:>9.1} {:>10}",
             format!("{}/{}", s.app, s.service),
             format!("{} {}", s.kind, s.policy),
             s.revision,
@@ -326,6 +327,7 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             s.latency_p50_ms,
             s.latency_p99_ms,
+            slo_met(s.slo_ms, s.slo_met_percent),
             s.cold_starts,
             s.instance_seconds,
             s.startup_last_ms
@@ -337,6 +339,16 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `maru ps`'s SLO column: "99.95% <=200ms", "- <=200ms" before any request, "-" without an
+/// SLO.
+fn slo_met(slo_ms: Option<f64>, met_percent: Option<f64>) -> String {
+    match (slo_ms, met_percent) {
+        (Some(slo), Some(met)) => format!("{met:.2}% <={slo}ms"),
+        (Some(slo), None) => format!("- <={slo}ms"),
+        _ => "-".into(),
+    }
 }
 
 pub fn logs(target: &Target, service: &str, follow: bool) -> anyhow::Result<()> {

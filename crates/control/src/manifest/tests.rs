@@ -279,17 +279,22 @@ fn scaling_policies_parse_and_are_checked() {
         Scaling {
             policy: ScalingPolicy::Hpa,
             target_percent: Some(60),
-            caution: CautionLevel::Normal
+            caution: CautionLevel::Normal,
+            slo: None,
         }
     );
     let parsed = parse(
         "maru.toml",
-        &with("scaling = { policy = \"predictive\", caution = \"conservative\" }"),
+        &with("scaling = { policy = \"predictive\", slo = \"200ms\", caution = \"conservative\" }"),
     )
     .expect("predictive");
     assert_eq!(
         parsed.services["hello"].scaling.caution,
         CautionLevel::Conservative
+    );
+    assert_eq!(
+        parsed.services["hello"].scaling.slo,
+        Some(Duration::from_millis(200))
     );
     assert_eq!(
         parse("maru.toml", GOOD).expect("default").services["hello"]
@@ -314,6 +319,18 @@ fn scaling_policies_parse_and_are_checked() {
         expect![[r#"
             maru.toml:9:38: `service.hello.scaling.target`: 1.5 is out of range
               hint: a target utilisation from 0.05 to 1.0"#]],
+    );
+    check(
+        &with("scaling = { policy = \"hpa\", slo = \"fast\" }"),
+        expect![[r#"
+            maru.toml:9:35: `service.hello.scaling.slo`: `fast` is not a duration
+              hint: write a number with a unit: "250ms", "30s", "5m", "1h""#]],
+    );
+    check(
+        &with("scaling = { slo = \"2h\" }"),
+        expect![[r#"
+        maru.toml:9:19: `service.hello.scaling.slo`: 2h is out of range
+          hint: use a value from 1ms to 3600s"#]],
     );
 }
 

@@ -358,7 +358,7 @@ fn a_service_scales_with_the_policy_its_manifest_names() {
         &misbehave_manifest(
             "foreseen",
             "/pred",
-            "scaling = { policy = \"predictive\", caution = \"aggressive\" }",
+            "scaling = { policy = \"predictive\", caution = \"aggressive\", slo = \"2s\" }",
         ),
     );
     assert_eq!(node.get("/hpa/echo").status, 200);
@@ -380,9 +380,17 @@ fn a_service_scales_with_the_policy_its_manifest_names() {
             .is_some(),
         "a forecasting policy's forecast is shown: {predictive}"
     );
+    // The 20 echoes were answered with 200 well within the 2 s SLO.
+    assert_eq!(predictive["slo_ms"], 2000.0, "{predictive}");
+    assert_eq!(predictive["slo_met_percent"], 100.0, "{predictive}");
+    assert_eq!(hpa.get("slo_ms"), None, "no SLO, none shown: {hpa}");
     let ps = node.cli_ok(&["ps"]);
     assert!(
         ps.contains("FORECAST") && ps.contains("component predictive"),
+        "{ps}"
+    );
+    assert!(
+        ps.contains("SLO MET") && ps.contains("100.00% <=2000ms"),
         "{ps}"
     );
     let metrics = node
@@ -392,6 +400,31 @@ fn a_service_scales_with_the_policy_its_manifest_names() {
         metrics.contains("maru_forecast_requests_per_second{app=\"foreseen\""),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("maru_slo_requests_total{app=\"foreseen\",service=\"guest\",revision=\"1\",outcome=\"met\"} 20"),
+        "{metrics}"
+    );
+    // Two services: each family's samples stay together under its one TYPE line.
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| line.split(['{', ' ']).next().unwrap_or_default())
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name)
+        })
+        .collect();
+    for (i, family) in families.iter().enumerate() {
+        assert!(
+            !families[i + 1..]
+                .iter()
+                .skip_while(|next| *next == family)
+                .any(|later| later == family),
+            "{family}'s samples are split:\n{metrics}"
+        );
+    }
 }
 
 #[test]
