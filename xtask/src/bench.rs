@@ -43,6 +43,28 @@ pub enum Which {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
+    /// A compressed real trace (World Cup 1998) replayed live against a process service
+    /// scaled by a policy, then `maru sim` on the load the replay sent with the start-up
+    /// time measured live: do the live platform and the simulator agree?
+    Replay {
+        /// The policy the service scales with: predictive, hpa, kpa, aws-predictive or
+        /// reactive.
+        #[arg(long, default_value = "predictive")]
+        policy: String,
+        /// Its knob: caution for predictive (0.05 cautious to 0.95 bold), target utilisation
+        /// for the others; the simulator's default for each.
+        #[arg(long)]
+        knob: Option<f64>,
+        /// Minutes of real time to replay.
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
+        /// Trace seconds per real second (288: two days of the trace in ten minutes).
+        #[arg(long, default_value_t = 288.0)]
+        speed: f64,
+        /// Requests per second in the trace's busiest (compressed) second.
+        #[arg(long, default_value_t = 80.0)]
+        peak_rps: f64,
+    },
     /// Every scaling policy on every shared trace, each tuned on the first 70 % to the
     /// cheapest setting holding 99.9 % availability, reported on the last 30 %, for several
     /// instance start-up times. Prints a Markdown table for BENCHMARKS.md.
@@ -77,6 +99,21 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             limit_days,
             only,
         } => autoscale(&startups, limit_days, only.as_deref()),
+        Which::Replay {
+            policy,
+            knob,
+            minutes,
+            speed,
+            peak_rps,
+        } => {
+            // The simulator's defaults (autopilot::evaluate::default_knob), so that the
+            // live service and `maru sim` run the same setting.
+            let knob = knob.unwrap_or(match policy.as_str() {
+                "kpa" => 0.7,
+                _ => 0.5,
+            });
+            crate::bench_replay::replay(&policy, knob, minutes, speed, peak_rps)
+        }
     }
 }
 

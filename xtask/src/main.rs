@@ -3,11 +3,15 @@
 //! - `cargo xtask test`: formatting, clippy with warnings denied, tidy checks, every test.
 //! - `cargo xtask demo [--duration 60s]`: the platform with its example apps, under load.
 //! - `cargo xtask bench gateway`: Maru against `wasmtime serve` on the same component.
+//! - `cargo xtask bench events`: durable ingest against `nats-server -js` and raw fdatasync.
+//! - `cargo xtask bench autoscale`: every scaling policy on every shared trace (simulator).
+//! - `cargo xtask bench replay`: a trace replayed live, compared with `maru sim`.
 //! - `cargo xtask build-examples`: the example components, for wasm32-wasip2.
 //! - `cargo xtask tidy`: the tidy checks alone.
 
 mod bench;
 mod bench_events;
+mod bench_replay;
 mod demo;
 mod env;
 mod node;

@@ -138,6 +138,9 @@ pub enum CautionLevel {
     Conservative,
     Normal,
     Aggressive,
+    /// The knob `maru sim --tune` searches (0.05 cautious to 0.95 bold), in thousandths:
+    /// target utilisation, with the forecast-error quantile moving with it.
+    Knob(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,8 +329,16 @@ struct RawService {
 struct RawScaling {
     policy: Option<Spanned<String>>,
     target: Option<Spanned<f64>>,
-    caution: Option<Spanned<String>>,
+    caution: Option<Spanned<RawCaution>>,
     slo: Option<Spanned<String>>,
+}
+
+/// `caution = "normal"` or `caution = 0.62` (a tuned knob).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawCaution {
+    Level(String),
+    Knob(f64),
 }
 
 #[derive(Deserialize)]
@@ -1051,18 +1062,31 @@ fn scaling(
                 None,
             ));
         }
-        Some(level) => match level.get_ref().as_str() {
-            "conservative" => CautionLevel::Conservative,
-            "normal" => CautionLevel::Normal,
-            "aggressive" => CautionLevel::Aggressive,
-            other => {
+        Some(level) => match level.get_ref() {
+            RawCaution::Knob(knob) if (0.05..=0.95).contains(knob) => {
+                CautionLevel::Knob((knob * 1000.0).round() as u32)
+            }
+            RawCaution::Knob(knob) => {
                 return Err(parser.error(
                     &at("scaling.caution"),
                     level.span(),
-                    format!("`{other}` is not a caution level"),
-                    Some("use conservative, normal or aggressive".into()),
+                    format!("{knob} is out of range"),
+                    Some("a tuned knob from 0.05 (cautious) to 0.95 (bold), as `maru sim --tune` reports it".into()),
                 ));
             }
+            RawCaution::Level(name) => match name.as_str() {
+                "conservative" => CautionLevel::Conservative,
+                "normal" => CautionLevel::Normal,
+                "aggressive" => CautionLevel::Aggressive,
+                other => {
+                    return Err(parser.error(
+                        &at("scaling.caution"),
+                        level.span(),
+                        format!("`{other}` is not a caution level"),
+                        Some("use conservative, normal or aggressive, or a tuned knob from 0.05 to 0.95".into()),
+                    ));
+                }
+            },
         },
     };
     let slo = match &raw.get_ref().slo {

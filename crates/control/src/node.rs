@@ -1052,6 +1052,9 @@ fn policy_for(scaling: &Scaling) -> Box<dyn Policy> {
                 CautionLevel::Conservative => Caution::CONSERVATIVE,
                 CautionLevel::Normal => Caution::NORMAL,
                 CautionLevel::Aggressive => Caution::AGGRESSIVE,
+                CautionLevel::Knob(thousandths) => {
+                    autopilot::evaluate::predictive_caution(f64::from(thousandths) / 1000.0)
+                }
             };
             // The horizon grows to the measured start-up time once instances have started.
             Box::new(Paced::new(Predictive::new(caution, second), second))

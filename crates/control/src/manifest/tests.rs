@@ -296,6 +296,27 @@ fn scaling_policies_parse_and_are_checked() {
         parsed.services["hello"].scaling.slo,
         Some(Duration::from_millis(200))
     );
+    let parsed = parse(
+        "maru.toml",
+        &with("scaling = { policy = \"predictive\", caution = 0.62 }"),
+    )
+    .expect("a tuned knob");
+    assert_eq!(
+        parsed.services["hello"].scaling.caution,
+        CautionLevel::Knob(620)
+    );
+    check(
+        &with("scaling = { policy = \"predictive\", caution = 1.5 }"),
+        expect![[r#"
+            maru.toml:9:46: `service.hello.scaling.caution`: 1.5 is out of range
+              hint: a tuned knob from 0.05 (cautious) to 0.95 (bold), as `maru sim --tune` reports it"#]],
+    );
+    check(
+        &with("scaling = { policy = \"predictive\", caution = \"careful\" }"),
+        expect![[r#"
+            maru.toml:9:46: `service.hello.scaling.caution`: `careful` is not a caution level
+              hint: use conservative, normal or aggressive, or a tuned knob from 0.05 to 0.95"#]],
+    );
     assert_eq!(
         parse("maru.toml", GOOD).expect("default").services["hello"]
             .scaling
