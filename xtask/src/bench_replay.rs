@@ -211,12 +211,18 @@ pub fn replay(
                 )
             })
             .collect();
+        let span = |a: f64, b: f64, digits: usize| {
+            let (low, high) = (a.min(b), a.max(b));
+            if format!("{low:.digits$}") == format!("{high:.digits$}") {
+                format!("{low:.digits$}")
+            } else {
+                format!("{low:.digits$}-{high:.digits$}")
+            }
+        };
         println!(
-            "\nAvailability differs by {:.2}-{:.2} points (goal: within 0.5); live instance-seconds are {:.2}-{:.2}x the simulation's (goal: within 10 %).",
-            gaps[0].0.min(gaps[1].0),
-            gaps[0].0.max(gaps[1].0),
-            gaps[0].1.min(gaps[1].1),
-            gaps[0].1.max(gaps[1].1),
+            "\nAvailability differs by {} points (goal: within 0.5); live instance-seconds are {}x the simulation's (goal: within 10 %).",
+            span(gaps[0].0, gaps[1].0, 2),
+            span(gaps[0].1, gaps[1].1, 2),
         );
         Ok(())
     })();

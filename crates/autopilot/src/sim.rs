@@ -330,8 +330,9 @@ pub fn simulate(
         }
     }
     // What is still queued at the end was not served within the SLO either way.
+    // Both are sums of fractional requests; rounding can put their ratio a hair above 1.
     result.availability = if result.requests > 0.0 {
-        result.within_slo / result.requests
+        (result.within_slo / result.requests).min(1.0)
     } else {
         1.0
     };
