@@ -70,6 +70,11 @@ pub trait Policy: Send {
     fn forecast(&self) -> Option<f64> {
         None
     }
+
+    /// Which of its forecasters made that forecast (a forecasting policy with several).
+    fn forecaster(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Calls a policy at most once per `period` (policies with time windows are built for
@@ -115,6 +120,10 @@ impl<P: Policy> Policy for Paced<P> {
 
     fn forecast(&self) -> Option<f64> {
         self.inner.forecast()
+    }
+
+    fn forecaster(&self) -> Option<&'static str> {
+        self.inner.forecaster()
     }
 }
 

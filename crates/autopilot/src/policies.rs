@@ -488,8 +488,9 @@ impl Predictive {
             })
     }
 
-    /// The forecaster that is champion now: "short-term", "seasonal", "mstl" or "ets".
-    pub fn forecaster(&self) -> &'static str {
+    /// The forecaster that was champion at the last step: "short-term", "seasonal", "mstl"
+    /// or "ets".
+    fn champion_name(&self) -> &'static str {
         match self.champion_now {
             1 => "seasonal",
             2 => match self.model.as_ref().map(|model| model.kind) {
@@ -525,6 +526,10 @@ type Candidates = [Option<f64>; 3];
 impl Policy for Predictive {
     fn forecast(&self) -> Option<f64> {
         self.last_forecast
+    }
+
+    fn forecaster(&self) -> Option<&'static str> {
+        self.last_forecast.map(|_| self.champion_name())
     }
 
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {

@@ -836,6 +836,7 @@ impl Node {
                     startup_last_ms: metrics.startup_last_ms,
                     policy: manifest.scaling.policy.name().into(),
                     forecast_requests_per_second: running.service.metrics.forecast(),
+                    forecaster: running.service.metrics.forecaster().map(str::to_string),
                     slo_ms: metrics.slo_ms,
                     slo_met_percent: metrics.slo_met_ratio.map(|ratio| ratio * 100.0),
                 }

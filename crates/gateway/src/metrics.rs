@@ -28,6 +28,8 @@ pub struct ServiceMetrics {
     pub anomalies: [AtomicU64; 3],
     /// `f64` bits of the policy's forecast; `u64::MAX` for none.
     forecast_bits: AtomicU64,
+    /// Which of the policy's forecasters made it.
+    forecaster: Mutex<Option<&'static str>>,
     pub instance_starts: AtomicU64,
     pub cold_starts: AtomicU64,
     pub instance_failures: AtomicU64,
@@ -80,6 +82,7 @@ impl ServiceMetrics {
             in_flight: Arc::new(AtomicU64::new(0)),
             arrivals: AtomicU64::new(0),
             forecast_bits: AtomicU64::new(u64::MAX),
+            forecaster: Mutex::new(None),
             anomalies: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             instance_starts: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
@@ -160,10 +163,22 @@ impl ServiceMetrics {
         self.lock().startup_last
     }
 
-    /// The policy's latest forecast of the arrival rate, if it forecasts.
-    pub fn set_forecast(&self, forecast: Option<f64>) {
+    /// The policy's latest forecast of the arrival rate, if it forecasts, and which of its
+    /// forecasters made it.
+    pub fn set_forecast(&self, forecast: Option<f64>, forecaster: Option<&'static str>) {
         self.forecast_bits
             .store(forecast.map_or(u64::MAX, f64::to_bits), Ordering::Relaxed);
+        *self
+            .forecaster
+            .lock()
+            .expect("forecaster lock is never poisoned") = forecaster;
+    }
+
+    pub fn forecaster(&self) -> Option<&'static str> {
+        *self
+            .forecaster
+            .lock()
+            .expect("forecaster lock is never poisoned")
     }
 
     pub fn forecast(&self) -> Option<f64> {
@@ -512,7 +527,7 @@ mod tests {
             metrics.record(t0, 200, Duration::from_millis(3));
             metrics.record(t0, 503, Duration::from_millis(9));
             metrics.record_startup(Duration::from_millis(40));
-            metrics.set_forecast(Some(2.0));
+            metrics.set_forecast(Some(2.0), Some("mstl"));
             metrics.render(
                 &mut samples,
                 &format!("service=\"{service}\""),

@@ -486,7 +486,8 @@ impl Service {
         };
         let current = observation.starting + observation.ready.len() as u32;
         let desired = policy.desired(&self.config.bounds, &observation);
-        self.metrics.set_forecast(policy.forecast());
+        self.metrics
+            .set_forecast(policy.forecast(), policy.forecaster());
         if desired > current {
             if pool
                 .no_start_before

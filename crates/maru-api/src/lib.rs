@@ -104,6 +104,10 @@ pub struct ServiceStatus {
     /// What a forecasting policy expects the arrival rate to be one start-up lead ahead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forecast_requests_per_second: Option<f64>,
+    /// Which forecaster made it (predictive: the champion by rolling backtest):
+    /// `short-term`, `seasonal`, `mstl` or `ets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecaster: Option<String>,
     /// The service's latency objective (manifest `scaling.slo`), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_ms: Option<f64>,

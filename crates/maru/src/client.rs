@@ -294,7 +294,7 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>16} {:>5} {:>9} {:>10}",
+        "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8} {:>18} {:>8} {:>8} {:>16} {:>5} {:>9} {:>10}",
         "SERVICE",
         "KIND/POLICY",
         "REV",
@@ -313,7 +313,7 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
     );
     for s in services {
         println!(
-            "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>8} {:>8.2} {:>8.2} {:>16} {:>5} {:>9.1} {:>10}",
+            "{:<28} {:<24} {:>4} {:>9} {:>5} {:>6} {:>6} {:>8.1} {:>18} {:>8.2} {:>8.2} {:>16} {:>5} {:>9.1} {:>10}",
             format!("{}/{}", s.app, s.service),
             format!("{} {}", s.kind, s.policy),
             s.revision,
@@ -322,9 +322,11 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
             s.in_flight,
             s.queued,
             s.requests_per_second,
-            s.forecast_requests_per_second
-                .map(|f| format!("{f:.1}"))
-                .unwrap_or_else(|| "-".into()),
+            match (s.forecast_requests_per_second, &s.forecaster) {
+                (Some(f), Some(by)) => format!("{f:.1} ({by})"),
+                (Some(f), None) => format!("{f:.1}"),
+                (None, _) => "-".into(),
+            },
             s.latency_p50_ms,
             s.latency_p99_ms,
             slo_met(s.slo_ms, s.slo_met_percent),

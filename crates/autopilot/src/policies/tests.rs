@@ -244,6 +244,7 @@ fn predictive_holds_what_the_guard_asked_for_two_start_up_times() {
 #[test]
 fn predictive_champion_is_the_forecaster_with_the_lowest_backtest_error() {
     let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    assert_eq!(predictive.forecaster(), None, "no forecast made yet");
     // Nothing scored yet: the short-term forecast.
     let candidates = [Some(10.0), Some(20.0), Some(30.0)];
     assert_eq!(predictive.champion(&candidates), (0, 10.0));
@@ -279,6 +280,12 @@ fn predictive_fits_ets_first_then_mstl_once_two_days_show_a_daily_season() {
     assert_eq!(
         kinds,
         vec![None, Some(Ets), Some(Ets), Some(Ets), Some(Ets), Some(Mstl)]
+    );
+    // Every candidate has been scored by now; whichever leads is named.
+    assert!(
+        ["short-term", "seasonal", "mstl"].contains(&predictive.forecaster().unwrap_or("none")),
+        "{:?}",
+        predictive.forecaster()
     );
     let model = predictive.model.as_ref().expect("fitted");
     let now = Duration::from_secs((2 * 1440 + 120) * 60);

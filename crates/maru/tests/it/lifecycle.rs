@@ -380,6 +380,9 @@ fn a_service_scales_with_the_policy_its_manifest_names() {
             .is_some(),
         "a forecasting policy's forecast is shown: {predictive}"
     );
+    // Minutes old, it has only its short-term forecaster (seasonal needs a day of history,
+    // augurs' models two hours).
+    assert_eq!(predictive["forecaster"], "short-term", "{predictive}");
     // The 20 echoes were answered with 200 well within the 2 s SLO.
     assert_eq!(predictive["slo_ms"], 2000.0, "{predictive}");
     assert_eq!(predictive["slo_met_percent"], 100.0, "{predictive}");
