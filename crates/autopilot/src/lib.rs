@@ -75,6 +75,12 @@ pub trait Policy: Send {
     fn forecaster(&self) -> Option<&'static str> {
         None
     }
+
+    /// Arrival rates (requests per second, one-minute means) seen before the policy's first
+    /// observation, oldest first, at their times on the policy's clock: a service's history
+    /// outlives restarts and revisions, and a forecasting policy starts from it instead of
+    /// from nothing. Others ignore it.
+    fn learn(&mut self, _past: &[(Duration, f64)]) {}
 }
 
 /// Calls a policy at most once per `period` (policies with time windows are built for
@@ -124,6 +130,10 @@ impl<P: Policy> Policy for Paced<P> {
 
     fn forecaster(&self) -> Option<&'static str> {
         self.inner.forecaster()
+    }
+
+    fn learn(&mut self, past: &[(Duration, f64)]) {
+        self.inner.learn(past);
     }
 }
 

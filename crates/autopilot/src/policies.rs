@@ -532,6 +532,17 @@ impl Policy for Predictive {
         self.last_forecast.map(|_| self.champion_name())
     }
 
+    fn learn(&mut self, past: &[(Duration, f64)]) {
+        for &(at, rate) in past {
+            if rate.is_finite() && rate >= 0.0 {
+                self.seasonal.record(at, rate);
+            }
+        }
+        if let Some(&(_, rate)) = past.last() {
+            self.holt.update(rate);
+        }
+    }
+
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
         let now = observation.now;
         if let Some(rate) = self.rate.update(observation) {

@@ -32,6 +32,9 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// How often the scaler looks at the pool when nothing wakes it.
 const SCALE_TICK: Duration = Duration::from_millis(200);
+/// The policy's clock starts this far along when the service starts, so that the history
+/// it learns from (up to 14 days, see `History::MINUTES_KEPT`) has times on it too.
+const POLICY_CLOCK_START: Duration = Duration::from_secs(15 * 24 * 3600);
 /// How often a process instance is checked for having exited.
 const EXIT_CHECK: Duration = Duration::from_millis(100);
 /// Crashes within [`CRASH_WINDOW`] that mark a service failed.
@@ -160,6 +163,26 @@ pub struct AnomalyRecord {
 
 const ANOMALIES_KEPT: usize = 100;
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The history's one-minute arrival rates at their times on the policy's clock (which
+/// reads [`POLICY_CLOCK_START`] when the service starts at `now_unix_s`), oldest first;
+/// minutes older than the clock's start are left out.
+fn past_rates(history: &History, now_unix_s: u64) -> Vec<(Duration, f64)> {
+    history
+        .minutes()
+        .filter_map(|sample| {
+            let age = Duration::from_secs(now_unix_s.checked_sub(sample.unix_s)?);
+            Some((POLICY_CLOCK_START.checked_sub(age)?, sample.arrivals))
+        })
+        .collect()
+}
+
 /// The three signals' detectors and the counters they were last fed from.
 struct AnomalyWatch {
     detectors: [Detector; 3],
@@ -178,10 +201,11 @@ impl Service {
     pub fn start(
         mut config: ServiceConfig,
         runtime: Arc<Runtime>,
-        policy: Box<dyn Policy>,
+        mut policy: Box<dyn Policy>,
     ) -> Arc<Self> {
         let (jobs_tx, jobs_rx) = async_channel::bounded(config.queue_max.max(1));
         let history = std::mem::take(&mut config.history);
+        policy.learn(&past_rates(&history, unix_now()));
         let slo = config.slo;
         let now = Instant::now();
         let service = Arc::new(Service {
@@ -345,10 +369,7 @@ impl Service {
         };
         let cold_starts = self.metrics.cold_starts.load(Ordering::Relaxed);
         let gauges = self.gauges();
-        let unix_s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let unix_s = unix_now();
         self.history
             .lock()
             .expect("history lock is never poisoned")
@@ -466,7 +487,7 @@ impl Service {
             return;
         }
         let observation = Observation {
-            now: now.saturating_duration_since(self.origin),
+            now: now.saturating_duration_since(self.origin) + POLICY_CLOCK_START,
             in_flight: self.metrics.in_flight.load(Ordering::Acquire) as u32,
             queued,
             starting: pool.count(|s| matches!(s, SlotState::Starting)) as u32,
@@ -476,7 +497,8 @@ impl Service {
                 .filter_map(|slot| match slot.state {
                     SlotState::Ready { busy, idle_since } => Some(InstanceActivity {
                         busy,
-                        idle_since: idle_since.saturating_duration_since(self.origin),
+                        idle_since: idle_since.saturating_duration_since(self.origin)
+                            + POLICY_CLOCK_START,
                     }),
                     _ => None,
                 })
@@ -938,5 +960,39 @@ fn guest_error(error: ServeError) -> ServiceError {
     match error {
         ServeError::Timeout => ServiceError::Timeout(Duration::ZERO),
         other => ServiceError::GuestFailed(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_minutes_land_on_the_policy_clock_before_its_start() {
+        let mut history = History::default();
+        // Minutes starting at unix 600 (rate 2/s) and 660 (4/s); a sample at 720 closes 660.
+        for (unix_s, arrivals) in [(600, 1.0), (601, 3.0), (660, 4.0), (720, 9.0)] {
+            history.record(Sample {
+                unix_s,
+                arrivals,
+                ..Sample::default()
+            });
+        }
+        // Started at unix 780: the minute of 600 is 180 s before the clock's start.
+        assert_eq!(
+            past_rates(&history, 780),
+            vec![
+                (POLICY_CLOCK_START - Duration::from_secs(180), 2.0),
+                (POLICY_CLOCK_START - Duration::from_secs(120), 4.0),
+            ]
+        );
+        // Minutes older than the clock's start, or from the future (a clock stepped back),
+        // are left out.
+        let long_after = POLICY_CLOCK_START.as_secs() + 650;
+        assert_eq!(
+            past_rates(&history, long_after),
+            vec![(Duration::from_secs(10), 4.0)]
+        );
+        assert_eq!(past_rates(&history, 500), vec![]);
     }
 }

@@ -295,3 +295,37 @@ fn predictive_fits_ets_first_then_mstl_once_two_days_show_a_daily_season() {
         .expect("on the path");
     assert!((forecast - truth).abs() < 3.0, "{forecast} vs {truth}");
 }
+
+#[test]
+fn predictive_starts_from_the_history_it_is_given() {
+    // Three days of one-minute means of a daily wave, as a restarted service's history
+    // hands them over; the policy's first observation comes a minute after the last.
+    let wave = |minute: u64| 100.0 + 50.0 * (minute as f64 / 1440.0 * std::f64::consts::TAU).sin();
+    let past: Vec<(Duration, f64)> = (0..3 * 1440u64)
+        .map(|minute| (Duration::from_secs(minute * 60), wave(minute)))
+        .collect();
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    predictive.learn(&past);
+    let now = 3 * 1440 * 60 + 60;
+    predictive.desired(&bounds(), &at(now, 10, 10, 0, 0));
+    // At once: a daily seasonal forecast and augurs' MSTL fitted on the history.
+    use crate::forecast::ModelKind;
+    assert_eq!(
+        predictive.model.as_ref().map(|model| model.kind),
+        Some(ModelKind::Mstl)
+    );
+    let candidates = predictive.forecasts(Duration::from_secs(now), Duration::from_secs(31));
+    assert!(
+        candidates[1].is_some() && candidates[2].is_some(),
+        "{candidates:?}"
+    );
+    // Without history, neither.
+    let mut fresh = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    fresh.desired(&bounds(), &at(now, 10, 10, 0, 0));
+    assert!(fresh.model.is_none());
+    let candidates = fresh.forecasts(Duration::from_secs(now), Duration::from_secs(31));
+    assert!(
+        candidates[1].is_none() && candidates[2].is_none(),
+        "{candidates:?}"
+    );
+}
