@@ -280,14 +280,7 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
     let bench_dir = root.join("target/bench");
     std::fs::create_dir_all(&bench_dir)?;
 
-    let node = MaruNode::start(
-        &maru,
-        &bench_dir.join("data"),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &bench_dir.join("maru.log"),
-    )?;
+    let node = MaruNode::start_in(&maru, &bench_dir)?;
     let manifest = bench_dir.join("hello.toml");
     std::fs::write(
         &manifest,

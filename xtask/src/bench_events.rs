@@ -430,14 +430,7 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
             String::from_utf8_lossy(&created)
         );
     }
-    let mut node = MaruNode::start(
-        &maru,
-        &bench_dir.join("data"),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &bench_dir.join("maru.log"),
-    )?;
+    let mut node = MaruNode::start_in(&maru, &bench_dir)?;
     let manifest = bench_dir.join("events.toml");
     std::fs::write(
         &manifest,

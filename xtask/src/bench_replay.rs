@@ -43,14 +43,7 @@ pub fn replay(
     let maru = env::build_maru_release()?;
     let dir = root.join("target/bench/replay");
     std::fs::create_dir_all(&dir)?;
-    let mut node = MaruNode::start(
-        &maru,
-        &dir.join("data"),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &dir.join("maru.log"),
-    )?;
+    let mut node = MaruNode::start_in(&maru, &dir)?;
     let result = (|| {
         let manifest = dir.join("replay.toml");
         let app_dir = root.join("examples/legacy-app");

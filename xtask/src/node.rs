@@ -73,6 +73,20 @@ impl MaruNode {
         }
     }
 
+    /// Start `maru up` on free loopback ports, with its data in `dir/data` (cleared) and its
+    /// log in `dir/maru.log`: the benchmarks' node.
+    pub fn start_in(binary: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let any = "127.0.0.1:0";
+        Self::start(
+            binary,
+            &dir.join("data"),
+            any,
+            any,
+            any,
+            &dir.join("maru.log"),
+        )
+    }
+
     /// The token producers present to the gateway's `/events/` and the MQTT listener.
     pub fn ingest_token(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(self.data.join("ingest.token"))
