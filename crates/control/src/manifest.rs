@@ -335,7 +335,10 @@ struct RawScaling {
 
 /// `caution = "normal"` or `caution = 0.62` (a tuned knob).
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`caution` is a level (\"conservative\", \"normal\", \"aggressive\") or a tuned knob from 0.05 to 0.95"
+)]
 enum RawCaution {
     Level(String),
     Knob(f64),

@@ -312,6 +312,12 @@ fn scaling_policies_parse_and_are_checked() {
               hint: a tuned knob from 0.05 (cautious) to 0.95 (bold), as `maru sim --tune` reports it"#]],
     );
     check(
+        &with("scaling = { policy = \"predictive\", caution = true }"),
+        expect![[r#"
+            maru.toml:9:46: `service.hello.scaling`: `caution` is a level ("conservative", "normal", "aggressive") or a tuned knob from 0.05 to 0.95
+              hint: see docs/manifest.md for the manifest format"#]],
+    );
+    check(
         &with("scaling = { policy = \"predictive\", caution = \"careful\" }"),
         expect![[r#"
             maru.toml:9:46: `service.hello.scaling.caution`: `careful` is not a caution level
