@@ -448,6 +448,8 @@ impl Predictive {
     const REFIT_EVERY: Duration = Duration::from_secs(3600);
     const MODEL_DAYS: usize = 4;
     const MARGIN_EVERY: u32 = 60;
+    /// The guard asks for instances enough to serve waiting work within this once ready.
+    const QUEUE_DRAIN: Duration = Duration::from_secs(1);
 
     /// Every candidate's forecast of the rate at `now + horizon`: the short-term one always,
     /// the seasonal one with a day of history, augurs' model once fitted.
@@ -599,10 +601,19 @@ impl Policy for Predictive {
         } else {
             0
         };
-        // Reactive guard: never fewer than the work already here needs.
-        let guard = (load(observation)
-            / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation))
-            .ceil() as u32;
+        // Reactive guard: never fewer than the work already here needs: what is executing,
+        // at the caution's utilisation, and instances enough to serve what waits within
+        // [`Self::QUEUE_DRAIN`] once ready. One instance per waiting request (as before)
+        // overshot: an instance serves many short requests in the time others take to
+        // start, and the overshoot was held for two start-up times (World Cup at 30 s cost
+        // 1.10x what this costs, BENCHMARKS.md).
+        let executing = f64::from(observation.in_flight)
+            / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation);
+        let drained_per_instance = (self.per_instance_rate.per_instance(bounds)
+            * Self::QUEUE_DRAIN.as_secs_f64())
+        .max(1.0);
+        let guard =
+            (executing + f64::from(observation.queued) / drained_per_instance).ceil() as u32;
         self.recent_desired
             .push_back((now, forecast_instances, guard));
         let guard_hold = lead * 2;

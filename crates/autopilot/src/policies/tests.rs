@@ -215,30 +215,37 @@ fn predictive_provisions_ahead_of_a_rising_ramp() {
 
 #[test]
 fn predictive_holds_what_the_guard_asked_for_two_start_up_times() {
-    // Quiet, then 30 requests arrive at once at t = 100 and are served. The guard asks for
-    // ceil(30 / 0.75) = 40 instances. An instance released now is back after one start-up,
-    // so the guard's ask is held for two start-up times: with a 1 s start-up it is gone by
-    // t = 104; with 30 s it is still held (60 s).
+    // Quiet, then at t = 100 30 requests arrive and 300 wait (work piled up behind a stuck
+    // instance). Nothing has been measured, so a request is taken to hold an instance
+    // 100 ms: an instance serves 10 a second, and the guard asks for ceil(300 / 10) = 30
+    // instances. The forecast's ask: (30 req/s + one instance's 10) × the starting error
+    // margin 2 - 10 = 70 req/s at 75 % of 10 per instance: ceil(9.3) = 10. An instance
+    // released now is back after one start-up, so the guard's ask is held for two start-up
+    // times: with a 1 s start-up it is gone by t = 104; with 30 s it is still held (60 s).
     let run = |lead_s: u64| {
         let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(lead_s));
         let mut desired = Vec::new();
         for t in 0..=104u64 {
-            let (queued, arrivals) = if t >= 100 { (0, 30) } else { (0, 0) };
-            let queued = if t == 100 { 30 } else { queued };
+            let arrivals = if t >= 100 { 30 } else { 0 };
+            let queued = if t == 100 { 300 } else { 0 };
             desired.push(predictive.desired(&bounds(), &at(t, 1, 0, queued, arrivals)));
         }
         desired
     };
     let short = run(1);
     let long = run(30);
-    assert!(
-        short[100] >= 40 && long[100] >= 40,
-        "{} {}",
-        short[100],
-        long[100]
-    );
-    assert!(short[104] < 40, "1 s start-up still holds {}", short[104]);
-    assert!(long[104] >= 40, "30 s start-up released to {}", long[104]);
+    assert_eq!((short[100], long[100]), (30, 30));
+    assert!(short[104] < 30, "1 s start-up still holds {}", short[104]);
+    assert_eq!(long[104], 30, "30 s start-up released");
+}
+
+#[test]
+fn predictive_guard_sizes_waiting_work_by_what_an_instance_serves_in_a_second() {
+    // 4 requests executing (at 75 %: 5.3 instances) and 100 waiting, each holding an
+    // instance 100 ms (10 a second): ceil(4 / 0.75 + 100 / 10) = 16 instances, not one per
+    // waiting request. No arrivals were counted, so the forecast asks for nothing.
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    assert_eq!(predictive.desired(&bounds(), &at(0, 4, 4, 100, 0)), 16);
 }
 
 #[test]
