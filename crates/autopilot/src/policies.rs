@@ -513,8 +513,13 @@ impl Predictive {
             return;
         }
         self.model_tried = Some(now);
-        const STEP: Duration = Duration::from_secs(300);
-        let (series, end) = self.seasonal.recent_means(now, 5, Self::MODEL_DAYS * 288);
+        // The seasonal history holds one-minute means; the model sees five-minute ones.
+        const MINUTES_PER_STEP: u64 = 5;
+        const STEP: Duration = Duration::from_secs(60 * MINUTES_PER_STEP);
+        let steps_per_day = (24 * 60 / MINUTES_PER_STEP) as usize;
+        let (series, end) =
+            self.seasonal
+                .recent_means(now, MINUTES_PER_STEP, Self::MODEL_DAYS * steps_per_day);
         let ahead = (now + Self::REFIT_EVERY + horizon).saturating_sub(end);
         let steps = (ahead.as_secs_f64() / STEP.as_secs_f64()).ceil() as usize + 1;
         self.model = ModelForecast::fit(&series, STEP, end, steps);

@@ -486,8 +486,10 @@ impl Service {
             }
             return;
         }
+        let on_policy_clock =
+            |at: Instant| at.saturating_duration_since(self.origin) + POLICY_CLOCK_START;
         let observation = Observation {
-            now: now.saturating_duration_since(self.origin) + POLICY_CLOCK_START,
+            now: on_policy_clock(now),
             in_flight: self.metrics.in_flight.load(Ordering::Acquire) as u32,
             queued,
             starting: pool.count(|s| matches!(s, SlotState::Starting)) as u32,
@@ -497,8 +499,7 @@ impl Service {
                 .filter_map(|slot| match slot.state {
                     SlotState::Ready { busy, idle_since } => Some(InstanceActivity {
                         busy,
-                        idle_since: idle_since.saturating_duration_since(self.origin)
-                            + POLICY_CLOCK_START,
+                        idle_since: on_policy_clock(idle_since),
                     }),
                     _ => None,
                 })
