@@ -51,7 +51,7 @@ pub enum Which {
         /// reactive.
         #[arg(long, default_value = "predictive")]
         policy: String,
-        /// Its knob: caution for predictive (0.05 cautious to 0.95 bold), target utilisation
+        /// Its knob: caution for predictive (0.05 cautious to 1.0 bold), target utilisation
         /// for the others; the simulator's default for each.
         #[arg(long)]
         knob: Option<f64>,

@@ -77,14 +77,14 @@ pub fn warm_up_steps(len: usize, step: Duration) -> usize {
 
 /// The predictive policy's tuning knob, in the same "higher is cheaper" sense as the
 /// others' utilisation targets and over the same range: the knob is the target utilisation
-/// (0.05 to 0.95, as for hpa, kpa and aws-predictive), and the forecast-error quantile
-/// provisioned for moves with it, from the 99.9th percentile (knob 0.05) to the median
-/// (knob 0.95).
+/// (0.05 to 1.0, as for hpa, kpa, aws-predictive and the oracle), and the forecast-error
+/// quantile provisioned for moves with it, from the 99.9th percentile (knob 0.05) to the
+/// median (knob 0.95 and above).
 pub fn predictive_caution(knob: f64) -> Caution {
     let boldness = ((knob - 0.05) / 0.9).clamp(0.0, 1.0);
     Caution {
         quantile: 0.999 - 0.499 * boldness,
-        utilisation: knob.clamp(0.05, 0.95),
+        utilisation: knob.clamp(0.05, 1.0),
     }
 }
 
@@ -278,13 +278,13 @@ fn finish(best: Option<(Knob, SimResult)>, fallback: impl FnOnce() -> (Knob, Sim
     }
 }
 
-/// Bisect a utilisation-like knob in [0.05, 0.95] for the highest value that holds the
+/// Bisect a utilisation-like knob in [0.05, 1.0] for the highest value that holds the
 /// target. Returns the best (value, result) found, and the most generous value tried.
 fn bisect(
     mut attempt: impl FnMut(f64) -> SimResult,
     availability: f64,
 ) -> (Option<(f64, SimResult)>, f64) {
-    let (mut low, mut high) = (0.05f64, 0.95f64);
+    let (mut low, mut high) = (0.05f64, 1.0f64);
     let mut best = None;
     let first = attempt(low);
     if first.availability < availability {

@@ -30,24 +30,33 @@ fn load(observation: &Observation) -> f64 {
     f64::from(observation.in_flight + observation.queued)
 }
 
-/// Turns cumulative arrival counts into a rate per second between observations.
+/// Turns cumulative arrival counts into a rate per second, sampled at most once per
+/// [`RateMeter::SAMPLE`]: the gateway asks its policy several times a second, the simulator
+/// once per step (one second, or a minute for per-minute traces), and a forecaster's
+/// smoothing is per sample, so both must see samples of at least the same length.
 #[derive(Debug, Clone, Default)]
 struct RateMeter {
     last: Option<(Duration, u64)>,
 }
 
 impl RateMeter {
-    /// Arrivals per second since the previous call, or `None` on the first call.
-    fn update(&mut self, observation: &Observation) -> Option<f64> {
+    const SAMPLE: Duration = Duration::from_secs(1);
+
+    /// Arrivals per second since the previous sample and that sample's length in seconds,
+    /// or `None` on the first call and until a whole [`Self::SAMPLE`] has passed.
+    fn update(&mut self, observation: &Observation) -> Option<(f64, f64)> {
         let now = (observation.now, observation.arrivals_total);
-        let rate = self.last.and_then(|(then, count)| {
-            let seconds = now.0.saturating_sub(then).as_secs_f64();
-            (seconds > 0.0).then(|| now.1.saturating_sub(count) as f64 / seconds)
-        });
-        if self.last.is_none_or(|(then, _)| now.0 > then) {
+        let Some((then, count)) = self.last else {
             self.last = Some(now);
+            return None;
+        };
+        let elapsed = now.0.saturating_sub(then);
+        if elapsed < Self::SAMPLE {
+            return None;
         }
-        rate
+        self.last = Some(now);
+        let seconds = elapsed.as_secs_f64();
+        Some((now.1.saturating_sub(count) as f64 / seconds, seconds))
     }
 }
 
@@ -257,7 +266,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 impl Policy for AwsPredictive {
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
         let now = observation.now;
-        if let Some(rate) = self.rate.update(observation) {
+        if let Some((rate, _)) = self.rate.update(observation) {
             self.history.record(now, rate);
             self.per_instance_rate.update(bounds, observation, rate);
         }
@@ -412,7 +421,9 @@ pub struct Predictive {
     /// (when, instances the forecast wanted, instances the guard wanted).
     recent_desired: VecDeque<(Duration, u32, u32)>,
     last_forecast: Option<f64>,
-    /// The error quantile, recomputed every [`Self::MARGIN_EVERY`] observations.
+    /// Length in seconds of the last rate sample, the unit of Holt's steps.
+    sample_seconds: f64,
+    /// The error quantile, recomputed every [`Self::MARGIN_EVERY`] samples.
     margin: Option<f64>,
     since_margin: u32,
 }
@@ -439,6 +450,7 @@ impl Predictive {
             errors: VecDeque::new(),
             recent_desired: VecDeque::new(),
             last_forecast: None,
+            sample_seconds: RateMeter::SAMPLE.as_secs_f64(),
             margin: None,
             since_margin: 0,
         }
@@ -454,7 +466,9 @@ impl Predictive {
     /// Every candidate's forecast of the rate at `now + horizon`: the short-term one always,
     /// the seasonal one with a day of history, augurs' model once fitted.
     fn forecasts(&self, now: Duration, horizon: Duration) -> Candidates {
-        let short = self.holt.forecast(horizon.as_secs_f64());
+        let short = self
+            .holt
+            .forecast(horizon.as_secs_f64() / self.sample_seconds);
         // Today's level against a reference for now, to rescale a forecast made from
         // earlier data to the level seen now.
         let level = |reference: f64| {
@@ -552,7 +566,16 @@ impl Policy for Predictive {
 
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32 {
         let now = observation.now;
-        if let Some(rate) = self.rate.update(observation) {
+        let lead = observation
+            .startup_last
+            .map_or(self.lead, |measured| measured.max(self.lead));
+        // Forecasting, scoring and the error margin move once per rate sample (and at the
+        // first call, which may follow history handed over by `learn`); between samples (the
+        // gateway asks several times a second) the last forecast stands and only the guard
+        // below sees the newer observation.
+        let sample = self.rate.update(observation);
+        if let Some((rate, seconds)) = sample {
+            self.sample_seconds = seconds;
             self.holt.update(rate);
             self.seasonal.record(now, rate);
             self.per_instance_rate.update(bounds, observation, rate);
@@ -578,25 +601,26 @@ impl Policy for Predictive {
                 }
             }
         }
-        let lead = observation
-            .startup_last
-            .map_or(self.lead, |measured| measured.max(self.lead));
-        let horizon = lead + Duration::from_secs(1);
-        self.refit(now, horizon);
-        let candidates = self.forecasts(now, horizon);
-        let (champion, forecast) = self.champion(&candidates);
-        self.champion_now = champion;
-        self.last_forecast = Some(forecast);
-        self.pending
-            .push_back((now + horizon, forecast, candidates));
-        self.since_margin += 1;
-        if self.errors.len() >= 30
-            && (self.margin.is_none() || self.since_margin >= Self::MARGIN_EVERY)
-        {
-            self.margin =
-                Some(quantile(self.errors.iter().copied(), self.caution.quantile).max(1.0));
-            self.since_margin = 0;
+        if sample.is_some() || self.last_forecast.is_none() {
+            // Capacity decided now serves from when it is ready until the next decision.
+            let horizon = lead + Duration::from_secs_f64(self.sample_seconds);
+            self.refit(now, horizon);
+            let candidates = self.forecasts(now, horizon);
+            let (champion, forecast) = self.champion(&candidates);
+            self.champion_now = champion;
+            self.last_forecast = Some(forecast);
+            self.pending
+                .push_back((now + horizon, forecast, candidates));
+            self.since_margin += 1;
+            if self.errors.len() >= 30
+                && (self.margin.is_none() || self.since_margin >= Self::MARGIN_EVERY)
+            {
+                self.margin =
+                    Some(quantile(self.errors.iter().copied(), self.caution.quantile).max(1.0));
+                self.since_margin = 0;
+            }
         }
+        let forecast = self.last_forecast.unwrap_or(0.0);
         let error_margin = self.margin.unwrap_or(2.0);
         let floor = self.per_instance_rate.per_instance(bounds);
         let provisioned_rate = ((forecast + floor) * error_margin - floor).max(0.0);

@@ -138,7 +138,7 @@ pub enum CautionLevel {
     Conservative,
     Normal,
     Aggressive,
-    /// The knob `maru sim --tune` searches (0.05 cautious to 0.95 bold), in thousandths:
+    /// The knob `maru sim --tune` searches (0.05 cautious to 1.0 bold), in thousandths:
     /// target utilisation, with the forecast-error quantile moving with it.
     Knob(u32),
 }
@@ -337,7 +337,7 @@ struct RawScaling {
 #[derive(Deserialize)]
 #[serde(
     untagged,
-    expecting = "`caution` is a level (\"conservative\", \"normal\", \"aggressive\") or a tuned knob from 0.05 to 0.95"
+    expecting = "`caution` is a level (\"conservative\", \"normal\", \"aggressive\") or a tuned knob from 0.05 to 1.0"
 )]
 enum RawCaution {
     Level(String),
@@ -1066,7 +1066,7 @@ fn scaling(
             ));
         }
         Some(level) => match level.get_ref() {
-            RawCaution::Knob(knob) if (0.05..=0.95).contains(knob) => {
+            RawCaution::Knob(knob) if (0.05..=1.0).contains(knob) => {
                 CautionLevel::Knob((knob * 1000.0).round() as u32)
             }
             RawCaution::Knob(knob) => {
@@ -1074,7 +1074,7 @@ fn scaling(
                     &at("scaling.caution"),
                     level.span(),
                     format!("{knob} is out of range"),
-                    Some("a tuned knob from 0.05 (cautious) to 0.95 (bold), as `maru sim --tune` reports it".into()),
+                    Some("a tuned knob from 0.05 (cautious) to 1.0 (bold), as `maru sim --tune` reports it".into()),
                 ));
             }
             RawCaution::Level(name) => match name.as_str() {
@@ -1086,7 +1086,7 @@ fn scaling(
                         &at("scaling.caution"),
                         level.span(),
                         format!("`{other}` is not a caution level"),
-                        Some("use conservative, normal or aggressive, or a tuned knob from 0.05 to 0.95".into()),
+                        Some("use conservative, normal or aggressive, or a tuned knob from 0.05 to 1.0".into()),
                     ));
                 }
             },

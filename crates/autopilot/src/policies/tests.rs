@@ -336,3 +336,64 @@ fn predictive_starts_from_the_history_it_is_given() {
         "{candidates:?}"
     );
 }
+
+/// An observation at `now` (any instant, not only whole seconds) with `arrivals` so far and
+/// nothing running.
+fn idle_at(now: Duration, arrivals: u64) -> Observation {
+    Observation {
+        now,
+        in_flight: 0,
+        queued: 0,
+        starting: 0,
+        ready: Vec::new(),
+        arrivals_total: arrivals,
+        startup_last: None,
+    }
+}
+
+#[test]
+fn predictive_forecasts_alike_however_often_it_is_asked() {
+    // The gateway asks every 200 ms or sooner, the simulator once per step. A ramp of 1 req/s
+    // more each second (τ²/2 arrivals by τ), asked every second and every 200 ms: the rate is
+    // sampled once a second either way, so the forecasts are identical.
+    let arrivals = |ms: u64| ms * ms / 2_000_000;
+    let mut every_second = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    for s in 0..=300u64 {
+        every_second.desired(
+            &bounds(),
+            &idle_at(Duration::from_secs(s), arrivals(s * 1000)),
+        );
+    }
+    let mut every_fifth = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    for ms in (0..=300_000u64).step_by(200) {
+        every_fifth.desired(&bounds(), &idle_at(Duration::from_millis(ms), arrivals(ms)));
+    }
+    let forecast = every_second.forecast().expect("forecast");
+    assert_eq!(every_fifth.forecast(), Some(forecast));
+    // 31 s ahead of ~300 req/s on a 1 req/s/s climb (Holt's trend damped): about 325.
+    assert!((310.0..340.0).contains(&forecast), "{forecast}");
+}
+
+#[test]
+fn predictive_short_term_forecast_counts_its_horizon_in_seconds() {
+    // A per-minute trace: one sample a minute, each 60 req/s above the last, for ten hours
+    // (Holt's trend has settled on 60 a sample). With a 30 s start-up the forecast looks
+    // 30 s + one sample = 90 s (1.5 samples) ahead: about 90 req/s above the last rate, not
+    // 90 samples' worth of (damped) trend, which would be about 2,500 above.
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
+    let mut arrivals = 0u64;
+    for minute in 0..=600u64 {
+        arrivals += 60 * 60 * minute;
+        predictive.desired(
+            &bounds(),
+            &idle_at(Duration::from_secs(60 * minute), arrivals),
+        );
+    }
+    let last = 60.0 * 600.0;
+    let short = predictive.forecasts(Duration::from_secs(36_000), Duration::from_secs(90))[0]
+        .expect("short-term forecast");
+    assert!(
+        (last + 30.0..last + 150.0).contains(&short),
+        "{short} for a last rate of {last}"
+    );
+}

@@ -309,19 +309,19 @@ fn scaling_policies_parse_and_are_checked() {
         &with("scaling = { policy = \"predictive\", caution = 1.5 }"),
         expect![[r#"
             maru.toml:9:46: `service.hello.scaling.caution`: 1.5 is out of range
-              hint: a tuned knob from 0.05 (cautious) to 0.95 (bold), as `maru sim --tune` reports it"#]],
+              hint: a tuned knob from 0.05 (cautious) to 1.0 (bold), as `maru sim --tune` reports it"#]],
     );
     check(
         &with("scaling = { policy = \"predictive\", caution = true }"),
         expect![[r#"
-            maru.toml:9:46: `service.hello.scaling`: `caution` is a level ("conservative", "normal", "aggressive") or a tuned knob from 0.05 to 0.95
+            maru.toml:9:46: `service.hello.scaling`: `caution` is a level ("conservative", "normal", "aggressive") or a tuned knob from 0.05 to 1.0
               hint: see docs/manifest.md for the manifest format"#]],
     );
     check(
         &with("scaling = { policy = \"predictive\", caution = \"careful\" }"),
         expect![[r#"
             maru.toml:9:46: `service.hello.scaling.caution`: `careful` is not a caution level
-              hint: use conservative, normal or aggressive, or a tuned knob from 0.05 to 0.95"#]],
+              hint: use conservative, normal or aggressive, or a tuned knob from 0.05 to 1.0"#]],
     );
     assert_eq!(
         parse("maru.toml", GOOD).expect("default").services["hello"]
