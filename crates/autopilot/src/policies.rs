@@ -419,7 +419,8 @@ pub struct Predictive {
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
     /// (when, instances the forecast wanted, instances the guard wanted).
-    recent_desired: VecDeque<(Duration, u32, u32)>,
+    forecast_asks: HeldMax,
+    guard_asks: HeldMax,
     last_forecast: Option<f64>,
     /// Length in seconds of the last rate sample, the unit of Holt's steps.
     sample_seconds: f64,
@@ -433,7 +434,13 @@ impl Predictive {
         Predictive {
             caution,
             lead,
-            scale_down_delay: Duration::from_secs(60).max(lead * 2),
+            // Ten minutes (or two start-up times if longer). Chosen with `maru sim --tune`
+            // over all shared traces (BENCHMARKS.md): 60 s let bursts that come back within
+            // minutes (NASA) find capacity gone, so the tuning settled on low utilisation
+            // instead; with ten minutes NASA at 1 s and 30 s start-up held 99.9 % held-out at
+            // 0.64x and 0.76x hpa, while World Cup and Twitter cost up to a quarter more
+            // (still below every baseline but at Twitter's 30 s and 120 s).
+            scale_down_delay: Duration::from_secs(600).max(lead * 2),
             rate: RateMeter::default(),
             // Smoothing of level and trend per observation (second). Chosen with
             // `maru sim --tune` over all shared traces and start-ups (BENCHMARKS.md): 0.3 and
@@ -448,7 +455,8 @@ impl Predictive {
             pending: VecDeque::new(),
             backtest: [None; 3],
             errors: VecDeque::new(),
-            recent_desired: VecDeque::new(),
+            forecast_asks: HeldMax::default(),
+            guard_asks: HeldMax::default(),
             last_forecast: None,
             sample_seconds: RateMeter::SAMPLE.as_secs_f64(),
             margin: None,
@@ -643,36 +651,49 @@ impl Policy for Predictive {
         .max(1.0);
         let guard =
             (executing + f64::from(observation.queued) / drained_per_instance).ceil() as u32;
-        self.recent_desired
-            .push_back((now, forecast_instances, guard));
-        let guard_hold = lead * 2;
-        while self
-            .recent_desired
-            .front()
-            .is_some_and(|(t, _, _)| now.saturating_sub(*t) > self.scale_down_delay.max(guard_hold))
-        {
-            self.recent_desired.pop_front();
-        }
         // Hysteresis: release capacity only when it has not been wanted for a while. What
         // the forecast wanted is held for `scale_down_delay`; what the guard wanted (work
         // already here) for two start-up times, since an instance released now cannot be
         // back sooner: with a 1 s start-up a burst's instances go once it has passed.
-        let held = self
-            .recent_desired
+        let held_forecast =
+            self.forecast_asks
+                .record(now, forecast_instances, self.scale_down_delay);
+        let held_guard = self.guard_asks.record(now, guard, lead * 2);
+        clamp_desired(bounds, held_forecast.max(held_guard))
+    }
+}
+
+/// The largest of the values recorded within a hold time, in constant amortised time: only
+/// values not overshadowed by a later, larger one are kept (a monotonic queue). The hold may
+/// change between calls (a measured start-up time longer than configured lengthens it);
+/// values are kept for the longest hold asked so far.
+#[derive(Debug, Clone, Default)]
+struct HeldMax {
+    /// (when, value), times increasing and values strictly decreasing from front to back.
+    kept: VecDeque<(Duration, u32)>,
+    longest: Duration,
+}
+
+impl HeldMax {
+    /// Record `value` at `now` and return the largest value recorded within `hold` of now.
+    fn record(&mut self, now: Duration, value: u32, hold: Duration) -> u32 {
+        self.longest = self.longest.max(hold);
+        while self.kept.back().is_some_and(|&(_, kept)| kept <= value) {
+            self.kept.pop_back();
+        }
+        self.kept.push_back((now, value));
+        while self
+            .kept
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_sub(at) > self.longest)
+        {
+            self.kept.pop_front();
+        }
+        // The first value within the hold is the largest there.
+        self.kept
             .iter()
-            .map(|&(t, forecast, guard)| {
-                let age = now.saturating_sub(t);
-                let forecast = if age <= self.scale_down_delay {
-                    forecast
-                } else {
-                    0
-                };
-                let guard = if age <= guard_hold { guard } else { 0 };
-                forecast.max(guard)
-            })
-            .max()
-            .expect("this step's entry was just pushed");
-        clamp_desired(bounds, held)
+            .find(|&&(at, _)| now.saturating_sub(at) <= hold)
+            .map_or(value, |&(_, largest)| largest)
     }
 }
 

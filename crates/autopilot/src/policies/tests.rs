@@ -397,3 +397,63 @@ fn predictive_short_term_forecast_counts_its_horizon_in_seconds() {
         "{short} for a last rate of {last}"
     );
 }
+
+#[test]
+fn predictive_keeps_what_the_forecast_asked_for_ten_minutes() {
+    // 100 req/s for 20 minutes (10 instances busy at 100 ms a request), then nothing. What
+    // the forecast asked for stays until it has asked for less for ten minutes.
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(1));
+    let mut arrivals = 0u64;
+    let mut desired = Vec::new();
+    for t in 0..1900u64 {
+        let busy = if t < 1200 {
+            arrivals += 100;
+            10
+        } else {
+            0
+        };
+        desired.push(predictive.desired(&bounds(), &at(t, 20, busy, 0, arrivals)));
+    }
+    let level = desired[1199];
+    assert!(level >= 14, "100 req/s at 75 %: {level}");
+    assert_eq!(desired[1790], level, "released before ten minutes");
+    assert!(desired[1890] < level / 2, "still held: {}", desired[1890]);
+}
+
+#[test]
+fn held_max_is_the_largest_value_within_the_hold() {
+    // Against the obvious scan over everything recorded, on a pseudo-random sequence with
+    // irregular times and a hold that changes now and then (within the longest hold asked
+    // for so far: values are kept that long).
+    let mut held = HeldMax::default();
+    assert_eq!(held.record(Duration::ZERO, 0, Duration::from_secs(60)), 0);
+    let mut all: Vec<(Duration, u32)> = vec![(Duration::ZERO, 0)];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut now = Duration::ZERO;
+    let mut hold = Duration::from_secs(10);
+    for _ in 0..5000 {
+        now += Duration::from_millis(next() % 3000);
+        if next() % 500 == 0 {
+            hold = Duration::from_secs(next() % 61);
+        }
+        let value = (next() % 50) as u32;
+        all.push((now, value));
+        let expected = all
+            .iter()
+            .filter(|(at, _)| now.saturating_sub(*at) <= hold)
+            .map(|(_, v)| *v)
+            .max()
+            .expect("this value");
+        assert_eq!(
+            held.record(now, value, hold),
+            expected,
+            "at {now:?}, hold {hold:?}"
+        );
+    }
+}
