@@ -31,9 +31,10 @@ fn load(observation: &Observation) -> f64 {
 }
 
 /// Turns cumulative arrival counts into a rate per second, sampled at most once per
-/// [`RateMeter::SAMPLE`]: the gateway asks its policy several times a second, the simulator
-/// once per step (one second, or a minute for per-minute traces), and a forecaster's
-/// smoothing is per sample, so both must see samples of at least the same length.
+/// [`RateMeter::SAMPLE`]. The simulator asks once per step (one second, or a minute for
+/// per-minute traces); the gateway asks several times a second, through [`crate::Paced`]
+/// which passes on about one call a second. A forecaster's smoothing is per sample, so the
+/// policy itself makes sure it never sees shorter samples, whoever calls it.
 #[derive(Debug, Clone, Default)]
 struct RateMeter {
     last: Option<(Duration, u64)>,
@@ -578,9 +579,9 @@ impl Policy for Predictive {
             .startup_last
             .map_or(self.lead, |measured| measured.max(self.lead));
         // Forecasting, scoring and the error margin move once per rate sample (and at the
-        // first call, which may follow history handed over by `learn`); between samples (the
-        // gateway asks several times a second) the last forecast stands and only the guard
-        // below sees the newer observation.
+        // first call, which may follow history handed over by `learn`); if asked between
+        // samples, the last forecast stands and only the guard below sees the newer
+        // observation.
         let sample = self.rate.update(observation);
         if let Some((rate, seconds)) = sample {
             self.sample_seconds = seconds;
