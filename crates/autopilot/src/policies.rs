@@ -419,8 +419,9 @@ pub struct Predictive {
     backtest: [Option<f64>; 3],
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
-    /// (when, instances the forecast wanted, instances the guard wanted).
+    /// Instances the forecast asked for, held `scale_down_delay`.
     forecast_asks: HeldMax,
+    /// Instances the guard asked for, held two start-up times.
     guard_asks: HeldMax,
     last_forecast: Option<f64>,
     /// Length in seconds of the last rate sample, the unit of Holt's steps.
@@ -439,14 +440,15 @@ impl Predictive {
             // over all shared traces (BENCHMARKS.md): 60 s let bursts that come back within
             // minutes (NASA) find capacity gone, so the tuning settled on low utilisation
             // instead; with ten minutes NASA at 1 s and 30 s start-up held 99.9 % held-out at
-            // 0.64x and 0.76x hpa, while World Cup and Twitter cost up to a quarter more
-            // (still below every baseline but at Twitter's 30 s and 120 s).
+            // 0.64x and 0.76x hpa, while World Cup and Twitter at 1 s cost 7 % and 27 % more
+            // and Twitter at 120 s missed 99.9 % held-out.
             scale_down_delay: Duration::from_secs(600).max(lead * 2),
             rate: RateMeter::default(),
-            // Smoothing of level and trend per observation (second). Chosen with
-            // `maru sim --tune` over all shared traces and start-ups (BENCHMARKS.md): 0.3 and
-            // 0.05 chased per-second noise (World Cup cost more than hpa, Twitter at 30 s
-            // missed 99.9 %); 0.1 and 0.01 reacted too slowly to NASA's bursts at 1 s.
+            // Smoothing of level and trend per rate sample (a second, or a step of a
+            // per-minute trace). Chosen with `maru sim --tune` over all shared traces and
+            // start-ups (BENCHMARKS.md): 0.3 and 0.05 chased per-second noise (World Cup cost
+            // more than hpa, Twitter at 30 s missed 99.9 %); 0.1 and 0.01 reacted too slowly
+            // to NASA's bursts at 1 s.
             holt: Holt::new(0.2, 0.02),
             seasonal: SeasonalHistory::new(Duration::from_secs(60), 14 * 24 * 60),
             per_instance_rate: ServiceRate::default(),

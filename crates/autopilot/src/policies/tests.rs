@@ -353,9 +353,10 @@ fn idle_at(now: Duration, arrivals: u64) -> Observation {
 
 #[test]
 fn predictive_forecasts_alike_however_often_it_is_asked() {
-    // The gateway asks every 200 ms or sooner, the simulator once per step. A ramp of 1 req/s
-    // more each second (τ²/2 arrivals by τ), asked every second and every 200 ms: the rate is
-    // sampled once a second either way, so the forecasts are identical.
+    // The gateway's scaler runs every 200 ms or sooner (`Paced` passes on about one call a
+    // second), the simulator once per step; the policy must not depend on either. A ramp of
+    // 1 req/s more each second (τ²/2 arrivals by τ), asked every second and every 200 ms:
+    // the rate is sampled once a second either way, so the forecasts are identical.
     let arrivals = |ms: u64| ms * ms / 2_000_000;
     let mut every_second = Predictive::new(Caution::NORMAL, Duration::from_secs(30));
     for s in 0..=300u64 {
