@@ -84,9 +84,13 @@ pub fn predictive_caution(knob: f64) -> Caution {
     let boldness = ((knob - 0.05) / 0.9).clamp(0.0, 1.0);
     Caution {
         quantile: 0.999 - 0.499 * boldness,
-        utilisation: knob.clamp(0.05, 1.0),
+        utilisation: knob.clamp(*KNOB_RANGE.start(), *KNOB_RANGE.end()),
     }
 }
+
+/// The range every utilisation-like knob is tuned over (and the manifest's `target` and
+/// numeric `caution` accept): from cautious to running instances full.
+pub const KNOB_RANGE: std::ops::RangeInclusive<f64> = 0.05..=1.0;
 
 /// Build a policy. `rates` is the whole trace (only the oracle looks at it).
 pub fn build(
@@ -278,13 +282,13 @@ fn finish(best: Option<(Knob, SimResult)>, fallback: impl FnOnce() -> (Knob, Sim
     }
 }
 
-/// Bisect a utilisation-like knob in [0.05, 1.0] for the highest value that holds the
+/// Bisect a utilisation-like knob over [`KNOB_RANGE`] for the highest value that holds the
 /// target. Returns the best (value, result) found, and the most generous value tried.
 fn bisect(
     mut attempt: impl FnMut(f64) -> SimResult,
     availability: f64,
 ) -> (Option<(f64, SimResult)>, f64) {
-    let (mut low, mut high) = (0.05f64, 1.0f64);
+    let (mut low, mut high) = (*KNOB_RANGE.start(), *KNOB_RANGE.end());
     let mut best = None;
     let first = attempt(low);
     if first.availability < availability {
@@ -306,5 +310,5 @@ fn bisect(
     if top.availability >= availability {
         best = Some((high, top));
     }
-    (best, 0.05)
+    (best, *KNOB_RANGE.start())
 }

@@ -1044,7 +1044,7 @@ fn scaling(
         }
         Some(target) => {
             let value = *target.get_ref();
-            if !(0.05..=1.0).contains(&value) {
+            if !autopilot::evaluate::KNOB_RANGE.contains(&value) {
                 return Err(parser.error(
                     &at("scaling.target"),
                     target.span(),
@@ -1066,7 +1066,7 @@ fn scaling(
             ));
         }
         Some(level) => match level.get_ref() {
-            RawCaution::Knob(knob) if (0.05..=1.0).contains(knob) => {
+            RawCaution::Knob(knob) if autopilot::evaluate::KNOB_RANGE.contains(knob) => {
                 CautionLevel::Knob((knob * 1000.0).round() as u32)
             }
             RawCaution::Knob(knob) => {
