@@ -138,7 +138,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     match duration {
         Some(limit) => {
             println!(
-                "\nServing until {limit:?} after start-up; watch the instances go back to zero after their idle timeout (reservations, under the predictive policy, keeps what its forecast asked for ten minutes, and capacity for forecast errors as large as its stampede's until minutes of calmer ones outweigh them):"
+                "\nServing until {limit:?} after start-up; watch the instances go back to zero after their idle timeout (reservations, under the predictive policy, keeps what its forecast asked for a minute, ten if its bursts have been coming back within ten, and capacity for forecast errors as large as its stampede's until minutes of calmer ones outweigh them):"
             );
             while started.elapsed() < limit {
                 std::thread::sleep(

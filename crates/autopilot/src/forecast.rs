@@ -251,6 +251,81 @@ fn daily_season(series: &[f64], per_day: usize) -> bool {
     !detector.detect(series).is_empty()
 }
 
+/// How soon bursts come back: the gaps between bursts of a rate, in whole minutes. A minute
+/// is a burst when its highest sample is at least twice the mean of the hour before it and
+/// at least `floor` above that mean (for the policy, one instance's worth of demand, so a
+/// near-idle service's noise is not a burst); burst minutes one apart belong to one burst.
+/// Bounded: keeps the last [`Self::GAPS_KEPT`] gaps and an hour of minute means.
+#[derive(Debug, Clone, Default)]
+pub struct BurstGaps {
+    /// The minute being gathered: (index, highest sample, sum, count).
+    current: Option<(u64, f64, f64, u32)>,
+    /// Means of the last complete minutes, oldest first, at most an hour of them.
+    means: VecDeque<f64>,
+    last_burst: Option<u64>,
+    /// Minutes from one burst's last minute to the next's first, oldest first.
+    gaps: VecDeque<u64>,
+}
+
+impl BurstGaps {
+    const GAPS_KEPT: usize = 20;
+    const HOUR: usize = 60;
+    /// Minute means needed before a minute can be judged a burst.
+    const MEANS_NEEDED: usize = 30;
+
+    /// Record a rate sample taken at `at`; a sample in a later minute closes the minute
+    /// being gathered. Samples from an earlier minute are ignored.
+    pub fn record(&mut self, at: Duration, rate: f64, floor: f64) {
+        if !rate.is_finite() {
+            return;
+        }
+        let minute = at.as_secs() / 60;
+        match &mut self.current {
+            Some((index, peak, sum, count)) if *index == minute => {
+                *peak = peak.max(rate);
+                *sum += rate;
+                *count += 1;
+            }
+            Some((index, ..)) if *index > minute => {}
+            _ => {
+                if let Some((index, peak, sum, count)) = self.current.take() {
+                    self.close(index, peak, sum / f64::from(count.max(1)), floor);
+                }
+                self.current = Some((minute, rate, rate, 1));
+            }
+        }
+    }
+
+    fn close(&mut self, minute: u64, peak: f64, mean: f64, floor: f64) {
+        if self.means.len() >= Self::MEANS_NEEDED {
+            let before = self.means.iter().sum::<f64>() / self.means.len() as f64;
+            if peak >= 2.0 * before && peak - before >= floor {
+                match self.last_burst {
+                    Some(last) if minute - last >= 2 => {
+                        self.gaps.push_back(minute - last);
+                        if self.gaps.len() > Self::GAPS_KEPT {
+                            self.gaps.pop_front();
+                        }
+                    }
+                    _ => {}
+                }
+                self.last_burst = Some(minute);
+            }
+        }
+        self.means.push_back(mean);
+        if self.means.len() > Self::HOUR {
+            self.means.pop_front();
+        }
+    }
+
+    /// Whether bursts have been coming back within `within`: at least three gaps seen, and
+    /// their median no longer than `within`.
+    pub fn return_within(&self, within: Duration) -> bool {
+        self.gaps.len() >= 3
+            && quantile(self.gaps.iter().map(|&gap| gap as f64), 0.5) * 60.0 <= within.as_secs_f64()
+    }
+}
+
 /// The `q` quantile (0..=1) of the values, by nearest rank; 0 for no values.
 pub fn quantile(values: impl Iterator<Item = f64>, q: f64) -> f64 {
     let mut sorted: Vec<f64> = values.filter(|v| v.is_finite()).collect();
@@ -298,6 +373,36 @@ mod tests {
             104.0
         );
         assert!((history.days_covered() - 30.0 * 60.0 / 86_400.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn burst_gaps_are_minutes_between_bursts() {
+        let mut bursts = BurstGaps::default();
+        // A sample every 10 s: 10/s for 40 minutes, then minutes at 100/s (one second of
+        // it suffices) at minutes 40, 41 (the same burst), 45, 52 and 60.
+        for s in (0..62 * 60).step_by(10) {
+            let minute = s / 60;
+            let burst = [40, 41, 45, 52, 60].contains(&minute) && s % 60 == 30;
+            bursts.record(
+                Duration::from_secs(s),
+                if burst { 100.0 } else { 10.0 },
+                5.0,
+            );
+        }
+        assert_eq!(Vec::from(bursts.gaps.clone()), vec![4, 7, 8]);
+        assert!(bursts.return_within(Duration::from_secs(7 * 60)));
+        assert!(!bursts.return_within(Duration::from_secs(6 * 60)));
+        // Not a burst: less than `floor` above the hour's mean, however many times it is.
+        let mut quiet = BurstGaps::default();
+        for s in (0..62 * 60).step_by(10) {
+            let rate = if s % 300 == 0 && s > 40 * 60 {
+                0.3
+            } else {
+                0.1
+            };
+            quiet.record(Duration::from_secs(s), rate, 1.0);
+        }
+        assert!(quiet.gaps.is_empty());
     }
 
     #[test]

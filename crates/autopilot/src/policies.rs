@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::forecast::{Holt, ModelForecast, ModelKind, SeasonalHistory, quantile};
+use crate::forecast::{BurstGaps, Holt, ModelForecast, ModelKind, SeasonalHistory, quantile};
 use crate::{Observation, Policy, ScalingBounds, clamp_desired};
 
 /// A fixed number of instances.
@@ -399,10 +399,16 @@ pub struct Predictive {
     pub caution: Caution,
     /// Instance start-up time, the forecast horizon.
     pub lead: Duration,
-    /// How long the forecast must stay low before the capacity it asked for is released
-    /// (what the reactive guard asked for is held for two start-up times).
-    pub scale_down_delay: Duration,
+    /// How long the forecast must stay low before the capacity it asked for is released,
+    /// while bursts have been coming back within this time (what the reactive guard asked
+    /// for is held for two start-up times).
+    pub burst_hold: Duration,
+    /// The same, while they have not: capacity goes as soon as a returning burst could be
+    /// met by starting it again.
+    pub release_delay: Duration,
     rate: RateMeter,
+    /// How soon bursts come back, which picks the hold.
+    bursts: BurstGaps,
     holt: Holt,
     seasonal: SeasonalHistory,
     per_instance_rate: ServiceRate,
@@ -419,7 +425,7 @@ pub struct Predictive {
     backtest: [Option<f64>; 3],
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
-    /// Instances the forecast asked for, held `scale_down_delay`.
+    /// Instances the forecast asked for, held `burst_hold` or `release_delay`.
     forecast_asks: HeldMax,
     /// Instances the guard asked for, held two start-up times.
     guard_asks: HeldMax,
@@ -436,14 +442,17 @@ impl Predictive {
         Predictive {
             caution,
             lead,
-            // Ten minutes (or two start-up times if longer). Chosen with `maru sim --tune`
-            // over all shared traces (BENCHMARKS.md): 60 s let bursts that come back within
-            // minutes (NASA) find capacity gone, so the tuning settled on low utilisation
-            // instead; with ten minutes NASA at 1 s and 30 s start-up held 99.9 % held-out at
-            // 0.64x and 0.76x hpa, while World Cup and Twitter at 1 s cost 7 % and 27 % more
-            // and Twitter at 120 s missed 99.9 % held-out.
-            scale_down_delay: Duration::from_secs(600).max(lead * 2),
+            // Ten minutes (or two start-up times if longer) where bursts come back within
+            // that, one minute (or two start-up times) elsewhere. Chosen with `maru sim
+            // --tune` over all shared traces (BENCHMARKS.md): with one minute everywhere,
+            // bursts that come back within minutes (NASA's, about two minutes apart) found
+            // capacity gone and the tuning settled on low utilisation instead; with ten
+            // minutes everywhere, traces whose bursts are hours apart (Twitter's) or that
+            // have none (World Cup) paid for capacity nothing came back for.
+            burst_hold: Duration::from_secs(600).max(lead * 2),
+            release_delay: Duration::from_secs(60).max(lead * 2),
             rate: RateMeter::default(),
+            bursts: BurstGaps::default(),
             // Smoothing of level and trend per rate sample (a second, or a step of a
             // per-minute trace). Chosen with `maru sim --tune` over all shared traces and
             // start-ups (BENCHMARKS.md): 0.3 and 0.05 chased per-second noise (World Cup cost
@@ -590,6 +599,8 @@ impl Policy for Predictive {
             self.holt.update(rate);
             self.seasonal.record(now, rate);
             self.per_instance_rate.update(bounds, observation, rate);
+            self.bursts
+                .record(now, rate, self.per_instance_rate.per_instance(bounds));
             while let Some(&(at, predicted, candidates)) = self.pending.front() {
                 if at > now {
                     break;
@@ -655,12 +666,16 @@ impl Policy for Predictive {
         let guard =
             (executing + f64::from(observation.queued) / drained_per_instance).ceil() as u32;
         // Hysteresis: release capacity only when it has not been wanted for a while. What
-        // the forecast wanted is held for `scale_down_delay`; what the guard wanted (work
-        // already here) for two start-up times, since an instance released now cannot be
-        // back sooner: with a 1 s start-up a burst's instances go once it has passed.
-        let held_forecast =
-            self.forecast_asks
-                .record(now, forecast_instances, self.scale_down_delay);
+        // the forecast wanted is held for `burst_hold` if bursts have been coming back
+        // within it, else for `release_delay`; what the guard wanted (work already here)
+        // for two start-up times, since an instance released now cannot be back sooner:
+        // with a 1 s start-up a burst's instances go once it has passed.
+        let hold = if self.bursts.return_within(self.burst_hold) {
+            self.burst_hold
+        } else {
+            self.release_delay
+        };
+        let held_forecast = self.forecast_asks.record(now, forecast_instances, hold);
         let held_guard = self.guard_asks.record(now, guard, lead * 2);
         clamp_desired(bounds, held_forecast.max(held_guard))
     }

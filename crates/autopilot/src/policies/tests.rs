@@ -400,13 +400,13 @@ fn predictive_short_term_forecast_counts_its_horizon_in_seconds() {
 }
 
 #[test]
-fn predictive_keeps_what_the_forecast_asked_for_ten_minutes() {
-    // 100 req/s for 20 minutes (10 instances busy at 100 ms a request), then nothing. What
-    // the forecast asked for stays until it has asked for less for ten minutes.
+fn predictive_releases_after_a_minute_when_no_burst_comes_back() {
+    // 100 req/s for 20 minutes (10 instances busy at 100 ms a request), then nothing, with
+    // no bursts before: what the forecast asked for stays one minute, then goes.
     let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(1));
     let mut arrivals = 0u64;
     let mut desired = Vec::new();
-    for t in 0..1900u64 {
+    for t in 0..1400u64 {
         let busy = if t < 1200 {
             arrivals += 100;
             10
@@ -417,8 +417,51 @@ fn predictive_keeps_what_the_forecast_asked_for_ten_minutes() {
     }
     let level = desired[1199];
     assert!(level >= 14, "100 req/s at 75 %: {level}");
-    assert_eq!(desired[1790], level, "released before ten minutes");
-    assert!(desired[1890] < level / 2, "still held: {}", desired[1890]);
+    assert_eq!(desired[1255], level, "released before a minute");
+    assert!(desired[1300] < level / 2, "still held: {}", desired[1300]);
+}
+
+/// The predictive policy's asks, second by second, for 20 req/s with a minute at 200 req/s
+/// starting at each of `bursts` (minutes), then 20 req/s until `end_s`.
+fn asks_with_bursts(bursts: &[u64], end_s: u64) -> Vec<u32> {
+    let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_secs(1));
+    let mut arrivals = 0u64;
+    (0..end_s)
+        .map(|t| {
+            let rate = if bursts.contains(&(t / 60)) { 200 } else { 20 };
+            arrivals += rate;
+            predictive.desired(&bounds(), &at(t, 40, (rate / 10) as u32, 0, arrivals))
+        })
+        .collect()
+}
+
+#[test]
+fn predictive_holds_ten_minutes_when_bursts_come_back_within_minutes() {
+    // Bursts three minutes apart (minutes 40, 43, ..., 52; each two or more minutes after
+    // the last and at least twice the hour's mean): what the forecast asked for in the last
+    // one, which ends at 3180 s, is held ten minutes. After a single burst at minute 52 it
+    // goes after one.
+    let returning = asks_with_bursts(&[40, 43, 46, 49, 52], 3900);
+    let single = asks_with_bursts(&[52], 3900);
+    let base = returning[2390];
+    let peak = returning[3175];
+    assert!(peak > 3 * base.max(1), "burst {peak}, before {base}");
+    assert!(
+        returning[3700] >= peak,
+        "released within ten minutes: {}",
+        returning[3700]
+    );
+    assert!(
+        returning[3850] < peak / 2,
+        "still held: {}",
+        returning[3850]
+    );
+    assert!(single[3175] >= peak / 2, "single burst {}", single[3175]);
+    assert!(
+        single[3300] < peak / 2,
+        "single burst held: {}",
+        single[3300]
+    );
 }
 
 #[test]
