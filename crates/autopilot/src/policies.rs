@@ -574,6 +574,9 @@ impl Policy for Predictive {
     }
 
     fn learn(&mut self, past: &[(Duration, f64)]) {
+        // Bursts are judged from live samples only: the kept history's minute means hide a
+        // minute's peak, so a restarted service holds capacity one minute until it has seen
+        // its bursts come back again.
         for &(at, rate) in past {
             if rate.is_finite() && rate >= 0.0 {
                 self.seasonal.record(at, rate);
