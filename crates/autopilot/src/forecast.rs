@@ -252,10 +252,10 @@ fn daily_season(series: &[f64], per_day: usize) -> bool {
 }
 
 /// How soon bursts come back: the gaps between bursts of a rate, in whole minutes. A minute
-/// is a burst when its highest sample is at least twice the mean of the hour before it and
-/// at least `floor` above that mean (for the policy, one instance's worth of demand, so a
+/// is a burst when its highest sample is at least twice the mean of the (up to sixty)
+/// minutes recorded before it, and at least `floor` above that mean (for the policy, one instance's worth of demand, so a
 /// near-idle service's noise is not a burst); consecutive burst minutes are one burst.
-/// Bounded: keeps the last [`Self::GAPS_KEPT`] gaps and an hour of minute means.
+/// Bounded: keeps the last 20 gaps and an hour of minute means.
 #[derive(Debug, Clone, Default)]
 pub struct BurstGaps {
     /// The minute being gathered: (index, highest sample, sum, count).

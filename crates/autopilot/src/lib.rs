@@ -60,7 +60,7 @@ pub struct ScalingBounds {
 /// A scaling policy: observations in, desired instance count out.
 ///
 /// Implementations must be deterministic functions of their inputs and their own state; the
-/// result is clamped to the bounds by [`Policy::decide`] callers via [`clamp_desired`].
+/// result must lie within the bounds: every policy here clamps it with [`clamp_desired`].
 pub trait Policy: Send {
     /// The number of instances (ready plus starting) the service should have.
     fn desired(&mut self, bounds: &ScalingBounds, observation: &Observation) -> u32;

@@ -379,7 +379,8 @@ impl Caution {
 
 /// Maru's policy: forecast demand over the instance start-up lead time and provision for an
 /// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
-/// slowly (hysteresis).
+/// slowly (hysteresis): ten minutes after the forecast fell where the service's bursts have
+/// been coming back within ten minutes, one minute elsewhere ([`BurstGaps`]).
 ///
 /// Three forecasters compete, each scored by rolling backtest (every forecast against what
 /// then arrived, a rolling mean absolute error); the one with the lowest error is the
@@ -403,8 +404,8 @@ pub struct Predictive {
     /// while bursts have been coming back within this time (what the reactive guard asked
     /// for is held for two start-up times).
     pub burst_hold: Duration,
-    /// The same, while they have not: capacity goes as soon as a returning burst could be
-    /// met by starting it again.
+    /// The same while they have not (or fewer than three gaps between bursts have been
+    /// seen).
     pub release_delay: Duration,
     rate: RateMeter,
     /// How soon bursts come back, which picks the hold.
