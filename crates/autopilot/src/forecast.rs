@@ -265,6 +265,9 @@ pub struct BurstGaps {
     last_burst: Option<u64>,
     /// Minutes from one burst's last minute to the next's first, oldest first.
     gaps: VecDeque<u64>,
+    /// Median of `gaps` in seconds, once three are known; kept up to date as gaps are
+    /// added, since the policy asks on every call.
+    median_gap: Option<f64>,
 }
 
 impl BurstGaps {
@@ -306,6 +309,8 @@ impl BurstGaps {
                         if self.gaps.len() > Self::GAPS_KEPT {
                             self.gaps.pop_front();
                         }
+                        self.median_gap = (self.gaps.len() >= 3)
+                            .then(|| quantile(self.gaps.iter().map(|&gap| gap as f64), 0.5) * 60.0);
                     }
                     _ => {}
                 }
@@ -321,8 +326,8 @@ impl BurstGaps {
     /// Whether bursts have been coming back within `within`: at least three gaps seen, and
     /// their median no longer than `within`.
     pub fn return_within(&self, within: Duration) -> bool {
-        self.gaps.len() >= 3
-            && quantile(self.gaps.iter().map(|&gap| gap as f64), 0.5) * 60.0 <= within.as_secs_f64()
+        self.median_gap
+            .is_some_and(|median| median <= within.as_secs_f64())
     }
 }
 
