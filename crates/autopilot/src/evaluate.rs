@@ -107,10 +107,10 @@ pub fn build(
         PolicyKind::Hpa => Box::new(Hpa::new(knob.value)),
         PolicyKind::Kpa => Box::new(Kpa::new(knob.value)),
         PolicyKind::AwsPredictive => Box::new(AwsPredictive::new(knob.value)),
-        PolicyKind::Predictive => Box::new(Predictive::new(
-            predictive_caution(knob.value),
-            config.startup,
-        )),
+        PolicyKind::Predictive => Box::new(
+            Predictive::new(predictive_caution(knob.value), config.startup)
+                .with_slo(Some(config.slo)),
+        ),
         PolicyKind::Oracle => Box::new(Oracle::new(
             rates.clone(),
             config.step,

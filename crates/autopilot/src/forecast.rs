@@ -255,7 +255,9 @@ fn daily_season(series: &[f64], per_day: usize) -> bool {
 /// is a burst when its highest sample is at least twice the mean of the (up to sixty)
 /// minutes recorded before it, and at least `floor` above that mean (for the policy, one instance's worth of demand, so a
 /// near-idle service's noise is not a burst); consecutive burst minutes are one burst.
-/// Bounded: keeps the last 20 gaps and an hour of minute means.
+/// Also whether bursts keep a clock rhythm: most of them starting in the same three minutes
+/// of every hour or half hour ([`BurstGaps::expected_burst`]).
+/// Bounded: keeps the last 20 gaps, the last 20 burst starts and an hour of minute means.
 #[derive(Debug, Clone, Default)]
 pub struct BurstGaps {
     /// The minute being gathered: (index, highest sample, sum, count).
@@ -268,10 +270,31 @@ pub struct BurstGaps {
     /// Median of `gaps` in seconds, once three are known; kept up to date as gaps are
     /// added, since the policy asks on every call.
     median_gap: Option<f64>,
+    /// First minute and highest sample of the last bursts, oldest first.
+    onsets: VecDeque<(u64, f64)>,
+    /// The clock rhythm most bursts start to, once one is found.
+    rhythm: Option<Rhythm>,
+}
+
+/// Bursts that start in the same few minutes of every hour or half hour, as scheduled
+/// work does: the period, the window's first minute within it, and the median highest
+/// sample of the bursts that started in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rhythm {
+    period_minutes: u64,
+    start_minute: u64,
+    peak: f64,
 }
 
 impl BurstGaps {
     const GAPS_KEPT: usize = 20;
+    const ONSETS_KEPT: usize = 20;
+    /// Burst starts needed before a rhythm is looked for.
+    const ONSETS_NEEDED: usize = 8;
+    /// Clock periods a rhythm may have, longest (fewest windows to provision) first.
+    const PERIODS_MINUTES: [u64; 2] = [60, 30];
+    /// How many minutes a rhythm's window spans.
+    const WINDOW_MINUTES: u64 = 3;
     const HOUR: usize = 60;
     /// Minute means needed before a minute can be judged a burst.
     const MEANS_NEEDED: usize = 30;
@@ -311,8 +334,10 @@ impl BurstGaps {
                         }
                         self.median_gap = (self.gaps.len() >= 3)
                             .then(|| quantile(self.gaps.iter().map(|&gap| gap as f64), 0.5) * 60.0);
+                        self.onset(minute, peak);
                     }
-                    _ => {}
+                    Some(_) => {}
+                    None => self.onset(minute, peak),
                 }
                 self.last_burst = Some(minute);
             }
@@ -321,6 +346,64 @@ impl BurstGaps {
         if self.means.len() > Self::HOUR {
             self.means.pop_front();
         }
+    }
+
+    /// A burst started at `minute`: keep it and look again for a rhythm.
+    fn onset(&mut self, minute: u64, peak: f64) {
+        self.onsets.push_back((minute, peak));
+        if self.onsets.len() > Self::ONSETS_KEPT {
+            self.onsets.pop_front();
+        }
+        self.rhythm = self.find_rhythm();
+    }
+
+    /// The longest clock period in which at least 60 % of the kept burst starts fall in
+    /// one window of [`Self::WINDOW_MINUTES`] (by chance 5-10 %), if any.
+    fn find_rhythm(&self) -> Option<Rhythm> {
+        let starts = self.onsets.len();
+        if starts < Self::ONSETS_NEEDED {
+            return None;
+        }
+        let in_window = |period: u64, start: u64, minute: u64| {
+            (minute + period - start % period) % period < Self::WINDOW_MINUTES
+        };
+        Self::PERIODS_MINUTES.into_iter().find_map(|period| {
+            let (count, start) = (0..period)
+                .map(|start| {
+                    let count = self
+                        .onsets
+                        .iter()
+                        .filter(|&&(minute, _)| in_window(period, start, minute))
+                        .count();
+                    (count, std::cmp::Reverse(start))
+                })
+                .max()
+                .map(|(count, start)| (count, start.0))?;
+            (count * 10 >= starts * 6).then(|| Rhythm {
+                period_minutes: period,
+                start_minute: start,
+                peak: quantile(
+                    self.onsets
+                        .iter()
+                        .filter(|&&(minute, _)| in_window(period, start, minute))
+                        .map(|&(_, peak)| peak),
+                    0.5,
+                ),
+            })
+        })
+    }
+
+    /// The rate a burst is expected to reach if capacity asked for at `now` with start-up
+    /// `lead` could meet one: while bursts keep a clock rhythm, from `lead` before its
+    /// window until the window ends, the median highest sample of the bursts that started
+    /// in it; otherwise none.
+    pub fn expected_burst(&self, now: Duration, lead: Duration) -> Option<f64> {
+        let rhythm = self.rhythm?;
+        let period = rhythm.period_minutes * 60;
+        let window = Self::WINDOW_MINUTES * 60;
+        let ahead = now.as_secs() + lead.as_secs() + period - rhythm.start_minute * 60 % period;
+        (ahead % period < lead.as_secs() + window || lead.as_secs() + window >= period)
+            .then_some(rhythm.peak)
     }
 
     /// Whether bursts have been coming back within `within`: at least three gaps seen, and
@@ -378,6 +461,53 @@ mod tests {
             104.0
         );
         assert!((history.days_covered() - 30.0 * 60.0 / 86_400.0).abs() < 1e-9);
+    }
+
+    /// A sample every 10 s up to minute 331: 10/s, and one sample of 100/s in each of
+    /// `bursts` (minutes).
+    fn bursts_at(bursts: &[u64]) -> BurstGaps {
+        let mut gaps = BurstGaps::default();
+        for s in (0..331 * 60).step_by(10) {
+            let burst = bursts.contains(&(s / 60)) && s % 60 == 30;
+            gaps.record(
+                Duration::from_secs(s),
+                if burst { 100.0 } else { 10.0 },
+                5.0,
+            );
+        }
+        gaps
+    }
+
+    #[test]
+    fn a_burst_rhythm_is_found_when_bursts_start_at_the_same_minutes_of_the_half_hour() {
+        // Nine bursts at 1 or 2 minutes past the half hour (a half hour apart or more) and
+        // one at 17 past: the window is the first three minutes of every half hour (half
+        // of the starts fall in any one window of the hour, too few for an hourly rhythm).
+        let clocked = bursts_at(&[61, 77, 92, 121, 152, 181, 212, 241, 272, 301]);
+        let lead = Duration::from_secs(30);
+        let half_hour =
+            |minute: i64, second: i64| Duration::from_secs((minute * 60 + second) as u64);
+        assert_eq!(clocked.expected_burst(half_hour(360, -31), lead), None);
+        for second in [-30, 0, 100, 179] {
+            assert_eq!(
+                clocked.expected_burst(half_hour(360, second), lead),
+                Some(100.0),
+                "{second} s from the half hour"
+            );
+        }
+        assert_eq!(clocked.expected_burst(half_hour(360, 180), lead), None);
+        assert_eq!(
+            clocked.expected_burst(half_hour(390, 60), lead),
+            Some(100.0)
+        );
+        // Minutes past the half hour 1, 19, 13, 7, 0, 21, 19, 14, 11, 13: no rhythm.
+        let irregular = bursts_at(&[61, 79, 103, 127, 150, 171, 199, 224, 251, 283]);
+        for second in (0..3600).step_by(10) {
+            assert_eq!(irregular.expected_burst(half_hour(331, second), lead), None);
+        }
+        // Seven clocked starts are too few to call a rhythm.
+        let few = bursts_at(&[61, 92, 121, 152, 181, 212, 241]);
+        assert_eq!(few.expected_burst(half_hour(360, 0), lead), None);
     }
 
     #[test]

@@ -380,7 +380,10 @@ impl Caution {
 /// Maru's policy: forecast demand over the instance start-up lead time and provision for an
 /// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
 /// slowly (hysteresis): ten minutes after the forecast fell where the service's bursts have
-/// been coming back within ten minutes, one minute elsewhere ([`BurstGaps`]).
+/// been coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where most
+/// bursts start at the same minutes of every hour or half hour, capacity for their typical
+/// peak is ready when those minutes come, if start-up is longer than the service's latency
+/// objective.
 ///
 /// Three forecasters compete, each scored by rolling backtest (every forecast against what
 /// then arrived, a rolling mean absolute error); the one with the lowest error is the
@@ -407,6 +410,11 @@ pub struct Predictive {
     /// The same while they have not (or fewer than three gaps between bursts have been
     /// seen).
     pub release_delay: Duration,
+    /// The service's latency objective. Bursts that keep a clock rhythm are provisioned
+    /// ahead of only when start-up takes longer than it (with a shorter start-up, a burst
+    /// that finds too little capacity waits less than its objective for the guard's
+    /// instances); without one, whenever they keep a rhythm.
+    pub slo: Option<Duration>,
     rate: RateMeter,
     /// How soon bursts come back, which picks the hold.
     bursts: BurstGaps,
@@ -452,6 +460,7 @@ impl Predictive {
             // have none (World Cup) paid for capacity nothing came back for.
             burst_hold: Duration::from_secs(600).max(lead * 2),
             release_delay: Duration::from_secs(60).max(lead * 2),
+            slo: None,
             rate: RateMeter::default(),
             bursts: BurstGaps::default(),
             // Smoothing of level and trend per rate sample (a second, or a step of a
@@ -475,6 +484,11 @@ impl Predictive {
             margin: None,
             since_margin: 0,
         }
+    }
+
+    /// The same policy for a service with latency objective `slo`.
+    pub fn with_slo(self, slo: Option<Duration>) -> Self {
+        Predictive { slo, ..self }
     }
 
     const ERRORS_KEPT: usize = 2000;
@@ -681,7 +695,24 @@ impl Policy for Predictive {
         };
         let held_forecast = self.forecast_asks.record(now, forecast_instances, hold);
         let held_guard = self.guard_asks.record(now, guard, lead * 2);
-        clamp_desired(bounds, held_forecast.max(held_guard))
+        // Bursts that start at the same minutes of every hour or half hour (scheduled
+        // work): capacity for their typical peak, ready when their window opens and kept
+        // until it closes; the guard holds what a burst that came needs from then on. At
+        // full utilisation: the forecast's margin and the guard's headroom take over one
+        // start-up time into a burst (provisioning for the peak at the caution's
+        // utilisation cost Twitter 1.2x as much at 120 s start-up, BENCHMARKS.md).
+        let rhythm = match self.bursts.expected_burst(now, lead) {
+            Some(peak) if self.slo.is_none_or(|slo| lead > slo) => {
+                let per_instance = self.per_instance_rate.per_instance(bounds);
+                if per_instance > 0.0 {
+                    (peak / per_instance).ceil() as u32
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        };
+        clamp_desired(bounds, held_forecast.max(held_guard).max(rhythm))
     }
 }
 

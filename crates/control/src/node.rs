@@ -1058,7 +1058,10 @@ fn policy_for(scaling: &Scaling) -> Box<dyn Policy> {
                 }
             };
             // The horizon grows to the measured start-up time once instances have started.
-            Box::new(Paced::new(Predictive::new(caution, second), second))
+            Box::new(Paced::new(
+                Predictive::new(caution, second).with_slo(scaling.slo),
+                second,
+            ))
         }
     }
 }

@@ -464,6 +464,48 @@ fn predictive_holds_ten_minutes_when_bursts_come_back_within_minutes() {
     );
 }
 
+/// The predictive policy's asks, second by second, for 20 req/s with a minute at 200 req/s
+/// at 2 minutes past every hour from minute 62 to 542 (nine bursts), with start-up 30 s and
+/// latency objective `slo`.
+fn asks_with_hourly_bursts(slo: Duration) -> Vec<u32> {
+    let mut predictive =
+        Predictive::new(Caution::NORMAL, Duration::from_secs(30)).with_slo(Some(slo));
+    let mut arrivals = 0u64;
+    (0..602 * 60)
+        .map(|t| {
+            let minute = t / 60;
+            let burst = minute % 60 == 2 && (62..=542).contains(&minute);
+            let rate = if burst { 200 } else { 20 };
+            arrivals += rate;
+            predictive.desired(&bounds(), &at(t, 40, (rate / 10) as u32, 0, arrivals))
+        })
+        .collect()
+}
+
+#[test]
+fn predictive_provisions_ahead_of_bursts_that_start_at_the_same_minutes_of_the_hour() {
+    // The window is the first three minutes of each hour; capacity for 200 req/s (20
+    // instances of 10 req/s) is asked for a start-up time before it opens, at minute 599.5,
+    // and kept until it closes at minute 603.
+    let asks = asks_with_hourly_bursts(Duration::from_secs(2));
+    let before = asks[599 * 60];
+    assert!(before < 10, "20 req/s needs a few instances: {before}");
+    assert!(
+        asks[600 * 60 - 25] >= 20,
+        "not ready: {}",
+        asks[600 * 60 - 25]
+    );
+    assert!(asks[601 * 60] >= 20, "released early: {}", asks[601 * 60]);
+    // A start-up shorter than the objective: the guard's instances come in time.
+    let fast = asks_with_hourly_bursts(Duration::from_secs(60));
+    assert_eq!(fast[599 * 60], before);
+    assert!(
+        fast[600 * 60 - 25] < 10,
+        "provisioned ahead: {}",
+        fast[600 * 60 - 25]
+    );
+}
+
 #[test]
 fn held_max_is_the_largest_value_within_the_hold() {
     // Against the obvious scan over everything recorded, on a pseudo-random sequence with
