@@ -277,13 +277,14 @@ pub struct BurstGaps {
 }
 
 /// Bursts that start in the same few minutes of every hour or half hour, as scheduled
-/// work does: the period, the window's first minute within it, and the median highest
-/// sample of the bursts that started in the window.
+/// work does: the period, the window's first minute within it, the median highest sample
+/// of the bursts that started in the window, and the minute the last of them started.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Rhythm {
     period_minutes: u64,
     start_minute: u64,
     peak: f64,
+    last_minute: u64,
 }
 
 impl BurstGaps {
@@ -295,6 +296,10 @@ impl BurstGaps {
     const PERIODS_MINUTES: [u64; 2] = [60, 30];
     /// How many minutes a rhythm's window spans.
     const WINDOW_MINUTES: u64 = 3;
+    /// A rhythm lapses when no burst has started in its window for this long (the
+    /// scheduled work stopped): twice Twitter's longest wait between bursts in its window
+    /// (5.5 hours).
+    const RHYTHM_LAPSES_MINUTES: u64 = 12 * 60;
     const HOUR: usize = 60;
     /// Minute means needed before a minute can be judged a burst.
     const MEANS_NEEDED: usize = 30;
@@ -379,16 +384,16 @@ impl BurstGaps {
                 })
                 .max()
                 .map(|(count, start)| (count, start.0))?;
+            let rhythmic = || {
+                self.onsets
+                    .iter()
+                    .filter(move |&&(minute, _)| in_window(period, start, minute))
+            };
             (count * 10 >= starts * 6).then(|| Rhythm {
                 period_minutes: period,
                 start_minute: start,
-                peak: quantile(
-                    self.onsets
-                        .iter()
-                        .filter(|&&(minute, _)| in_window(period, start, minute))
-                        .map(|&(_, peak)| peak),
-                    0.5,
-                ),
+                peak: quantile(rhythmic().map(|&(_, peak)| peak), 0.5),
+                last_minute: rhythmic().map(|&(minute, _)| minute).max().unwrap_or(0),
             })
         })
     }
@@ -396,9 +401,12 @@ impl BurstGaps {
     /// The rate a burst is expected to reach if capacity asked for at `now` with start-up
     /// `lead` could meet one: while bursts keep a clock rhythm, from `lead` before its
     /// window until the window ends, the median highest sample of the bursts that started
-    /// in it; otherwise none.
+    /// in it; otherwise none. A rhythm with no burst in its window for
+    /// [`Self::RHYTHM_LAPSES_MINUTES`] is no longer kept to.
     pub fn expected_burst(&self, now: Duration, lead: Duration) -> Option<f64> {
-        let rhythm = self.rhythm?;
+        let rhythm = self
+            .rhythm
+            .filter(|r| now.as_secs() / 60 <= r.last_minute + Self::RHYTHM_LAPSES_MINUTES)?;
         let period = rhythm.period_minutes * 60;
         let window = Self::WINDOW_MINUTES * 60;
         let ahead = now.as_secs() + lead.as_secs() + period - rhythm.start_minute * 60 % period;
@@ -500,6 +508,12 @@ mod tests {
             clocked.expected_burst(half_hour(390, 60), lead),
             Some(100.0)
         );
+        // Twelve hours after the last burst in the window (minute 301), the rhythm lapses.
+        assert_eq!(
+            clocked.expected_burst(half_hour(1020, 0), lead),
+            Some(100.0)
+        );
+        assert_eq!(clocked.expected_burst(half_hour(1050, 0), lead), None);
         // Minutes past the half hour 1, 19, 13, 7, 0, 21, 19, 14, 11, 13: no rhythm.
         let irregular = bursts_at(&[61, 79, 103, 127, 150, 171, 199, 224, 251, 283]);
         for second in (0..3600).step_by(10) {
