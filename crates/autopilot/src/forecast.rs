@@ -292,8 +292,8 @@ impl BurstGaps {
     const ONSETS_KEPT: usize = 20;
     /// Burst starts needed before a rhythm is looked for.
     const ONSETS_NEEDED: usize = 8;
-    /// Clock periods a rhythm may have, longest (fewest windows to provision) first.
-    const PERIODS_MINUTES: [u64; 2] = [60, 30];
+    /// Clock periods a rhythm may have.
+    const PERIODS_MINUTES: [u64; 2] = [30, 60];
     /// How many minutes a rhythm's window spans.
     const WINDOW_MINUTES: u64 = 3;
     /// A rhythm lapses when no burst has started in its window for this long (the
@@ -341,7 +341,15 @@ impl BurstGaps {
                             .then(|| quantile(self.gaps.iter().map(|&gap| gap as f64), 0.5) * 60.0);
                         self.onset(minute, peak);
                     }
-                    Some(_) => {}
+                    // The same burst goes on: its peak is the highest of its minutes.
+                    Some(_) => {
+                        if let Some(onset) = self.onsets.back_mut()
+                            && peak > onset.1
+                        {
+                            onset.1 = peak;
+                            self.rhythm = self.find_rhythm();
+                        }
+                    }
                     None => self.onset(minute, peak),
                 }
                 self.last_burst = Some(minute);
@@ -362,8 +370,11 @@ impl BurstGaps {
         self.rhythm = self.find_rhythm();
     }
 
-    /// The longest clock period in which at least 60 % of the kept burst starts fall in
-    /// one window of [`Self::WINDOW_MINUTES`] (by chance 5-10 %), if any.
+    /// The rhythm the kept burst starts keep, if any: for the hour and for the half hour,
+    /// the window of [`Self::WINDOW_MINUTES`] that holds the most starts (on a tie, one
+    /// that opens on a start, then the earliest); of the two, the one holding more (the
+    /// hour on a tie, half as many windows to provision); a rhythm if it holds at least
+    /// 60 % of them (by chance 5-10 %).
     fn find_rhythm(&self) -> Option<Rhythm> {
         let starts = self.onsets.len();
         if starts < Self::ONSETS_NEEDED {
@@ -372,29 +383,43 @@ impl BurstGaps {
         let in_window = |period: u64, start: u64, minute: u64| {
             (minute + period - start % period) % period < Self::WINDOW_MINUTES
         };
-        Self::PERIODS_MINUTES.into_iter().find_map(|period| {
-            let (count, start) = (0..period)
+        let best_window = |period: u64| {
+            (0..period)
                 .map(|start| {
                     let count = self
                         .onsets
                         .iter()
                         .filter(|&&(minute, _)| in_window(period, start, minute))
                         .count();
-                    (count, std::cmp::Reverse(start))
+                    let opens_on_a_start = self
+                        .onsets
+                        .iter()
+                        .any(|&(minute, _)| minute % period == start);
+                    (count, opens_on_a_start, std::cmp::Reverse(start))
                 })
                 .max()
-                .map(|(count, start)| (count, start.0))?;
-            let rhythmic = || {
-                self.onsets
-                    .iter()
-                    .filter(move |&&(minute, _)| in_window(period, start, minute))
-            };
-            (count * 10 >= starts * 6).then(|| Rhythm {
-                period_minutes: period,
-                start_minute: start,
-                peak: quantile(rhythmic().map(|&(_, peak)| peak), 0.5),
-                last_minute: rhythmic().map(|&(minute, _)| minute).max().unwrap_or(0),
+                .map_or((0, 0), |(count, _, start)| (count, start.0))
+        };
+        let (count, period, start) = Self::PERIODS_MINUTES
+            .into_iter()
+            .map(|period| {
+                let (count, start) = best_window(period);
+                (count, period, start)
             })
+            .max_by_key(|&(count, period, _)| (count, period))?;
+        if count * 10 < starts * 6 {
+            return None;
+        }
+        let rhythmic = || {
+            self.onsets
+                .iter()
+                .filter(move |&&(minute, _)| in_window(period, start, minute))
+        };
+        Some(Rhythm {
+            period_minutes: period,
+            start_minute: start,
+            peak: quantile(rhythmic().map(|&(_, peak)| peak), 0.5),
+            last_minute: rhythmic().map(|&(minute, _)| minute).max().unwrap_or(0),
         })
     }
 
@@ -407,10 +432,14 @@ impl BurstGaps {
         let rhythm = self
             .rhythm
             .filter(|r| now.as_secs() / 60 <= r.last_minute + Self::RHYTHM_LAPSES_MINUTES)?;
-        let period = rhythm.period_minutes * 60;
-        let window = Self::WINDOW_MINUTES * 60;
-        let ahead = now.as_secs() + lead.as_secs() + period - rhythm.start_minute * 60 % period;
-        (ahead % period < lead.as_secs() + window || lead.as_secs() + window >= period)
+        // In milliseconds: a measured start-up time has a fraction of a second.
+        let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        let (now, lead) = (millis(now), millis(lead));
+        let period = rhythm.period_minutes * 60_000;
+        let window = Self::WINDOW_MINUTES * 60_000;
+        let ahead =
+            now.saturating_add(lead) % period + period - rhythm.start_minute * 60_000 % period;
+        (ahead % period < lead.saturating_add(window) || lead.saturating_add(window) >= period)
             .then_some(rhythm.peak)
     }
 
@@ -471,57 +500,91 @@ mod tests {
         assert!((history.days_covered() - 30.0 * 60.0 / 86_400.0).abs() < 1e-9);
     }
 
-    /// A sample every 10 s up to minute 331: 10/s, and one sample of 100/s in each of
-    /// `bursts` (minutes).
-    fn bursts_at(bursts: &[u64]) -> BurstGaps {
+    /// A sample every 10 s up to minute `until`: 10/s, and in each of `bursts` (minute,
+    /// rate) one sample of that rate.
+    fn bursts_at(bursts: &[(u64, f64)], until: u64) -> BurstGaps {
         let mut gaps = BurstGaps::default();
-        for s in (0..331 * 60).step_by(10) {
-            let burst = bursts.contains(&(s / 60)) && s % 60 == 30;
-            gaps.record(
-                Duration::from_secs(s),
-                if burst { 100.0 } else { 10.0 },
-                5.0,
-            );
+        for s in (0..until * 60).step_by(10) {
+            let rate = bursts
+                .iter()
+                .find(|&&(minute, _)| minute == s / 60 && s % 60 == 30)
+                .map_or(10.0, |&(_, rate)| rate);
+            gaps.record(Duration::from_secs(s), rate, 5.0);
         }
         gaps
     }
 
+    fn of_100(minutes: &[u64]) -> Vec<(u64, f64)> {
+        minutes.iter().map(|&minute| (minute, 100.0)).collect()
+    }
+
+    fn at_minute(minute: i64, second: i64) -> Duration {
+        Duration::from_secs((minute * 60 + second) as u64)
+    }
+
     #[test]
     fn a_burst_rhythm_is_found_when_bursts_start_at_the_same_minutes_of_the_half_hour() {
-        // Nine bursts at 1 or 2 minutes past the half hour (a half hour apart or more) and
-        // one at 17 past: the window is the first three minutes of every half hour (half
-        // of the starts fall in any one window of the hour, too few for an hourly rhythm).
-        let clocked = bursts_at(&[61, 77, 92, 121, 152, 181, 212, 241, 272, 301]);
+        // Nine bursts at 1 or 2 minutes past the half hour (29 to 31 minutes apart) and one
+        // at 17 past: the window is minutes 1-3 of every half hour (minutes 0-2 hold as many
+        // starts, but none opens it); the hour's best window holds 5 of the 10.
+        let clocked = bursts_at(
+            &of_100(&[61, 77, 92, 121, 152, 181, 212, 241, 272, 301]),
+            331,
+        );
         let lead = Duration::from_secs(30);
-        let half_hour =
-            |minute: i64, second: i64| Duration::from_secs((minute * 60 + second) as u64);
-        assert_eq!(clocked.expected_burst(half_hour(360, -31), lead), None);
+        assert_eq!(clocked.expected_burst(at_minute(361, -31), lead), None);
         for second in [-30, 0, 100, 179] {
             assert_eq!(
-                clocked.expected_burst(half_hour(360, second), lead),
+                clocked.expected_burst(at_minute(361, second), lead),
                 Some(100.0),
-                "{second} s from the half hour"
+                "{second} s from the window's opening"
             );
         }
-        assert_eq!(clocked.expected_burst(half_hour(360, 180), lead), None);
+        assert_eq!(clocked.expected_burst(at_minute(361, 180), lead), None);
         assert_eq!(
-            clocked.expected_burst(half_hour(390, 60), lead),
+            clocked.expected_burst(at_minute(391, 60), lead),
             Some(100.0)
         );
-        // Twelve hours after the last burst in the window (minute 301), the rhythm lapses.
+        // Twelve hours after the last start in the window (minute 301), the rhythm lapses.
         assert_eq!(
-            clocked.expected_burst(half_hour(1020, 0), lead),
+            clocked.expected_burst(at_minute(1021, 59), lead),
             Some(100.0)
         );
-        assert_eq!(clocked.expected_burst(half_hour(1050, 0), lead), None);
+        assert_eq!(clocked.expected_burst(at_minute(1022, 0), lead), None);
         // Minutes past the half hour 1, 19, 13, 7, 0, 21, 19, 14, 11, 13: no rhythm.
-        let irregular = bursts_at(&[61, 79, 103, 127, 150, 171, 199, 224, 251, 283]);
+        let irregular = bursts_at(
+            &of_100(&[61, 79, 103, 127, 150, 171, 199, 224, 251, 283]),
+            331,
+        );
         for second in (0..3600).step_by(10) {
-            assert_eq!(irregular.expected_burst(half_hour(331, second), lead), None);
+            assert_eq!(irregular.expected_burst(at_minute(331, second), lead), None);
         }
         // Seven clocked starts are too few to call a rhythm.
-        let few = bursts_at(&[61, 92, 121, 152, 181, 212, 241]);
-        assert_eq!(few.expected_burst(half_hour(360, 0), lead), None);
+        let few = bursts_at(&of_100(&[61, 92, 121, 152, 181, 212, 241]), 331);
+        assert_eq!(few.expected_burst(at_minute(361, 0), lead), None);
+    }
+
+    #[test]
+    fn an_hourly_rhythm_may_straddle_the_hour_and_expects_a_bursts_highest_minute() {
+        // Eight two-minute bursts, at 59 past the hour (100/s) and on the hour (150/s): they
+        // start at 59 past every hour, which is also 29 past every half hour; the hour wins
+        // the tie. The window is minutes 59, 0 and 1; with a 2-minute start-up, capacity
+        // for 150/s is asked from 57 past until 2 past.
+        let bursts: Vec<(u64, f64)> = (1..=8)
+            .flat_map(|hour| [(hour * 60 + 59, 100.0), (hour * 60 + 60, 150.0)])
+            .collect();
+        let hourly = bursts_at(&bursts, 600);
+        let lead = Duration::from_secs(120);
+        assert_eq!(hourly.expected_burst(at_minute(657, -1), lead), None);
+        assert_eq!(hourly.expected_burst(at_minute(657, 0), lead), Some(150.0));
+        assert_eq!(hourly.expected_burst(at_minute(661, 59), lead), Some(150.0));
+        assert_eq!(hourly.expected_burst(at_minute(662, 0), lead), None);
+        assert_eq!(hourly.expected_burst(at_minute(687, 0), lead), None);
+        // A start-up longer than the hour less the window: always.
+        assert_eq!(
+            hourly.expected_burst(at_minute(630, 0), Duration::from_secs(58 * 60)),
+            Some(150.0)
+        );
     }
 
     #[test]

@@ -465,13 +465,13 @@ fn predictive_holds_ten_minutes_when_bursts_come_back_within_minutes() {
 }
 
 /// The predictive policy's asks, second by second, for 20 req/s with a minute at 200 req/s
-/// at 2 minutes past every hour from minute 62 to 542 (nine bursts), with start-up 30 s and
-/// latency objective `slo`.
+/// at 2 minutes past every hour from minute 62 to 542 (nine bursts), until minute 606, with
+/// start-up 30 s and latency objective `slo`.
 fn asks_with_hourly_bursts(slo: Duration) -> Vec<u32> {
     let mut predictive =
         Predictive::new(Caution::NORMAL, Duration::from_secs(30)).with_slo(Some(slo));
     let mut arrivals = 0u64;
-    (0..602 * 60)
+    (0..606 * 60)
         .map(|t| {
             let minute = t / 60;
             let burst = minute % 60 == 2 && (62..=542).contains(&minute);
@@ -484,25 +484,32 @@ fn asks_with_hourly_bursts(slo: Duration) -> Vec<u32> {
 
 #[test]
 fn predictive_provisions_ahead_of_bursts_that_start_at_the_same_minutes_of_the_hour() {
-    // The window is the first three minutes of each hour; capacity for 200 req/s (20
-    // instances of 10 req/s) is asked for a start-up time before it opens, at minute 599.5,
-    // and kept until it closes at minute 603.
+    // The window is minutes 2-4 of each hour; capacity for 200 req/s (20 instances of 10
+    // req/s) is asked for from a start-up time before it opens, at minute 601.5, until it
+    // closes at minute 605.
     let asks = asks_with_hourly_bursts(Duration::from_secs(2));
-    let before = asks[599 * 60];
+    let before = asks[601 * 60];
     assert!(before < 10, "20 req/s needs a few instances: {before}");
     assert!(
-        asks[600 * 60 - 25] >= 20,
+        asks[602 * 60 - 25] >= 20,
         "not ready: {}",
-        asks[600 * 60 - 25]
+        asks[602 * 60 - 25]
     );
-    assert!(asks[601 * 60] >= 20, "released early: {}", asks[601 * 60]);
+    assert!(
+        asks[605 * 60 - 5] >= 20,
+        "released early: {}",
+        asks[605 * 60 - 5]
+    );
+    assert!(asks[605 * 60 + 5] < 10, "kept: {}", asks[605 * 60 + 5]);
     // A start-up shorter than the objective: the guard's instances come in time.
     let fast = asks_with_hourly_bursts(Duration::from_secs(60));
-    assert_eq!(fast[599 * 60], before);
+    assert_eq!(fast[601 * 60], before);
+    // At 2 past the half hour (minute 572) nothing more is asked for than without.
+    assert_eq!(asks[572 * 60 - 25..573 * 60], fast[572 * 60 - 25..573 * 60]);
     assert!(
-        fast[600 * 60 - 25] < 10,
+        fast[602 * 60 - 25] < 10,
         "provisioned ahead: {}",
-        fast[600 * 60 - 25]
+        fast[602 * 60 - 25]
     );
 }
 
