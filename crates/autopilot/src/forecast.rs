@@ -297,8 +297,8 @@ impl BurstGaps {
     /// How many minutes a rhythm's window spans.
     const WINDOW_MINUTES: u64 = 3;
     /// A rhythm lapses when no burst has started in its window for this long (the
-    /// scheduled work stopped): twice Twitter's longest wait between bursts in its window
-    /// (5.5 hours).
+    /// scheduled work stopped): over twice Twitter's longest wait between bursts in its
+    /// window (5.5 hours).
     const RHYTHM_LAPSES_MINUTES: u64 = 12 * 60;
     const HOUR: usize = 60;
     /// Minute means needed before a minute can be judged a burst.

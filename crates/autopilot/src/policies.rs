@@ -380,10 +380,10 @@ impl Caution {
 /// Maru's policy: forecast demand over the instance start-up lead time and provision for an
 /// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
 /// slowly (hysteresis): ten minutes after the forecast fell where the service's bursts have
-/// been coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where most
-/// bursts start at the same minutes of every hour or half hour, capacity for their typical
-/// peak is ready when those minutes come, if start-up is longer than the service's latency
-/// objective.
+/// been coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where at
+/// least 60 % of the recent bursts start in the same three minutes of every hour or half
+/// hour, capacity for their median peak is ready when those minutes come, if start-up is
+/// longer than the service's latency objective.
 ///
 /// Three forecasters compete, each scored by rolling backtest (every forecast against what
 /// then arrived, a rolling mean absolute error); the one with the lowest error is the
@@ -412,8 +412,9 @@ pub struct Predictive {
     pub release_delay: Duration,
     /// The service's latency objective. Bursts that keep a clock rhythm are provisioned
     /// ahead of only when start-up takes longer than it (with a shorter start-up, a burst
-    /// that finds too little capacity waits less than its objective for the guard's
-    /// instances); without one, whenever they keep a rhythm.
+    /// that finds too little capacity waits about a start-up time for the guard's
+    /// instances, within its objective or close to it); without one, whenever they keep
+    /// a rhythm.
     pub slo: Option<Duration>,
     rate: RateMeter,
     /// How soon bursts come back, which picks the hold.
@@ -696,11 +697,12 @@ impl Policy for Predictive {
         let held_forecast = self.forecast_asks.record(now, forecast_instances, hold);
         let held_guard = self.guard_asks.record(now, guard, lead * 2);
         // Bursts that start at the same minutes of every hour or half hour (scheduled
-        // work): capacity for their typical peak, ready when their window opens and kept
+        // work): capacity for their median peak, ready when their window opens and kept
         // until it closes; the guard holds what a burst that came needs from then on. At
         // full utilisation: the forecast's margin and the guard's headroom take over one
         // start-up time into a burst (provisioning for the peak at the caution's
-        // utilisation cost Twitter 1.2x as much at 120 s start-up, BENCHMARKS.md).
+        // utilisation cost Twitter 1.2x as much at 120 s start-up, measured when the peak
+        // was a burst's first minute's, BENCHMARKS.md).
         let rhythm = match self.bursts.expected_burst(now, lead) {
             Some(peak) if self.slo.is_none_or(|slo| lead > slo) => {
                 let per_instance = self.per_instance_rate.per_instance(bounds);
