@@ -255,8 +255,8 @@ fn daily_season(series: &[f64], per_day: usize) -> bool {
 /// is a burst when its highest sample is at least twice the mean of the (up to sixty)
 /// minutes recorded before it, and at least `floor` above that mean (for the policy, one instance's worth of demand, so a
 /// near-idle service's noise is not a burst); consecutive burst minutes are one burst.
-/// Also whether bursts keep a clock rhythm: most of them starting in the same three minutes
-/// of every hour or half hour ([`BurstGaps::expected_burst`]).
+/// Also whether bursts keep a clock rhythm: at least 60 % of the last 20 starting in the
+/// same three minutes of every hour or half hour ([`BurstGaps::expected_burst`]).
 /// Bounded: keeps the last 20 gaps, the last 20 burst starts and an hour of minute means.
 #[derive(Debug, Clone, Default)]
 pub struct BurstGaps {
@@ -272,7 +272,7 @@ pub struct BurstGaps {
     median_gap: Option<f64>,
     /// First minute and highest sample of the last bursts, oldest first.
     onsets: VecDeque<(u64, f64)>,
-    /// The clock rhythm most bursts start to, once one is found.
+    /// The clock rhythm the kept bursts start to, if they keep one.
     rhythm: Option<Rhythm>,
 }
 
