@@ -663,9 +663,10 @@ impl Policy for Predictive {
         }
         let forecast = self.last_forecast.unwrap_or(0.0);
         let error_margin = self.margin.unwrap_or(2.0);
-        let floor = self.per_instance_rate.per_instance(bounds);
-        let provisioned_rate = ((forecast + floor) * error_margin - floor).max(0.0);
-        let capacity = self.per_instance_rate.per_instance(bounds) * self.caution.utilisation;
+        // The margin applies to errors on a floor of one instance's worth of demand.
+        let per_instance = self.per_instance_rate.per_instance(bounds);
+        let provisioned_rate = ((forecast + per_instance) * error_margin - per_instance).max(0.0);
+        let capacity = per_instance * self.caution.utilisation;
         let forecast_instances = if capacity > 0.0 {
             (provisioned_rate / capacity).ceil() as u32
         } else {
@@ -679,9 +680,7 @@ impl Policy for Predictive {
         // 1.10x what this costs, BENCHMARKS.md).
         let executing = f64::from(observation.in_flight)
             / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation);
-        let drained_per_instance = (self.per_instance_rate.per_instance(bounds)
-            * Self::QUEUE_DRAIN.as_secs_f64())
-        .max(1.0);
+        let drained_per_instance = (per_instance * Self::QUEUE_DRAIN.as_secs_f64()).max(1.0);
         let guard =
             (executing + f64::from(observation.queued) / drained_per_instance).ceil() as u32;
         // Hysteresis: release capacity only when it has not been wanted for a while. What
@@ -703,17 +702,11 @@ impl Policy for Predictive {
         // start-up time into a burst (provisioning for the peak at the caution's
         // utilisation cost Twitter 1.2x as much at 120 s start-up, measured when the peak
         // was a burst's first minute's, BENCHMARKS.md).
-        let rhythm = match self.bursts.expected_burst(now, lead) {
-            Some(peak) if self.slo.is_none_or(|slo| lead > slo) => {
-                let per_instance = self.per_instance_rate.per_instance(bounds);
-                if per_instance > 0.0 {
-                    (peak / per_instance).ceil() as u32
-                } else {
-                    0
-                }
-            }
-            _ => 0,
-        };
+        let rhythm = self
+            .bursts
+            .expected_burst(now, lead)
+            .filter(|_| self.slo.is_none_or(|slo| lead > slo) && per_instance > 0.0)
+            .map_or(0, |peak| (peak / per_instance).ceil() as u32);
         clamp_desired(bounds, held_forecast.max(held_guard).max(rhythm))
     }
 }
