@@ -451,6 +451,64 @@ impl BurstGaps {
     }
 }
 
+/// How far a rate rose over the last start-up lead: the mean of its newest samples (the
+/// last half lead, at least one sample) against the mean of the samples in the lead before
+/// them. A rise that took one lead may go on as far in the next, before capacity asked for
+/// now is ready. Bounded: keeps the samples of the last lead and a half (or lead and one
+/// sample).
+#[derive(Debug, Clone, Default)]
+pub struct Rise {
+    /// (when, rate), oldest first.
+    samples: VecDeque<(Duration, f64)>,
+}
+
+impl Rise {
+    /// Record `rate`, a sample `sample` long ending at `now`; forget what no lead of
+    /// `lead` will look at.
+    pub fn record(&mut self, now: Duration, rate: f64, sample: Duration, lead: Duration) {
+        self.samples.push_back((now, rate));
+        let keep = lead.saturating_add(Self::newest(sample, lead));
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_sub(at) > keep)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The newest samples' mean plus how far it rose above the mean of the lead before
+    /// them (nothing added if it fell). `None` until both spans hold a sample, and when a
+    /// sample is as long as the lead: capacity asked for at one sample is then ready before
+    /// the next is seen, and a rise measured over whole samples would be projected further
+    /// than the lead.
+    pub fn projected(&self, now: Duration, sample: Duration, lead: Duration) -> Option<f64> {
+        if lead <= sample {
+            return None;
+        }
+        let split = now.checked_sub(Self::newest(sample, lead))?;
+        let oldest = split.checked_sub(lead)?;
+        let mean = |span: &dyn Fn(Duration) -> bool| {
+            let (sum, count) = self
+                .samples
+                .iter()
+                .filter(|&&(at, _)| span(at))
+                .fold((0.0, 0u32), |(sum, count), &(_, rate)| {
+                    (sum + rate, count + 1)
+                });
+            (count > 0).then(|| sum / f64::from(count))
+        };
+        let newest = mean(&|at| at > split)?;
+        let before = mean(&|at| at > oldest && at <= split)?;
+        Some(newest + (newest - before).max(0.0))
+    }
+
+    /// The newest span: half the lead, at least one sample.
+    fn newest(sample: Duration, lead: Duration) -> Duration {
+        sample.max(lead / 2)
+    }
+}
+
 /// The `q` quantile (0..=1) of the values, by nearest rank; 0 for no values.
 pub fn quantile(values: impl Iterator<Item = f64>, q: f64) -> f64 {
     let mut sorted: Vec<f64> = values.filter(|v| v.is_finite()).collect();
@@ -465,6 +523,52 @@ pub fn quantile(values: impl Iterator<Item = f64>, q: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rise_is_projected_one_lead_on() {
+        let minute = Duration::from_secs(60);
+        let lead = Duration::from_secs(120);
+        let mut rise = Rise::default();
+        rise.record(minute, 20.0, minute, lead);
+        // One sample: nothing before the newest minute to compare with.
+        assert_eq!(rise.projected(minute, minute, lead), None);
+        rise.record(minute * 2, 20.0, minute, lead);
+        rise.record(minute * 3, 20.0, minute, lead);
+        rise.record(minute * 4, 40.0, minute, lead);
+        // Newest span one minute (half the lead is no longer): 40; the lead before it,
+        // minutes 2 and 3: 20. It rose 20, and may rise 20 more.
+        assert_eq!(rise.projected(minute * 4, minute, lead), Some(60.0));
+        // A fall (to 10 from a mean of 30) takes nothing away.
+        rise.record(minute * 5, 10.0, minute, lead);
+        assert_eq!(rise.projected(minute * 5, minute, lead), Some(10.0));
+        // Samples as long as the lead: capacity asked for now is ready before the next.
+        assert_eq!(rise.projected(minute * 5, minute, minute), None);
+
+        // Per-second samples of a ramp (rate = seconds), lead 10 s: the newest 5 s (96-100,
+        // mean 98) against the 10 s before them (86-95, mean 90.5).
+        let second = Duration::from_secs(1);
+        let lead = Duration::from_secs(10);
+        let mut rise = Rise::default();
+        for t in 1..=100u64 {
+            rise.record(Duration::from_secs(t), t as f64, second, lead);
+            // Bounded: 15 s of samples (and the one just past).
+            assert!(rise.samples.len() <= 16, "{}", rise.samples.len());
+        }
+        assert_eq!(
+            rise.projected(Duration::from_secs(100), second, lead),
+            Some(98.0 + 7.5)
+        );
+        // A step five seconds ago is all in the newest span (96-100), none of it before.
+        let mut rise = Rise::default();
+        for t in 1..=100u64 {
+            let rate = if t > 95 { 10.0 } else { 0.0 };
+            rise.record(Duration::from_secs(t), rate, second, lead);
+        }
+        assert_eq!(
+            rise.projected(Duration::from_secs(100), second, lead),
+            Some(20.0)
+        );
+    }
 
     #[test]
     fn holt_follows_a_ramp() {

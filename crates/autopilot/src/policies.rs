@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::forecast::{BurstGaps, Holt, ModelForecast, ModelKind, SeasonalHistory, quantile};
+use crate::forecast::{BurstGaps, Holt, ModelForecast, ModelKind, Rise, SeasonalHistory, quantile};
 use crate::{Observation, Policy, ScalingBounds, clamp_desired};
 
 /// A fixed number of instances.
@@ -378,9 +378,11 @@ impl Caution {
 }
 
 /// Maru's policy: forecast demand over the instance start-up lead time and provision for an
-/// upper quantile of it, with a reactive guard for what no forecast sees, and scale down
-/// slowly (hysteresis): ten minutes after the forecast fell where the service's bursts have
-/// been coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where at
+/// upper quantile of it, with a reactive guard for what no forecast sees (the work already
+/// here and, where start-up is longer than the service's latency objective, a rise over the
+/// last start-up time going on as far again: [`Rise`]), and scale down slowly
+/// (hysteresis): ten minutes after the forecast fell where the service's bursts have been
+/// coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where at
 /// least 60 % of the recent bursts start in the same three minutes of every hour or half
 /// hour, capacity for their median peak is ready when those minutes come, if start-up is
 /// longer than the service's latency objective.
@@ -419,6 +421,8 @@ pub struct Predictive {
     rate: RateMeter,
     /// How soon bursts come back, which picks the hold.
     bursts: BurstGaps,
+    /// How far the rate rose over the last lead, for the guard.
+    rise: Rise,
     holt: Holt,
     seasonal: SeasonalHistory,
     per_instance_rate: ServiceRate,
@@ -464,6 +468,7 @@ impl Predictive {
             slo: None,
             rate: RateMeter::default(),
             bursts: BurstGaps::default(),
+            rise: Rise::default(),
             // Smoothing of level and trend per rate sample (a second, or a step of a
             // per-minute trace). Chosen with `maru sim --tune` over all shared traces and
             // start-ups (BENCHMARKS.md): 0.3 and 0.05 chased per-second noise (World Cup cost
@@ -620,6 +625,8 @@ impl Policy for Predictive {
             self.per_instance_rate.update(bounds, observation, rate);
             self.bursts
                 .record(now, rate, self.per_instance_rate.per_instance(bounds));
+            self.rise
+                .record(now, rate, Duration::from_secs_f64(seconds), lead);
             while let Some(&(at, predicted, candidates)) = self.pending.front() {
                 if at > now {
                     break;
@@ -681,8 +688,20 @@ impl Policy for Predictive {
         let executing = f64::from(observation.in_flight)
             / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation);
         let drained_per_instance = (per_instance * Self::QUEUE_DRAIN.as_secs_f64()).max(1.0);
-        let guard =
-            (executing + f64::from(observation.queued) / drained_per_instance).ceil() as u32;
+        let here = executing + f64::from(observation.queued) / drained_per_instance;
+        // And, when start-up is longer than the latency objective, as much again of the
+        // rate's rise over the last lead as it rose in it, at the caution's utilisation: a
+        // surge seen starting goes on while the instances asked for start ([`Rise`]).
+        // Without it, Azure's one large spike at 120 s start-up (a doubling one minute,
+        // five times the level three minutes later) found a fifth of its capacity missing
+        // (BENCHMARKS.md). With a shorter start-up the guard's instances come within the
+        // objective, as for the rhythm below.
+        let rising = self
+            .rise
+            .projected(now, Duration::from_secs_f64(self.sample_seconds), lead)
+            .filter(|_| self.slo.is_none_or(|slo| lead > slo) && capacity > 0.0)
+            .map_or(0.0, |rate| rate / capacity);
+        let guard = here.max(rising).ceil() as u32;
         // Hysteresis: release capacity only when it has not been wanted for a while. What
         // the forecast wanted is held for `burst_hold` if bursts have been coming back
         // within it, else for `release_delay`; what the guard wanted (work already here)

@@ -513,6 +513,41 @@ fn predictive_provisions_ahead_of_bursts_that_start_at_the_same_minutes_of_the_h
     );
 }
 
+/// The predictive policy's asks, asked once a minute (a per-minute trace), for 20 req/s
+/// for ten hours, then a minute at 40 req/s and 20 again, with start-up `lead` and latency
+/// objective `slo`; from the minute before the rise on.
+fn asks_around_a_doubling(lead: Duration, slo: Duration) -> Vec<u32> {
+    let mut predictive = Predictive::new(Caution::NORMAL, lead).with_slo(Some(slo));
+    let mut arrivals = 0u64;
+    (1..=610u64)
+        .map(|minute| {
+            let rate = if minute == 601 { 40 } else { 20 };
+            arrivals += 60 * rate;
+            let busy = (rate / 10) as u32;
+            predictive.desired(&bounds(), &at(60 * minute, 40, busy, 0, arrivals))
+        })
+        .skip(599)
+        .collect()
+}
+
+#[test]
+fn predictive_asks_for_a_rise_to_go_on_while_instances_start() {
+    // With 120 s start-up and a 2 s objective, the guard asks for the newest minute (40
+    // req/s) plus its rise over the two minutes before (20): 60 req/s at 75 % of 10 req/s
+    // an instance, 8 instances, held two start-up times (four minutes). Without the rise,
+    // the work executing (4 busy at 75 %) asks for 6.
+    let minute = Duration::from_secs(60);
+    let slow = asks_around_a_doubling(minute * 2, Duration::from_secs(2));
+    assert_eq!(slow[..6], [3, 8, 8, 8, 8, 8]);
+    assert!(slow[6] < 6, "held past two start-up times: {}", slow[6]);
+    // Start-up within the objective: the guard's instances come in time.
+    let within = asks_around_a_doubling(minute * 2, minute * 3);
+    assert_eq!(within[..6], [3, 6, 6, 6, 6, 6]);
+    // Start-up no longer than a sample: asked for at one, ready before the next.
+    let short = asks_around_a_doubling(minute, Duration::from_secs(2));
+    assert_eq!(short[1], 6);
+}
+
 #[test]
 fn held_max_is_the_largest_value_within_the_hold() {
     // Against the obvious scan over everything recorded, on a pseudo-random sequence with
