@@ -451,42 +451,48 @@ impl BurstGaps {
     }
 }
 
-/// How far a rate rose over the last start-up lead: the mean of its newest samples (the
-/// last half lead, at least one sample) against the mean of the samples in the lead before
-/// them. A rise that took one lead may go on as far in the next, before capacity asked for
-/// now is ready. Bounded: keeps the samples of the last lead and a half (or lead and one
-/// sample).
+/// How far a rate is rising, for capacity that takes a start-up time (the lead) to come:
+/// the mean of its newest samples (the last half lead, at least one sample) against the
+/// mean of those in the lead before them. A rise that has gone on that long may go on as
+/// far again before capacity asked for now is ready. Bounded: keeps the samples of the last
+/// lead and a half (or lead and one sample), for the longest lead seen, since a service's
+/// measured start-up time varies.
 #[derive(Debug, Clone, Default)]
 pub struct Rise {
     /// (when, rate), oldest first.
     samples: VecDeque<(Duration, f64)>,
+    /// How far back samples are kept: the longest span any call has looked at.
+    keep: Duration,
 }
 
 impl Rise {
-    /// Record `rate`, a sample `sample` long ending at `now`; forget what no lead of
-    /// `lead` will look at.
-    pub fn record(&mut self, now: Duration, rate: f64, sample: Duration, lead: Duration) {
+    /// Record `rate`, a sample `sample` long ending at `now`, and return the newest span's
+    /// mean plus as much again as it rose above the span before it (nothing added if it
+    /// fell), for lead `lead`. `None` while either span holds no sample or does not fit
+    /// after time zero, and when a sample is as long as the lead: capacity asked for at one
+    /// sample is then ready before the next is seen, and a rise over whole samples would
+    /// be counted again over more than the lead.
+    pub fn record(
+        &mut self,
+        now: Duration,
+        rate: f64,
+        sample: Duration,
+        lead: Duration,
+    ) -> Option<f64> {
         self.samples.push_back((now, rate));
-        let keep = lead.saturating_add(Self::newest(sample, lead));
+        let newest = sample.max(lead / 2);
+        self.keep = self.keep.max(lead.saturating_add(newest));
         while self
             .samples
             .front()
-            .is_some_and(|&(at, _)| now.saturating_sub(at) > keep)
+            .is_some_and(|&(at, _)| now.saturating_sub(at) > self.keep)
         {
             self.samples.pop_front();
         }
-    }
-
-    /// The newest samples' mean plus how far it rose above the mean of the lead before
-    /// them (nothing added if it fell). `None` until both spans hold a sample, and when a
-    /// sample is as long as the lead: capacity asked for at one sample is then ready before
-    /// the next is seen, and a rise measured over whole samples would be projected further
-    /// than the lead.
-    pub fn projected(&self, now: Duration, sample: Duration, lead: Duration) -> Option<f64> {
         if lead <= sample {
             return None;
         }
-        let split = now.checked_sub(Self::newest(sample, lead))?;
+        let split = now.checked_sub(newest)?;
         let oldest = split.checked_sub(lead)?;
         let mean = |span: &dyn Fn(Duration) -> bool| {
             let (sum, count) = self
@@ -498,14 +504,9 @@ impl Rise {
                 });
             (count > 0).then(|| sum / f64::from(count))
         };
-        let newest = mean(&|at| at > split)?;
+        let recent = mean(&|at| at > split)?;
         let before = mean(&|at| at > oldest && at <= split)?;
-        Some(newest + (newest - before).max(0.0))
-    }
-
-    /// The newest span: half the lead, at least one sample.
-    fn newest(sample: Duration, lead: Duration) -> Duration {
-        sample.max(lead / 2)
+        Some(recent + (recent - before).max(0.0))
     }
 }
 
@@ -525,49 +526,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_rise_is_projected_one_lead_on() {
+    fn a_rise_is_counted_again_on_top_of_the_newest_rate() {
         let minute = Duration::from_secs(60);
         let lead = Duration::from_secs(120);
         let mut rise = Rise::default();
-        rise.record(minute, 20.0, minute, lead);
         // One sample: nothing before the newest minute to compare with.
-        assert_eq!(rise.projected(minute, minute, lead), None);
+        assert_eq!(rise.record(minute, 20.0, minute, lead), None);
         rise.record(minute * 2, 20.0, minute, lead);
         rise.record(minute * 3, 20.0, minute, lead);
-        rise.record(minute * 4, 40.0, minute, lead);
         // Newest span one minute (half the lead is no longer): 40; the lead before it,
         // minutes 2 and 3: 20. It rose 20, and may rise 20 more.
-        assert_eq!(rise.projected(minute * 4, minute, lead), Some(60.0));
+        assert_eq!(rise.record(minute * 4, 40.0, minute, lead), Some(60.0));
         // A fall (to 10 from a mean of 30) takes nothing away.
-        rise.record(minute * 5, 10.0, minute, lead);
-        assert_eq!(rise.projected(minute * 5, minute, lead), Some(10.0));
+        let mut fell = rise.clone();
+        assert_eq!(fell.record(minute * 5, 10.0, minute, lead), Some(10.0));
         // Samples as long as the lead: capacity asked for now is ready before the next.
-        assert_eq!(rise.projected(minute * 5, minute, minute), None);
+        assert_eq!(rise.record(minute * 5, 10.0, minute, minute), None);
 
         // Per-second samples of a ramp (rate = seconds), lead 10 s: the newest 5 s (96-100,
         // mean 98) against the 10 s before them (86-95, mean 90.5).
         let second = Duration::from_secs(1);
         let lead = Duration::from_secs(10);
-        let mut rise = Rise::default();
+        let mut ramp = Rise::default();
+        let mut last = None;
         for t in 1..=100u64 {
-            rise.record(Duration::from_secs(t), t as f64, second, lead);
+            last = ramp.record(Duration::from_secs(t), t as f64, second, lead);
             // Bounded: 15 s of samples (and the one just past).
-            assert!(rise.samples.len() <= 16, "{}", rise.samples.len());
+            assert!(ramp.samples.len() <= 16, "{}", ramp.samples.len());
         }
-        assert_eq!(
-            rise.projected(Duration::from_secs(100), second, lead),
-            Some(98.0 + 7.5)
-        );
+        assert_eq!(last, Some(98.0 + 7.5));
         // A step five seconds ago is all in the newest span (96-100), none of it before.
-        let mut rise = Rise::default();
+        let mut step = Rise::default();
         for t in 1..=100u64 {
             let rate = if t > 95 { 10.0 } else { 0.0 };
-            rise.record(Duration::from_secs(t), rate, second, lead);
+            last = step.record(Duration::from_secs(t), rate, second, lead);
         }
-        assert_eq!(
-            rise.projected(Duration::from_secs(100), second, lead),
-            Some(20.0)
-        );
+        assert_eq!(last, Some(20.0));
+    }
+
+    #[test]
+    fn a_rise_is_measured_over_the_whole_lead_when_the_lead_shortened_and_grew_back() {
+        // A 20 s lead, then 10 s (the measured start-up time fell), then 20 s again: the
+        // samples a 20 s lead needs are still there. Rate = seconds: the newest 10 s
+        // (91-100, mean 95.5) against the 20 s before them (71-90, mean 80.5).
+        let second = Duration::from_secs(1);
+        let mut rise = Rise::default();
+        let mut last = None;
+        for t in 1..=100u64 {
+            let lead = Duration::from_secs(if (50..100).contains(&t) { 10 } else { 20 });
+            last = rise.record(Duration::from_secs(t), t as f64, second, lead);
+        }
+        assert_eq!(last, Some(95.5 + 15.0));
     }
 
     #[test]

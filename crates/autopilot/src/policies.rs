@@ -379,9 +379,8 @@ impl Caution {
 
 /// Maru's policy: forecast demand over the instance start-up lead time and provision for an
 /// upper quantile of it, with a reactive guard for what no forecast sees (the work already
-/// here and, where start-up is longer than the service's latency objective, a rise over the
-/// last start-up time going on as far again: [`Rise`]), and scale down slowly
-/// (hysteresis): ten minutes after the forecast fell where the service's bursts have been
+/// here and, where start-up is longer than the service's latency objective, a rising rate
+/// rising as far again: [`Rise`]), and scale down slowly (hysteresis): ten minutes after the forecast fell where the service's bursts have been
 /// coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where at
 /// least 60 % of the recent bursts start in the same three minutes of every hour or half
 /// hour, capacity for their median peak is ready when those minutes come, if start-up is
@@ -413,16 +412,18 @@ pub struct Predictive {
     /// seen).
     pub release_delay: Duration,
     /// The service's latency objective. Bursts that keep a clock rhythm are provisioned
-    /// ahead of only when start-up takes longer than it (with a shorter start-up, a burst
-    /// that finds too little capacity waits about a start-up time for the guard's
-    /// instances, within its objective or close to it); without one, whenever they keep
-    /// a rhythm.
+    /// ahead of, and the guard asks for a rise to go on, only when start-up takes longer
+    /// than it (with a shorter start-up, a burst that finds too little capacity waits about
+    /// a start-up time for the guard's instances, within its objective or close to it);
+    /// without one, always.
     pub slo: Option<Duration>,
     rate: RateMeter,
     /// How soon bursts come back, which picks the hold.
     bursts: BurstGaps,
-    /// How far the rate rose over the last lead, for the guard.
+    /// How far the rate is rising, for the guard.
     rise: Rise,
+    /// The rate if the rise seen at the last sample goes on as far again.
+    rising: Option<f64>,
     holt: Holt,
     seasonal: SeasonalHistory,
     per_instance_rate: ServiceRate,
@@ -469,6 +470,7 @@ impl Predictive {
             rate: RateMeter::default(),
             bursts: BurstGaps::default(),
             rise: Rise::default(),
+            rising: None,
             // Smoothing of level and trend per rate sample (a second, or a step of a
             // per-minute trace). Chosen with `maru sim --tune` over all shared traces and
             // start-ups (BENCHMARKS.md): 0.3 and 0.05 chased per-second noise (World Cup cost
@@ -625,7 +627,8 @@ impl Policy for Predictive {
             self.per_instance_rate.update(bounds, observation, rate);
             self.bursts
                 .record(now, rate, self.per_instance_rate.per_instance(bounds));
-            self.rise
+            self.rising = self
+                .rise
                 .record(now, rate, Duration::from_secs_f64(seconds), lead);
             while let Some(&(at, predicted, candidates)) = self.pending.front() {
                 if at > now {
@@ -689,23 +692,22 @@ impl Policy for Predictive {
             / (f64::from(bounds.concurrency.max(1)) * self.caution.utilisation);
         let drained_per_instance = (per_instance * Self::QUEUE_DRAIN.as_secs_f64()).max(1.0);
         let here = executing + f64::from(observation.queued) / drained_per_instance;
-        // And, when start-up is longer than the latency objective, as much again of the
-        // rate's rise over the last lead as it rose in it, at the caution's utilisation: a
-        // surge seen starting goes on while the instances asked for start ([`Rise`]).
-        // Without it, Azure's one large spike at 120 s start-up (a doubling one minute,
-        // five times the level three minutes later) found a fifth of its capacity missing
-        // (BENCHMARKS.md). With a shorter start-up the guard's instances come within the
-        // objective, as for the rhythm below.
+        // And, when start-up is longer than the latency objective, the newest rate plus as
+        // much again as it rose over the last lead, at the caution's utilisation: a surge
+        // seen starting may go on while the instances asked for start ([`Rise`]). Without
+        // it, Azure's one large spike at 120 s start-up (a doubling for a minute, five times
+        // the level four minutes later) found almost a fifth of the capacity it needed
+        // missing (BENCHMARKS.md). With a shorter start-up the guard's instances come
+        // within the objective, as for the rhythm below.
         let rising = self
-            .rise
-            .projected(now, Duration::from_secs_f64(self.sample_seconds), lead)
+            .rising
             .filter(|_| self.slo.is_none_or(|slo| lead > slo) && capacity > 0.0)
             .map_or(0.0, |rate| rate / capacity);
         let guard = here.max(rising).ceil() as u32;
         // Hysteresis: release capacity only when it has not been wanted for a while. What
         // the forecast wanted is held for `burst_hold` if bursts have been coming back
-        // within it, else for `release_delay`; what the guard wanted (work already here)
-        // for two start-up times, since an instance released now cannot be back sooner:
+        // within it, else for `release_delay`; what the guard wanted (work already here,
+        // a rise going on) for two start-up times, since an instance released now cannot be back sooner:
         // with a 1 s start-up a burst's instances go once it has passed.
         let hold = if self.bursts.return_within(self.burst_hold) {
             self.burst_hold

@@ -514,14 +514,14 @@ fn predictive_provisions_ahead_of_bursts_that_start_at_the_same_minutes_of_the_h
 }
 
 /// The predictive policy's asks, asked once a minute (a per-minute trace), for 20 req/s
-/// for ten hours, then a minute at 40 req/s and 20 again, with start-up `lead` and latency
+/// for ten hours, then a minute at 50 req/s and 20 again, with start-up `lead` and latency
 /// objective `slo`; from the minute before the rise on.
-fn asks_around_a_doubling(lead: Duration, slo: Duration) -> Vec<u32> {
-    let mut predictive = Predictive::new(Caution::NORMAL, lead).with_slo(Some(slo));
+fn asks_around_a_rise(lead: Duration, slo: Option<Duration>) -> Vec<u32> {
+    let mut predictive = Predictive::new(Caution::NORMAL, lead).with_slo(slo);
     let mut arrivals = 0u64;
     (1..=610u64)
         .map(|minute| {
-            let rate = if minute == 601 { 40 } else { 20 };
+            let rate = if minute == 601 { 50 } else { 20 };
             arrivals += 60 * rate;
             let busy = (rate / 10) as u32;
             predictive.desired(&bounds(), &at(60 * minute, 40, busy, 0, arrivals))
@@ -532,20 +532,58 @@ fn asks_around_a_doubling(lead: Duration, slo: Duration) -> Vec<u32> {
 
 #[test]
 fn predictive_asks_for_a_rise_to_go_on_while_instances_start() {
-    // With 120 s start-up and a 2 s objective, the guard asks for the newest minute (40
-    // req/s) plus its rise over the two minutes before (20): 60 req/s at 75 % of 10 req/s
-    // an instance, 8 instances, held two start-up times (four minutes). Without the rise,
-    // the work executing (4 busy at 75 %) asks for 6.
+    // With 120 s start-up and a 2 s objective, the guard asks for the newest minute (50
+    // req/s) plus its rise over the two minutes before (30): 80 req/s at 75 % of 10 req/s
+    // an instance, 10.7, so 11 instances, held two start-up times (four minutes). Without
+    // the rise, the work executing (5 busy at 75 %, 6.7) asks for 7.
     let minute = Duration::from_secs(60);
-    let slow = asks_around_a_doubling(minute * 2, Duration::from_secs(2));
-    assert_eq!(slow[..6], [3, 8, 8, 8, 8, 8]);
-    assert!(slow[6] < 6, "held past two start-up times: {}", slow[6]);
+    let slow = asks_around_a_rise(minute * 2, Some(Duration::from_secs(2)));
+    assert_eq!(slow[..6], [3, 11, 11, 11, 11, 11]);
+    assert!(slow[6] < 7, "held past two start-up times: {}", slow[6]);
+    // No objective: the same.
+    assert_eq!(asks_around_a_rise(minute * 2, None), slow);
     // Start-up within the objective: the guard's instances come in time.
-    let within = asks_around_a_doubling(minute * 2, minute * 3);
-    assert_eq!(within[..6], [3, 6, 6, 6, 6, 6]);
+    let within = asks_around_a_rise(minute * 2, Some(minute * 3));
+    assert_eq!(within[..6], [3, 7, 7, 7, 7, 7]);
     // Start-up no longer than a sample: asked for at one, ready before the next.
-    let short = asks_around_a_doubling(minute, Duration::from_secs(2));
-    assert_eq!(short[1], 6);
+    let short = asks_around_a_rise(minute, Some(Duration::from_secs(2)));
+    assert_eq!(short[1], 7);
+}
+
+#[test]
+fn predictive_guard_asks_the_same_however_often_it_is_asked_between_samples() {
+    // The live scaler asks every 200 ms, samples come once a second: the rise is measured
+    // at samples, not on every call. A rate of 20 req/s with one second at 100 (second
+    // 300), with a 2.5 s start-up (spans that do not fall on whole seconds), asked once a
+    // second and five times a second from time zero (arrivals counted as they come), gives
+    // the same asks at whole seconds. At 300 the newest span (1.25 s) holds seconds 299 and
+    // 300 (mean 60), the one before it (2.5 s) 297 and 298 (20): 60 + 40 = 100 req/s at
+    // 75 % of 10 req/s, 14 instances, as the 10 busy instances alone ask. Measured at
+    // 300.4 s, the newest span would hold only 300 and the one before 297-299: 100 + 80 =
+    // 180 req/s, 24 instances, held two start-up times.
+    let asks = |per_second: u64| {
+        let mut predictive = Predictive::new(Caution::NORMAL, Duration::from_millis(2500));
+        let mut arrivals = 0u64;
+        let mut whole = Vec::new();
+        for tick in 0..=310 * per_second {
+            let second = tick.div_ceil(per_second);
+            let rate = if second == 300 { 100 } else { 20 };
+            arrivals += rate / per_second;
+            let busy = (rate / 10) as u32;
+            let observation = Observation {
+                now: Duration::from_millis(tick * 1000 / per_second),
+                ..at(0, 40, busy, 0, arrivals)
+            };
+            let desired = predictive.desired(&bounds(), &observation);
+            if tick % per_second == 0 {
+                whole.push(desired);
+            }
+        }
+        whole
+    };
+    let once = asks(1);
+    assert_eq!(once[299..302], [3, 14, 14], "{once:?}");
+    assert_eq!(asks(5), once);
 }
 
 #[test]
