@@ -155,8 +155,19 @@ impl MaruNode {
 }
 
 impl Drop for MaruNode {
+    /// On an early return: SIGTERM first, so that maru stops its process services (killed
+    /// -9, it would leave them running), SIGKILL after 10 s.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let started = Instant::now();
+            while matches!(child.try_wait(), Ok(None))
+                && started.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(25));
+            }
             _ = child.kill();
             _ = child.wait();
         }

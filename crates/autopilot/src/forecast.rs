@@ -426,8 +426,8 @@ impl BurstGaps {
     /// The rate a burst is expected to reach if capacity asked for at `now` with start-up
     /// `lead` could meet one: while bursts keep a clock rhythm, from `lead` before its
     /// window until the window ends, the median highest sample of the bursts that started
-    /// in it; otherwise none. A rhythm with no burst in its window for
-    /// [`Self::RHYTHM_LAPSES_MINUTES`] is no longer kept to.
+    /// in it; otherwise none. A rhythm with no burst in its window for 12 hours is no
+    /// longer kept to.
     pub fn expected_burst(&self, now: Duration, lead: Duration) -> Option<f64> {
         let rhythm = self
             .rhythm

@@ -388,6 +388,18 @@ pub fn raw_exchange(stream: &mut TcpStream, send: &[u8], limit: Duration) -> (St
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGTERM first, so that maru stops its process services: a node killed -9
+            // leaves them running until its next start reaps them, and a dropped node has
+            // none. SIGKILL if it has not exited within 10 s.
+            _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let started = Instant::now();
+            while matches!(child.try_wait(), Ok(None))
+                && started.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             _ = child.kill();
             _ = child.wait();
         }

@@ -262,6 +262,29 @@ fn no_process_outlives_a_killed_maru_after_the_next_start() {
 }
 
 #[test]
+fn a_stopped_maru_stops_its_processes() {
+    let mut node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy(
+            "steady",
+            "/st",
+            "env = { STARTUP_MS = \"0\" }\ninstances = { min = 1, max = 2 }",
+        ),
+    );
+    let pid = pid_of(&node.get("/st").body);
+    node.stop();
+    let started = std::time::Instant::now();
+    while alive(pid) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !alive(pid),
+        "process {pid} outlived maru's SIGTERM shutdown"
+    );
+}
+
+#[test]
 fn a_command_that_does_not_exist_is_rejected_at_deploy() {
     let node = Node::start();
     let manifest = "[app]\nname = \"ghost\"\n\n[service.web]\ncommand = [\"no-such-program-maru-test\", \"--port\", \"{port}\"]\nroutes = [\"/ghost\"]\n";
