@@ -137,21 +137,29 @@ impl MaruNode {
 
     /// SIGTERM and wait.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let started = Instant::now();
-            while child.try_wait()?.is_none() {
-                if started.elapsed() > Duration::from_secs(30) {
-                    child.kill()?;
-                    bail!("maru did not stop within 30 s of SIGTERM; killed it");
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
+        if let Some(mut child) = self.child.take()
+            && !terminate(&mut child, Duration::from_secs(30))?
+        {
+            child.kill()?;
+            bail!("maru did not stop within 30 s of SIGTERM; killed it");
         }
         Ok(())
     }
+}
+
+/// Send `child` SIGTERM and wait up to `within` for it to exit; whether it did.
+fn terminate(child: &mut Child, within: Duration) -> std::io::Result<bool> {
+    _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() >= within {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(true)
 }
 
 impl Drop for MaruNode {
@@ -159,15 +167,7 @@ impl Drop for MaruNode {
     /// -9, it would leave them running), SIGKILL after 10 s.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let started = Instant::now();
-            while matches!(child.try_wait(), Ok(None))
-                && started.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(25));
-            }
+            _ = terminate(&mut child, Duration::from_secs(10));
             _ = child.kill();
             _ = child.wait();
         }

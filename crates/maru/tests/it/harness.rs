@@ -184,25 +184,16 @@ impl Node {
     /// SIGTERM, and wait for a clean exit.
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("node is running");
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("send SIGTERM");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for maru") {
-                assert!(
-                    status.success(),
-                    "maru exited with {status} after SIGTERM:\n{}",
-                    self.log()
-                );
-                return;
-            }
-            if started.elapsed() > Duration::from_secs(30) {
+        match terminate(&mut child, Duration::from_secs(30)) {
+            Some(status) => assert!(
+                status.success(),
+                "maru exited with {status} after SIGTERM:\n{}",
+                self.log()
+            ),
+            None => {
                 _ = child.kill();
                 panic!("maru did not exit within 30 s of SIGTERM:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -385,21 +376,30 @@ pub fn raw_exchange(stream: &mut TcpStream, send: &[u8], limit: Duration) -> (St
     }
 }
 
+/// Send `child` SIGTERM and wait up to `within` for it to exit; its status if it did.
+fn terminate(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if started.elapsed() < within => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return None,
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGTERM first, so that maru stops its process services: a node killed -9
             // leaves them running until its next start reaps them, and a dropped node has
             // none. SIGKILL if it has not exited within 10 s.
-            _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let started = Instant::now();
-            while matches!(child.try_wait(), Ok(None))
-                && started.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            _ = terminate(&mut child, Duration::from_secs(10));
             _ = child.kill();
             _ = child.wait();
         }
