@@ -1,5 +1,6 @@
 //! A service's metrics history: one sample a second for the last hour, and one-minute
-//! averages for 14 days. Bounded, and encoded as text for persistence by the caller.
+//! averages for 14 days. Bounded, and encoded as text with a checksum for persistence by
+//! the caller.
 
 use std::collections::VecDeque;
 
@@ -112,11 +113,18 @@ impl History {
         self.minutes.iter()
     }
 
+    /// The first line of an encoded history.
+    const VERSION: &str = "maru-history 2";
+    /// The first line of a history written before version 2, which had no checksum line.
+    const VERSION_1: &str = "maru-history 1";
+
     /// Text: a version line, then one line per sample, `s` (second) or `m` (minute), the
-    /// unix time and the seven values. The minute being filled is closed first.
+    /// unix time and the seven values, then `end` and a checksum of everything before that
+    /// line (the first 8 bytes of its BLAKE3 hash, in hex), so that a file cut short or
+    /// with a flipped bit does not decode. The minute being filled is closed first.
     pub fn encode(&mut self) -> String {
         self.close_minute();
-        let mut out = String::from("maru-history 1\n");
+        let mut out = format!("{}\n", Self::VERSION);
         for (kind, series) in [("m", &self.minutes), ("s", &self.seconds)] {
             for sample in series {
                 out.push_str(kind);
@@ -129,17 +137,42 @@ impl History {
                 out.push('\n');
             }
         }
+        let sum = checksum(&out);
+        out.push_str("end ");
+        out.push_str(&sum);
+        out.push('\n');
         out
     }
 
-    /// The inverse of [`History::encode`]; names the first bad line.
+    /// The inverse of [`History::encode`] (also reads version 1, written before the
+    /// checksum line); says what is wrong: a bad checksum, or the first bad line.
     pub fn decode(text: &str) -> Result<History, String> {
-        let mut lines = text.lines();
-        if lines.next() != Some("maru-history 1") {
-            return Err("line 1: not a maru history (expected `maru-history 1`)".into());
-        }
+        let body = match text.lines().next() {
+            Some(Self::VERSION_1) => text,
+            Some(Self::VERSION) => {
+                let (body, last) = text
+                    .strip_suffix('\n')
+                    .and_then(|whole| whole.rfind('\n').map(|at| whole.split_at(at + 1)))
+                    .ok_or("the file ends before its checksum line: it was cut short")?;
+                let sum = last.strip_prefix("end ").ok_or(
+                    "the last line is not `end CHECKSUM`: the file was cut short or damaged",
+                )?;
+                if sum != checksum(body) {
+                    return Err(
+                        "the checksum does not match the samples: the file is damaged".into(),
+                    );
+                }
+                body
+            }
+            _ => {
+                return Err(format!(
+                    "line 1: not a maru history (expected `{}`)",
+                    Self::VERSION
+                ));
+            }
+        };
         let mut history = History::default();
-        for (index, line) in lines.enumerate() {
+        for (index, line) in body.lines().skip(1).enumerate() {
             let bad = || {
                 format!(
                     "line {}: `{}` is not a sample",
@@ -180,6 +213,11 @@ impl History {
         }
         Ok(history)
     }
+}
+
+/// The first 8 bytes of the BLAKE3 hash of `text`, in hex.
+fn checksum(text: &str) -> String {
+    blake3::hash(text.as_bytes()).to_hex()[..16].to_string()
 }
 
 #[cfg(test)]
@@ -242,12 +280,70 @@ mod tests {
         );
         assert!(History::decode("nonsense").is_err());
         let error = History::decode(&text.replacen("s 6001", "s 6001x", 1)).expect_err("bad line");
-        assert!(error.contains("line"), "{error}");
+        assert!(error.contains("checksum"), "{error}");
+        // A version 1 file (before checksums) names its bad line.
+        let version_1 = text
+            .replacen("maru-history 2", "maru-history 1", 1)
+            .lines()
+            .filter(|line| !line.starts_with("end "))
+            .map(|line| format!("{line}\n"))
+            .collect::<String>();
+        assert_eq!(
+            History::decode(&version_1)
+                .expect("version 1 decodes")
+                .seconds()
+                .count(),
+            200
+        );
+        let error =
+            History::decode(&version_1.replacen("s 6001", "s 6001x", 1)).expect_err("bad line");
+        assert!(error.starts_with("line 7:"), "{error}");
+    }
+
+    fn encoded() -> String {
+        let mut history = History::default();
+        for s in 0..150 {
+            history.record(Sample {
+                unix_s: 6000 + s,
+                arrivals: s as f64 / 7.0,
+                completions: 3.25,
+                latency_ms: 12.5,
+                instances: 3.0,
+                ..Sample::default()
+            });
+        }
+        history.encode()
+    }
+
+    #[test]
+    fn a_history_cut_short_anywhere_does_not_decode() {
+        // A torn write: every proper prefix is refused.
+        let text = encoded();
+        for end in 0..text.len() {
+            assert!(
+                History::decode(&text[..end]).is_err(),
+                "decoded when cut at byte {end} of {}",
+                text.len()
+            );
+        }
     }
 
     proptest! {
         #[test]
-        fn decode_never_panics(text in "maru-history 1\n[ms0-9 .\n-]{0,200}") {
+        fn a_flipped_bit_anywhere_does_not_decode(at in 0usize..10_000, bit in 0u8..8) {
+            let mut bytes = encoded().into_bytes();
+            let at = at % bytes.len();
+            bytes[at] ^= 1 << bit;
+            // A flip that breaks UTF-8 is refused before decoding (the node reads text).
+            if let Ok(text) = String::from_utf8(bytes) {
+                prop_assert!(History::decode(&text).is_err(), "decoded with byte {at} bit {bit} flipped");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(text in "maru-history [12]\n[ems0-9a-f .\n-]{0,200}") {
             _ = History::decode(&text);
         }
     }

@@ -407,10 +407,20 @@ impl Node {
     /// set aside, never fatal).
     fn load_history(&self, key: &ServiceKey) -> autopilot::history::History {
         let path = self.history_path(key);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Default::default();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Default::default();
+            }
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot read the metrics history; starting a new one (the next save replaces the file)");
+                return Default::default();
+            }
         };
-        match autopilot::history::History::decode(&text) {
+        let decoded = String::from_utf8(bytes)
+            .map_err(|_| "not UTF-8 text".to_string())
+            .and_then(|text| autopilot::history::History::decode(&text));
+        match decoded {
             Ok(history) => history,
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "metrics history does not decode; starting a new one (the old file is kept as .damaged)");

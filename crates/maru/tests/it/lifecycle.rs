@@ -490,7 +490,8 @@ fn anomalies_in_latency_and_errors_are_found_logged_and_counted() {
 }
 
 #[test]
-fn metrics_history_is_kept_by_second_and_by_minute_across_restarts() {
+fn metrics_history_is_kept_by_second_and_by_minute_across_restarts_and_kill_9_and_a_damaged_file_is_set_aside()
+ {
     let mut node = Node::start();
     node.deploy("m.toml", &misbehave_manifest("remembered", "/h", ""));
     for _ in 0..30 {
@@ -541,6 +542,37 @@ fn metrics_history_is_kept_by_second_and_by_minute_across_restarts() {
         )
         .status,
         400
+    );
+
+    // Killed -9, the node loses only what came after the last save: the file written at
+    // the stop above comes back whole.
+    node.kill();
+    node.restart();
+    let killed = history(&node, "");
+    assert!(
+        busy(&killed) >= busy(&before),
+        "the saved history came back after kill -9: {killed}"
+    );
+
+    // A flipped bit in the saved file: the node says so, keeps the file aside as
+    // .damaged, starts a new history and serves.
+    node.stop();
+    let file = node.data.join("history/remembered.guest.txt");
+    let mut bytes = std::fs::read(&file).expect("the history file");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0b10;
+    std::fs::write(&file, &bytes).expect("write the damaged file");
+    node.restart();
+    assert_eq!(node.get("/h/echo").status, 200);
+    assert!(
+        node.log().contains("metrics history does not decode"),
+        "{}",
+        node.log()
+    );
+    assert!(node.data.join("history/remembered.guest.damaged").exists());
+    assert!(
+        busy(&history(&node, "")) < busy(&before),
+        "the damaged history was not used"
     );
 }
 
