@@ -69,6 +69,10 @@ pub struct SeriesPoint {
     pub demand_instances: f64,
     pub ready: f64,
     pub provisioned: f64,
+    /// For a policy that forecasts: the rate it forecast for these steps, one start-up time
+    /// and one step before, as instances needed at full utilisation (averaged over the steps
+    /// that had one).
+    pub forecast_instances: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -142,6 +146,10 @@ pub fn simulate(
     let series_every = (rates.len() / config.series_points.max(1)).max(1);
     let mut bucket = SeriesPoint::default();
     let mut bucket_steps = 0usize;
+    // Forecasts waiting for the step they are for: (step, rate).
+    let forecast_steps = ((startup + dt) / dt).round().max(1.0) as usize;
+    let mut forecasts: VecDeque<(usize, f64)> = VecDeque::new();
+    let (mut forecast_sum, mut forecast_count) = (0.0, 0u32);
     let mut activity = Vec::new();
     // Observations carry whole counts; the fractions left over are carried to the next step
     // (error diffusion), so the counts are right on average and still deterministic.
@@ -275,6 +283,9 @@ pub fn simulate(
         }
 
         let desired = policy.desired(&config.bounds, &observation) as usize;
+        if let Some(forecast) = policy.forecast() {
+            forecasts.push_back((k + forecast_steps, forecast));
+        }
         let current = instances.len();
         if desired > current {
             if measured && ready == 0 && queued > 0.0 {
@@ -315,6 +326,15 @@ pub fn simulate(
         bucket.demand += rate;
         bucket.ready += ready as f64;
         bucket.provisioned += instances.len() as f64;
+        while forecasts.front().is_some_and(|&(due, _)| due < k) {
+            forecasts.pop_front();
+        }
+        if let Some(&(due, forecast)) = forecasts.front()
+            && due == k
+        {
+            forecast_sum += forecast;
+            forecast_count += 1;
+        }
         bucket_steps += 1;
         if bucket_steps == series_every || k + 1 == rates.len() {
             let n = bucket_steps as f64;
@@ -324,9 +344,12 @@ pub fn simulate(
                 demand_instances: bucket.demand / n / per_instance,
                 ready: bucket.ready / n,
                 provisioned: bucket.provisioned / n,
+                forecast_instances: (forecast_count > 0)
+                    .then(|| forecast_sum / f64::from(forecast_count) / per_instance),
             });
             bucket = SeriesPoint::default();
             bucket_steps = 0;
+            (forecast_sum, forecast_count) = (0.0, 0);
         }
     }
     // What is still queued at the end was not served within the SLO either way.
@@ -365,6 +388,65 @@ mod tests {
             series_points: 10,
             measure_from: 0,
         }
+    }
+
+    /// Forecasts, at each decision, exactly the rate one start-up time and one step ahead.
+    struct Foresight {
+        rates: Vec<f64>,
+        steps_ahead: usize,
+        last: Option<f64>,
+    }
+
+    impl Policy for Foresight {
+        fn desired(&mut self, _bounds: &ScalingBounds, observation: &Observation) -> u32 {
+            // Decided at the end of step k, whose observation is stamped (k + 1) s (and once
+            // before the first step, at 0 s).
+            let Some(k) = (observation.now.as_secs() as usize).checked_sub(1) else {
+                return 5;
+            };
+            self.last = self.rates.get(k + self.steps_ahead).copied();
+            5
+        }
+
+        fn forecast(&self) -> Option<f64> {
+            self.last
+        }
+    }
+
+    #[test]
+    fn a_forecast_is_plotted_at_the_time_it_is_for() {
+        // A ramp, 3 s start-up in 1 s steps: what was forecast 4 steps ahead lines up with
+        // the demand of the step it was for, and the first 4 steps have none.
+        let rates: Vec<f64> = (0..40).map(|k| 10.0 * k as f64).collect();
+        let config = SimConfig {
+            series_points: 40,
+            ..config(3)
+        };
+        let mut policy = Foresight {
+            rates: rates.clone(),
+            steps_ahead: 4,
+            last: None,
+        };
+        let result = simulate(&rates, &config, &mut policy, &mut |_, _| {});
+        assert_eq!(result.series.len(), 40);
+        for (k, point) in result.series.iter().enumerate() {
+            if k < 4 {
+                assert_eq!(point.forecast_instances, None, "step {k}");
+            } else {
+                assert_eq!(
+                    point.forecast_instances,
+                    Some(point.demand_instances),
+                    "step {k}"
+                );
+            }
+        }
+        let none = simulate(
+            &rates,
+            &config,
+            &mut Static { instances: 5 },
+            &mut |_, _| {},
+        );
+        assert!(none.series.iter().all(|p| p.forecast_instances.is_none()));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct SimArgs {
     /// With --tune: the availability the tuned setting must hold on the training part.
     #[arg(long, default_value_t = 0.999)]
     availability: f64,
-    /// Write an SVG plot of demand and capacity over time.
+    /// Write an SVG plot of demand, forecast and capacity over time.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Steps not measured at the start (every policy starts idle). Default: the shorter of
@@ -329,8 +329,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A plain SVG line chart: demand (in instances at full utilisation) and each policy's
-/// provisioned instances.
+/// A plain SVG line chart: demand (in instances at full utilisation), each policy's
+/// provisioned instances, and, dashed, the demand each forecasting policy forecast for that
+/// time one start-up time and one step before.
 fn plot(
     name: &str,
     results: &[(PolicyKind, Knob, Option<bool>, SimResult)],
@@ -344,9 +345,11 @@ fn plot(
     let top = results
         .iter()
         .flat_map(|(.., r)| {
-            r.series
-                .iter()
-                .map(|p| p.provisioned.max(p.demand_instances))
+            r.series.iter().map(|p| {
+                p.provisioned
+                    .max(p.demand_instances)
+                    .max(p.forecast_instances.unwrap_or(0.0))
+            })
         })
         .fold(1.0, f64::max);
     let x = |i: usize| margin + (width - 2.0 * margin) * i as f64 / (points - 1) as f64;
@@ -363,7 +366,7 @@ fn plot(
         "#888", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#000",
     ];
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{margin}\" y=\"20\">{name}: demand (instances needed at 100 %) and provisioned instances; {} s per step, {} points</text>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{margin}\" y=\"20\">{name}: demand (grey, instances needed at 100 %), provisioned instances and forecast demand (dashed); {} s per step, {} points</text>\n",
         step.as_secs(),
         points
     );
@@ -382,6 +385,20 @@ fn plot(
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1\" points=\"{}\"/>\n",
             line(series.iter().map(|p| p.provisioned).collect())
         ));
+        // The forecast, in runs of points that have one.
+        let mut run: Vec<String> = Vec::new();
+        for (i, point) in series.iter().enumerate() {
+            if let Some(value) = point.forecast_instances {
+                run.push(format!("{:.1},{:.1}", x(i), y(value)));
+            }
+            if (point.forecast_instances.is_none() || i + 1 == series.len()) && !run.is_empty() {
+                svg.push_str(&format!(
+                    "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1\" stroke-dasharray=\"4 3\" points=\"{}\"/>\n",
+                    run.join(" ")
+                ));
+                run.clear();
+            }
+        }
         svg.push_str(&format!(
             "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{}</text>\n",
             width - 180.0,

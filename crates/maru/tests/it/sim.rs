@@ -161,6 +161,10 @@ fn sim_tunes_and_plots() {
         svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("predictive"),
         "{svg}"
     );
+    assert!(
+        svg.contains("stroke-dasharray"),
+        "predictive's forecast is not drawn: {svg}"
+    );
 }
 
 #[test]
