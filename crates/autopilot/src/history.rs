@@ -21,12 +21,17 @@ pub struct Sample {
     pub instances: f64,
     /// Cold starts in the second (in the minute series: per second, averaged).
     pub cold_starts: f64,
+    /// Start-up time of the instance that last became ready, ms; 0 until one has.
+    pub startup_ms: f64,
 }
 
-const FIELDS: usize = 8;
+/// Values per sample after its time.
+const VALUES: usize = 8;
+/// Values per sample in version 1, which had no start-up time.
+const VALUES_1: usize = 7;
 
 impl Sample {
-    fn values(&self) -> [f64; FIELDS - 1] {
+    fn values(&self) -> [f64; VALUES] {
         [
             self.arrivals,
             self.completions,
@@ -35,10 +40,11 @@ impl Sample {
             self.latency_ms,
             self.instances,
             self.cold_starts,
+            self.startup_ms,
         ]
     }
 
-    fn from_values(unix_s: u64, v: [f64; FIELDS - 1]) -> Sample {
+    fn from_values(unix_s: u64, v: [f64; VALUES]) -> Sample {
         Sample {
             unix_s,
             arrivals: v[0],
@@ -48,6 +54,7 @@ impl Sample {
             latency_ms: v[4],
             instances: v[5],
             cold_starts: v[6],
+            startup_ms: v[7],
         }
     }
 }
@@ -91,7 +98,7 @@ impl History {
             return;
         };
         let n = self.partial.len() as f64;
-        let mut sums = [0.0; FIELDS - 1];
+        let mut sums = [0.0; VALUES];
         for sample in &self.partial {
             for (sum, value) in sums.iter_mut().zip(sample.values()) {
                 *sum += value;
@@ -119,7 +126,7 @@ impl History {
     const VERSION_1: &str = "maru-history 1";
 
     /// Text: a version line, then one line per sample, `s` (second) or `m` (minute), the
-    /// unix time and the seven values, then `end` and a checksum of everything before that
+    /// unix time and the eight values, then `end` and a checksum of everything before that
     /// line (the first 8 bytes of its BLAKE3 hash, in hex), so that a file cut short or
     /// with a flipped bit does not decode. The minute being filled is closed first.
     pub fn encode(&mut self) -> String {
@@ -145,10 +152,11 @@ impl History {
     }
 
     /// The inverse of [`History::encode`] (also reads version 1, written before the
-    /// checksum line); says what is wrong: a bad checksum, or the first bad line.
+    /// checksum line and the start-up time: its start-up times read as 0); says what is
+    /// wrong: a bad checksum, or the first bad line.
     pub fn decode(text: &str) -> Result<History, String> {
-        let body = match text.lines().next() {
-            Some(Self::VERSION_1) => text,
+        let (body, values_per_line) = match text.lines().next() {
+            Some(Self::VERSION_1) => (text, VALUES_1),
             Some(Self::VERSION) => {
                 let (body, last) = text
                     .strip_suffix('\n')
@@ -162,7 +170,7 @@ impl History {
                         "the checksum does not match the samples: the file is damaged".into(),
                     );
                 }
-                body
+                (body, VALUES)
             }
             _ => {
                 return Err(format!(
@@ -183,8 +191,8 @@ impl History {
             let mut fields = line.split(' ');
             let kind = fields.next().ok_or_else(bad)?;
             let unix_s: u64 = fields.next().and_then(|f| f.parse().ok()).ok_or_else(bad)?;
-            let mut values = [0.0; FIELDS - 1];
-            for value in &mut values {
+            let mut values = [0.0; VALUES];
+            for value in &mut values[..values_per_line] {
                 *value = fields
                     .next()
                     .and_then(|f| f.parse::<f64>().ok())
@@ -266,11 +274,13 @@ mod tests {
                 arrivals: s as f64 / 3.0,
                 latency_ms: 1.5,
                 instances: 2.0,
+                startup_ms: 2400.0,
                 ..Sample::default()
             });
         }
         let text = history.encode();
         let back = History::decode(&text).expect("decode");
+        assert!(back.seconds().all(|s| s.startup_ms == 2400.0));
         assert_eq!(back.seconds().count(), 200);
         assert_eq!(back.minutes().count(), 4);
         assert_eq!(
@@ -281,19 +291,23 @@ mod tests {
         assert!(History::decode("nonsense").is_err());
         let error = History::decode(&text.replacen("s 6001", "s 6001x", 1)).expect_err("bad line");
         assert!(error.contains("checksum"), "{error}");
-        // A version 1 file (before checksums) names its bad line.
+        // A version 1 file: no start-up time (the last value) and no checksum line.
         let version_1 = text
             .replacen("maru-history 2", "maru-history 1", 1)
             .lines()
             .filter(|line| !line.starts_with("end "))
-            .map(|line| format!("{line}\n"))
+            .map(|line| match line.rsplit_once(' ') {
+                Some((rest, _)) if line.starts_with("s ") || line.starts_with("m ") => {
+                    format!("{rest}\n")
+                }
+                _ => format!("{line}\n"),
+            })
             .collect::<String>();
-        assert_eq!(
-            History::decode(&version_1)
-                .expect("version 1 decodes")
-                .seconds()
-                .count(),
-            200
+        let old = History::decode(&version_1).expect("version 1 decodes");
+        assert_eq!(old.seconds().count(), 200);
+        assert!(
+            old.seconds()
+                .all(|s| s.startup_ms == 0.0 && s.latency_ms == 1.5)
         );
         let error =
             History::decode(&version_1.replacen("s 6001", "s 6001x", 1)).expect_err("bad line");

@@ -311,6 +311,7 @@ async fn history(
             latency_ms: s.latency_ms,
             instances: s.instances,
             cold_starts: s.cold_starts,
+            startup_ms: s.startup_ms,
         })
         .collect();
     json(&maru_api::HistoryResponse {

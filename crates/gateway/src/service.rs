@@ -386,6 +386,10 @@ impl Service {
                 },
                 instances: (gauges.ready + gauges.starting) as f64,
                 cold_starts: cold_starts.saturating_sub(watch.last_cold_starts) as f64,
+                startup_ms: self
+                    .metrics
+                    .startup_last()
+                    .map_or(0.0, |startup| startup.as_secs_f64() * 1000.0),
             });
         watch.last_cold_starts = cold_starts;
         let values = [

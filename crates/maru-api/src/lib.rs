@@ -195,6 +195,9 @@ pub struct HistorySample {
     pub latency_ms: f64,
     pub instances: f64,
     pub cold_starts: f64,
+    /// Start-up time of the instance that last became ready, ms; 0 until one has.
+    #[serde(default)]
+    pub startup_ms: f64,
 }
 
 /// `GET /v1/events`: one entry per open topic.

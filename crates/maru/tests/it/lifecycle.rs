@@ -521,6 +521,14 @@ fn metrics_history_is_kept_by_second_and_by_minute_across_restarts_and_kill_9_an
         busy(&before) >= 2,
         "seconds with traffic are recorded: {before}"
     );
+    assert!(
+        before["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["startup_ms"].as_f64() > Some(0.0)),
+        "the instance's start-up time is recorded: {before}"
+    );
     node.stop();
     node.restart();
     let after = history(&node, "");
