@@ -267,18 +267,7 @@ mod tests {
 
     #[test]
     fn encode_decode_round_trip() {
-        let mut history = History::default();
-        for s in 0..200 {
-            history.record(Sample {
-                unix_s: 6000 + s,
-                arrivals: s as f64 / 3.0,
-                latency_ms: 1.5,
-                instances: 2.0,
-                startup_ms: 2400.0,
-                ..Sample::default()
-            });
-        }
-        let text = history.encode();
+        let text = encoded();
         let back = History::decode(&text).expect("decode");
         assert!(back.seconds().all(|s| s.startup_ms == 2400.0));
         assert_eq!(back.seconds().count(), 200);
@@ -314,15 +303,17 @@ mod tests {
         assert!(error.starts_with("line 7:"), "{error}");
     }
 
+    /// 200 seconds (unix 6000-6199, so four minutes) of samples, encoded.
     fn encoded() -> String {
         let mut history = History::default();
-        for s in 0..150 {
+        for s in 0..200 {
             history.record(Sample {
                 unix_s: 6000 + s,
-                arrivals: s as f64 / 7.0,
+                arrivals: s as f64 / 3.0,
                 completions: 3.25,
-                latency_ms: 12.5,
-                instances: 3.0,
+                latency_ms: 1.5,
+                instances: 2.0,
+                startup_ms: 2400.0,
                 ..Sample::default()
             });
         }
