@@ -253,8 +253,9 @@ fn daily_season(series: &[f64], per_day: usize) -> bool {
 
 /// How soon bursts come back: the gaps between bursts of a rate, in whole minutes. A minute
 /// is a burst when its highest sample is at least twice the mean of the (up to sixty)
-/// minutes recorded before it, and at least `floor` above that mean (for the policy, one instance's worth of demand, so a
-/// near-idle service's noise is not a burst); consecutive burst minutes are one burst.
+/// minutes recorded before it, and at least `floor` above that mean (for the policy, one
+/// instance's worth of demand, so a near-idle service's noise is not a burst); consecutive
+/// burst minutes are one burst.
 /// Also whether bursts keep a clock rhythm: at least 60 % of the last 20 starting in the
 /// same three minutes of every hour or half hour ([`BurstGaps::expected_burst`]).
 /// Bounded: keeps the last 20 gaps, the last 20 burst starts and an hour of minute means.

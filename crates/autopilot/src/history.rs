@@ -341,7 +341,10 @@ mod tests {
             bytes[at] ^= 1 << bit;
             // A flip that breaks UTF-8 is refused before decoding (the node reads text).
             if let Ok(text) = String::from_utf8(bytes) {
-                prop_assert!(History::decode(&text).is_err(), "decoded with byte {at} bit {bit} flipped");
+                prop_assert!(
+                    History::decode(&text).is_err(),
+                    "decoded with byte {at} bit {bit} flipped"
+                );
             }
         }
     }

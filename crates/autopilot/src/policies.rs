@@ -379,12 +379,12 @@ impl Caution {
 
 /// Maru's policy: forecast demand over the instance start-up lead time and provision for an
 /// upper quantile of it, with a reactive guard for what no forecast sees (the work already
-/// here and, where start-up is longer than the service's latency objective, a rising rate
-/// rising as far again: [`Rise`]), and scale down slowly (hysteresis): ten minutes after the forecast fell where the service's bursts have been
-/// coming back within ten minutes, one minute elsewhere ([`BurstGaps`]). Where at
-/// least 60 % of the recent bursts start in the same three minutes of every hour or half
-/// hour, capacity for their median peak is ready when those minutes come, if start-up is
-/// longer than the service's latency objective.
+/// here and, where start-up is longer than the service's latency objective, a rise going
+/// on as far again: [`Rise`]), and scale down slowly (hysteresis): ten minutes after the
+/// forecast fell where the service's bursts have been coming back within ten minutes, one
+/// minute elsewhere ([`BurstGaps`]). Where at least 60 % of the recent bursts start in the
+/// same three minutes of every hour or half hour, capacity for their median peak is ready
+/// when those minutes come, if start-up is longer than the service's latency objective.
 ///
 /// Three forecasters compete, each scored by rolling backtest (every forecast against what
 /// then arrived, a rolling mean absolute error); the one with the lowest error is the
@@ -707,8 +707,8 @@ impl Policy for Predictive {
         // Hysteresis: release capacity only when it has not been wanted for a while. What
         // the forecast wanted is held for `burst_hold` if bursts have been coming back
         // within it, else for `release_delay`; what the guard wanted (work already here,
-        // a rise going on) for two start-up times, since an instance released now cannot be back sooner:
-        // with a 1 s start-up a burst's instances go once it has passed.
+        // a rise going on) for two start-up times, since an instance released now cannot be
+        // back sooner: with a 1 s start-up a burst's instances go once it has passed.
         let hold = if self.bursts.return_within(self.burst_hold) {
             self.burst_hold
         } else {
