@@ -495,18 +495,21 @@ impl Rise {
         }
         let split = now.checked_sub(newest)?;
         let oldest = split.checked_sub(lead)?;
-        let mean = |span: &dyn Fn(Duration) -> bool| {
-            let (sum, count) = self
-                .samples
-                .iter()
-                .filter(|&&(at, _)| span(at))
-                .fold((0.0, 0u32), |(sum, count), &(_, rate)| {
-                    (sum + rate, count + 1)
-                });
-            (count > 0).then(|| sum / f64::from(count))
-        };
-        let recent = mean(&|at| at > split)?;
-        let before = mean(&|at| at > oldest && at <= split)?;
+        // (sum, count) of the newest span and of the lead before it.
+        let (mut recent, mut before) = ((0.0, 0u32), (0.0, 0u32));
+        for &(at, rate) in &self.samples {
+            let span = if at > split {
+                &mut recent
+            } else if at > oldest {
+                &mut before
+            } else {
+                continue;
+            };
+            span.0 += rate;
+            span.1 += 1;
+        }
+        let mean = |(sum, count): (f64, u32)| (count > 0).then(|| sum / f64::from(count));
+        let (recent, before) = (mean(recent)?, mean(before)?);
         Some(recent + (recent - before).max(0.0))
     }
 }

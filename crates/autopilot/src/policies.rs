@@ -699,9 +699,12 @@ impl Policy for Predictive {
         // the level four minutes later) found almost a fifth of the capacity it needed
         // missing (BENCHMARKS.md). With a shorter start-up the guard's instances come
         // within the objective, as for the rhythm below.
+        // What waits for a start-up longer than the objective misses it: only then is
+        // capacity asked for ahead of what is already here.
+        let ahead = self.slo.is_none_or(|slo| lead > slo);
         let rising = self
             .rising
-            .filter(|_| self.slo.is_none_or(|slo| lead > slo) && capacity > 0.0)
+            .filter(|_| ahead && capacity > 0.0)
             .map_or(0.0, |rate| rate / capacity);
         let guard = here.max(rising).ceil() as u32;
         // Hysteresis: release capacity only when it has not been wanted for a while. What
@@ -726,7 +729,7 @@ impl Policy for Predictive {
         let rhythm = self
             .bursts
             .expected_burst(now, lead)
-            .filter(|_| self.slo.is_none_or(|slo| lead > slo) && per_instance > 0.0)
+            .filter(|_| ahead && per_instance > 0.0)
             .map_or(0, |peak| (peak / per_instance).ceil() as u32);
         clamp_desired(bounds, held_forecast.max(held_guard).max(rhythm))
     }
