@@ -9,12 +9,20 @@ use anyhow::bail;
 const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("maru-api", &[]),
     ("autopilot", &[]),
-    ("runtime", &[]),
-    ("events", &[]),
+    ("disk", &[]),
+    ("runtime", &["disk"]),
+    ("events", &["disk"]),
     ("gateway", &["runtime", "autopilot", "events"]),
     (
         "control",
-        &["maru-api", "runtime", "gateway", "autopilot", "events"],
+        &[
+            "maru-api",
+            "runtime",
+            "gateway",
+            "autopilot",
+            "events",
+            "disk",
+        ],
     ),
     (
         "maru",
@@ -25,6 +33,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
             "autopilot",
             "control",
             "events",
+            "disk",
         ],
     ),
     ("xtask", &[]),
@@ -32,6 +41,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
 
 const INTERNAL: &[&str] = &[
     "maru-api",
+    "disk",
     "autopilot",
     "runtime",
     "gateway",
@@ -161,10 +171,51 @@ pub fn check_autopilot_is_sans_io(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Files whose every disk access goes through `disk::Disk`, so the power-cut simulation
+/// runs exactly the code that runs in production.
+const THROUGH_DISK: &[&str] = &[
+    "crates/events/src/topic.rs",
+    "crates/events/src/topic/recovery.rs",
+    "crates/events/src/topic/groups.rs",
+];
+
+/// Persistence code touches files only through the `disk` crate's trait.
+pub fn check_persistence_goes_through_disk(root: &Path) -> anyhow::Result<()> {
+    let banned = [
+        "std::fs",
+        "File::",
+        "OpenOptions",
+        "tokio::fs",
+        "SystemTime",
+    ];
+    let mut problems = Vec::new();
+    for file in THROUGH_DISK {
+        let text = std::fs::read_to_string(root.join(file))?;
+        for (number, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for pattern in banned {
+                if line.contains(pattern) {
+                    problems.push(format!("{file}:{}: `{pattern}`", number + 1));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "persistence code must use disk::Disk and disk::Clock, not the OS directly:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
 pub fn check_all(root: &Path) -> anyhow::Result<()> {
     check_hygiene(root)?;
     check_dependencies(root)?;
-    check_autopilot_is_sans_io(root)
+    check_autopilot_is_sans_io(root)?;
+    check_persistence_goes_through_disk(root)
 }
 
 /// Just enough TOML to list the keys of a `[section]` in a Cargo.toml, so xtask needs no
@@ -223,6 +274,11 @@ mod tests {
     #[test]
     fn autopilot_does_no_io() {
         check_autopilot_is_sans_io(&root()).expect("sans-io");
+    }
+
+    #[test]
+    fn persistence_goes_through_the_disk_trait() {
+        check_persistence_goes_through_disk(&root()).expect("through disk");
     }
 
     #[test]

@@ -374,7 +374,10 @@ async fn read_events(
             );
         }
     };
-    let next = events.last().map_or(from, |e| e.offset + 1);
+    // Past the last event read, or past offsets that are lost when none was readable.
+    let next = events
+        .last()
+        .map_or_else(|| topic_handle.skip_lost(from), |e| e.offset + 1);
     let events = events
         .into_iter()
         .map(|e| {

@@ -997,6 +997,7 @@ impl Node {
                         })
                         .collect(),
                     broken: topic.broken(),
+                    lost: stats.lost.iter().map(|r| [r.start, r.end]).collect(),
                 }
             })
             .collect()

@@ -17,6 +17,18 @@ use bytes::{BufMut, Bytes};
 
 pub const HEADER_BYTES: usize = 8;
 const FIXED_BODY_BYTES: usize = 8 + 8 + 4 * 2;
+/// The smallest a record can be (no attributes, no payload): recovery uses it to bound how
+/// many offsets a damaged stretch of bytes can have held.
+pub const RECORD_BYTES_MIN: usize = HEADER_BYTES + FIXED_BODY_BYTES;
+/// Where a record's body length and offset sit, so recovery can look for the next record
+/// after damage without hashing every position.
+pub fn peek(bytes: &[u8]) -> Option<(usize, u64)> {
+    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?) as usize;
+    let offset = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    (FIXED_BODY_BYTES..=BODY_BYTES_MAX)
+        .contains(&len)
+        .then_some((len, offset))
+}
 /// The largest body a record may have; larger lengths are corruption.
 pub const BODY_BYTES_MAX: usize = 16 << 20;
 /// The longest key, content type, type or source.
@@ -100,6 +112,14 @@ pub fn encode(event: &NewEvent, offset: u64, time_ms: u64, out: &mut Vec<u8>) {
     out.put_slice(&event.payload);
     let sum = checksum(&out[start + HEADER_BYTES..]);
     out[start + 4..start + 8].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// Give an encoded record (exactly its bytes) a new offset, checksum included.
+pub fn renumber(record: &mut [u8], offset: u64) {
+    assert!(record.len() >= RECORD_BYTES_MIN, "a whole record");
+    record[HEADER_BYTES..HEADER_BYTES + 8].copy_from_slice(&offset.to_le_bytes());
+    let sum = checksum(&record[HEADER_BYTES..]);
+    record[4..8].copy_from_slice(&sum.to_le_bytes());
 }
 
 fn checksum(body: &[u8]) -> u32 {

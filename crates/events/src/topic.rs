@@ -6,18 +6,38 @@
 //! them all, so an acknowledged event is on disk and fsync costs are shared by everyone
 //! who arrived while the previous sync ran. The next group is gathered and encoded while
 //! a sync runs, and starts as soon as it returns. Readers see only what is durable.
+//!
+//! Every file goes through [`disk::Disk`], so the same code runs under the simulated disk
+//! in the power-cut simulation (`tests/it/powercut.rs`). How a topic is recovered is in
+//! `recovery`. When a write or a sync fails (a full disk, an I/O error), the group's appends
+//! are answered with an error and the topic repairs itself before the next append, so it
+//! works again once space returns:
+//! - after a failed **write**, the newest segment is cut back to its last synced record and
+//!   synced (those bytes were never acknowledged);
+//! - after a failed **sync**, the page cache cannot be trusted (Linux marks the pages it
+//!   failed to write as clean, so a later sync may report success for lost data), so the
+//!   segment is sealed as it stands and appends continue in a new segment at the next
+//!   offset; the failed group's offsets are never handed out again.
+//!
+//! A repair that fails (the disk is still full) fails that append and is tried again with
+//! the next one.
+
+mod groups;
+mod recovery;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::future::Future;
 use std::ops::Range;
-use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
+use disk::{DiskFile, Env, OpenMode};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+pub(crate) use groups::check_group_name;
 
 use crate::record::{self, Decoded, Event, NewEvent};
 
@@ -29,8 +49,8 @@ const GROUP_BYTES_MAX: usize = 8 << 20;
 const PENDING_BYTES_MAX: usize = 64 << 20;
 /// How often an idle topic's writer applies retention (a busy one does every 10 s).
 const RETENTION_IDLE_CHECK: Duration = Duration::from_secs(60);
-/// A consumer group name: at most this many bytes of `[a-z0-9._-]`.
-const GROUP_NAME_BYTES_MAX: usize = 128;
+/// Lost ranges a topic remembers for reporting (merged; the oldest beyond are dropped).
+const LOST_RANGES_MAX: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -94,18 +114,40 @@ pub enum ReadError {
 struct Segment {
     base: u64,
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<dyn DiskFile>,
     /// Offset after the last durable record.
     end: u64,
-    /// Bytes of durable records.
+    /// Position after the last durable record.
     durable_bytes: u64,
     newest_time_ms: u64,
-    /// (offset, position) of a record every `INDEX_EVERY_BYTES` or so, ascending.
+    /// (offset, position) of a record every `INDEX_EVERY_BYTES` or so, ascending, and of
+    /// the first record after each gap.
     index: Vec<(u64, u64)>,
+    /// Damaged stretches recovery found inside the segment, ascending.
+    gaps: Vec<Gap>,
+}
+
+/// Damaged bytes inside a segment: readers jump from `at` to `resume`, and the offsets
+/// `lost` cannot be read.
+#[derive(Debug, Clone, PartialEq)]
+struct Gap {
+    at: u64,
+    resume: u64,
+    lost: Range<u64>,
+    why: &'static str,
+}
+
+/// Offsets recovery could not read, and why.
+#[derive(Debug, Clone, PartialEq)]
+struct Lost {
+    offsets: Range<u64>,
+    why: &'static str,
 }
 
 struct Log {
     segments: Vec<Segment>,
+    /// Every offset range that cannot be read (merged, ascending), for reporting.
+    lost: Vec<Range<u64>>,
     /// Events appended per second over the last minute: (second, count).
     recent: VecDeque<(u64, u64)>,
     appended_total: u64,
@@ -114,7 +156,20 @@ struct Log {
     /// fdatasyncs of the newest segment (group commits under `fsync`, window syncs under
     /// `batch`).
     syncs_total: u64,
+    /// Why the last write failed, while the topic has not repaired itself yet.
     broken: Option<String>,
+}
+
+impl Log {
+    fn add_lost(&mut self, range: Range<u64>) {
+        let mut all = std::mem::take(&mut self.lost);
+        all.push(range);
+        let mut merged = recovery::merge(all);
+        if merged.len() > LOST_RANGES_MAX {
+            merged.drain(..merged.len() - LOST_RANGES_MAX);
+        }
+        self.lost = merged;
+    }
 }
 
 enum Job {
@@ -163,11 +218,15 @@ pub struct TopicStats {
     pub per_second_last_10s: f64,
     /// (group, committed offset).
     pub groups: Vec<(String, u64)>,
+    /// Offsets that cannot be read (damage found by recovery, or skipped so that no offset
+    /// is handed out twice), merged and ascending.
+    pub lost: Vec<Range<u64>>,
 }
 
 pub struct Topic {
     name: String,
     dir: PathBuf,
+    env: Env,
     log: Arc<Mutex<Log>>,
     committed: watch::Receiver<u64>,
     queue: mpsc::Sender<Job>,
@@ -175,13 +234,6 @@ pub struct Topic {
     groups: Mutex<BTreeMap<String, u64>>,
     event_bytes_max: usize,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -192,161 +244,73 @@ fn io_message(action: &str, path: &Path, error: std::io::Error) -> String {
     format!("{action} {}: {error}", path.display())
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// What recovery found in one segment file.
-struct Scanned {
-    segment: Segment,
-    /// Bytes after the last valid record, and why they are not a record.
-    invalid_tail: Option<(u64, &'static str)>,
-}
-
-fn scan_segment(path: &Path, base: u64) -> std::io::Result<Scanned> {
-    let bytes = Bytes::from(fs::read(path)?);
-    let mut position = 0u64;
-    let mut expected = base;
-    let mut index = Vec::new();
-    let mut last_indexed = None;
-    let mut newest_time_ms = 0;
-    let mut invalid_tail = None;
-    while (position as usize) < bytes.len() {
-        let rest = bytes.slice(position as usize..);
-        match record::decode(&rest) {
-            Decoded::Record { event, len } => {
-                if event.offset != expected {
-                    invalid_tail = Some((rest.len() as u64, "offsets out of sequence"));
-                    break;
-                }
-                if last_indexed.is_none_or(|at| position - at >= INDEX_EVERY_BYTES) {
-                    index.push((event.offset, position));
-                    last_indexed = Some(position);
-                }
-                newest_time_ms = newest_time_ms.max(event.time_ms);
-                expected += 1;
-                position += len as u64;
-            }
-            Decoded::Incomplete => {
-                invalid_tail = Some((rest.len() as u64, "torn tail"));
-                break;
-            }
-            Decoded::Corrupt(why) => {
-                invalid_tail = Some((rest.len() as u64, why));
-                break;
-            }
-        }
+/// Run `work` on a blocking thread when the disk can block, inline when it cannot (the
+/// simulated disk), so a simulation stays on one thread.
+fn off_thread<T: Send + 'static>(
+    env: &Env,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Pin<Box<dyn Future<Output = Result<T, tokio::task::JoinError>> + Send>> {
+    if env.disk.blocks() {
+        Box::pin(tokio::task::spawn_blocking(work))
+    } else {
+        Box::pin(std::future::ready(Ok(work())))
     }
-    Ok(Scanned {
-        segment: Segment {
-            base,
-            path: path.to_path_buf(),
-            file: Arc::new(File::open(path)?),
-            end: expected,
-            durable_bytes: position,
-            newest_time_ms,
-            index,
-        },
-        invalid_tail,
-    })
-}
-
-/// Open the segments in `dir`, truncating an invalid tail of the newest one.
-fn recover(name: &str, dir: &Path) -> Result<Vec<Segment>, String> {
-    fs::create_dir_all(dir).map_err(|e| io_message("create topic directory", dir, e))?;
-    let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| io_message("list", dir, e))? {
-        let entry = entry.map_err(|e| io_message("list", dir, e))?;
-        let file_name = entry.file_name();
-        let file_name = file_name.to_string_lossy();
-        if let Some(base) = file_name
-            .strip_suffix(".log")
-            .and_then(|stem| stem.parse::<u64>().ok())
-        {
-            bases.push(base);
-        }
-    }
-    bases.sort_unstable();
-    if bases.is_empty() {
-        let path = segment_path(dir, 0);
-        File::create(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io_message("create segment", &path, e))?;
-        sync_dir(dir).map_err(|e| io_message("sync", dir, e))?;
-        bases.push(0);
-    }
-    let mut segments: Vec<Segment> = Vec::with_capacity(bases.len());
-    for (i, base) in bases.iter().enumerate() {
-        let path = segment_path(dir, *base);
-        let scanned =
-            scan_segment(&path, *base).map_err(|e| io_message("read segment", &path, e))?;
-        let newest = i + 1 == bases.len();
-        if let Some((bytes, why)) = scanned.invalid_tail {
-            if newest {
-                // Only the newest segment can have a torn tail; what follows the last valid
-                // record was never acknowledged (acks wait for fsync), so it is cut off.
-                tracing::warn!(topic = name, segment = %path.display(), bytes, why, "truncating the invalid tail of the newest segment");
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| {
-                        f.set_len(scanned.segment.durable_bytes)?;
-                        f.sync_all()
-                    })
-                    .map_err(|e| io_message("truncate torn tail of", &path, e))?;
-            } else {
-                let next_base = bases[i + 1];
-                tracing::error!(
-                    topic = name, segment = %path.display(), bytes, why,
-                    lost = ?(scanned.segment.end..next_base),
-                    "a sealed segment is damaged; the events in the lost range cannot be read"
-                );
-            }
-        }
-        if let Some(previous) = segments.last()
-            && previous.end > *base
-        {
-            return Err(format!(
-                "segments {} and {} overlap; move one aside after checking which is right",
-                previous.path.display(),
-                path.display()
-            ));
-        }
-        segments.push(scanned.segment);
-    }
-    Ok(segments)
 }
 
 impl Topic {
-    /// Open (recovering) or create the topic stored in `dir`.
+    /// Open (recovering) or create the topic stored in `dir`, on the machine's disk.
     pub fn open(name: &str, dir: &Path, config: TopicConfig) -> Result<Arc<Topic>, String> {
-        let segments = recover(name, dir)?;
-        let next = segments.last().map(|s| s.end).unwrap_or(0);
-        let groups = read_groups(&dir.join("groups"))?;
-        let (committed_tx, committed) = watch::channel(next);
-        let log = Arc::new(Mutex::new(Log {
-            segments,
+        Topic::open_in(Env::os(), name, dir, config)
+    }
+
+    /// Open (recovering) or create the topic stored in `dir` on `env`'s disk and clock.
+    /// Must be called within a tokio runtime (the writer is a task).
+    pub fn open_in(
+        env: Env,
+        name: &str,
+        dir: &Path,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>, String> {
+        disk::create_dir_all(env.disk.as_ref(), dir).map_err(|e| e.to_string())?;
+        let groups = groups::read_groups(&env, &dir.join("groups"))?;
+        let recovered = recovery::recover(&env, name, dir, &groups)?;
+        let next = recovered.segments.last().map(|s| s.end).unwrap_or(0);
+        assert!(
+            groups.values().all(|offset| *offset <= next),
+            "recovery continues past every committed offset"
+        );
+        let mut log = Log {
+            segments: recovered.segments,
+            lost: Vec::new(),
             recent: VecDeque::new(),
             appended_total: 0,
             commits_total: 0,
             syncs_total: 0,
             broken: None,
-        }));
+        };
+        for lost in recovered.lost {
+            log.add_lost(lost.offsets);
+        }
+        let (committed_tx, committed) = watch::channel(next);
+        let log = Arc::new(Mutex::new(log));
         let (queue, rx) = mpsc::channel(1024);
         let writer = Writer {
             name: name.to_string(),
             dir: dir.to_path_buf(),
+            env: env.clone(),
             config,
             log: log.clone(),
             committed: committed_tx,
             next,
             last_retention_ms: 0,
+            repair: None,
         };
         let pending_bytes = Arc::new(Semaphore::new(PENDING_BYTES_MAX));
         let handle = tokio::spawn(writer.run(rx, pending_bytes.clone()));
         Ok(Arc::new(Topic {
             name: name.to_string(),
             dir: dir.to_path_buf(),
+            env,
             log,
             committed,
             queue,
@@ -473,14 +437,16 @@ impl Topic {
         max_bytes: usize,
     ) -> Result<Vec<Event>, ReadError> {
         let topic = self.clone();
-        tokio::task::spawn_blocking(move || topic.read_blocking(from, max_events, max_bytes))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ReadError::Io {
-                    topic: self.name.clone(),
-                    message: format!("reader failed: {e}"),
-                })
+        off_thread(&self.env, move || {
+            topic.read_blocking(from, max_events, max_bytes)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ReadError::Io {
+                topic: self.name.clone(),
+                message: format!("reader failed: {e}"),
             })
+        })
     }
 
     fn read_blocking(
@@ -494,7 +460,7 @@ impl Topic {
         let committed = self.next_offset();
         while out.len() < max_events && payload_bytes < max_bytes && from < committed {
             // Find where to start, under the lock; read outside it.
-            let (file, path, mut position, end_bytes, segment_end) = {
+            let (file, path, mut position, end_bytes, segment_end, gaps) = {
                 let log = self.log.lock().expect("log lock is never poisoned");
                 let first = log.segments.first().map(|s| s.base).unwrap_or(0);
                 if from < first {
@@ -506,7 +472,8 @@ impl Topic {
                 let at = log.segments.partition_point(|s| s.base <= from) - 1;
                 let segment = &log.segments[at];
                 if from >= segment.end {
-                    // A gap left by a damaged sealed segment: skip to the next one.
+                    // Past a segment's last record (a damaged or cut-short tail, or offsets
+                    // skipped after one): go on in the next segment.
                     match log.segments.get(at + 1) {
                         Some(next) => {
                             from = next.base;
@@ -521,17 +488,35 @@ impl Topic {
                 } else {
                     segment.index[index_at - 1].1
                 };
+                let gaps: Vec<Gap> = segment
+                    .gaps
+                    .iter()
+                    .filter(|g| g.at >= position)
+                    .cloned()
+                    .collect();
                 (
                     segment.file.clone(),
                     segment.path.clone(),
                     position,
                     segment.durable_bytes,
                     segment.end,
+                    gaps,
                 )
             };
+            let mut gaps = gaps.into_iter().peekable();
             let mut chunk = 256 * 1024;
             'segment: while position < end_bytes {
-                let len = chunk.min((end_bytes - position) as usize);
+                // Read up to the next damaged stretch, then jump over it.
+                if let Some(gap) = gaps.next_if(|g| g.at == position) {
+                    position = gap.resume;
+                    from = from.max(gap.lost.end);
+                    if from >= segment_end {
+                        break;
+                    }
+                    continue;
+                }
+                let limit = gaps.peek().map_or(end_bytes, |g| g.at.min(end_bytes));
+                let len = chunk.min((limit - position) as usize);
                 let mut buffer = vec![0; len];
                 file.read_exact_at(&mut buffer, position)
                     .map_err(|e| ReadError::Io {
@@ -568,6 +553,7 @@ impl Topic {
                         }
                         Decoded::Incomplete => break,
                         Decoded::Corrupt(why) => {
+                            // Recovery verified these bytes; they changed since.
                             return Err(ReadError::Corrupt {
                                 topic: self.name.clone(),
                                 offset: from,
@@ -577,6 +563,14 @@ impl Topic {
                     }
                 }
                 if !progressed {
+                    if len as u64 == limit - position {
+                        // Recovery verified these bytes; they changed since.
+                        return Err(ReadError::Corrupt {
+                            topic: self.name.clone(),
+                            offset: from,
+                            why: "a record runs past the bytes recovery verified",
+                        });
+                    }
                     // One record larger than the chunk: read more at once.
                     chunk = (chunk * 2).min(record::BODY_BYTES_MAX + record::HEADER_BYTES);
                 }
@@ -592,6 +586,43 @@ impl Topic {
         Ok(out)
     }
 
+    /// The first offset at or after `from` that is not in a stretch known to be lost, so a
+    /// consumer that read nothing from `from` can move past the loss. Never past
+    /// [`Topic::next_offset`].
+    pub fn skip_lost(&self, mut from: u64) -> u64 {
+        let log = self.log.lock().expect("log lock is never poisoned");
+        let next = self.next_offset();
+        loop {
+            let Some(at) = log
+                .segments
+                .partition_point(|s| s.base <= from)
+                .checked_sub(1)
+            else {
+                return from.min(next);
+            };
+            let segment = &log.segments[at];
+            if let Some(gap) = segment.gaps.iter().find(|g| g.lost.contains(&from)) {
+                from = gap.lost.end;
+            } else if from >= segment.end
+                && let Some(following) = log.segments.get(at + 1)
+            {
+                from = following.base;
+            } else {
+                return from.min(next);
+            }
+        }
+    }
+
+    /// Offsets that cannot be read, merged and ascending: damage recovery found, and offsets
+    /// skipped so that none is handed out twice.
+    pub fn lost(&self) -> Vec<Range<u64>> {
+        self.log
+            .lock()
+            .expect("log lock is never poisoned")
+            .lost
+            .clone()
+    }
+
     /// The committed offset of a consumer group: the first event it has not finished.
     /// A new group starts at the oldest stored event.
     pub fn group_offset(&self, group: &str) -> u64 {
@@ -602,17 +633,25 @@ impl Topic {
             .unwrap_or_else(|| self.first_offset())
     }
 
-    /// Record durably that `group` has finished every event before `offset`.
+    /// Record durably that `group` has finished every event before `offset`, which must
+    /// not lie past [`Topic::next_offset`].
     pub async fn commit(&self, group: &str, offset: u64) -> Result<(), String> {
         check_group_name(group)?;
+        let next = self.next_offset();
+        if offset > next {
+            return Err(format!(
+                "consumer group {group} cannot commit offset {offset} of topic {}: the log ends at {next}",
+                self.name
+            ));
+        }
         let path = self.dir.join("groups").join(group);
-        let text = format!(
-            "{offset}\n{}\n",
-            blake3::hash(offset.to_string().as_bytes())
-        );
-        tokio::task::spawn_blocking(move || write_atomically(&path, text.as_bytes()))
-            .await
-            .map_err(|e| format!("commit task failed: {e}"))??;
+        let text = groups::encode(group, offset);
+        let disk = self.env.disk.clone();
+        off_thread(&self.env, move || {
+            disk::write_atomically(disk.as_ref(), &path, text.as_bytes()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("commit task failed: {e}"))??;
         self.groups
             .lock()
             .expect("groups lock is never poisoned")
@@ -629,7 +668,7 @@ impl Topic {
             .map(|(g, o)| (g.clone(), *o))
             .collect();
         let log = self.log.lock().expect("log lock is never poisoned");
-        let second = now_ms() / 1000;
+        let second = self.env.clock.now_ms() / 1000;
         let last_10s: u64 = log
             .recent
             .iter()
@@ -646,6 +685,7 @@ impl Topic {
             syncs_total: log.syncs_total,
             per_second_last_10s: last_10s as f64 / 10.0,
             groups,
+            lost: log.lost.clone(),
         }
     }
 
@@ -673,76 +713,27 @@ impl Topic {
     }
 }
 
-pub(crate) fn check_group_name(group: &str) -> Result<(), String> {
-    if group.is_empty()
-        || group.len() > GROUP_NAME_BYTES_MAX
-        || !group
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        || group.starts_with('.')
-    {
-        return Err(format!(
-            "consumer group {group:?} is not a valid name: use 1 to {GROUP_NAME_BYTES_MAX} of a-z, 0-9, '.', '_' and '-', not starting with '.'"
-        ));
-    }
-    Ok(())
-}
-
-fn read_groups(dir: &Path) -> Result<BTreeMap<String, u64>, String> {
-    fs::create_dir_all(dir).map_err(|e| io_message("create", dir, e))?;
-    let mut groups = BTreeMap::new();
-    for entry in fs::read_dir(dir).map_err(|e| io_message("list", dir, e))? {
-        let entry = entry.map_err(|e| io_message("list", dir, e))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if check_group_name(&name).is_err() {
-            continue; // temporary files of an interrupted commit
-        }
-        let path = entry.path();
-        let text = fs::read_to_string(&path).map_err(|e| io_message("read", &path, e))?;
-        let mut lines = text.lines();
-        let (Some(offset), Some(sum)) = (lines.next(), lines.next()) else {
-            return Err(format!(
-                "{} is not a committed offset; delete it to restart the group from the oldest event",
-                path.display()
-            ));
-        };
-        match offset.parse::<u64>() {
-            Ok(offset) if blake3::hash(offset.to_string().as_bytes()).to_string() == sum => {
-                groups.insert(name, offset);
-            }
-            _ => {
-                return Err(format!(
-                    "{} fails its checksum; delete it to restart the group from the oldest event",
-                    path.display()
-                ));
-            }
-        }
-    }
-    Ok(groups)
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".commit-{}", std::process::id()));
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    result.map_err(|e| io_message("write", path, e))
-}
-
 /// The single writer of a topic's log.
 struct Writer {
     name: String,
     dir: PathBuf,
+    env: Env,
     config: TopicConfig,
     log: Arc<Mutex<Log>>,
     committed: watch::Sender<u64>,
     next: u64,
     last_retention_ms: u64,
+    /// What must be done before the next write, after a failed one.
+    repair: Option<Repair>,
+}
+
+/// How the writer recovers from a failed write or sync; see the module's docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    /// Cut the newest segment back to its last durable record.
+    Truncate,
+    /// Seal the newest segment and continue in a new one at the next offset.
+    NewSegment,
 }
 
 /// Appends taken from the queue and encoded, waiting for their turn to be written.
@@ -777,9 +768,18 @@ impl Prepared {
     }
 }
 
-/// A group's write (and sync) running on a blocking thread.
+/// Why a group's write failed.
+enum Failure {
+    Write(std::io::Error),
+    Sync(std::io::Error),
+}
+
+type Outcome = Result<Result<(), Failure>, tokio::task::JoinError>;
+
+/// A group's write (and sync) under way, on a blocking thread for a real disk.
 struct InFlight {
-    task: tokio::task::JoinHandle<(File, std::io::Result<()>)>,
+    task: Pin<Box<dyn Future<Output = Outcome> + Send>>,
+    file: Arc<dyn DiskFile>,
     /// The group, its buffer handed to the task.
     group: Prepared,
     written: u64,
@@ -798,7 +798,7 @@ impl Writer {
         let mut file = match self.open_newest() {
             Ok(file) => Some(file),
             Err(message) => {
-                self.log.lock().expect("log lock is never poisoned").broken = Some(message);
+                self.break_log(message, Repair::Truncate);
                 None
             }
         };
@@ -808,7 +808,10 @@ impl Writer {
         let mut stopping = false;
         loop {
             if in_flight.is_none() && !next_group.is_empty() {
-                let group = std::mem::take(&mut next_group);
+                let mut group = std::mem::take(&mut next_group);
+                if file.is_none() {
+                    file = self.repair(&mut group).await;
+                }
                 match file.take() {
                     Some(f) => {
                         let sync = match self.config.durability {
@@ -872,7 +875,7 @@ impl Writer {
                 }
                 // An idle topic still ages: look at retention once a minute.
                 _ = tokio::time::sleep(RETENTION_IDLE_CHECK), if idle && batch_deadline.is_none() => {
-                    let now = now_ms();
+                    let now = self.env.clock.now_ms();
                     self.last_retention_ms = now;
                     self.apply_retention(now);
                 }
@@ -892,18 +895,102 @@ impl Writer {
             .unwrap_or_else(|| "the log is not open".into())
     }
 
-    fn open_newest(&self) -> Result<File, String> {
+    fn open_newest(&self) -> Result<Arc<dyn DiskFile>, String> {
         let log = self.log.lock().expect("log lock is never poisoned");
         let newest = log.segments.last().expect("recovery leaves a segment");
-        OpenOptions::new()
-            .append(true)
-            .open(&newest.path)
-            .map_err(|e| io_message("open for append", &newest.path, e))
+        let file = self
+            .env
+            .disk
+            .open(&newest.path, OpenMode::Append)
+            .map_err(|e| io_message("open for append", &newest.path, e))?;
+        let len = file
+            .size()
+            .map_err(|e| io_message("stat", &newest.path, e))?;
+        if len != newest.durable_bytes {
+            return Err(format!(
+                "{} holds {len} bytes where {} were recovered",
+                newest.path.display(),
+                newest.durable_bytes
+            ));
+        }
+        Ok(file)
     }
 
-    async fn sync(&self, file: File) -> Option<File> {
-        match tokio::task::spawn_blocking(move || file.sync_data().map(|()| file)).await {
-            Ok(Ok(file)) => {
+    /// Make the log writable again after a failed write or sync, before `group` is
+    /// written: see the module's docs. `group` was encoded before the failure was known;
+    /// it is renumbered to start where the repaired log continues.
+    async fn repair(&mut self, group: &mut Prepared) -> Option<Arc<dyn DiskFile>> {
+        let repair = self.repair?;
+        let (newest_path, durable_bytes, newest_end) = {
+            let log = self.log.lock().expect("log lock is never poisoned");
+            let newest = log.segments.last().expect("a segment");
+            (newest.path.clone(), newest.durable_bytes, newest.end)
+        };
+        let result: Result<(Arc<dyn DiskFile>, u64), String> = match repair {
+            Repair::Truncate => {
+                let disk = self.env.disk.clone();
+                off_thread(&self.env, move || {
+                    let path = newest_path;
+                    let file = disk
+                        .open(&path, OpenMode::Append)
+                        .map_err(|e| io_message("open for append", &path, e))?;
+                    file.set_len(durable_bytes)
+                        .and_then(|()| file.sync())
+                        .map_err(|e| io_message("cut back the failed write in", &path, e))?;
+                    Ok(file)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("repair task failed: {e}")))
+                .map(|file| (file, newest_end))
+            }
+            Repair::NewSegment => {
+                // Past every offset handed out, the failed group's included.
+                let base = group.replies.first().map_or(self.next, |(_, r)| r.start);
+                let (env, dir) = (self.env.clone(), self.dir.clone());
+                off_thread(&self.env, move || {
+                    recovery::create_segment(&env, &dir, base)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("repair task failed: {e}")))
+                .map(|segment| {
+                    let file = segment.file.clone();
+                    let mut log = self.log.lock().expect("log lock is never poisoned");
+                    if newest_end < base {
+                        log.add_lost(newest_end..base);
+                    }
+                    log.segments.push(segment);
+                    (file, base)
+                })
+            }
+        };
+        match result {
+            Ok((file, base)) => {
+                tracing::info!(
+                    topic = self.name,
+                    ?repair,
+                    next = base,
+                    "topic repaired after a failed write; accepting events again"
+                );
+                self.repair = None;
+                self.log.lock().expect("log lock is never poisoned").broken = None;
+                group.renumber(base);
+                self.next = group.replies.last().map_or(base, |(_, r)| r.end);
+                Some(file)
+            }
+            Err(message) => {
+                tracing::warn!(topic = self.name, %message, "topic repair failed; trying again with the next append");
+                self.log.lock().expect("log lock is never poisoned").broken =
+                    Some(format!("{message} (maru tries again with the next append)"));
+                None
+            }
+        }
+    }
+
+    /// Sync the newest segment (a `batch` window's sync).
+    async fn sync(&mut self, file: Arc<dyn DiskFile>) -> Option<Arc<dyn DiskFile>> {
+        let task_file = file.clone();
+        match off_thread(&self.env, move || task_file.sync()).await {
+            Ok(Ok(())) => {
                 self.log
                     .lock()
                     .expect("log lock is never poisoned")
@@ -911,27 +998,29 @@ impl Writer {
                 Some(file)
             }
             Ok(Err(error)) => {
-                self.break_log(format!("fsync failed: {error}"));
+                self.break_log(format!("fsync failed: {error}"), Repair::NewSegment);
                 None
             }
             Err(error) => {
-                self.break_log(format!("sync task failed: {error}"));
+                self.break_log(format!("sync task failed: {error}"), Repair::NewSegment);
                 None
             }
         }
     }
 
-    /// After a failed write or sync the page cache cannot be trusted (a later sync may
-    /// report success for lost data), so the topic refuses appends until a restart
-    /// recovers it from what is on disk.
-    fn break_log(&self, message: String) {
-        tracing::error!(topic = self.name, %message, "topic stops accepting events until maru restarts");
+    /// Refuse appends until `repair` has run (before the next group).
+    fn break_log(&mut self, message: String, repair: Repair) {
+        tracing::error!(topic = self.name, %message, ?repair, "a write to the topic failed; its appends are refused and the topic repairs itself before the next one");
         self.log.lock().expect("log lock is never poisoned").broken = Some(message);
+        // A sync failure outranks a write failure: the page cache is not to be trusted.
+        if self.repair != Some(Repair::NewSegment) {
+            self.repair = Some(repair);
+        }
     }
 
     /// Encode an append's events into the next group, giving them their offsets.
     fn prepare(&mut self, group: &mut Prepared, append: Append) {
-        let time_ms = now_ms();
+        let time_ms = self.env.clock.now_ms();
         let first = self.next;
         for event in &append.events {
             group.positions.push((self.next, group.buffer.len() as u64));
@@ -943,23 +1032,32 @@ impl Writer {
         group.time_ms = time_ms;
     }
 
-    /// Start writing (and, if `sync`, syncing) a group on a blocking thread.
-    fn launch(&self, file: File, mut group: Prepared, sync: bool) -> InFlight {
+    /// Start writing (and, if `sync`, syncing) a group, on a blocking thread for a real
+    /// disk.
+    fn launch(&self, file: Arc<dyn DiskFile>, mut group: Prepared, sync: bool) -> InFlight {
         let buffer = std::mem::take(&mut group.buffer);
         let written = buffer.len() as u64;
         let start_position = {
             let log = self.log.lock().expect("log lock is never poisoned");
-            log.segments.last().expect("a segment").durable_bytes
+            let newest = log.segments.last().expect("a segment");
+            assert_eq!(
+                group.replies.first().map(|(_, r)| r.start),
+                Some(newest.end),
+                "a group continues the log"
+            );
+            newest.durable_bytes
         };
-        let task = tokio::task::spawn_blocking(move || {
-            let mut file = file;
-            let result = file
-                .write_all(&buffer)
-                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
-            (file, result)
+        let task_file = file.clone();
+        let task = off_thread(&self.env, move || {
+            task_file.append(&buffer).map_err(Failure::Write)?;
+            if sync {
+                task_file.sync().map_err(Failure::Sync)?;
+            }
+            Ok(())
         });
         InFlight {
             task,
+            file,
             group,
             written,
             start_position,
@@ -967,49 +1065,57 @@ impl Writer {
         }
     }
 
-    /// A group's write is done: make it visible and answer its appends, or break the log.
+    /// A group's write is done: make it visible and answer its appends, or fail them and
+    /// arrange the repair.
     async fn finish(
         &mut self,
         done: InFlight,
-        outcome: Result<(File, std::io::Result<()>), tokio::task::JoinError>,
+        outcome: Outcome,
         pending: &Semaphore,
-    ) -> Option<File> {
+    ) -> Option<Arc<dyn DiskFile>> {
         let InFlight {
+            file,
             group,
             written,
             start_position,
             synced,
             ..
         } = done;
-        let message = match outcome {
-            Ok((file, Ok(()))) => {
+        let (message, repair) = match outcome {
+            Ok(Ok(())) => {
                 return self
                     .finish_written(file, group, written, start_position, synced, pending)
                     .await;
             }
-            Ok((_, Err(error))) => format!("write failed: {error}"),
-            Err(error) => format!("write task failed: {error}"),
+            Ok(Err(Failure::Write(error))) => (format!("write failed: {error}"), Repair::Truncate),
+            Ok(Err(Failure::Sync(error))) => (format!("fsync failed: {error}"), Repair::NewSegment),
+            Err(error) => (format!("write task failed: {error}"), Repair::NewSegment),
         };
-        self.break_log(message.clone());
+        self.break_log(message.clone(), repair);
         group.fail(&self.name, &message, pending);
         None
     }
 
     async fn finish_written(
         &mut self,
-        file: File,
+        file: Arc<dyn DiskFile>,
         group: Prepared,
         written: u64,
         start_position: u64,
         synced: bool,
         pending: &Semaphore,
-    ) -> Option<File> {
+    ) -> Option<Arc<dyn DiskFile>> {
         let end = group.replies.last().expect("a group is never empty").1.end;
         let first = group.replies[0].1.start;
         let count = end - first;
         let roll = {
             let mut log = self.log.lock().expect("log lock is never poisoned");
             let segment = log.segments.last_mut().expect("a segment");
+            assert_eq!(segment.end, first, "groups are written in offset order");
+            assert_eq!(
+                segment.durable_bytes, start_position,
+                "nothing else wrote the segment"
+            );
             let mut last_indexed = segment.index.last().map(|(_, p)| *p);
             for (offset, relative) in group.positions {
                 let position = start_position + relative;
@@ -1037,69 +1143,78 @@ impl Writer {
         };
         self.committed.send_replace(end);
         // A full segment is sealed before the answers go out (the group is durable either
-        // way), so whoever is answered sees the new segment.
+        // way), so whoever is answered sees the new segment. A roll that fails (a full disk)
+        // is tried again after the next group.
         let file = if roll {
-            match self.roll(file, end).await {
-                Ok(file) => Some(file),
-                Err(message) => {
-                    self.break_log(message);
+            match self.roll(&file, end).await {
+                Ok(new_file) => Some(new_file),
+                Err(RollError::Sync(message)) => {
+                    self.break_log(message, Repair::NewSegment);
                     None
+                }
+                Err(RollError::Create(message)) => {
+                    tracing::warn!(topic = self.name, %message, "could not start a new segment; the current one grows until it can");
+                    Some(file)
                 }
             }
         } else {
             Some(file)
         };
-        pending.add_permits(group.permits);
-        for (reply, range) in group.replies {
-            _ = reply.send(Ok(range));
-        }
-        let now = now_ms();
+        // Retention runs before the answers too, so whoever is answered sees its effect.
+        let now = self.env.clock.now_ms();
         if now.saturating_sub(self.last_retention_ms) > 10_000 {
             self.last_retention_ms = now;
             self.apply_retention(now);
         }
+        pending.add_permits(group.permits);
+        for (reply, range) in group.replies {
+            _ = reply.send(Ok(range));
+        }
         file
     }
 
-    /// Seal the newest segment and start the next.
-    /// `base` is the offset of the new segment's first record.
-    async fn roll(&mut self, file: File, base: u64) -> Result<File, String> {
-        let path = segment_path(&self.dir, base);
-        let dir = self.dir.clone();
-        let new_path = path.clone();
-        let new_file = tokio::task::spawn_blocking(move || {
-            file.sync_data()?;
-            let new_file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&new_path)?;
-            sync_dir(&dir)?;
-            Ok::<_, std::io::Error>(new_file)
+    /// Seal the newest segment and start the next at `base`, the offset of its first
+    /// record.
+    async fn roll(
+        &mut self,
+        file: &Arc<dyn DiskFile>,
+        base: u64,
+    ) -> Result<Arc<dyn DiskFile>, RollError> {
+        let sealed = file.clone();
+        let (env, dir) = (self.env.clone(), self.dir.clone());
+        let segment = off_thread(&self.env, move || {
+            // Under `batch` durability the sealed segment may hold unsynced writes.
+            sealed
+                .sync()
+                .map_err(|e| RollError::Sync(format!("fsync failed: {e}")))?;
+            recovery::create_segment(&env, &dir, base).map_err(RollError::Create)
         })
         .await
-        .map_err(|e| format!("roll task failed: {e}"))?
-        .map_err(|e| io_message("start segment", &path, e))?;
-        let read = File::open(&path).map_err(|e| io_message("open", &path, e))?;
-        let mut log = self.log.lock().expect("log lock is never poisoned");
-        log.segments.push(Segment {
-            base,
-            path,
-            file: Arc::new(read),
-            end: base,
-            durable_bytes: 0,
-            newest_time_ms: 0,
-            index: Vec::new(),
-        });
-        Ok(new_file)
+        .map_err(|e| RollError::Create(format!("roll task failed: {e}")))??;
+        let file = self
+            .env
+            .disk
+            .open(&segment.path, OpenMode::Append)
+            .map_err(|e| RollError::Create(io_message("open for append", &segment.path, e)))?;
+        self.log
+            .lock()
+            .expect("log lock is never poisoned")
+            .segments
+            .push(segment);
+        Ok(file)
     }
 
-    /// Delete whole sealed segments past the topic's age or size limit.
+    /// Delete whole sealed segments past the topic's age or size limit, oldest first, the
+    /// directory synced after each: a power cut can bring back a deleted segment, but never
+    /// one older than a segment it keeps deleted.
     fn apply_retention(&self, now_ms: u64) {
-        let mut doomed = Vec::new();
-        {
-            let mut log = self.log.lock().expect("log lock is never poisoned");
-            let mut total: u64 = log.segments.iter().map(|s| s.durable_bytes).sum();
-            while log.segments.len() > 1 {
+        loop {
+            let doomed = {
+                let mut log = self.log.lock().expect("log lock is never poisoned");
+                let total: u64 = log.segments.iter().map(|s| s.durable_bytes).sum();
+                if log.segments.len() <= 1 {
+                    return;
+                }
                 let oldest = &log.segments[0];
                 let too_old = self
                     .config
@@ -1107,17 +1222,55 @@ impl Writer {
                     .is_some_and(|age| oldest.newest_time_ms + (age.as_millis() as u64) < now_ms);
                 let too_big = self.config.retention_bytes.is_some_and(|max| total > max);
                 if !(too_old || too_big) {
-                    break;
+                    return;
                 }
-                total -= oldest.durable_bytes;
-                doomed.push(log.segments.remove(0));
+                log.segments.remove(0)
+            };
+            tracing::info!(topic = self.name, segment = %doomed.path.display(), events = ?(doomed.base..doomed.end), "retention deletes a segment");
+            let removed = self
+                .env
+                .disk
+                .remove_file(&doomed.path)
+                .and_then(|()| self.env.disk.sync_dir(&self.dir));
+            if let Err(error) = removed {
+                tracing::warn!(topic = self.name, %error, "could not delete a segment");
+                return;
             }
         }
-        for segment in doomed {
-            tracing::info!(topic = self.name, segment = %segment.path.display(), events = ?(segment.base..segment.end), "retention deletes a segment");
-            if let Err(error) = fs::remove_file(&segment.path) {
-                tracing::warn!(topic = self.name, %error, "could not delete a segment");
-            }
+    }
+}
+
+enum RollError {
+    /// The sealed segment could not be synced: its unsynced writes may be lost.
+    Sync(String),
+    /// The new segment could not be made; nothing was lost.
+    Create(String),
+}
+
+impl Prepared {
+    /// Give the group's records offsets from `first` on (after a repair moved the log's
+    /// end), checksums and replies included.
+    fn renumber(&mut self, first: u64) {
+        let Some(old_first) = self.replies.first().map(|(_, r)| r.start) else {
+            return;
+        };
+        if old_first == first {
+            return;
+        }
+        let shift = |offset: u64| offset - old_first + first;
+        let ends: Vec<usize> = self
+            .positions
+            .iter()
+            .skip(1)
+            .map(|(_, p)| *p as usize)
+            .chain([self.buffer.len()])
+            .collect();
+        for ((offset, position), end) in self.positions.iter_mut().zip(ends) {
+            *offset = shift(*offset);
+            record::renumber(&mut self.buffer[*position as usize..end], *offset);
+        }
+        for (_, range) in &mut self.replies {
+            *range = shift(range.start)..shift(range.end);
         }
     }
 }

@@ -90,6 +90,22 @@ pub async fn run_trigger(
             }
         };
         let Some(last) = events.last().map(|e| e.offset) else {
+            // Nothing readable from here: the offsets are lost (damage, or skipped by
+            // recovery so none is handed out twice). Move past them and say so.
+            let skipped = topic.skip_lost(offset);
+            if skipped > offset {
+                service.log(&format!(
+                    "trigger {}: events {offset}..{skipped} of topic {} are lost (see maru events stats); skipping to {skipped}",
+                    config.group,
+                    topic.name()
+                ));
+                offset = skipped;
+            } else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
             continue;
         };
         let mut lanes: Vec<Vec<Event>> = vec![Vec::new(); parallel];

@@ -220,8 +220,13 @@ pub struct TopicInfo {
     /// Events appended per second over the last 10 seconds.
     pub per_second: f64,
     pub groups: Vec<GroupInfo>,
-    /// Why the topic refuses appends, if it does (an I/O error; restart maru to recover).
+    /// Why the topic refused its last appends, if it has not repaired itself since (a full
+    /// disk or an I/O error; it tries again with every append).
     pub broken: Option<String>,
+    /// Offset ranges `[start, end)` that cannot be read: damage recovery found, or offsets
+    /// skipped so that none is ever handed out twice. Merged and ascending.
+    #[serde(default)]
+    pub lost: Vec<[u64; 2]>,
 }
 
 /// A consumer group of a topic.

@@ -532,6 +532,14 @@ pub fn events_stats(target: &Target) -> anyhow::Result<()> {
                 .map(|why| format!("  BROKEN: {why}"))
                 .unwrap_or_default()
         );
+        if !topic.lost.is_empty() {
+            let ranges: Vec<String> = topic
+                .lost
+                .iter()
+                .map(|[start, end]| format!("{start}..{end}"))
+                .collect();
+            println!("{:<28} LOST (cannot be read): {}", "", ranges.join(", "));
+        }
     }
     Ok(())
 }

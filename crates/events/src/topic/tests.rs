@@ -1,3 +1,5 @@
+use std::fs;
+
 use super::*;
 
 fn event(i: usize) -> NewEvent {
@@ -67,7 +69,8 @@ async fn appends_are_read_back_in_order_across_segments_and_restarts() {
 }
 
 /// A crash can stop a write at any byte. Recovery must keep exactly the whole records
-/// before the cut, so every event that was acknowledged (synced before its ack) survives.
+/// before the cut, so every event that was acknowledged (synced before its ack) survives,
+/// and must never hand out an offset the cut-off bytes could have held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_after_a_cut_at_every_byte_keeps_every_whole_record() {
     let source = tempfile::tempdir().expect("tempdir");
@@ -89,26 +92,41 @@ async fn recovery_after_a_cut_at_every_byte_keeps_every_whole_record() {
         fs::write(segment_path(dir.path(), 0), &bytes[..cut]).expect("write");
         let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("recovers");
         let whole = ends.iter().filter(|end| **end <= cut).count() - 1;
-        assert_eq!(topic.next_offset(), whole as u64, "cut at {cut}");
+        let tail = (cut - ends[whole]) as u64;
+        let skipped = tail.div_ceil(record::RECORD_BYTES_MIN as u64);
         assert_eq!(read_all(&topic).await.len(), whole, "cut at {cut}");
-        // The torn tail is gone from disk, and appending continues from the last record.
+        assert_eq!(topic.next_offset(), whole as u64 + skipped, "cut at {cut}");
+        // Nothing is cut from disk; the cut-off offsets are reported and never reused.
         assert_eq!(
             fs::metadata(segment_path(dir.path(), 0))
                 .expect("meta")
                 .len(),
-            ends[whole] as u64
+            cut as u64
         );
+        let lost = topic.lost();
+        if skipped == 0 {
+            assert!(lost.is_empty(), "cut at {cut}: {lost:?}");
+        } else {
+            assert_eq!(
+                lost,
+                vec![whole as u64..whole as u64 + skipped],
+                "cut at {cut}"
+            );
+        }
         assert_eq!(
             topic.append(vec![event(99)]).await.expect("appends").start,
-            whole as u64
+            whole as u64 + skipped
         );
+        topic.close().await;
+        let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("reopens");
+        assert_eq!(read_all(&topic).await.len(), whole + 1, "cut at {cut}");
         topic.close().await;
     }
 }
 
-/// A flipped bit in the newest segment truncates from that record on (it can only be a
-/// torn or unacknowledged write there); in a sealed segment the damaged range is skipped
-/// and everything else stays readable.
+/// A flipped bit costs exactly the record it hit, in the newest segment as in a sealed one:
+/// every later record stays readable, the damaged one is reported lost by offset and never
+/// served, and its offset is never handed out again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_bits_are_never_served() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -132,12 +150,12 @@ async fn flipped_bits_are_never_served() {
     let topic = Topic::open("t", dir.path(), small_segments()).expect("recovers");
     let events = topic.read(0, 100_000, usize::MAX).await.expect("reads");
     let offsets: Vec<u64> = events.iter().map(|e| e.offset).collect();
-    assert!(offsets.len() < 60, "a damaged record was served");
-    assert!(offsets.contains(&0) && offsets.contains(&59));
-    assert!(
-        offsets.contains(&segments[1].0),
-        "the next segment is readable"
-    );
+    assert_eq!(offsets.len(), 59, "exactly the damaged record is missing");
+    let lost = topic.lost();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].end - lost[0].start, 1);
+    assert!(lost[0].start >= base && lost[0].end <= end);
+    assert!(!offsets.contains(&lost[0].start));
     assert!(offsets.windows(2).all(|w| w[0] < w[1]));
     for event in &events {
         assert_eq!(
@@ -145,8 +163,142 @@ async fn flipped_bits_are_never_served() {
             format!("{{\"n\":{}}}", event.offset)
         );
     }
-    assert!(offsets.iter().filter(|o| **o < end).count() < (end - base) as usize);
+    assert_eq!(
+        topic.append(vec![event(60)]).await.expect("appends").start,
+        60
+    );
     topic.close().await;
+}
+
+/// Defect 2 of the hardening issue: one bad byte in the newest segment deleted every later
+/// acknowledged record (recovery truncated at the first invalid one) and the freed offsets
+/// were handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_byte_in_the_newest_segment_costs_only_its_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("opens");
+    for i in 0..100 {
+        topic.append(vec![event(i)]).await.expect("appends");
+    }
+    topic.close().await;
+    let path = segment_path(dir.path(), 0);
+    let mut bytes = fs::read(&path).expect("read");
+    let tenth = {
+        let mut rest = Bytes::from(bytes.clone());
+        let mut position = 0;
+        for _ in 0..10 {
+            let Decoded::Record { len, .. } = record::decode(&rest) else {
+                panic!("records")
+            };
+            position += len;
+            rest = rest.slice(len..);
+        }
+        position
+    };
+    // Inside event 10's payload, the record's last byte.
+    let Decoded::Record { len, .. } = record::decode(&Bytes::from(bytes[tenth..].to_vec())) else {
+        panic!("record 10")
+    };
+    bytes[tenth + len - 1] ^= 0x01;
+    fs::write(&path, &bytes).expect("write");
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("recovers");
+    let offsets: Vec<u64> = topic
+        .read(0, 1000, usize::MAX)
+        .await
+        .expect("reads")
+        .iter()
+        .map(|e| e.offset)
+        .collect();
+    let expected: Vec<u64> = (0..100).filter(|o| *o != 10).collect();
+    assert_eq!(offsets, expected);
+    assert_eq!(topic.lost(), vec![10..11]);
+    assert_eq!(topic.next_offset(), 100);
+    assert_eq!(
+        topic.append(vec![event(100)]).await.expect("appends"),
+        100..101
+    );
+    topic.close().await;
+}
+
+/// Defect 4: a log that ends before a consumer group's committed offset (it lost its tail)
+/// used to hand those offsets out again, and the group silently skipped the new events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_continue_past_a_committed_offset_beyond_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("opens");
+    for i in 0..10 {
+        topic.append(vec![event(i)]).await.expect("appends");
+    }
+    topic.commit("loops", 10).await.expect("commits");
+    topic.close().await;
+    // The log loses its last five records, as a power cut without syncs would.
+    let path = segment_path(dir.path(), 0);
+    let bytes = fs::read(&path).expect("read");
+    let mut rest = Bytes::from(bytes.clone());
+    let mut keep = 0;
+    for _ in 0..5 {
+        let Decoded::Record { len, .. } = record::decode(&rest) else {
+            panic!("records")
+        };
+        keep += len;
+        rest = rest.slice(len..);
+    }
+    fs::write(&path, &bytes[..keep]).expect("write");
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("recovers");
+    assert_eq!(topic.next_offset(), 10);
+    assert_eq!(topic.lost(), vec![5..10]);
+    let appended = topic.append(vec![event(10)]).await.expect("appends");
+    assert_eq!(appended, 10..11);
+    let read = topic
+        .read(topic.group_offset("loops"), 10, usize::MAX)
+        .await
+        .expect("reads");
+    assert_eq!(read.len(), 1, "the group sees the new event");
+    assert!(
+        topic.commit("loops", 12).await.is_err(),
+        "no commit past the end"
+    );
+    topic.close().await;
+}
+
+/// Defect 1: every group of a topic wrote through one temporary file, so two groups
+/// committing at once could install each other's offsets (or fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_committing_at_once_keep_their_own_offsets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("opens");
+    for i in 0..200 {
+        topic.append(vec![event(i)]).await.expect("appends");
+    }
+    let mut tasks = Vec::new();
+    for (group, base) in [("a", 0), ("b", 100)] {
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..=100 {
+                topic.commit(group, base + i).await.expect("commits");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("committer");
+    }
+    topic.close().await;
+    let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("reopens");
+    assert_eq!(topic.group_offset("a"), 100);
+    assert_eq!(topic.group_offset("b"), 200);
+    // A file installed under another group's name is refused, not read as its position.
+    topic.close().await;
+    let groups = dir.path().join("groups");
+    fs::copy(groups.join("a"), groups.join("b")).expect("copies");
+    let error = Topic::open("t", dir.path(), TopicConfig::default())
+        .err()
+        .expect("refuses");
+    assert!(error.contains("belongs to another group"), "{error}");
+    assert_eq!(
+        fs::read_dir(&groups).expect("lists").count(),
+        2,
+        "no temporary file is left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,6 +306,9 @@ async fn consumer_offsets_survive_restarts_and_bad_files_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let topic = Topic::open("t", dir.path(), TopicConfig::default()).expect("opens");
     assert_eq!(topic.group_offset("loops"), 0);
+    for i in 0..20 {
+        topic.append(vec![event(i)]).await.expect("appends");
+    }
     topic.commit("loops", 17).await.expect("commits");
     assert!(topic.commit("../etc", 1).await.is_err());
     topic.close().await;
@@ -164,7 +319,8 @@ async fn consumer_offsets_survive_restarts_and_bad_files_are_reported() {
     let error = Topic::open("t", dir.path(), TopicConfig::default())
         .err()
         .expect("refuses");
-    assert!(error.contains("fails its checksum; delete it"), "{error}");
+    assert!(error.contains("fails its checksum"), "{error}");
+    assert!(error.contains("delete it to restart the group"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,3 @@
+//! The events crate's integration tests: the seeded power-cut simulation of the log.
+
+mod powercut;
