@@ -338,7 +338,10 @@ mod tests {
         write_atomically(&disk, Path::new("/data/events/t/state"), b"one").expect("writes");
         disk.power_cut(&mut rng);
         assert!(disk.exists(Path::new("/other")));
-        assert!(!disk.exists(Path::new("/other/lost")), "its directory was never synced");
+        assert!(
+            !disk.exists(Path::new("/other/lost")),
+            "its directory was never synced"
+        );
         assert_eq!(
             disk.read(Path::new("/data/events/t/state")).expect("kept"),
             b"one"

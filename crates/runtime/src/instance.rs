@@ -1,20 +1,20 @@
 //! One component instance: a store, its limits, and the `wasi:http` handler it exports.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use tokio::sync::oneshot;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::engine::{EPOCH_TICK, LoadedComponent, Runtime};
+use crate::engine::{LoadedComponent, Runtime};
 use crate::logs::{GuestOutput, LogStream, ServiceLog};
 use crate::outbound::{Origin, OutboundHooks};
 
@@ -36,6 +36,9 @@ pub(crate) struct GuestState {
     table: ResourceTable,
     limits: StoreLimits,
     hooks: OutboundHooks,
+    /// When the current call must stop: guest code is trapped at the first epoch tick past
+    /// it (host waits are bounded by the same instant through a timer).
+    deadline: Instant,
 }
 
 impl WasiView for GuestState {
@@ -114,13 +117,26 @@ impl Instance {
             hooks: OutboundHooks {
                 allowed: spec.outbound.clone(),
             },
+            deadline: Instant::now() + startup_timeout,
         };
+        let deadline = state.deadline;
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|state| &mut state.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(startup_timeout));
+        // Guest code yields to the executor at every epoch tick (10 ms), so a guest that
+        // computes without pause shares its worker thread with the node's other work and
+        // never holds it for its whole timeout; past its deadline it is trapped.
+        store.epoch_deadline_callback(|store| {
+            if Instant::now() >= store.data().deadline {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        store.set_epoch_deadline(1);
         let proxy =
-            tokio::time::timeout(startup_timeout, component.pre.instantiate_async(&mut store))
+            tokio::time::timeout_at(deadline.into(), component.pre.instantiate_async(&mut store))
                 .await
                 .map_err(|_| anyhow::anyhow!("instantiation took longer than {startup_timeout:?}"))?
                 .map_err(|e| anyhow::anyhow!("instantiate component: {e:#}"))?;
@@ -152,12 +168,15 @@ impl Instance {
                 return Ok(());
             }
         };
-        self.store.set_epoch_deadline(deadline_ticks(timeout));
+        // The one deadline of this call, for guest code and host waits alike.
+        let deadline = Instant::now() + timeout;
+        self.store.data_mut().deadline = deadline;
+        self.store.set_epoch_deadline(1);
         let handler = self.proxy.wasi_http_incoming_handler();
         let mut respond = Some(respond);
         let outcome = {
-            let call = tokio::time::timeout(
-                timeout,
+            let call = tokio::time::timeout_at(
+                deadline.into(),
                 handler.call_handle(&mut self.store, request, outparam),
             );
             tokio::pin!(call);
@@ -197,8 +216,4 @@ impl Instance {
         }
         result
     }
-}
-
-fn deadline_ticks(timeout: Duration) -> u64 {
-    (timeout.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1
 }

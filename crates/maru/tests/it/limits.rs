@@ -47,6 +47,79 @@ fn a_runaway_guest_gets_504_within_its_timeout_while_another_service_serves() {
     });
 }
 
+/// Hardening defect 3: a guest computing without pause held a runtime worker thread for its
+/// whole timeout (`epoch_deadline_trap` never yields), so with as many spinning guests as
+/// worker threads the node froze: another service's request took 18 s and a control API
+/// call 20 s. Guests now yield at every epoch tick. The bound of one second is generous:
+/// each answer needs a few ticks of 10 ms.
+#[test]
+fn twice_as_many_spinning_guests_as_cores_never_freeze_the_node() {
+    let node = Node::start();
+    node.deploy(
+        "hello.toml",
+        &format!("{}\n[topic.\"city.load\"]\n", hello_manifest("Still here")),
+    );
+    let spinners = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+    node.deploy(
+        "m.toml",
+        &misbehave_manifest(
+            "runaway",
+            "/r",
+            &format!("timeout = \"20s\"\ninstances = {{ min = 0, max = {spinners} }}"),
+        ),
+    );
+    std::thread::scope(|scope| {
+        for _ in 0..spinners {
+            scope.spawn(|| {
+                let response = node.get("/r/spin");
+                assert_eq!(response.status, 504, "{}", response.body);
+            });
+        }
+        node.wait_for("every guest to spin", Duration::from_secs(10), || {
+            node.service("runaway", "guest")["in_flight"].as_u64() == Some(spinners as u64)
+        });
+        for round in 0..3 {
+            let started = Instant::now();
+            assert_eq!(node.get("/hello").body, "Still here from Maru!\n");
+            let hello = started.elapsed();
+            let started = Instant::now();
+            let api = node.control_api("GET", "/v1/apps", Some(&node.token), None);
+            assert_eq!(api.status, 200, "{}", api.body);
+            let control = started.elapsed();
+            let started = Instant::now();
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let ingest = agent
+                .post(format!("http://{}/events/city.load", node.gateway))
+                .header("Authorization", format!("Bearer {}", node.ingest_token))
+                .send("42")
+                .expect("ingest answers");
+            assert_eq!(ingest.status(), 202);
+            let ingested = started.elapsed();
+            eprintln!(
+                "round {round}: hello {hello:?}, control API {control:?}, ingest {ingested:?} with {spinners} guests spinning"
+            );
+            for (what, took) in [
+                ("hello", hello),
+                ("control API", control),
+                ("ingest", ingested),
+            ] {
+                assert!(
+                    took < Duration::from_secs(1),
+                    "{what} took {took:?} while {spinners} guests spin"
+                );
+            }
+        }
+        assert_eq!(
+            node.service("runaway", "guest")["in_flight"].as_u64(),
+            Some(spinners as u64),
+            "the guests were still spinning while the node answered"
+        );
+    });
+}
+
 #[test]
 fn a_memory_hungry_guest_fails_its_request_and_the_node_keeps_running() {
     let node = Node::start();
