@@ -63,6 +63,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/healthz":
             return self.answer(200, {"status": "ok", "pid": os.getpid()})
+        if path.endswith("/environment"):
+            return self.answer(200, {"names": sorted(os.environ)})
         if path.endswith("/crash"):
             print(f"pid {os.getpid()} crashing on request", file=sys.stderr, flush=True)
             os._exit(3)

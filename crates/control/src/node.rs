@@ -106,9 +106,12 @@ impl Node {
         events: Arc<Events>,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
-        std::fs::create_dir_all(data_dir)
+        disk::create_dir_all(&disk::OsDisk, data_dir)
             .with_context(|| format!("create data directory {}", data_dir.display()))?;
         let state = State::open(&data_dir.join("state.redb")).context("open the state database")?;
+        // redb syncs the database file; its entry in the directory is ours to make durable.
+        disk::Disk::sync_dir(&disk::OsDisk, data_dir)
+            .with_context(|| format!("sync data directory {}", data_dir.display()))?;
         let cache = ArtifactCache::open(data_dir).context("open the component cache")?;
         // Process groups left by a `maru` that was killed before it could stop them.
         for reaped in runtime::reap_leftovers(&data_dir.join("processes")) {
@@ -432,13 +435,15 @@ impl Node {
 
     fn save_history_of(&self, key: &ServiceKey, service: &Service) {
         let path = self.history_path(key);
-        let saved =
-            std::fs::create_dir_all(path.parent().expect("history files live in a directory"))
+        let saved = disk::create_dir_all(
+            &disk::OsDisk,
+            path.parent().expect("history files live in a directory"),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            runtime::write_atomically(&path, service.history_text().as_bytes())
                 .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    runtime::write_atomically(&path, service.history_text().as_bytes())
-                        .map_err(|e| e.to_string())
-                });
+        });
         if let Err(error) = saved {
             tracing::warn!(path = %path.display(), %error, "could not save metrics history");
         }

@@ -15,7 +15,7 @@ pub mod sim;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -217,7 +217,9 @@ pub fn remove_temporaries(disk: &dyn Disk, dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// The operating system's file system.
+/// The operating system's file system. What it creates is private to the node's user:
+/// files `0600`, directories `0700` (the data directory holds the control token and state
+/// with manifests' `env` values, and artifacts maru loads as native code).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsDisk;
 
@@ -230,6 +232,7 @@ impl Disk for OsDisk {
                 .read(true)
                 .append(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(path)?,
         };
         Ok(Arc::new(OsFile(file)))
@@ -253,7 +256,7 @@ impl Disk for OsDisk {
     }
 
     fn create_dir(&self, path: &Path) -> io::Result<()> {
-        fs::create_dir(path)
+        fs::DirBuilder::new().mode(0o700).create(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

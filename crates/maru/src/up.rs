@@ -207,9 +207,34 @@ async fn bind(address: SocketAddr, what: &str, flag: &str) -> anyhow::Result<Tcp
     TcpListener::bind(address).await.with_context(|| format!("listen for the {what} on {address} (is another maru running? choose another address with {flag})"))
 }
 
+/// The data directory holds the control token, the state (with manifests' `env` values) and
+/// artifacts maru loads as native code: nobody but maru's user may read or change it, so it
+/// is made `0700` at every start (directories maru creates are `0700` already).
+fn make_data_directory_private(data: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(data)
+        .with_context(|| format!("read the data directory {}", data.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).with_context(
+            || {
+                format!(
+                    "make the data directory {} private (chmod 700)",
+                    data.display()
+                )
+            },
+        )?;
+        tracing::info!(data = %data.display(), was = format!("{mode:o}"), "made the data directory private (mode 700)");
+    }
+    Ok(())
+}
+
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&settings.data)
+    disk::create_dir_all(&disk::OsDisk, &settings.data)
         .with_context(|| format!("create data directory {}", settings.data.display()))?;
+    make_data_directory_private(&settings.data)?;
     let (token, created) = control::token::load_or_create(&settings.data)?;
     if created {
         eprintln!(

@@ -8,7 +8,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The blake3 hash of a component's bytes, as 64 lowercase hex digits.
@@ -73,10 +72,10 @@ impl ArtifactCache {
             compiled: data_dir.join("compiled"),
         };
         for dir in [&cache.components, &cache.compiled] {
-            fs::create_dir_all(dir).map_err(|source| ArtifactError::Io {
-                action: "create directory",
-                path: dir.clone(),
-                source,
+            disk::create_dir_all(&disk::OsDisk, dir).map_err(|e| ArtifactError::Io {
+                action: e.action,
+                path: e.path,
+                source: e.source,
             })?;
         }
         Ok(cache)
@@ -164,33 +163,14 @@ impl ArtifactCache {
     }
 }
 
-/// Write a file so that readers see either nothing or all of it: a temporary file, fsync,
-/// rename over the target, fsync of the directory.
+/// Write a file so that readers, and a power cut, see either the old contents or all of
+/// the new ([`disk::write_atomically`] on the machine's disk).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ArtifactError> {
-    let io = |action: &'static str| {
-        move |source| ArtifactError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut file = fs::File::create(&tmp).map_err(io("create temporary file for"))?;
-    file.write_all(bytes).map_err(io("write"))?;
-    file.sync_all().map_err(io("fsync"))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io("rename into place"))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory of"))?;
-    Ok(())
+    disk::write_atomically(&disk::OsDisk, path, bytes).map_err(|e| ArtifactError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

@@ -122,6 +122,9 @@ fn start_ticks(pid: u32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// `PATH` for a process service whose manifest sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 impl ProcessInstance {
     /// Start the program and wait until its readiness probe passes.
     pub async fn start(spec: &ProcessSpec) -> Result<Self, ProcessError> {
@@ -148,9 +151,13 @@ impl ProcessInstance {
         } else {
             Command::new(program)
         };
+        // Only what the manifest and Maru give: maru's own environment (its log settings,
+        // whatever its service manager or shell passed it) is not the service's business.
         command
             .args(rest)
             .current_dir(&spec.workdir)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("PORT", port.to_string())
             .stdin(std::process::Stdio::null())
@@ -167,9 +174,11 @@ impl ProcessInstance {
             .ok_or_else(|| ProcessError::Io("the process exited at once".into()))?;
         let record = spec.registry.join(format!("{pid}.json"));
         let entry = serde_json::json!({ "pid": pid, "start_ticks": start_ticks(pid), "command": spec.command });
-        if let Err(error) = std::fs::create_dir_all(&spec.registry)
-            .and_then(|()| std::fs::write(&record, entry.to_string()))
-        {
+        // Durable before the process does anything: a power cut must not forget a group
+        // that the next start has to reap.
+        if let Err(error) = disk::create_dir_all(&disk::OsDisk, &spec.registry).and_then(|()| {
+            disk::write_atomically(&disk::OsDisk, &record, entry.to_string().as_bytes())
+        }) {
             _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             return Err(ProcessError::Io(format!(
                 "record process {pid} in {}: {error}",

@@ -119,6 +119,49 @@ fn a_process_service_is_routed_and_scales_from_zero_waiting_for_readiness() {
     );
 }
 
+/// Hardening defect 8: a process service inherited maru's whole environment. It now gets
+/// only `PATH`, `PORT` and its manifest's `env`.
+#[test]
+fn a_process_sees_only_the_environment_its_manifest_gives() {
+    let node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy(
+            "permits",
+            "/permits",
+            "env = { STARTUP_MS = \"0\", CITY = \"Seoul\" }",
+        ),
+    );
+    let answer = node.get("/permits/environment");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let value: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    let mut names: Vec<&str> = value["names"]
+        .as_array()
+        .expect("names")
+        .iter()
+        .filter_map(|n| n.as_str())
+        // Python's runtime may add its own (LC_CTYPE under some locales).
+        .filter(|n| !n.starts_with("LC_"))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["CITY", "PATH", "PORT", "STARTUP_MS"],
+        "maru's environment leaked"
+    );
+    // The data directory (token, state, artifacts maru executes) is private to maru's user,
+    // though the test created it open.
+    use std::os::unix::fs::PermissionsExt as _;
+    for dir in [node.data.clone(), node.data.join("compiled")] {
+        let mode = std::fs::metadata(&dir)
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700, "{} has mode {mode:o}", dir.display());
+    }
+}
+
 #[test]
 fn a_crashed_process_is_replaced() {
     let node = Node::start();
