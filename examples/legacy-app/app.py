@@ -63,6 +63,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/healthz":
             return self.answer(200, {"status": "ok", "pid": os.getpid()})
+        if path.endswith("/headers"):
+            return self.answer(200, {k.lower(): v for k, v in self.headers.items()})
         if path.endswith("/environment"):
             return self.answer(200, {"names": sorted(os.environ)})
         if path.endswith("/crash"):

@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use crate::service::{Body, Service, ServiceError};
 
 const REQUEST_ID: &str = "x-request-id";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// A client must send its whole request head within this time (slowloris guard).
     pub header_read_timeout: Duration,
@@ -32,6 +33,10 @@ pub struct GatewayConfig {
     pub connections_max: usize,
     /// On shutdown, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` and `Forwarded` headers are
+    /// kept (the connection's address is appended). From anyone else these headers are
+    /// replaced by the connection's address, so a client cannot pose as another.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -41,6 +46,7 @@ impl Default for GatewayConfig {
             header_bytes_max: 16 * 1024,
             connections_max: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -116,7 +122,7 @@ impl Gateway {
                 _ = shutdown.cancelled() => break,
                 permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             };
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -132,7 +138,7 @@ impl Gateway {
             let gateway = self.clone();
             let service = hyper::service::service_fn(move |request| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+                async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
             });
             let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             connections.spawn(async move {
@@ -173,9 +179,22 @@ impl Gateway {
         )
     }
 
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let arrival = Instant::now();
         let request_id = self.request_id(&request);
+        let hosts = request.headers().get_all(HOST).iter().count();
+        if hosts > 1 {
+            // RFC 9112 §3.2: a request with more than one Host is answered 400; routing by
+            // one of them would let a client reach a service the other names.
+            let mut response = error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("the request has {hosts} Host headers; send exactly one"),
+                &request_id,
+            );
+            set_request_id(&mut response, &request_id);
+            return response;
+        }
         let host = request
             .headers()
             .get(HOST)
@@ -215,7 +234,7 @@ impl Gateway {
         };
         drop(routes);
         let mut response = match self
-            .forward(&service, request, host, &request_id, arrival)
+            .forward(&service, request, host, peer, &request_id, arrival)
             .await
         {
             Ok(response) => response,
@@ -240,6 +259,7 @@ impl Gateway {
         service: &Service,
         request: Request<Incoming>,
         host: Option<String>,
+        peer: SocketAddr,
         request_id: &str,
         arrival: Instant,
     ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
@@ -274,6 +294,9 @@ impl Gateway {
         if let Ok(value) = HeaderValue::from_str(request_id) {
             parts.headers.insert(REQUEST_ID, value);
         }
+        strip_hop_by_hop(&mut parts.headers);
+        let trusted = self.config.trusted_proxies.contains(&peer.ip());
+        set_forwarded(&mut parts.headers, peer.ip(), trusted);
         let request = Request::from_parts(parts, Full::new(body));
         match service.handle(request, arrival).await {
             Ok(response) => Ok(response),
@@ -348,6 +371,72 @@ pub(crate) async fn read_body(
             "the request body could not be read: {error}"
         ))),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Headers that concern one connection only (RFC 9110 §7.6.1): never forwarded to a service.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop headers, and every header the client's `Connection` names.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named
+        .iter()
+        .map(String::as_str)
+        .chain(HOP_BY_HOP.iter().copied())
+    {
+        headers.remove(name);
+    }
+}
+
+/// Say who the client is: `X-Forwarded-For` and `Forwarded` name the connection's address.
+/// A trusted proxy's values are kept and the address appended; anyone else's are replaced.
+fn set_forwarded(headers: &mut http::HeaderMap, peer: IpAddr, trusted: bool) {
+    let joined = |name: &str| -> Option<String> {
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    let node = match peer {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    let (forwarded_for, forwarded) = match (trusted, joined("x-forwarded-for"), joined("forwarded"))
+    {
+        (true, xff, fwd) => (
+            xff.map_or_else(|| peer.to_string(), |v| format!("{v}, {peer}")),
+            fwd.map_or_else(|| node.clone(), |v| format!("{v}, {node}")),
+        ),
+        (false, _, _) => (peer.to_string(), node),
+    };
+    headers.remove("x-forwarded-for");
+    headers.remove("forwarded");
+    if let (Ok(xff), Ok(fwd)) = (
+        HeaderValue::from_str(&forwarded_for),
+        HeaderValue::from_str(&forwarded),
+    ) {
+        headers.insert("x-forwarded-for", xff);
+        headers.insert("forwarded", fwd);
     }
 }
 

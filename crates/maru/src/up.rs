@@ -57,6 +57,7 @@ struct NodeFile {
     instances_total_max: Option<u32>,
     header_read_timeout: Option<String>,
     shutdown_grace: Option<String>,
+    trusted_proxies: Option<Vec<std::net::IpAddr>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +169,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
                 file.shutdown_grace,
                 defaults.shutdown_grace,
             )?,
+            trusted_proxies: file.trusted_proxies.unwrap_or_default(),
             ..defaults
         },
     })

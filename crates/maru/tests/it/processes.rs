@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::harness::Node;
+use crate::harness::{Node, raw_exchange};
 
 fn app_py() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -160,6 +160,37 @@ fn a_process_sees_only_the_environment_its_manifest_gives() {
             & 0o777;
         assert_eq!(mode, 0o700, "{} has mode {mode:o}", dir.display());
     }
+}
+
+/// Hardening defect 10: a client's `X-Forwarded-For` passed through unchanged, headers named
+/// in `Connection` reached the service, and a request with two `Host` headers was routed.
+#[test]
+fn the_gateway_names_the_client_strips_hop_by_hop_headers_and_refuses_two_hosts() {
+    let node = Node::start();
+    node.deploy(
+        "legacy.toml",
+        &legacy("permits", "/permits", "env = { STARTUP_MS = \"0\" }"),
+    );
+    let (answer, _) = raw_exchange(
+        &mut node.connect(),
+        b"GET /permits/headers HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\nForwarded: for=203.0.113.9\r\nConnection: close, X-Internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\r\n",
+        Duration::from_secs(30),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let seen: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["forwarded"], "for=127.0.0.1", "{seen}");
+    for hop in ["x-internal", "keep-alive", "te"] {
+        assert!(seen.get(hop).is_none(), "{hop} was forwarded: {seen}");
+    }
+    let (answer, _) = raw_exchange(
+        &mut node.connect(),
+        b"GET /permits/headers HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(30),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("2 Host headers"), "{answer}");
 }
 
 #[test]
