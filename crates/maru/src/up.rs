@@ -246,7 +246,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         );
     }
     let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
-    let gateway = Gateway::new(settings.gateway_config);
+    let gateway = Gateway::new(settings.gateway_config.clone());
     let events = Arc::new(events::Events::new(&settings.data.join("events")));
     let (ingest_token, created) =
         control::token::load_or_create_file(&settings.data, control::token::INGEST_TOKEN_FILE)?;
@@ -292,11 +292,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
     let api = control::api::router(node.clone(), token);
     let api_shutdown = shutdown.clone();
+    let api_config = control::listener::ListenerConfig {
+        header_read_timeout: settings.gateway_config.header_read_timeout,
+        shutdown_grace: settings.gateway_config.shutdown_grace,
+        ..control::listener::ListenerConfig::default()
+    };
     servers.spawn(async move {
-        axum::serve(control_listener, api)
-            .with_graceful_shutdown(api_shutdown.cancelled_owned())
-            .await
-            .context("serve the control API")
+        control::listener::serve(control_listener, api, api_config, api_shutdown).await;
+        Ok(())
     });
 
     // Metrics history is saved at shutdown; also every 10 minutes, so a crash loses little.

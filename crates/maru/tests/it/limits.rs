@@ -229,6 +229,25 @@ fn an_oversized_body_gets_413_declared_or_chunked() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
 
+/// Hardening defect 10: the control listener had no deadline for the request head, so idle
+/// connections could hold it; it now has the gateway's guards (and a connection cap).
+#[test]
+fn a_slow_client_of_the_control_api_is_cut_off() {
+    let node = Node::start_with_config("header_read_timeout = \"1s\"");
+    let mut stream = std::net::TcpStream::connect(&node.control).expect("connect");
+    let (answer, closed) = raw_exchange(
+        &mut stream,
+        b"GET /v1/apps HTTP/1.1\r\nHost: t\r\nX-Slow: ",
+        Duration::from_secs(15),
+    );
+    assert!(
+        closed,
+        "the control API kept a half-sent request open (got {answer:?})"
+    );
+    let apps = node.control_api("GET", "/v1/apps", Some(&node.token), None);
+    assert_eq!(apps.status, 200, "{}", apps.body);
+}
+
 #[test]
 fn a_slowloris_connection_is_closed() {
     let node = Node::start_with_config("header_read_timeout = \"1s\"");
