@@ -8,7 +8,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, get, post, put};
 use maru_api::{
     ApiError, DeployRequest, ErrorBody, LogLine, LogsResponse, ManifestLocation, RemoveResponse,
     RollbackResponse,
@@ -29,35 +29,54 @@ struct Ctx {
     token: Arc<str>,
 }
 
+/// Every path the API serves. The router is built from this list, so a test that walks it
+/// covers every route, including ones added later.
+pub const ROUTES: &[&str] = &[
+    "/v1/health",
+    "/v1/apps",
+    "/v1/apps/{app}",
+    "/v1/apps/{app}/rollback",
+    "/v1/services",
+    "/v1/anomalies",
+    "/v1/logs/{app}/{service}",
+    "/v1/history/{app}/{service}",
+    "/v1/blobs/{hash}",
+    "/v1/events",
+    "/v1/events/{topic}",
+    "/metrics",
+];
+
+/// The handlers of one of [`ROUTES`].
+fn handlers(path: &str) -> MethodRouter<Ctx> {
+    match path {
+        "/v1/health" => get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        "/v1/apps" => get(list_apps).post(deploy),
+        "/v1/apps/{app}" => axum::routing::delete(remove_app),
+        "/v1/apps/{app}/rollback" => post(rollback),
+        "/v1/services" => get(list_services),
+        "/v1/anomalies" => get(|State(ctx): State<Ctx>| async move { json(&ctx.node.anomalies()) }),
+        "/v1/logs/{app}/{service}" => get(logs),
+        "/v1/history/{app}/{service}" => get(history),
+        "/v1/blobs/{hash}" => put(put_blob)
+            .head(head_blob)
+            .layer(DefaultBodyLimit::max(BLOB_BYTES_MAX)),
+        "/v1/events" => get(list_topics),
+        "/v1/events/{topic}" => get(read_events),
+        "/metrics" => get(metrics),
+        other => panic!("ROUTES lists {other} but no handlers are given for it"),
+    }
+}
+
 pub fn router(node: Arc<Node>, token: String) -> Router {
     let ctx = Ctx {
         node,
         token: token.into(),
     };
-    Router::new()
-        .route(
-            "/v1/health",
-            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
-        )
-        .route("/v1/apps", get(list_apps).post(deploy))
-        .route("/v1/apps/{app}", axum::routing::delete(remove_app))
-        .route("/v1/apps/{app}/rollback", post(rollback))
-        .route("/v1/services", get(list_services))
-        .route(
-            "/v1/anomalies",
-            get(|State(ctx): State<Ctx>| async move { json(&ctx.node.anomalies()) }),
-        )
-        .route("/v1/logs/{app}/{service}", get(logs))
-        .route("/v1/history/{app}/{service}", get(history))
-        .route(
-            "/v1/blobs/{hash}",
-            put(put_blob)
-                .head(head_blob)
-                .layer(DefaultBodyLimit::max(BLOB_BYTES_MAX)),
-        )
-        .route("/v1/events", get(list_topics))
-        .route("/v1/events/{topic}", get(read_events))
-        .route("/metrics", get(metrics))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, path| {
+            router.route(path, handlers(path))
+        })
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
