@@ -4,7 +4,13 @@
 //! Every instance runs in its own process group, so stopping it stops everything it started.
 //! Each live group is recorded in `DATA/processes/<pid>.json` until it is stopped; if `maru`
 //! itself dies without stopping them, the next `maru up` finds the records and kills the
-//! leftover groups ([`reap_leftovers`]) before it starts anything.
+//! leftover groups ([`reap_leftovers`]) before it starts anything. A record names the boot
+//! it was written in: after a reboot its pid belongs to somebody else.
+//!
+//! A group is only ever signalled while its leader is alive or an unreaped zombie: Linux
+//! does not hand out a pid (nor so a group id) while its process has not been reaped, so
+//! the signal cannot reach a group that a reused pid leads. The leader's exit is watched
+//! with `waitid(WNOWAIT)`, the rest of its group killed, and only then is it reaped.
 //!
 //! Limits: memory (`RLIMIT_AS`) and total CPU time (`RLIMIT_CPU`) are set through util-linux
 //! `prlimit` before the program executes. cgroup v2 is detected ([`limits_in_force`]) but not
@@ -22,6 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
@@ -105,7 +112,27 @@ pub struct ProcessInstance {
     record: PathBuf,
     output: JoinSet<()>,
     startup: Duration,
+    /// Set once the leader has been reaped; from then on its group id may be reused.
     exit: Option<ExitStatus>,
+}
+
+/// Whether `pid` (our child) has exited, without reaping it.
+fn leader_exited(pid: u32) -> bool {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+        Ok(WaitStatus::StillAlive) => false,
+        Ok(_) => true,
+        // ECHILD: already reaped (by us; nobody else reaps our children).
+        Err(_) => true,
+    }
+}
+
+/// This machine's boot, from the kernel; records from another boot name pids that are
+/// somebody else's now.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -173,7 +200,12 @@ impl ProcessInstance {
             .id()
             .ok_or_else(|| ProcessError::Io("the process exited at once".into()))?;
         let record = spec.registry.join(format!("{pid}.json"));
-        let entry = serde_json::json!({ "pid": pid, "start_ticks": start_ticks(pid), "command": spec.command });
+        let entry = serde_json::json!({
+            "pid": pid,
+            "start_ticks": start_ticks(pid),
+            "boot_id": boot_id(),
+            "command": spec.command,
+        });
         // Durable before the process does anything: a power cut must not forget a group
         // that the next start has to reap.
         if let Err(error) = disk::create_dir_all(&disk::OsDisk, &spec.registry).and_then(|()| {
@@ -248,12 +280,28 @@ impl ProcessInstance {
         self.startup
     }
 
-    /// The exit status, if the process has exited.
+    /// The exit status, if the process has exited. What it left in its group is killed
+    /// before it is reaped (see the module's docs).
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
+        if self.exit.is_none() && leader_exited(self.pid) {
+            _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
             self.exit = self.child.try_wait().ok().flatten();
         }
         self.exit
+    }
+
+    /// Wait up to `limit` for the leader to exit, without reaping it.
+    async fn leader_exits_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if leader_exited(self.pid) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn probe(&self, probe: &Probe, timeout: Duration) -> bool {
@@ -316,17 +364,19 @@ impl ProcessInstance {
     /// Ask the process group to stop with `signal`; after `timeout`, kill it.
     pub async fn stop(mut self, signal: Signal, timeout: Duration) -> Option<ExitStatus> {
         if self.exit.is_none() {
-            _ = killpg(Pid::from_raw(self.pid as i32), signal);
-            match tokio::time::timeout(timeout, self.child.wait()).await {
-                Ok(Ok(status)) => self.exit = Some(status),
-                _ => {
-                    _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
-                    self.exit = self.child.wait().await.ok();
-                }
+            let group = Pid::from_raw(self.pid as i32);
+            _ = killpg(group, signal);
+            if !self.leader_exits_within(timeout).await {
+                _ = killpg(group, Signal::SIGKILL);
+                // SIGKILL cannot be caught; the bound only guards against a kernel stuck
+                // in uninterruptible I/O.
+                self.leader_exits_within(Duration::from_secs(30)).await;
             }
+            // The leader is a zombie (its id cannot be reused yet): what it left in its
+            // group goes too, then it is reaped.
+            _ = killpg(group, Signal::SIGKILL);
+            self.exit = self.child.wait().await.ok();
         }
-        // The leader is gone; anything it left in its group goes too.
-        _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         self.output.shutdown().await;
         self.exit
     }
@@ -334,7 +384,10 @@ impl ProcessInstance {
 
 impl Drop for ProcessInstance {
     fn drop(&mut self) {
-        _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        if self.exit.is_none() {
+            // Not reaped yet, so the group id is still this leader's.
+            _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
         _ = std::fs::remove_file(&self.record);
     }
 }
@@ -367,11 +420,17 @@ pub fn reap_leftovers(registry: &Path) -> Vec<String> {
             continue;
         };
         // Linux never hands out a pid still in use as a process group id, so a live group with
-        // this id is ours, unless its leader is a different process that started later.
-        let leader_is_other = match (start_ticks(pid as u32), record["start_ticks"].as_u64()) {
-            (Some(now), Some(recorded)) => now != recorded,
+        // this id is ours, unless its leader is a different process that started later, or
+        // the record is from before a reboot.
+        let other_boot = match (record["boot_id"].as_str(), boot_id()) {
+            (Some(recorded), Some(now)) => recorded != now,
             _ => false,
         };
+        let leader_is_other = other_boot
+            || match (start_ticks(pid as u32), record["start_ticks"].as_u64()) {
+                (Some(now), Some(recorded)) => now != recorded,
+                _ => false,
+            };
         if !leader_is_other && killpg(Pid::from_raw(pid), None).is_ok() {
             _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             reaped.push(format!("process group {pid} ({})", record["command"]));
@@ -379,4 +438,81 @@ pub fn reap_leftovers(registry: &Path) -> Vec<String> {
         _ = std::fs::remove_file(&path);
     }
     reaped
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt as _;
+
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // Not reaped and not a zombie.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    /// Hardening defect 9: a leftover record was trusted without knowing which boot wrote it;
+    /// after a reboot its pid (and start time, counted from boot) may be another program's.
+    #[test]
+    fn a_record_from_another_boot_kills_nothing() {
+        let registry = tempfile::tempdir().expect("tempdir");
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("start sleep");
+        let pid = bystander.id();
+        let record = |boot: &str| {
+            serde_json::json!({
+                "pid": pid,
+                "start_ticks": start_ticks(pid),
+                "boot_id": boot,
+                "command": ["sleep", "30"],
+            })
+            .to_string()
+        };
+        std::fs::write(
+            registry.path().join(format!("{pid}.json")),
+            record("another-boot"),
+        )
+        .expect("write record");
+        assert!(reap_leftovers(registry.path()).is_empty());
+        assert!(
+            alive(pid),
+            "a group named by another boot's record was killed"
+        );
+        // The same record from this boot is ours to reap.
+        let this_boot = boot_id().expect("Linux has a boot id");
+        std::fs::write(
+            registry.path().join(format!("{pid}.json")),
+            record(&this_boot),
+        )
+        .expect("write record");
+        assert_eq!(reap_leftovers(registry.path()).len(), 1);
+        bystander.wait().expect("reaped");
+        assert!(!alive(pid));
+    }
+
+    #[test]
+    fn an_exited_leader_is_seen_without_being_reaped() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("start true");
+        let pid = child.id();
+        let started = Instant::now();
+        while !leader_exited(pid) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "true never exited"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Still a zombie: its pid is held until we reap it.
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert!(child.try_wait().expect("waits").is_some());
+    }
 }
