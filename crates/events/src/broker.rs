@@ -115,15 +115,32 @@ impl Events {
     /// goes to `city.traffic` with key `loop-17` if `city.traffic` is declared, or to
     /// `city.traffic.loop-17` with an empty key if that is.
     pub fn route_mqtt(&self, mqtt_topic: &str) -> Result<(Arc<Topic>, String), TopicError> {
-        let levels: Vec<&str> = mqtt_topic.split('/').collect();
+        // Only leading levels that fit in a topic name can name one: the candidates are
+        // built once, outside the lock, and there are at most a few dozen of them however
+        // long or deep the MQTT topic is.
+        let mut candidates: Vec<(String, usize)> = Vec::new();
+        let mut name = String::new();
+        let mut consumed = 0;
+        for level in mqtt_topic.split('/') {
+            if !name.is_empty() {
+                name.push('.');
+            }
+            name.push_str(level);
+            consumed += level.len() + 1;
+            if name.len() > TOPIC_NAME_BYTES_MAX {
+                break;
+            }
+            candidates.push((name.clone(), consumed.min(mqtt_topic.len())));
+        }
         let topics = self.topics.read().expect("topics lock is never poisoned");
-        for take in (1..=levels.len()).rev() {
-            let name = levels[..take].join(".");
-            if let Some((_, topic)) = topics.get(&name) {
-                return Ok((topic.clone(), levels[take..].join("/")));
+        for (name, rest_from) in candidates.iter().rev() {
+            if let Some((_, topic)) = topics.get(name) {
+                return Ok((topic.clone(), mqtt_topic[*rest_from..].to_string()));
             }
         }
-        Err(TopicError::Unknown(mqtt_topic.replace('/', ".")))
+        drop(topics);
+        let shown: String = mqtt_topic.chars().take(TOPIC_NAME_BYTES_MAX).collect();
+        Err(TopicError::Unknown(shown.replace('/', ".")))
     }
 
     /// Close every topic, answering the appends already queued.
@@ -135,5 +152,45 @@ impl Events {
         for (_, topic) in topics {
             topic.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mqtt_topics_map_to_the_longest_declared_prefix_with_bounded_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let events = Events::new(dir.path());
+        events
+            .declare("city.traffic", TopicConfig::default())
+            .await
+            .expect("declares");
+        let route = |mqtt: &str| {
+            events
+                .route_mqtt(mqtt)
+                .map(|(topic, key)| (topic.name().to_string(), key))
+        };
+        assert_eq!(
+            route("city/traffic/harbour-gate/3").expect("routes"),
+            ("city.traffic".to_string(), "harbour-gate/3".to_string())
+        );
+        assert_eq!(
+            route("city/traffic").expect("routes"),
+            ("city.traffic".to_string(), String::new())
+        );
+        assert!(route("city/water").is_err());
+        // Deep and long names are looked up by their first levels only (hardening defect 6:
+        // each level used to cost a join of all before it, under the topics lock).
+        let deep = format!("city/traffic/{}", "a/".repeat(30_000));
+        assert_eq!(route(&deep).expect("routes").0, "city.traffic");
+        let unknown = "x/".repeat(30_000);
+        let error = route(&unknown).expect_err("unknown").to_string();
+        assert!(
+            error.len() < 400,
+            "the error quotes a bounded name: {error}"
+        );
+        events.close_all().await;
     }
 }

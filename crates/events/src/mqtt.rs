@@ -16,11 +16,17 @@
 //! | QoS 2 | DISCONNECT 0x9B | connection closed |
 //! | malformed packet | DISCONNECT 0x81 | connection closed |
 //! | SUBSCRIBE | SUBACK 0x80 for every filter | SUBACK 0x80 for every filter |
+//! | topic name longer than any topic and key | PUBACK 0x90 | connection closed |
+//!
+//! Bounds against clients that never authenticate or send abusive names: a short CONNECT
+//! deadline, a cap on connections per address, topic names no longer than a declared
+//! topic plus a key, and a bounded cache of routes per connection.
 //!
 //! A QoS 0 event that cannot be stored is dropped and logged; QoS 0 promises no more.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -40,6 +46,8 @@ pub struct MqttConfig {
     /// The password every client must give (any user name is accepted).
     pub token: String,
     pub connections_max: usize,
+    /// Connections from one address at once: one client cannot take every slot.
+    pub connections_per_address_max: usize,
     /// The largest packet accepted; the payload limit is this minus the topic and header.
     pub packet_bytes_max: usize,
     /// Distinct topic names one connection may publish to.
@@ -55,12 +63,20 @@ impl Default for MqttConfig {
         MqttConfig {
             token: String::new(),
             connections_max: 10_000,
+            connections_per_address_max: 1000,
             packet_bytes_max: 256 * 1024,
             topics_per_connection_max: 1000,
             in_flight_max: 64,
-            connect_timeout: Duration::from_secs(10),
+            // Long enough for a sensor on a slow link, short enough that connections which
+            // never authenticate cannot pile up.
+            connect_timeout: Duration::from_secs(3),
         }
     }
+}
+
+fn topic_hash(topic: &str) -> u64 {
+    let hash = blake3::hash(topic.as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// What a client sent, reduced to what the listener acts on.
@@ -217,6 +233,9 @@ pub async fn serve(
 ) {
     let config = Arc::new(config);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.connections_max.max(1)));
+    // Open connections per client address; an entry lives only while its connections do,
+    // so the map is bounded by `connections_max`.
+    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -237,6 +256,13 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let Some(address_slot) =
+            AddressSlot::take(&per_address, peer.ip(), config.connections_per_address_max)
+        else {
+            tracing::warn!(%peer, limit = config.connections_per_address_max, "mqtt connection refused: too many connections from this address");
+            drop(stream);
+            continue;
+        };
         _ = stream.set_nodelay(true);
         let events = events.clone();
         let config = config.clone();
@@ -251,11 +277,59 @@ pub async fn serve(
                 }
                 _ = shutdown.cancelled() => connection.shutting_down().await,
             }
+            drop(address_slot);
             drop(permit);
         });
     }
     connections.shutdown().await;
 }
+
+/// One connection's count in the per-address table, given back when dropped.
+struct AddressSlot {
+    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    address: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        table: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        address: IpAddr,
+        max: usize,
+    ) -> Option<Self> {
+        let mut counts = table.lock().expect("address table lock is never poisoned");
+        let count = counts.entry(address).or_insert(0);
+        if *count >= max.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: table.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .table
+            .lock()
+            .expect("address table lock is never poisoned");
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The longest MQTT topic that can name a declared topic and a key: anything longer is
+/// refused before any lookup, which bounds the work and memory one name can cause.
+pub const MQTT_TOPIC_BYTES_MAX: usize =
+    crate::broker::TOPIC_NAME_BYTES_MAX + 1 + crate::record::ATTRIBUTE_BYTES_MAX;
+/// Routes a connection keeps looked up.
+const ROUTES_CACHED_MAX: usize = 256;
 
 type Stored = Result<(), AppendError>;
 type Route = (Arc<crate::Topic>, String);
@@ -307,7 +381,8 @@ struct Connection {
     protocol: Option<Protocol>,
     client_id: String,
     buffer: BytesMut,
-    topics: BTreeSet<String>,
+    /// Hashes of the distinct topics published to (for the per-connection quota).
+    topics: HashSet<u64>,
     /// Where each topic name published on this connection goes. A topic closed since
     /// (redeployed with a new configuration) fails its append; the entry is then dropped.
     routes: HashMap<String, Route>,
@@ -331,7 +406,7 @@ impl Connection {
             protocol: None,
             client_id: String::new(),
             buffer: BytesMut::with_capacity(8 * 1024),
-            topics: BTreeSet::new(),
+            topics: HashSet::new(),
             routes: HashMap::new(),
             source: String::new(),
             aliases: HashMap::new(),
@@ -665,17 +740,26 @@ impl Connection {
             }
             None => topic,
         };
-        if !self.topics.contains(&topic) {
-            if self.topics.len() >= self.config.topics_per_connection_max {
-                let why = format!(
-                    "more than {} distinct topics on one connection",
-                    self.config.topics_per_connection_max
-                );
-                return self
-                    .refuse(qos, pkid, v5::PubAckReason::QuotaExceeded, why)
-                    .await;
-            }
-            self.topics.insert(topic.clone());
+        if topic.len() > MQTT_TOPIC_BYTES_MAX {
+            let why = format!(
+                "the topic name is {} bytes, longer than any declared topic and key ({MQTT_TOPIC_BYTES_MAX})",
+                topic.len()
+            );
+            return self
+                .refuse(qos, pkid, v5::PubAckReason::TopicNameInvalid, why)
+                .await;
+        }
+        let hash = topic_hash(&topic);
+        if !self.topics.contains(&hash)
+            && self.topics.len() >= self.config.topics_per_connection_max
+        {
+            let why = format!(
+                "more than {} distinct topics on one connection",
+                self.config.topics_per_connection_max
+            );
+            return self
+                .refuse(qos, pkid, v5::PubAckReason::QuotaExceeded, why)
+                .await;
         }
         let cached = self.routes.get(&topic).cloned();
         let (target, key) = match cached
@@ -683,7 +767,11 @@ impl Connection {
             .unwrap_or_else(|| self.events.route_mqtt(&topic))
         {
             Ok(found) => {
-                self.routes.insert(topic, found.clone());
+                // Only topics that route are remembered, and only so many.
+                self.topics.insert(hash);
+                if self.routes.len() < ROUTES_CACHED_MAX {
+                    self.routes.insert(topic, found.clone());
+                }
                 found
             }
             Err(error) => {
@@ -763,14 +851,26 @@ mod tests {
         dir: &std::path::Path,
         shutdown: &CancellationToken,
     ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        listener_with(
+            dir,
+            shutdown,
+            MqttConfig {
+                token: "t".into(),
+                connections_max: 1,
+                ..MqttConfig::default()
+            },
+        )
+        .await
+    }
+
+    async fn listener_with(
+        dir: &std::path::Path,
+        shutdown: &CancellationToken,
+        config: MqttConfig,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
         let events = Arc::new(Events::new(dir));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let config = MqttConfig {
-            token: "t".into(),
-            connections_max: 1,
-            ..MqttConfig::default()
-        };
         let server = tokio::spawn(serve(events, listener, config, shutdown.clone()));
         (address, server)
     }
@@ -824,6 +924,54 @@ mod tests {
             over_limit.is_empty(),
             "the second connection is closed unanswered"
         );
+        shutdown.cancel();
+        server.await.expect("listener stops");
+    }
+
+    /// Hardening defect 6: idle connections that never send CONNECT could hold every slot
+    /// for 10 s each, and from one address. Now one address has a cap of its own and a
+    /// silent connection is closed after the CONNECT deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_address_cannot_hold_every_slot_and_silent_connections_are_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shutdown = CancellationToken::new();
+        let (address, server) = listener_with(
+            dir.path(),
+            &shutdown,
+            MqttConfig {
+                token: "t".into(),
+                connections_max: 100,
+                connections_per_address_max: 2,
+                connect_timeout: Duration::from_millis(300),
+                ..MqttConfig::default()
+            },
+        )
+        .await;
+        let (_first, accepted) = connect_with(address, "t").await;
+        assert_eq!(accepted, [0x20, 2, 0, 0]);
+        let (_second, accepted) = connect_with(address, "t").await;
+        assert_eq!(accepted, [0x20, 2, 0, 0]);
+        let (_, refused) = connect_with(address, "t").await;
+        assert!(
+            refused.is_empty(),
+            "a third connection from one address is refused"
+        );
+        drop((_first, _second));
+        // A connection that sends nothing is closed at the CONNECT deadline (bounded wait:
+        // the read ends with the close, long before the 10 s guard).
+        let mut silent = loop {
+            let (stream, answer) = connect_with(address, "t").await;
+            if answer == [0x20, 2, 0, 0] {
+                drop(stream);
+                break TcpStream::connect(address).await.expect("connect");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
+            .await
+            .expect("closed before the guard");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
         shutdown.cancel();
         server.await.expect("listener stops");
     }
