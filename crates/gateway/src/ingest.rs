@@ -23,7 +23,7 @@ use crate::server::read_body;
 /// The largest ingest request body.
 pub const INGEST_BODY_BYTES_MAX: usize = 8 << 20;
 /// A client must send the whole body within this time.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Ingest {
     pub events: Arc<Events>,

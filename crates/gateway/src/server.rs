@@ -33,6 +33,10 @@ pub struct GatewayConfig {
     pub connections_max: usize,
     /// On shutdown, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
+    /// Request bodies held in memory at once across every connection (a body is read whole
+    /// before its request is queued). A request whose body does not fit waits, until its
+    /// deadline, then gets 503; the node never buffers more than this.
+    pub buffered_body_bytes_max: u64,
     /// Proxies in front of the gateway whose `X-Forwarded-For` and `Forwarded` headers are
     /// kept (the connection's address is appended). From anyone else these headers are
     /// replaced by the connection's address, so a client cannot pose as another.
@@ -46,6 +50,7 @@ impl Default for GatewayConfig {
             header_bytes_max: 16 * 1024,
             connections_max: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            buffered_body_bytes_max: 512 << 20,
             trusted_proxies: Vec::new(),
         }
     }
@@ -58,6 +63,60 @@ pub struct Gateway {
     request_id_next: AtomicU64,
     unrouted: AtomicU64,
     ingest: std::sync::OnceLock<Ingest>,
+    bodies: BodyBudget,
+}
+
+/// The node-wide budget for buffered request bodies, in KiB (a semaphore's permits).
+struct BodyBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    kib_max: u64,
+}
+
+impl BodyBudget {
+    fn new(bytes: u64) -> Self {
+        let kib_max = bytes.div_ceil(1024).max(1);
+        BodyBudget {
+            kib: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(kib_max).unwrap_or(usize::MAX >> 4),
+            )),
+            kib_max,
+        }
+    }
+
+    /// Room for a body of up to `bytes`, waiting until `deadline` at most.
+    async fn reserve(
+        &self,
+        bytes: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, (StatusCode, &'static str, String)> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let kib = bytes.div_ceil(1024).min(self.kib_max);
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        match tokio::time::timeout_at(deadline, self.kib.clone().acquire_many_owned(kib)).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "the node is holding as many request bodies as it may ({} KiB); retry",
+                    self.kib_max
+                ),
+            )),
+        }
+    }
+}
+
+/// What a request's body can take: its declared length, or `limit` when it streams.
+fn body_reservation(request: &Request<Incoming>, limit: u64) -> u64 {
+    use hyper::body::Body as _;
+    request
+        .body()
+        .size_hint()
+        .exact()
+        .unwrap_or(limit)
+        .min(limit)
 }
 
 impl Gateway {
@@ -68,6 +127,7 @@ impl Gateway {
         if getrandom::fill(&mut seed).is_err() {
             seed = std::process::id().to_le_bytes();
         }
+        let bodies = BodyBudget::new(config.buffered_body_bytes_max);
         Arc::new(Gateway {
             routes: RwLock::new(Arc::new(RouteTable::default())),
             config: config.normalised(),
@@ -75,6 +135,7 @@ impl Gateway {
             request_id_next: AtomicU64::new(1),
             unrouted: AtomicU64::new(0),
             ingest: std::sync::OnceLock::new(),
+            bodies,
         })
     }
 
@@ -210,12 +271,22 @@ impl Gateway {
                     "this node takes no events",
                     &request_id,
                 ),
-                Some(ingest) => match ingest.handle(request).await {
-                    Ok(answer) => json_response(StatusCode::ACCEPTED, &answer),
-                    Err((status, code, message)) => {
-                        error_response(status, code, &message, &request_id)
+                Some(ingest) => {
+                    let reserve =
+                        body_reservation(&request, crate::ingest::INGEST_BODY_BYTES_MAX as u64);
+                    let deadline =
+                        tokio::time::Instant::from_std(arrival) + crate::ingest::BODY_TIMEOUT;
+                    let answer = match self.bodies.reserve(reserve, deadline).await {
+                        Ok(_room) => ingest.handle(request).await,
+                        Err(busy) => Err(busy),
+                    };
+                    match answer {
+                        Ok(answer) => json_response(StatusCode::ACCEPTED, &answer),
+                        Err((status, code, message)) => {
+                            error_response(status, code, &message, &request_id)
+                        }
                     }
-                },
+                }
             };
             set_request_id(&mut response, &request_id);
             return response;
@@ -279,10 +350,16 @@ impl Gateway {
         if declared.is_some_and(|length| length > limit) {
             return Err(too_large());
         }
+        // The one deadline of this request: for room to buffer its body, for reading it,
+        // and (in the service) for the answer.
+        let deadline = (arrival + service.config.timeout).into();
+        let _room = self
+            .bodies
+            .reserve(body_reservation(&request, limit), deadline)
+            .await?;
         let (mut parts, body) = request.into_parts();
         // The body is read whole before the request is queued, so an instance is never held
         // by a slow upload; reading it is bounded in size and in time.
-        let deadline = (arrival + service.config.timeout).into();
         let body = read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), deadline)
             .await
             .map_err(|error| error.failure(too_large(), "the service's timeout"))?;

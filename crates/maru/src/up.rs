@@ -58,6 +58,7 @@ struct NodeFile {
     header_read_timeout: Option<String>,
     shutdown_grace: Option<String>,
     trusted_proxies: Option<Vec<std::net::IpAddr>>,
+    request_bodies_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +171,19 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
                 defaults.shutdown_grace,
             )?,
             trusted_proxies: file.trusted_proxies.unwrap_or_default(),
+            buffered_body_bytes_max: match file.request_bodies_max {
+                None => defaults.buffered_body_bytes_max,
+                Some(text) => {
+                    let bytes = control::manifest::parse_size(&text)
+                        .map_err(|e| anyhow::anyhow!("node config `request_bodies_max`: {e}"))?;
+                    if bytes < 1 << 20 {
+                        bail!(
+                            "node config `request_bodies_max` = {text:?} is too small; use at least \"1MiB\""
+                        );
+                    }
+                    bytes
+                }
+            },
             ..defaults
         },
     })

@@ -120,6 +120,49 @@ fn twice_as_many_spinning_guests_as_cores_never_freeze_the_node() {
     });
 }
 
+/// Hardening defect 7: there was no node-wide bound on buffered request bodies, so
+/// connections × `body_limit` could exceed memory. With the budget full, a request waits
+/// for room until its deadline and then gets 503; once room returns, requests pass again.
+#[test]
+fn request_bodies_share_a_node_wide_budget() {
+    let node = Node::start_with_config("request_bodies_max = \"1MiB\"");
+    node.deploy(
+        "slow.toml",
+        &misbehave_manifest(
+            "uploads",
+            "/slow",
+            "body_limit = \"1MiB\"\ntimeout = \"30s\"",
+        ),
+    );
+    node.deploy(
+        "quick.toml",
+        &misbehave_manifest("quick", "/u", "timeout = \"1s\""),
+    );
+    assert_eq!(node.request("POST", "/u/echo", Some(b"warm")).status, 200);
+    // A slow upload declares the whole budget and sends a little of it.
+    let mut slow = node.connect();
+    slow.write_all(b"POST /slow/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\nabc")
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let refused = node.request("POST", "/u/echo", Some(b"small"));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.body.contains("\"code\":\"busy\""),
+        "{}",
+        refused.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        started.elapsed()
+    );
+    drop(slow);
+    node.wait_for("room for bodies again", Duration::from_secs(10), || {
+        node.request("POST", "/u/echo", Some(b"small")).status == 200
+    });
+}
+
 #[test]
 fn a_memory_hungry_guest_fails_its_request_and_the_node_keeps_running() {
     let node = Node::start();
