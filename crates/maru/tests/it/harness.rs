@@ -209,6 +209,40 @@ impl Node {
         self.launch();
     }
 
+    /// Start maru and SIGKILL it `after` later, whatever it is doing then (recovering its
+    /// topics, reconciling, serving): a crash during recovery.
+    pub fn start_and_kill(&mut self, after: Duration) {
+        assert!(self.child.is_none(), "stop or kill the node first");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.join("../maru.log"))
+            .expect("open node log");
+        let mut child = Command::new(MARU)
+            .args([
+                "up",
+                "--gateway",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+                "--mqtt",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(&self.data)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("MARU_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start maru up");
+        std::thread::sleep(after);
+        _ = child.kill();
+        child.wait().expect("reap maru");
+    }
+
     /// Run the CLI against this node.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(MARU)
