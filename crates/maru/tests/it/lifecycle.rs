@@ -156,12 +156,7 @@ fn a_crash_during_deploy_leaves_the_old_or_the_new_revision() {
     let seed: u64 = std::env::var("MARU_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+        .unwrap_or(0x00de_9107);
     eprintln!("a_crash_during_deploy: MARU_CRASH_SEED={seed}");
     let mut random = seed | 1;
     let mut outcomes = [0u32; 2];
@@ -169,7 +164,7 @@ fn a_crash_during_deploy_leaves_the_old_or_the_new_revision() {
         random ^= random << 13;
         random ^= random >> 7;
         random ^= random << 17;
-        let delay_ms = random % 60;
+        let delay_ms = random % 40;
         let mut deploy = std::process::Command::new(crate::harness::MARU)
             .arg("deploy")
             .arg(&new_manifest)
@@ -179,15 +174,29 @@ fn a_crash_during_deploy_leaves_the_old_or_the_new_revision() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start deploy");
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        if round % 3 == 2 {
+            // Every third round the kill lands after the deploy was acknowledged.
+            let started = std::time::Instant::now();
+            while deploy.try_wait().expect("deploy status").is_none() {
+                assert!(started.elapsed() < Duration::from_secs(60), "deploy hung");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        } else if round % 3 == 1 {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+        }
+        // (round % 3 == 0: killed at once, before the deploy can reach the node.)
         node.kill();
-        _ = deploy.wait();
+        let acknowledged = deploy.wait().expect("deploy exits").success();
         node.restart();
         let body = node.get("/hello").body;
         let apps: serde_json::Value =
             serde_json::from_str(&node.cli_ok(&["apps", "--json"])).expect("json");
         let revision = apps[0]["revision"].as_u64().expect("revision");
         outcomes[usize::from(revision > 1)] += 1;
+        assert!(
+            !acknowledged || revision > 1,
+            "round {round} (MARU_CRASH_SEED={seed}): the deploy was acknowledged, then lost to a kill"
+        );
         let expected = if revision == 1 {
             "Old from Maru!\n"
         } else {
@@ -203,6 +212,10 @@ fn a_crash_during_deploy_leaves_the_old_or_the_new_revision() {
             assert_eq!(node.get("/hello").body, "Old from Maru!\n");
         }
     }
+    assert!(
+        outcomes[0] >= 4 && outcomes[1] >= 4,
+        "kills must land both before and after a commit: {outcomes:?} (MARU_CRASH_SEED={seed})"
+    );
     eprintln!(
         "a_crash_during_deploy: {} rounds kept the old revision, {} got the new one",
         outcomes[0], outcomes[1]
