@@ -362,11 +362,119 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
             m_rps / w_rps,
             m_p99 / w_p99
         );
-        cold_start(&node, &hello)
+        cold_start(&node, &hello)?;
+        noisy_neighbours(&node, &components.join("misbehave.wasm"), &bench_dir)
     })();
     _ = serve.kill();
     _ = serve.wait();
     result
+}
+
+/// Latency of another service, of the control API and of HTTP ingest while twice as many
+/// guests as cores compute without pause, against the same calls on a quiet node: guests
+/// yield to the node at every epoch tick, so the limit is one second (the hardening issue's
+/// acceptance), and the ratio to quiet shows what the spinning costs.
+fn noisy_neighbours(node: &MaruNode, misbehave: &Path, bench_dir: &Path) -> anyhow::Result<()> {
+    let spinners = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+    let manifest = bench_dir.join("noisy.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[app]\nname = \"noisy\"\n\n[topic.\"bench.load\"]\n\n[service.spin]\ncomponent = \"{}\"\nroutes = [\"/spin\"]\ntimeout = \"20s\"\ninstances = {{ min = 0, max = {spinners} }}\n",
+            misbehave.display()
+        ),
+    )?;
+    node.cli(&["deploy", manifest.to_str().context("non-UTF-8 path")?])?;
+    let token = std::fs::read_to_string(node.data.join("token"))
+        .context("read the control token")?
+        .trim()
+        .to_string();
+    let ingest_token = node.ingest_token()?;
+    let timed = |address: &str, request: String| -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(address)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        let text = String::from_utf8_lossy(&answer);
+        if !(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.1 202")) {
+            bail!("{}", text.lines().next().unwrap_or_default());
+        }
+        Ok(started.elapsed())
+    };
+    let sample = || -> anyhow::Result<[Vec<Duration>; 3]> {
+        let mut out: [Vec<Duration>; 3] = Default::default();
+        for _ in 0..40 {
+            out[0].push(timed(
+                &node.gateway,
+                "GET /hello HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".into(),
+            )?);
+            out[1].push(timed(
+                &node.control,
+                format!("GET /v1/apps HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"),
+            )?);
+            out[2].push(timed(
+                &node.gateway,
+                format!("POST /events/bench.load HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer {ingest_token}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42"),
+            )?);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for series in &mut out {
+            series.sort();
+        }
+        Ok(out)
+    };
+    println!(
+        "\nNoisy neighbours: {spinners} guests spinning on {} cores",
+        spinners / 2
+    );
+    let quiet = sample()?;
+    let gateway = node.gateway.clone();
+    let spinning: Vec<_> = (0..spinners)
+        .map(|_| {
+            let gateway = gateway.clone();
+            std::thread::spawn(move || {
+                // Each spins until its 20 s timeout; 504 is the expected answer.
+                _ = first_byte(&gateway, "/spin");
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while node.service("noisy", "spin")?["in_flight"].as_u64() != Some(spinners as u64) {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("the guests did not all start spinning");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let noisy = sample()?;
+    let still = node.service("noisy", "spin")?["in_flight"].as_u64();
+    for thread in spinning {
+        _ = thread.join();
+    }
+    if still != Some(spinners as u64) {
+        bail!("the guests stopped spinning before the measurement ended ({still:?} in flight)");
+    }
+    for (i, name) in [
+        "another service (GET /hello)",
+        "control API (GET /v1/apps)",
+        "HTTP ingest (POST /events)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (q50, q99) = (quantile_ms(&quiet[i], 0.5), quantile_ms(&quiet[i], 0.99));
+        let (n50, n99, nmax) = (
+            quantile_ms(&noisy[i], 0.5),
+            quantile_ms(&noisy[i], 0.99),
+            quantile_ms(&noisy[i], 1.0),
+        );
+        println!(
+            "  {name:<30} quiet p50 {q50:>6.2} ms p99 {q99:>6.2} ms | spinning p50 {n50:>6.2} ms p99 {n99:>6.2} ms max {nmax:>6.2} ms | max / 1 s limit {:.3}",
+            nmax / 1000.0
+        );
+    }
+    Ok(())
 }
 
 fn cold_start(node: &MaruNode, hello: &Path) -> anyhow::Result<()> {
