@@ -84,6 +84,10 @@ pub enum ProcessError {
     ExitedEarly(String),
     #[error("not ready within {0:?} (readiness probe: {1})")]
     NotReady(Duration, String),
+    #[error(
+        "port {0} was taken by another program before this one listened on it; retrying on another port"
+    )]
+    PortTaken(u16),
     #[error("{0}")]
     Io(String),
 }
@@ -125,6 +129,67 @@ fn leader_exited(pid: u32) -> bool {
         // ECHILD: already reaped (by us; nobody else reaps our children).
         Err(_) => true,
     }
+}
+
+/// Whether a socket listening on `port` (IPv4 or IPv6) belongs to no process of the group
+/// `group`. `None` when the kernel's tables cannot be read (the check is then skipped).
+fn port_held_by_other(port: u16, group: u32) -> Option<bool> {
+    let mut listening = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let on_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            // 0A: LISTEN.
+            if on_port && *state == "0A" {
+                listening.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if listening.is_empty() {
+        return None;
+    }
+    let mut owned = vec![false; listening.len()];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_name = stat.get(stat.rfind(')')? + 2..)?.to_string();
+                after_name.split_whitespace().nth(2)?.parse::<u32>().ok()
+            })
+            == Some(group);
+        if !in_group {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let target = target.to_string_lossy();
+                for (i, socket) in listening.iter().enumerate() {
+                    if *socket == target {
+                        owned[i] = true;
+                    }
+                }
+            }
+        }
+    }
+    Some(owned.iter().any(|o| !o))
 }
 
 /// This machine's boot, from the kernel; records from another boot name pids that are
@@ -245,18 +310,19 @@ impl ProcessInstance {
         };
         let deadline = started + spec.ready_timeout;
         loop {
-            if let Some(status) = instance
-                .child
-                .try_wait()
-                .map_err(|e| ProcessError::Io(e.to_string()))?
-            {
-                instance.exit = Some(status);
+            if let Some(status) = instance.try_exited() {
                 return Err(ProcessError::ExitedEarly(status.to_string()));
             }
             if instance
                 .probe(&spec.ready, Duration::from_millis(500))
                 .await
             {
+                // The free port was chosen before the program bound it; another program
+                // may have taken it meanwhile, and must never be sent this service's
+                // traffic.
+                if port_held_by_other(port, pid) == Some(true) {
+                    return Err(ProcessError::PortTaken(port));
+                }
                 break;
             }
             if Instant::now() >= deadline {
@@ -495,6 +561,20 @@ mod tests {
         assert_eq!(reap_leftovers(registry.path()).len(), 1);
         bystander.wait().expect("reaped");
         assert!(!alive(pid));
+    }
+
+    /// Hardening defect 9: the free port is chosen before the program binds it, so another
+    /// program could take it and be sent the service's traffic. A listener is checked to
+    /// belong to the instance's process group.
+    #[test]
+    fn a_port_held_outside_the_group_is_noticed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let our_group = nix::unistd::getpgrp().as_raw() as u32;
+        assert_eq!(port_held_by_other(port, our_group), Some(false));
+        assert_eq!(port_held_by_other(port, our_group + 1), Some(true));
+        drop(listener);
+        assert_eq!(port_held_by_other(port, our_group), None, "nobody listens");
     }
 
     #[test]
