@@ -39,6 +39,28 @@ pub(crate) struct GuestState {
     /// When the current call must stop: guest code is trapped at the first epoch tick past
     /// it (host waits are bounded by the same instant through a timer).
     deadline: Instant,
+    /// Since when guest code has run without giving its thread back.
+    slice_started: Instant,
+}
+
+/// Guest code runs at most about this long (plus one epoch tick) before it yields its
+/// worker thread. Calls shorter than this, nearly all of them, never yield, so yielding
+/// costs nothing on the common path (a cold start measured 4.5 ms instead of 0.9 ms when
+/// every tick yielded through tokio's deferred `yield_now`); one that computes for longer
+/// shares the thread, at every tick or every other.
+const SLICE: Duration = Duration::from_millis(5);
+
+/// The epoch callback: trap past the deadline, else yield once the slice is used up.
+fn on_epoch(state: &mut GuestState) -> UpdateDeadline {
+    let now = Instant::now();
+    if now >= state.deadline {
+        return UpdateDeadline::Interrupt;
+    }
+    if now.duration_since(state.slice_started) < SLICE {
+        return UpdateDeadline::Continue(1);
+    }
+    state.slice_started = now;
+    UpdateDeadline::Yield(1)
 }
 
 impl WasiView for GuestState {
@@ -118,22 +140,15 @@ impl Instance {
                 allowed: spec.outbound.clone(),
             },
             deadline: Instant::now() + startup_timeout,
+            slice_started: Instant::now(),
         };
         let deadline = state.deadline;
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|state| &mut state.limits);
-        // Guest code yields to the executor at every epoch tick (10 ms), so a guest that
-        // computes without pause shares its worker thread with the node's other work and
-        // never holds it for its whole timeout; past its deadline it is trapped.
-        store.epoch_deadline_callback(|store| {
-            if Instant::now() >= store.data().deadline {
-                return Ok(UpdateDeadline::Interrupt);
-            }
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
-        });
+        // Guest code that computes for longer than a slice yields to the executor (see
+        // `on_epoch`), so it shares its worker thread with the node's other work and never
+        // holds it for its whole timeout; past its deadline it is trapped.
+        store.epoch_deadline_callback(|mut store| Ok(on_epoch(store.data_mut())));
         store.set_epoch_deadline(1);
         let proxy =
             tokio::time::timeout_at(deadline.into(), component.pre.instantiate_async(&mut store))
@@ -169,8 +184,10 @@ impl Instance {
             }
         };
         // The one deadline of this call, for guest code and host waits alike.
-        let deadline = Instant::now() + timeout;
+        let now = Instant::now();
+        let deadline = now + timeout;
         self.store.data_mut().deadline = deadline;
+        self.store.data_mut().slice_started = now;
         self.store.set_epoch_deadline(1);
         let handler = self.proxy.wasi_http_incoming_handler();
         let mut respond = Some(respond);
