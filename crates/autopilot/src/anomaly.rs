@@ -28,17 +28,26 @@ pub struct Detector {
     mean: f64,
     variance: f64,
     seen: u32,
+    /// Values seen before anything is judged.
+    warm_up: u32,
     streak: u32,
     reported: bool,
 }
 
-/// Seconds of history before a detector judges anything.
-const WARM_UP: u32 = 60;
+/// Seconds of history before a detector judges anything, by default.
+pub const WARM_UP_DEFAULT: u32 = 60;
 
 impl Detector {
     /// `floor`: the smallest deviation worth reporting, in the signal's units.
     pub fn new(floor: f64) -> Self {
+        Self::with_warm_up(floor, WARM_UP_DEFAULT)
+    }
+
+    /// Like [`Detector::new`], judging only after `warm_up` values (at least 10, so the
+    /// baseline has a variance).
+    pub fn with_warm_up(floor: f64, warm_up: u32) -> Self {
         Detector {
+            warm_up: warm_up.max(10),
             alpha: 0.02,
             k: 4.0,
             persist: 3,
@@ -60,7 +69,7 @@ impl Detector {
         let expected = forecast.filter(|f| f.is_finite()).unwrap_or(self.mean);
         let sigma = self.variance.sqrt().max(self.floor);
         let deviation = value - expected;
-        let unusual = self.seen >= WARM_UP && deviation.abs() > self.k * sigma;
+        let unusual = self.seen >= self.warm_up && deviation.abs() > self.k * sigma;
         // Unusual values move the baseline slowly, so a lasting shift becomes the new normal.
         let alpha = if unusual {
             self.alpha / 10.0
@@ -100,6 +109,32 @@ mod tests {
 
     fn noisy(i: u32) -> f64 {
         100.0 + f64::from(i % 7) - 3.0
+    }
+
+    #[test]
+    fn a_shorter_warm_up_judges_sooner_and_not_before() {
+        let mut detector = Detector::with_warm_up(1.0, 20);
+        for i in 0..20 {
+            assert_eq!(detector.observe(noisy(i), None), None);
+        }
+        for _ in 0..2 {
+            assert_eq!(
+                detector.observe(300.0, None),
+                None,
+                "still within persistence"
+            );
+        }
+        assert!(
+            detector.observe(300.0, None).is_some(),
+            "judged after 20 values"
+        );
+        let mut early = Detector::with_warm_up(1.0, 20);
+        for i in 0..10 {
+            assert_eq!(early.observe(noisy(i), None), None);
+        }
+        for _ in 0..5 {
+            assert_eq!(early.observe(300.0, None), None, "before the warm-up ends");
+        }
     }
 
     #[test]

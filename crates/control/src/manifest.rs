@@ -52,6 +52,8 @@ pub struct ServiceManifest {
     pub instances_max: u32,
     pub concurrency: u32,
     pub idle_timeout: Duration,
+    /// Live traffic the anomaly detectors learn from before they judge anything.
+    pub anomaly_warm_up: Duration,
     /// Components: always set (default 64 MiB). Processes: only if the manifest sets it.
     pub memory_bytes: Option<u64>,
     pub timeout: Duration,
@@ -212,6 +214,10 @@ impl ServiceManifest {
         );
         check("concurrency", self.concurrency != other.concurrency);
         check("idle_timeout", self.idle_timeout != other.idle_timeout);
+        check(
+            "anomaly_warm_up",
+            self.anomaly_warm_up != other.anomaly_warm_up,
+        );
         check("memory", self.memory_bytes != other.memory_bytes);
         check("timeout", self.timeout != other.timeout);
         check(
@@ -306,6 +312,7 @@ struct RawService {
     instances: Option<Spanned<RawInstances>>,
     concurrency: Option<Spanned<i64>>,
     idle_timeout: Option<Spanned<String>>,
+    anomaly_warm_up: Option<Spanned<String>>,
     memory: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     startup_timeout: Option<Spanned<String>>,
@@ -702,6 +709,12 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             Duration::from_secs(30),
             (Duration::from_secs(1), Duration::from_secs(24 * 3600)),
         )?;
+        let anomaly_warm_up = parser.duration(
+            &at("anomaly_warm_up"),
+            service.anomaly_warm_up.as_ref(),
+            Duration::from_secs(60),
+            (Duration::from_secs(5), Duration::from_secs(24 * 3600)),
+        )?;
         let memory_bytes = match (is_process, &service.memory) {
             (true, None) => None,
             (true, memory) => Some(parser.size(
@@ -813,6 +826,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 instances_max,
                 concurrency,
                 idle_timeout,
+                anomaly_warm_up,
                 memory_bytes,
                 timeout,
                 startup_timeout,

@@ -558,6 +558,7 @@ impl Node {
             log,
             history: self.load_history(key),
             slo: manifest.scaling.slo,
+            anomaly_warm_up: manifest.anomaly_warm_up,
         };
         Ok(Service::start(
             config,

@@ -367,6 +367,17 @@ impl SimFile {
         }
         f(&mut state, self.inode)
     }
+
+    /// Like `with`, for a change: the handle must have been opened for writing.
+    fn with_writable<T>(&self, f: impl FnOnce(&mut State, u64) -> io::Result<T>) -> io::Result<T> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "opened for reading",
+            ));
+        }
+        self.with(f)
+    }
 }
 
 impl DiskFile for SimFile {
@@ -383,13 +394,7 @@ impl DiskFile for SimFile {
     }
 
     fn append(&self, bytes: &[u8]) -> io::Result<()> {
-        if !self.writable {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "opened for reading",
-            ));
-        }
-        self.with(|state, id| {
+        self.with_writable(|state, id| {
             state.step()?;
             let room = state
                 .capacity_bytes
@@ -435,13 +440,7 @@ impl DiskFile for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if !self.writable {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "opened for reading",
-            ));
-        }
-        self.with(|state, id| {
+        self.with_writable(|state, id| {
             state.step()?;
             let len = usize::try_from(len).map_err(io::Error::other)?;
             state

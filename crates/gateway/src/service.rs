@@ -70,6 +70,8 @@ pub struct ServiceConfig {
     pub history: History,
     /// The latency objective: requests answered successfully within it are counted as met.
     pub slo: Option<Duration>,
+    /// Seconds of live signals the anomaly detectors learn from before judging.
+    pub anomaly_warm_up: Duration,
 }
 
 /// Why the service could not answer a request with a response from an instance.
@@ -436,7 +438,15 @@ impl Service {
     async fn scale_loop(self: Arc<Self>, mut policy: Box<dyn Policy>) {
         let mut instances = JoinSet::new();
         let mut watch = AnomalyWatch {
-            detectors: [Detector::new(1.0), Detector::new(5.0), Detector::new(0.02)],
+            detectors: {
+                let warm_up =
+                    u32::try_from(self.config.anomaly_warm_up.as_secs()).unwrap_or(u32::MAX);
+                [
+                    Detector::with_warm_up(1.0, warm_up),
+                    Detector::with_warm_up(5.0, warm_up),
+                    Detector::with_warm_up(0.02, warm_up),
+                ]
+            },
             last: (0, 0, 0, 0.0),
             last_cold_starts: 0,
         };

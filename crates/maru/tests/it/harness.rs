@@ -105,14 +105,14 @@ impl Node {
             .join("node.toml")
     }
 
-    fn launch(&mut self) {
-        _ = std::fs::remove_file(self.data.join("node.json"));
+    /// Start `maru up` on this node's data directory, logging to the test's log file.
+    fn spawn(&self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.data.join("../maru.log"))
             .expect("open node log");
-        let child = Command::new(MARU)
+        Command::new(MARU)
             .args([
                 "up",
                 "--gateway",
@@ -131,8 +131,12 @@ impl Node {
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
             .spawn()
-            .expect("start maru up");
-        self.child = Some(child);
+            .expect("start maru up")
+    }
+
+    fn launch(&mut self) {
+        _ = std::fs::remove_file(self.data.join("node.json"));
+        self.child = Some(self.spawn());
         let started = Instant::now();
         loop {
             if let Some(node) = std::fs::read_to_string(self.data.join("node.json"))
@@ -213,31 +217,7 @@ impl Node {
     /// topics, reconciling, serving): a crash during recovery.
     pub fn start_and_kill(&mut self, after: Duration) {
         assert!(self.child.is_none(), "stop or kill the node first");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.join("../maru.log"))
-            .expect("open node log");
-        let mut child = Command::new(MARU)
-            .args([
-                "up",
-                "--gateway",
-                "127.0.0.1:0",
-                "--control",
-                "127.0.0.1:0",
-                "--mqtt",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(&self.data)
-            .arg("--config")
-            .arg(self.config_path())
-            .env("MARU_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("start maru up");
+        let mut child = self.spawn();
         std::thread::sleep(after);
         _ = child.kill();
         child.wait().expect("reap maru");
