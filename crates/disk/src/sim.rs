@@ -177,6 +177,20 @@ impl State {
         }
     }
 
+    /// Where a new entry at `path` goes: its parent must exist and the name be free. Counts
+    /// as the mutating operation.
+    fn new_entry(&mut self, path: &Path) -> io::Result<(PathBuf, String)> {
+        let (parent, name) = Self::split(path)?;
+        if !self.dirs.contains_key(&parent) {
+            return Err(not_found(&parent));
+        }
+        if self.entry(path).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
+        }
+        self.step()?;
+        Ok((parent, name))
+    }
+
     fn used_bytes(&self) -> u64 {
         self.inodes.values().map(|i| i.data.len() as u64).sum()
     }
@@ -470,14 +484,7 @@ impl Disk for SimDisk {
                 }
             },
             OpenMode::CreateNew => {
-                let (parent, name) = State::split(path)?;
-                if !state.dirs.contains_key(&parent) {
-                    return Err(not_found(&parent));
-                }
-                if state.entry(path).is_ok() {
-                    return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
-                }
-                state.step()?;
+                let (parent, name) = state.new_entry(path)?;
                 let id = state.next_inode;
                 state.next_inode += 1;
                 state.inodes.insert(id, Inode::default());
@@ -524,14 +531,7 @@ impl Disk for SimDisk {
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
         state.check_on()?;
-        let (parent, name) = State::split(path)?;
-        if !state.dirs.contains_key(&parent) {
-            return Err(not_found(&parent));
-        }
-        if state.entry(path).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
-        }
-        state.step()?;
+        let (parent, name) = state.new_entry(path)?;
         state
             .dirs
             .get_mut(&parent)
