@@ -106,8 +106,12 @@ impl Node {
         events: Arc<Events>,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
-        disk::create_dir_all(&disk::OsDisk, data_dir)
-            .with_context(|| format!("create data directory {}", data_dir.display()))?;
+        // Creates the data directory too, every directory above it made durable; saving
+        // history and recording processes then only write files.
+        for dir in ["history", "processes"] {
+            disk::create_dir_all(&disk::OsDisk, &data_dir.join(dir))
+                .with_context(|| format!("create {}", data_dir.join(dir).display()))?;
+        }
         let state = State::open(&data_dir.join("state.redb")).context("open the state database")?;
         // redb syncs the database file; its entry in the directory is ours to make durable.
         disk::Disk::sync_dir(&disk::OsDisk, data_dir)
@@ -435,15 +439,8 @@ impl Node {
 
     fn save_history_of(&self, key: &ServiceKey, service: &Service) {
         let path = self.history_path(key);
-        let saved = disk::create_dir_all(
-            &disk::OsDisk,
-            path.parent().expect("history files live in a directory"),
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            runtime::write_atomically(&path, service.history_text().as_bytes())
-                .map_err(|e| e.to_string())
-        });
+        // `DATA/history` was made (durably) by `Node::open`.
+        let saved = runtime::write_atomically(&path, service.history_text().as_bytes());
         if let Err(error) = saved {
             tracing::warn!(path = %path.display(), %error, "could not save metrics history");
         }

@@ -749,40 +749,43 @@ impl Connection {
                 .refuse(qos, pkid, v5::PubAckReason::TopicNameInvalid, why)
                 .await;
         }
-        let hash = topic_hash(&topic);
-        if !self.topics.contains(&hash)
-            && self.topics.len() >= self.config.topics_per_connection_max
-        {
-            let why = format!(
-                "more than {} distinct topics on one connection",
-                self.config.topics_per_connection_max
-            );
-            return self
-                .refuse(qos, pkid, v5::PubAckReason::QuotaExceeded, why)
-                .await;
-        }
-        let cached = self.routes.get(&topic).cloned();
-        let (target, key) = match cached
-            .map(Ok)
-            .unwrap_or_else(|| self.events.route_mqtt(&topic))
-        {
-            Ok(found) => {
-                // Only topics that route are remembered, and only so many.
-                self.topics.insert(hash);
-                if self.routes.len() < ROUTES_CACHED_MAX {
-                    self.routes.insert(topic, found.clone());
+        // A cached route was counted when it was first looked up; only a miss is hashed,
+        // counted against the quota and looked up.
+        let (target, key) = match self.routes.get(&topic) {
+            Some(found) => found.clone(),
+            None => {
+                let hash = topic_hash(&topic);
+                if !self.topics.contains(&hash)
+                    && self.topics.len() >= self.config.topics_per_connection_max
+                {
+                    let why = format!(
+                        "more than {} distinct topics on one connection",
+                        self.config.topics_per_connection_max
+                    );
+                    return self
+                        .refuse(qos, pkid, v5::PubAckReason::QuotaExceeded, why)
+                        .await;
                 }
-                found
-            }
-            Err(error) => {
-                return self
-                    .refuse(
-                        qos,
-                        pkid,
-                        v5::PubAckReason::TopicNameInvalid,
-                        error.to_string(),
-                    )
-                    .await;
+                match self.events.route_mqtt(&topic) {
+                    Ok(found) => {
+                        // Only topics that route are remembered, and only so many.
+                        self.topics.insert(hash);
+                        if self.routes.len() < ROUTES_CACHED_MAX {
+                            self.routes.insert(topic, found.clone());
+                        }
+                        found
+                    }
+                    Err(error) => {
+                        return self
+                            .refuse(
+                                qos,
+                                pkid,
+                                v5::PubAckReason::TopicNameInvalid,
+                                error.to_string(),
+                            )
+                            .await;
+                    }
+                }
             }
         };
         let event = NewEvent {

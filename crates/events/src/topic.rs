@@ -137,13 +137,6 @@ struct Gap {
     why: &'static str,
 }
 
-/// Offsets recovery could not read, and why.
-#[derive(Debug, Clone, PartialEq)]
-struct Lost {
-    offsets: Range<u64>,
-    why: &'static str,
-}
-
 struct Log {
     segments: Vec<Segment>,
     /// Every offset range that cannot be read (merged, ascending), for reporting.
@@ -164,12 +157,16 @@ impl Log {
     fn add_lost(&mut self, range: Range<u64>) {
         let mut all = std::mem::take(&mut self.lost);
         all.push(range);
-        let mut merged = recovery::merge(all);
-        if merged.len() > LOST_RANGES_MAX {
-            merged.drain(..merged.len() - LOST_RANGES_MAX);
-        }
-        self.lost = merged;
+        self.lost = newest_lost(recovery::merge(all));
     }
+}
+
+/// At most [`LOST_RANGES_MAX`] of merged lost ranges, the newest.
+fn newest_lost(mut merged: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    if merged.len() > LOST_RANGES_MAX {
+        merged.drain(..merged.len() - LOST_RANGES_MAX);
+    }
+    merged
 }
 
 enum Job {
@@ -271,7 +268,7 @@ impl Topic {
         dir: &Path,
         config: TopicConfig,
     ) -> Result<Arc<Topic>, String> {
-        disk::create_dir_all(env.disk.as_ref(), dir).map_err(|e| e.to_string())?;
+        // Creates `dir` too, with every directory above it made durable.
         let groups = groups::read_groups(&env, &dir.join("groups"))?;
         let recovered = recovery::recover(&env, name, dir, &groups)?;
         let next = recovered.segments.last().map(|s| s.end).unwrap_or(0);
@@ -279,18 +276,15 @@ impl Topic {
             groups.values().all(|offset| *offset <= next),
             "recovery continues past every committed offset"
         );
-        let mut log = Log {
+        let log = Log {
             segments: recovered.segments,
-            lost: Vec::new(),
+            lost: newest_lost(recovered.lost),
             recent: VecDeque::new(),
             appended_total: 0,
             commits_total: 0,
             syncs_total: 0,
             broken: None,
         };
-        for lost in recovered.lost {
-            log.add_lost(lost.offsets);
-        }
         let (committed_tx, committed) = watch::channel(next);
         let log = Arc::new(Mutex::new(log));
         let (queue, rx) = mpsc::channel(1024);

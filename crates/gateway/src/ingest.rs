@@ -53,11 +53,16 @@ fn header<'a>(request: &'a Request<()>, name: &str) -> &'a str {
 
 impl Ingest {
     /// Store the request's events; the JSON answer on success.
-    pub async fn handle(&self, request: Request<Incoming>) -> Result<Value, Failure> {
+    /// Store the events of one request whose body must have arrived by `deadline`.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, Failure> {
         let (parts, body) = request.into_parts();
         let result = self.store(Request::from_parts(parts, ())).await;
         match result {
-            Ok(store) => store.finish(body).await,
+            Ok(store) => store.finish(body, deadline).await,
             Err(failure) => {
                 // Read a small unread body, so the client sees the answer instead of a
                 // connection reset while it is still sending.
@@ -140,14 +145,17 @@ struct Pending {
 }
 
 impl Pending {
-    async fn finish(self, body: Incoming) -> Result<Value, Failure> {
+    async fn finish(
+        self,
+        body: Incoming,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, Failure> {
         let Pending {
             name,
             topic,
             content_type,
             single,
         } = self;
-        let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
         let body = read_body(body, INGEST_BODY_BYTES_MAX, deadline)
             .await
             .map_err(|error| error.failure(body_too_large(), "30 s"))?;

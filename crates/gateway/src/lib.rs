@@ -14,6 +14,6 @@ mod trigger;
 
 pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_families};
 pub use routes::{RouteKey, RouteTable};
-pub use server::{Gateway, GatewayConfig};
+pub use server::{ConnectionLimits, Gateway, GatewayConfig, serve_connections};
 pub use service::{AnomalyRecord, Backend, Body, BoxError, Service, ServiceConfig, ServiceError};
 pub use trigger::{TriggerConfig, run_trigger};

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Ingest;
 use crate::routes::RouteTable;
-use crate::service::{Body, Service, ServiceError};
+use crate::service::{Body, BoxError, Service, ServiceError};
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -169,54 +169,20 @@ impl Gateway {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let permits = Arc::new(tokio::sync::Semaphore::new(self.config.connections_max));
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut connections = JoinSet::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout)
-            .max_buf_size(self.config.header_bytes_max)
-            .keep_alive(true);
-        loop {
-            while connections.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            };
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off rather than spin.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            _ = stream.set_nodelay(true);
+        let limits = ConnectionLimits {
+            connections_max: self.config.connections_max,
+            header_read_timeout: self.config.header_read_timeout,
+            header_bytes_max: self.config.header_bytes_max,
+            shutdown_grace: self.config.shutdown_grace,
+        };
+        serve_connections(listener, limits, shutdown, |peer| {
             let gateway = self.clone();
-            let service = hyper::service::service_fn(move |request| {
+            hyper::service::service_fn(move |request| {
                 let gateway = gateway.clone();
                 async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
-            });
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            connections.spawn(async move {
-                // Errors here are clients going away or breaking the protocol; hyper has
-                // already answered what could be answered.
-                _ = connection.await;
-                drop(permit);
-            });
-        }
-        drop(listener);
-        if tokio::time::timeout(self.config.shutdown_grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(grace = ?self.config.shutdown_grace, "connections still open after the shutdown grace period; closing them");
-        }
-        connections.shutdown().await;
+            })
+        })
+        .await;
         Ok(())
     }
 
@@ -274,10 +240,11 @@ impl Gateway {
                 Some(ingest) => {
                     let reserve =
                         body_reservation(&request, crate::ingest::INGEST_BODY_BYTES_MAX as u64);
+                    // One deadline for room to buffer the body and for reading it.
                     let deadline =
                         tokio::time::Instant::from_std(arrival) + crate::ingest::BODY_TIMEOUT;
                     let answer = match self.bodies.reserve(reserve, deadline).await {
-                        Ok(_room) => ingest.handle(request).await,
+                        Ok(_room) => ingest.handle(request, deadline).await,
                         Err(busy) => Err(busy),
                     };
                     match answer {
@@ -449,6 +416,79 @@ pub(crate) async fn read_body(
         ))),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
+}
+
+/// The guards of an HTTP/1.1 listener: how many connections at once, how long and how
+/// large a request head may be, and how long requests get at shutdown.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub connections_max: usize,
+    pub header_read_timeout: Duration,
+    pub header_bytes_max: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Accept HTTP/1.1 connections until `shutdown` fires, each served by the service
+/// `service_for` makes for its peer, under `limits`; then stop accepting and give open
+/// connections `shutdown_grace` to finish. The gateway and the control API both listen
+/// through this.
+pub async fn serve_connections<S, B>(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+    mut service_for: impl FnMut(SocketAddr) -> S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.header_bytes_max)
+        .keep_alive(true);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        _ = stream.set_nodelay(true);
+        let connection =
+            graceful.watch(http.serve_connection(TokioIo::new(stream), service_for(peer)));
+        connections.spawn(async move {
+            // Errors here are clients going away or breaking the protocol; hyper has
+            // already answered what could be answered.
+            _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace period; closing them");
+    }
+    connections.shutdown().await;
 }
 
 /// Headers that concern one connection only (RFC 9110 §7.6.1): never forwarded to a service.

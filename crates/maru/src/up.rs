@@ -306,10 +306,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
     let api = control::api::router(node.clone(), token);
     let api_shutdown = shutdown.clone();
-    let api_config = control::listener::ListenerConfig {
+    let api_config = gateway::ConnectionLimits {
         header_read_timeout: settings.gateway_config.header_read_timeout,
         shutdown_grace: settings.gateway_config.shutdown_grace,
-        ..control::listener::ListenerConfig::default()
+        ..control::listener::default_limits()
     };
     servers.spawn(async move {
         control::listener::serve(control_listener, api, api_config, api_shutdown).await;

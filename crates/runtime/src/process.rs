@@ -69,7 +69,7 @@ pub struct ProcessSpec {
     /// Total CPU seconds one instance may use (`RLIMIT_CPU`); a runaway guard, not a share.
     pub cpu_seconds_max: Option<u64>,
     pub log: Arc<ServiceLog>,
-    /// `DATA/processes`: where live process groups are recorded.
+    /// `DATA/processes`, which must exist: where live process groups are recorded.
     pub registry: PathBuf,
 }
 
@@ -272,10 +272,10 @@ impl ProcessInstance {
             "command": spec.command,
         });
         // Durable before the process does anything: a power cut must not forget a group
-        // that the next start has to reap.
-        if let Err(error) = disk::create_dir_all(&disk::OsDisk, &spec.registry).and_then(|()| {
+        // that the next start has to reap. (The registry directory is the node's to make.)
+        if let Err(error) =
             disk::write_atomically(&disk::OsDisk, &record, entry.to_string().as_bytes())
-        }) {
+        {
             _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             return Err(ProcessError::Io(format!(
                 "record process {pid} in {}: {error}",

@@ -13,8 +13,8 @@
 //!   segment at an offset past anything the old tail or the group can have named. CloudEvents
 //!   ids are `topic:offset`, so a reused offset would make downstream de-duplication drop a
 //!   new event.
-//! - **What recovery accepts is made durable.** Every segment is synced and so is the
-//!   directory, before any of it is served: records that were written but never synced (a
+//! - **What recovery accepts is made durable.** The newest segment (the only one that can
+//!   hold unsynced writes) is synced and so is the directory, before any of it is served: records that were written but never synced (a
 //!   process killed before its sync) would otherwise be served now and lost at the next
 //!   power cut.
 
@@ -26,7 +26,7 @@ use std::path::Path;
 use bytes::Bytes;
 use disk::{Env, OpenMode};
 
-use super::{Gap, INDEX_EVERY_BYTES, Lost, Segment, io_message, segment_path};
+use super::{Gap, INDEX_EVERY_BYTES, Segment, io_message, segment_path};
 use crate::record::{self, Decoded, RECORD_BYTES_MIN};
 
 /// What scanning one segment's bytes found.
@@ -124,7 +124,8 @@ fn resync(bytes: &Bytes, from: usize, expected: u64) -> Option<(usize, u64)> {
 /// The recovered log.
 pub(super) struct Recovered {
     pub segments: Vec<Segment>,
-    pub lost: Vec<Lost>,
+    /// Offsets that cannot be read, merged and ascending.
+    pub lost: Vec<Range<u64>>,
 }
 
 fn list_bases(env: &Env, dir: &Path) -> Result<Vec<u64>, String> {
@@ -137,13 +138,24 @@ fn list_bases(env: &Env, dir: &Path) -> Result<Vec<u64>, String> {
     Ok(bases)
 }
 
-fn open_segment(env: &Env, path: &Path, base: u64, scan: &Scan) -> Result<Segment, String> {
+/// Open a scanned segment for reading; the newest one is synced first.
+fn open_segment(
+    env: &Env,
+    path: &Path,
+    base: u64,
+    scan: &Scan,
+    newest: bool,
+) -> Result<Segment, String> {
     let file = env
         .disk
         .open(path, OpenMode::Read)
         .map_err(|e| io_message("open", path, e))?;
-    // Synced before anything in it is served: see the module's rules.
-    file.sync().map_err(|e| io_message("sync", path, e))?;
+    // Synced before anything in it is served (see the module's rules). Only the newest
+    // segment can hold writes that were never synced: every other one was synced before
+    // the segment after it was created, by a roll or by the recovery that sealed it.
+    if newest {
+        file.sync().map_err(|e| io_message("sync", path, e))?;
+    }
     Ok(Segment {
         base,
         path: path.to_path_buf(),
@@ -213,10 +225,7 @@ pub(super) fn recover(
         let scan = scan(&bytes, *base);
         for gap in &scan.gaps {
             tracing::error!(topic = name, segment = %path.display(), lost = ?gap.lost, why = gap.why, "damaged records are skipped");
-            lost.push(Lost {
-                offsets: gap.lost.clone(),
-                why: gap.why,
-            });
+            lost.push(gap.lost.clone());
         }
         if let Some(previous) = segments.last()
             && previous.end > *base
@@ -230,24 +239,16 @@ pub(super) fn recover(
         match (scan.tail, bases.get(i + 1)) {
             (Some((bytes, why)), Some(next_base)) => {
                 tracing::error!(topic = name, segment = %path.display(), bytes, why, lost = ?(scan.end..*next_base), "a sealed segment ends in damage");
-                if scan.end < *next_base {
-                    lost.push(Lost {
-                        offsets: scan.end..*next_base,
-                        why,
-                    });
-                }
+                lost.push(scan.end..*next_base);
             }
             (Some((bytes, why)), None) => newest_tail = Some((bytes, why)),
-            (None, Some(next_base)) if scan.end < *next_base => {
-                // Offsets skipped when an earlier recovery or repair started a new segment.
-                lost.push(Lost {
-                    offsets: scan.end..*next_base,
-                    why: "offsets skipped so that none is handed out twice",
-                });
-            }
-            (None, _) => {}
+            // Offsets skipped when an earlier recovery or repair started a new segment
+            // (empty when the next segment follows on).
+            (None, Some(next_base)) => lost.push(scan.end..*next_base),
+            (None, None) => {}
         }
-        segments.push(open_segment(env, &path, *base, &scan)?);
+        let newest = i + 1 == bases.len();
+        segments.push(open_segment(env, &path, *base, &scan, newest)?);
     }
     let end = segments.last().map(|s| s.end).unwrap_or(0);
     let mut next = end;
@@ -255,10 +256,7 @@ pub(super) fn recover(
         // As many offsets as the invalid bytes could have held are never handed out again.
         next = end + bytes.div_ceil(RECORD_BYTES_MIN as u64);
         tracing::warn!(topic = name, bytes, why, skipped = ?(end..next), "the newest segment ends in bytes that are not a whole record (a write cut short, or damage); appends continue in a new segment");
-        lost.push(Lost {
-            offsets: end..next,
-            why,
-        });
+        lost.push(end..next);
     }
     if let Some((group, offset)) = committed.iter().max_by_key(|(_, o)| **o)
         && *offset > next
@@ -270,10 +268,7 @@ pub(super) fn recover(
             end = next,
             "a consumer group committed past the end of the log (the log lost its tail); appends continue after the committed offset"
         );
-        lost.push(Lost {
-            offsets: next..*offset,
-            why: "a consumer group had committed past the end of the log",
-        });
+        lost.push(next..*offset);
         next = *offset;
     }
     if segments.is_empty() || next > end || newest_tail.is_some() {
@@ -282,7 +277,10 @@ pub(super) fn recover(
     env.disk
         .sync_dir(dir)
         .map_err(|e| io_message("sync", dir, e))?;
-    Ok(Recovered { segments, lost })
+    Ok(Recovered {
+        segments,
+        lost: merge(lost),
+    })
 }
 
 /// The lost ranges as one sorted list without overlaps, for reporting.
