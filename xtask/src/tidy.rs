@@ -177,6 +177,10 @@ const THROUGH_DISK: &[&str] = &[
     "crates/events/src/topic.rs",
     "crates/events/src/topic/recovery.rs",
     "crates/events/src/topic/groups.rs",
+    "crates/control/src/files.rs",
+    "crates/control/src/state.rs",
+    "crates/control/src/token.rs",
+    "crates/runtime/src/artifact.rs",
 ];
 
 /// Persistence code touches files only through the `disk` crate's trait.
@@ -191,7 +195,9 @@ pub fn check_persistence_goes_through_disk(root: &Path) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for file in THROUGH_DISK {
         let text = std::fs::read_to_string(root.join(file))?;
-        for (number, line) in text.lines().enumerate() {
+        // Unit tests below `#[cfg(test)]` may plant damage with the OS's own calls.
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (number, line) in code.lines().enumerate() {
             if line.trim_start().starts_with("//") {
                 continue;
             }

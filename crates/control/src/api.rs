@@ -257,7 +257,7 @@ async fn put_blob(
         message: e.to_string(),
         hint: None,
     })?;
-    let cache = ctx.node.cache.clone();
+    let cache = ctx.node.files.cache.clone();
     let stored = tokio::task::spawn_blocking(move || cache.put_component(&hash, &body))
         .await
         .map_err(|e| ControlError::Internal(format!("store blob: {e}")))?;
@@ -273,7 +273,7 @@ async fn put_blob(
 
 async fn head_blob(State(ctx): State<Ctx>, Path(hash): Path<String>) -> StatusCode {
     match ComponentHash::parse(&hash) {
-        Ok(hash) if ctx.node.cache.has_component(&hash) => StatusCode::OK,
+        Ok(hash) if ctx.node.files.cache.has_component(&hash) => StatusCode::OK,
         Ok(_) => StatusCode::NOT_FOUND,
         Err(_) => StatusCode::BAD_REQUEST,
     }

@@ -5,6 +5,7 @@
 //! them from the stored state alone; every API call is authenticated.
 
 pub mod api;
+pub mod files;
 pub mod listener;
 pub mod manifest;
 pub mod node;

@@ -13,17 +13,16 @@ use gateway::{Backend, Gateway, RouteKey, RouteTable, Service, ServiceConfig};
 use maru_api::{
     AppInfo, DeployRequest, DeployResponse, RevisionInfo, ServiceChange, ServiceStatus,
 };
-use runtime::{
-    ArtifactCache, ArtifactError, ComponentHash, InstanceSpec, ProcessSpec, Runtime, ServiceLog,
-};
+use runtime::{ArtifactError, ComponentHash, InstanceSpec, ProcessSpec, Runtime, ServiceLog};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::files::NodeFiles;
 use crate::manifest::{
     self, AppManifest, CautionLevel, ManifestError, Scaling, ScalingPolicy, ServiceManifest,
     TopicManifest, TriggerManifest, Workload,
 };
-use crate::state::{RevisionRecord, State, StateError};
+use crate::state::{RevisionRecord, StateError};
 
 /// Errors of control operations, shaped for the API to map to statuses.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +45,7 @@ pub enum ControlError {
     Internal(String),
 }
 
-/// (app, service)
-pub type ServiceKey = (String, String);
+pub use crate::files::ServiceKey;
 
 /// One service as the stored state wants it.
 #[derive(Clone, PartialEq, Eq)]
@@ -80,11 +78,9 @@ struct Triggers {
 }
 
 pub struct Node {
-    pub state: State,
-    pub cache: ArtifactCache,
+    pub files: NodeFiles,
     pub runtime: Arc<Runtime>,
     pub gateway: Arc<Gateway>,
-    data_dir: PathBuf,
     /// Serialises deploys, rollbacks and removals, so validation sees the state it commits on.
     change: tokio::sync::Mutex<()>,
     running: Mutex<BTreeMap<ServiceKey, Running>>,
@@ -99,34 +95,21 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node over its opened files. Process groups left by a `maru` that was killed before
+    /// it could stop them are killed first.
     pub fn open(
-        data_dir: &Path,
+        files: NodeFiles,
         runtime: Arc<Runtime>,
         gateway: Arc<Gateway>,
         events: Arc<Events>,
-    ) -> anyhow::Result<Arc<Self>> {
-        use anyhow::Context as _;
-        // Creates the data directory too, every directory above it made durable; saving
-        // history and recording processes then only write files.
-        for dir in ["history", "processes"] {
-            disk::create_dir_all(&disk::OsDisk, &data_dir.join(dir))
-                .with_context(|| format!("create {}", data_dir.join(dir).display()))?;
-        }
-        let state = State::open(&data_dir.join("state.redb")).context("open the state database")?;
-        // redb syncs the database file; its entry in the directory is ours to make durable.
-        disk::Disk::sync_dir(&disk::OsDisk, data_dir)
-            .with_context(|| format!("sync data directory {}", data_dir.display()))?;
-        let cache = ArtifactCache::open(data_dir).context("open the component cache")?;
-        // Process groups left by a `maru` that was killed before it could stop them.
-        for reaped in runtime::reap_leftovers(&data_dir.join("processes")) {
+    ) -> Arc<Self> {
+        for reaped in runtime::reap_leftovers(&files.data().join("processes")) {
             tracing::warn!(%reaped, "killed a process left over from an earlier run");
         }
-        Ok(Arc::new(Node {
-            state,
-            cache,
+        Arc::new(Node {
+            files,
             runtime,
             gateway,
-            data_dir: data_dir.to_path_buf(),
             change: tokio::sync::Mutex::new(()),
             running: Mutex::new(BTreeMap::new()),
             logs: Mutex::new(BTreeMap::new()),
@@ -134,15 +117,15 @@ impl Node {
             events,
             topics: tokio::sync::Mutex::new(BTreeMap::new()),
             triggers: tokio::sync::Mutex::new(BTreeMap::new()),
-        }))
+        })
     }
 
     /// Every app's serving revision with its parsed manifest, read once per decision. An app
     /// whose stored manifest no longer parses is reported and left out.
     fn deployed(&self) -> Result<Vec<Deployed>, ControlError> {
         let mut deployed = Vec::new();
-        for (app, record) in self.state.apps()? {
-            let revision = self.state.revision(&app, record.current)?;
+        for (app, record) in self.files.state.apps()? {
+            let revision = self.files.state.revision(&app, record.current)?;
             match manifest::parse(&revision.manifest_path, &revision.manifest) {
                 Ok(manifest) => deployed.push(Deployed {
                     app,
@@ -403,46 +386,9 @@ impl Node {
         }
     }
 
-    fn history_path(&self, key: &ServiceKey) -> PathBuf {
-        // App and service names are [a-z0-9-], so `.` cannot be part of either.
-        self.data_dir
-            .join("history")
-            .join(format!("{}.{}.txt", key.0, key.1))
-    }
-
-    /// The saved history of a service, or an empty one (a damaged file is reported and
-    /// set aside, never fatal).
-    fn load_history(&self, key: &ServiceKey) -> autopilot::history::History {
-        let path = self.history_path(key);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Default::default();
-            }
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "cannot read the metrics history; starting a new one (the next save replaces the file)");
-                return Default::default();
-            }
-        };
-        let decoded = String::from_utf8(bytes)
-            .map_err(|_| "not UTF-8 text".to_string())
-            .and_then(|text| autopilot::history::History::decode(&text));
-        match decoded {
-            Ok(history) => history,
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "metrics history does not decode; starting a new one (the old file is kept as .damaged)");
-                _ = std::fs::rename(&path, path.with_extension("damaged"));
-                Default::default()
-            }
-        }
-    }
-
     fn save_history_of(&self, key: &ServiceKey, service: &Service) {
-        let path = self.history_path(key);
-        // `DATA/history` was made (durably) by `Node::open`.
-        let saved = runtime::write_atomically(&path, service.history_text().as_bytes());
-        if let Err(error) = saved {
-            tracing::warn!(path = %path.display(), %error, "could not save metrics history");
+        if let Err(error) = self.files.save_history(key, &service.history_text()) {
+            tracing::warn!(app = %key.0, service = %key.1, %error, "could not save metrics history");
         }
     }
 
@@ -514,11 +460,11 @@ impl Node {
                     memory_bytes_max: manifest.memory_bytes,
                     cpu_seconds_max: process.cpu_time.map(|t| t.as_secs().max(1)),
                     log: log.clone(),
-                    registry: self.data_dir.join("processes"),
+                    registry: self.files.data().join("processes"),
                 })
             }
             (_, Some(hash), _) => Backend::Component {
-                component: self.runtime.load(&self.cache, hash)?,
+                component: self.runtime.load(&self.files.cache, hash)?,
                 instance: InstanceSpec {
                     env,
                     memory_bytes_max: manifest.memory_bytes.unwrap_or(64 << 20),
@@ -553,7 +499,7 @@ impl Node {
             startup_timeout,
             backend,
             log,
-            history: self.load_history(key),
+            history: self.files.load_history(key),
             slo: manifest.scaling.slo,
             anomaly_warm_up: manifest.anomaly_warm_up,
         };
@@ -590,8 +536,8 @@ impl Node {
             }
         }
 
-        let previous = match self.state.app(&parsed.name) {
-            Ok(record) => Some(self.state.revision(&parsed.name, record.current)?),
+        let previous = match self.files.state.app(&parsed.name) {
+            Ok(record) => Some(self.files.state.revision(&parsed.name, record.current)?),
             Err(StateError::NotFound(_)) => None,
             Err(error) => return Err(error.into()),
         };
@@ -620,7 +566,7 @@ impl Node {
                 changes,
             });
         }
-        let revision = self.state.deploy(
+        let revision = self.files.state.deploy(
             &parsed.name,
             &request.manifest_path,
             request.manifest_dir.as_deref(),
@@ -657,8 +603,8 @@ impl Node {
         })?;
         let check = tokio::task::block_in_place(|| {
             self.runtime
-                .compile(&self.cache, &hash)
-                .and_then(|()| self.runtime.load(&self.cache, &hash).map(drop))
+                .compile(&self.files.cache, &hash)
+                .and_then(|()| self.runtime.load(&self.files.cache, &hash).map(drop))
         });
         if let Err(error) = check {
             let hint = match &error {
@@ -755,16 +701,16 @@ impl Node {
 
     pub async fn rollback(&self, app: &str) -> Result<(u64, u64), ControlError> {
         let _change = self.change.lock().await;
-        let moved = self.state.rollback(app)?;
+        let moved = self.files.state.rollback(app)?;
         self.reconcile().await?;
         Ok(moved)
     }
 
     pub async fn remove(&self, app: &str) -> Result<Vec<String>, ControlError> {
         let _change = self.change.lock().await;
-        let record = self.state.app(app)?;
-        let revision = self.state.revision(app, record.current)?;
-        self.state.remove(app)?;
+        let record = self.files.state.app(app)?;
+        let revision = self.files.state.revision(app, record.current)?;
+        self.files.state.remove(app)?;
         self.reconcile().await?;
         let services: Vec<String> = manifest::parse(&revision.manifest_path, &revision.manifest)
             .map(|m| m.services.into_keys().collect())
@@ -773,15 +719,15 @@ impl Node {
         for service in &services {
             let key = (app.to_string(), service.clone());
             logs.remove(&key);
-            _ = std::fs::remove_file(self.history_path(&key));
+            self.files.remove_history(&key);
         }
         Ok(services)
     }
 
     pub fn apps(&self) -> Result<Vec<AppInfo>, ControlError> {
         let mut apps = Vec::new();
-        for (name, record) in self.state.apps()? {
-            let revisions = self.state.revisions(&name)?;
+        for (name, record) in self.files.state.apps()? {
+            let revisions = self.files.state.revisions(&name)?;
             let services = revisions
                 .iter()
                 .find(|r| r.number == record.current)

@@ -6,8 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
+use disk::{Clock, Env};
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -45,13 +46,25 @@ pub enum StateError {
     #[error("state database: {0}")]
     Storage(String),
     #[error(
+        "state database: the disk failed ({0}); changes are refused until maru is restarted: check the disk, then restart the machine, not only maru (docs/node.md)"
+    )]
+    Disk(String),
+    #[error(transparent)]
+    Open(#[from] disk::database::OpenError),
+    #[error(
         "state database holds a record that does not decode ({0}); it was written by an incompatible version or damaged"
     )]
     Corrupt(String),
 }
 
 fn storage(error: impl Into<redb::Error>) -> StateError {
-    StateError::Storage(error.into().to_string())
+    match error.into() {
+        error @ (redb::Error::Io(_) | redb::Error::PreviousIo) => {
+            tracing::error!(%error, "the state database could not write to the disk; check the disk, then restart the machine, not only maru (docs/node.md)");
+            StateError::Disk(error.to_string())
+        }
+        error => StateError::Storage(error.to_string()),
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -64,16 +77,22 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StateError> {
 
 pub struct State {
     db: Database,
+    clock: Arc<dyn Clock>,
 }
 
 impl State {
-    pub fn open(path: &Path) -> Result<Self, StateError> {
-        let db = Database::create(path).map_err(storage)?;
+    /// Open the state database at `path` on `env`'s disk, creating it if there is none. Only
+    /// one process may have it open: a second is refused with [`StateError::Open`].
+    pub fn open(env: &Env, path: &Path) -> Result<Self, StateError> {
+        let db = disk::database::open(env.disk.as_ref(), path)?;
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(APPS).map_err(storage)?;
         txn.open_table(REVISIONS).map_err(storage)?;
         txn.commit().map_err(storage)?;
-        Ok(State { db })
+        Ok(State {
+            db,
+            clock: env.clock.clone(),
+        })
     }
 
     pub fn apps(&self) -> Result<Vec<(String, AppRecord)>, StateError> {
@@ -151,10 +170,7 @@ impl State {
                 manifest_dir: manifest_dir.map(str::to_string),
                 manifest: manifest.to_string(),
                 components,
-                created_unix_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
+                created_unix_ms: self.clock.now_ms(),
             };
             let mut revisions = txn.open_table(REVISIONS).map_err(storage)?;
             revisions
@@ -223,7 +239,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("state.redb");
         {
-            let state = State::open(&path).expect("open");
+            let state = State::open(&Env::os(), &path).expect("open");
             assert_eq!(
                 state
                     .deploy("a", "m.toml", None, "v1", BTreeMap::new())
@@ -247,7 +263,7 @@ mod tests {
                 Err(StateError::NothingToRollBack(_))
             ));
         }
-        let state = State::open(&path).expect("reopen");
+        let state = State::open(&Env::os(), &path).expect("reopen");
         assert_eq!(state.app("a").expect("a").current, 2);
         assert_eq!(state.rollback("a").expect("rollback"), (2, 1));
         assert_eq!(state.revision("a", 1).expect("rev").manifest, "v1");

@@ -1,31 +1,26 @@
-//! The control API's bearer token: generated at first start, kept in the data directory
-//! with mode 0600.
+//! The node's bearer tokens: generated at first start and kept in the data directory, private
+//! to maru's user (mode 0600), written atomically and made durable in their directory.
 
-use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::io;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
+use disk::Env;
 
 pub const TOKEN_FILE: &str = "token";
 /// The token event producers (HTTP and MQTT) present; it grants nothing else.
 pub const INGEST_TOKEN_FILE: &str = "ingest.token";
 
-/// Read the node's token, creating it if there is none. Returns the token and whether it was
-/// created by this call.
-pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(String, bool)> {
-    load_or_create_file(data_dir, TOKEN_FILE)
-}
-
-/// Read or create the token kept in `data_dir/file`.
-pub fn load_or_create_file(data_dir: &Path, file: &str) -> anyhow::Result<(String, bool)> {
+/// Read the token kept in `data_dir/file`, creating it if there is none. Returns the token
+/// and whether it was created by this call.
+pub fn load_or_create(env: &Env, data_dir: &Path, file: &str) -> anyhow::Result<(String, bool)> {
     let path = data_dir.join(file);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let mode = fs::metadata(&path)
-                .map(|m| m.permissions().mode() & 0o777)
-                .unwrap_or(0o600);
+    match env.disk.read(&path) {
+        Ok(bytes) => {
+            let mode = env
+                .disk
+                .mode(&path)
+                .with_context(|| format!("read the permissions of {}", path.display()))?;
             if mode & 0o077 != 0 {
                 bail!(
                     "{} is readable by other users (mode {mode:o}); run `chmod 600 {}` and start again",
@@ -33,7 +28,10 @@ pub fn load_or_create_file(data_dir: &Path, file: &str) -> anyhow::Result<(Strin
                     path.display()
                 );
             }
-            let token = text.trim().to_string();
+            let token = String::from_utf8(bytes)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             if token.len() < 32 {
                 bail!(
                     "{} holds no valid token; delete it to have a new one generated at the next start",
@@ -42,23 +40,14 @@ pub fn load_or_create_file(data_dir: &Path, file: &str) -> anyhow::Result<(Strin
             }
             Ok((token, false))
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
             let mut bytes = [0u8; 32];
             getrandom::fill(&mut bytes)
                 .map_err(|e| anyhow::anyhow!("read the OS random generator: {e}"))?;
             let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("create {}", path.display()))?;
-            file.write_all(format!("{token}\n").as_bytes())
-                .context("write token")?;
-            file.sync_all().context("fsync token")?;
-            fs::File::open(data_dir)
-                .and_then(|d| d.sync_all())
-                .context("fsync data directory")?;
+            // Durable, name included, before anybody is told the token.
+            disk::write_atomically(env.disk.as_ref(), &path, format!("{token}\n").as_bytes())
+                .context("write the token")?;
             Ok((token, true))
         }
         Err(error) => Err(error).with_context(|| format!("read {}", path.display())),
@@ -74,11 +63,14 @@ pub fn matches(expected: &str, given: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn created_once_private_and_stable() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (first, created) = load_or_create(dir.path()).expect("create");
+        let env = Env::os();
+        let (first, created) = load_or_create(&env, dir.path(), TOKEN_FILE).expect("create");
         assert!(created);
         assert_eq!(
             fs::metadata(dir.path().join(TOKEN_FILE))
@@ -88,7 +80,7 @@ mod tests {
                 & 0o777,
             0o600
         );
-        let (second, created) = load_or_create(dir.path()).expect("load");
+        let (second, created) = load_or_create(&env, dir.path(), TOKEN_FILE).expect("load");
         assert!(!created);
         assert_eq!(first, second);
         assert!(matches(&first, &second));
@@ -98,6 +90,6 @@ mod tests {
             fs::Permissions::from_mode(0o644),
         )
         .expect("chmod");
-        assert!(load_or_create(dir.path()).is_err());
+        assert!(load_or_create(&env, dir.path(), TOKEN_FILE).is_err());
     }
 }

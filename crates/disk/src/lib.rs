@@ -11,6 +11,7 @@
 //! The crate also carries the clock ([`Clock`]) as a value for the same reason: persistence
 //! code that stamps or expires records runs under a simulated clock in tests.
 
+pub mod database;
 pub mod sim;
 
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +31,9 @@ pub enum OpenMode {
     Append,
     /// A new, empty file for appending; fails with `AlreadyExists` if the name is taken.
     CreateNew,
+    /// An existing file, for reading and writing anywhere ([`DiskFile::write_at`]), as a
+    /// database's pages are.
+    Write,
 }
 
 /// A file system as persistence code needs it. Paths are absolute or relative to the
@@ -49,6 +53,8 @@ pub trait Disk: Send + Sync + 'static {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Make the directory's entries (creations, renames, removals) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The permission bits of a file or directory (`0o777` at most).
+    fn mode(&self, path: &Path) -> io::Result<u32>;
     /// Whether calls may block the thread for long (a real disk), so async callers should
     /// make them on a blocking thread. The simulated disk answers at once, which keeps a
     /// simulation on one thread and deterministic.
@@ -61,11 +67,19 @@ pub trait DiskFile: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()>;
     /// Write all of `bytes` at the end of the file. On error a prefix may have been written.
     fn append(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Write all of `bytes` at `position`, growing the file (with zeros) if it ends before.
+    /// Only for files opened with [`OpenMode::Write`].
+    fn write_at(&self, bytes: &[u8], position: u64) -> io::Result<()>;
     /// Make the file's bytes and length durable (`fdatasync`).
     fn sync(&self) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's length in bytes.
     fn size(&self) -> io::Result<u64>;
+    /// Take an advisory lock on the whole file, exclusive or shared, without waiting:
+    /// `Ok(false)` if another open file holds a conflicting one. Released by
+    /// [`DiskFile::unlock`] or when the file is closed (or its process dies).
+    fn try_lock(&self, shared: bool) -> io::Result<bool>;
+    fn unlock(&self) -> io::Result<()>;
 }
 
 /// Milliseconds since the Unix epoch, as a value persistence code is handed.
@@ -234,8 +248,13 @@ impl Disk for OsDisk {
                 .create_new(true)
                 .mode(0o600)
                 .open(path)?,
+            // Not O_APPEND: Linux's pwrite on an appending descriptor ignores its offset.
+            OpenMode::Write => OpenOptions::new().read(true).write(true).open(path)?,
         };
-        Ok(Arc::new(OsFile(file)))
+        Ok(Arc::new(OsFile {
+            file,
+            appending: matches!(mode, OpenMode::Append | OpenMode::CreateNew),
+        }))
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -271,32 +290,72 @@ impl Disk for OsDisk {
         File::open(dir)?.sync_all()
     }
 
+    fn mode(&self, path: &Path) -> io::Result<u32> {
+        use std::os::unix::fs::PermissionsExt as _;
+        Ok(fs::metadata(path)?.permissions().mode() & 0o777)
+    }
+
     fn blocks(&self) -> bool {
         true
     }
 }
 
-struct OsFile(File);
+struct OsFile {
+    file: File,
+    /// Opened with O_APPEND: every write goes to the end.
+    appending: bool,
+}
 
 impl DiskFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, position)
+        self.file.read_exact_at(buf, position)
     }
 
     fn append(&self, bytes: &[u8]) -> io::Result<()> {
-        (&self.0).write_all(bytes)
+        if self.appending {
+            (&self.file).write_all(bytes)
+        } else {
+            self.file.write_all_at(bytes, self.size()?)
+        }
+    }
+
+    fn write_at(&self, bytes: &[u8], position: u64) -> io::Result<()> {
+        if self.appending {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a file opened for appending cannot be written at a position",
+            ));
+        }
+        self.file.write_all_at(bytes, position)
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn try_lock(&self, shared: bool) -> io::Result<bool> {
+        let result = if shared {
+            self.file.try_lock_shared()
+        } else {
+            self.file.try_lock()
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(fs::TryLockError::WouldBlock) => Ok(false),
+            Err(fs::TryLockError::Error(error)) => Err(error),
+        }
+    }
+
+    fn unlock(&self) -> io::Result<()> {
+        self.file.unlock()
     }
 }
 

@@ -2,10 +2,11 @@
 //! random number generator to drive simulations with.
 //!
 //! The model is POSIX's strict one, the least a real file system promises:
-//! - A file's bytes become durable when the file is synced. At a power cut the unsynced
-//!   bytes appended since the last sync are lost, except that a prefix of them may survive,
-//!   cut at a 512-byte sector boundary (a torn write). Other unsynced changes (a shortened
-//!   file) are undone.
+//! - A file's bytes and length become durable when the file is synced. At a power cut each
+//!   512-byte sector written since the last sync independently keeps its old or its new
+//!   contents (disks reorder writes), and the length is the old one, the new one, or for a
+//!   file that grew, any sector boundary between: a grown file may come back longer with
+//!   zeros where its new sectors did not reach the disk.
 //! - A directory entry (a created file or directory, a rename, a removal) becomes durable
 //!   when its directory is synced. At a power cut each directory goes back to its entries as
 //!   of its last sync, and what is no longer reachable is gone.
@@ -93,10 +94,103 @@ struct Dir {
 
 #[derive(Debug, Default)]
 struct Inode {
+    /// What reads see (the page cache).
     data: Vec<u8>,
     durable: Vec<u8>,
-    /// Bytes a failed sync was writing: they never become durable.
-    poisoned: Vec<Range<usize>>,
+    /// Sectors written since the last sync: only these may change at a power cut. A failed
+    /// sync clears them without making them durable (the kernel marks the pages clean), so
+    /// what it was writing is lost for good.
+    dirty: BTreeSet<usize>,
+    /// The lengths the file took since the last sync, in order: one for a truncation or an
+    /// extension by `set_len` (a single metadata change), a range for a write that grew the
+    /// file (its size may have reached the disk part-way, at a sector boundary).
+    lengths: Vec<Range<usize>>,
+}
+
+impl Inode {
+    /// Mark the sectors holding `range` as written.
+    fn touch(&mut self, range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        self.dirty
+            .extend(range.start / SECTOR_BYTES..=(range.end - 1) / SECTOR_BYTES);
+    }
+
+    /// The sector at `start`, up to `end`, as the disk holds it durably (zeros past the
+    /// durable end: a grown file's new sectors).
+    fn old(&self, start: usize, end: usize, into: &mut Vec<u8>) {
+        let held = end.min(self.durable.len()).max(start);
+        into.extend_from_slice(self.durable.get(start..held).unwrap_or_default());
+        into.resize(into.len() + (end - held), 0);
+    }
+
+    /// The sector at `start`, up to `end`, as the disk would hold it were it written back
+    /// now: the cache's bytes if it is dirty (the old ones past the cache's end, where the
+    /// file was shortened).
+    fn current(&self, start: usize, end: usize, into: &mut Vec<u8>) {
+        if !self.dirty.contains(&(start / SECTOR_BYTES)) || start >= self.data.len() {
+            return self.old(start, end, into);
+        }
+        let cached = end.min(self.data.len()).max(start);
+        into.extend_from_slice(&self.data[start..cached]);
+        if cached < end {
+            let mut rest = Vec::new();
+            self.old(start, end, &mut rest);
+            into.extend_from_slice(&rest[cached - start..]);
+        }
+    }
+
+    /// A successful sync: every dirty sector and the length reach the disk.
+    fn sync(&mut self) {
+        let len = self.data.len();
+        let mut durable = Vec::with_capacity(len);
+        for start in (0..len).step_by(SECTOR_BYTES) {
+            self.current(start, (start + SECTOR_BYTES).min(len), &mut durable);
+        }
+        self.durable = durable;
+        self.dirty.clear();
+        self.lengths.clear();
+    }
+
+    /// What a power cut leaves of the file.
+    fn after_power_cut(&self, rng: &mut Rng) -> Vec<u8> {
+        // Any length the file took since its last sync, or the durable one.
+        let pick = rng.below(self.lengths.len() as u64 + 1) as usize;
+        let len = match self.lengths.get(pick) {
+            None => self.durable.len(),
+            Some(range) if range.len() <= 1 || rng.percent(50) => range.end - 1,
+            Some(range) => {
+                let end = range.start + rng.below(range.len() as u64) as usize;
+                (end / SECTOR_BYTES * SECTOR_BYTES).max(range.start)
+            }
+        };
+        // Whole files often come back all old or all new; otherwise sector by sector.
+        let choice = rng.below(3);
+        let mut bytes = Vec::with_capacity(len);
+        for start in (0..len).step_by(SECTOR_BYTES) {
+            let end = (start + SECTOR_BYTES).min(len);
+            let new = self.dirty.contains(&(start / SECTOR_BYTES))
+                && match choice {
+                    0 => false,
+                    1 => true,
+                    _ => rng.percent(50),
+                };
+            if new {
+                self.current(start, end, &mut bytes);
+            } else {
+                self.old(start, end, &mut bytes);
+            }
+        }
+        bytes
+    }
+}
+
+/// Who holds a file's advisory lock.
+#[derive(Debug, Default)]
+struct Lock {
+    exclusive: Option<u64>,
+    shared: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -111,7 +205,15 @@ struct State {
     off: bool,
     capacity_bytes: Option<u64>,
     failing_syncs: u32,
+    /// Syncs that succeed before the failing ones start.
+    syncs_before_failing: u32,
     operations: u64,
+    /// Advisory locks by inode, held by open handles; a power cut or a killed process
+    /// releases them all.
+    locks: HashMap<u64, Lock>,
+    next_handle: u64,
+    /// A planted bug, to show a simulation's checks can fail: directory syncs do nothing.
+    forget_directory_syncs: bool,
 }
 
 fn off() -> io::Error {
@@ -191,6 +293,19 @@ impl State {
         Ok((parent, name))
     }
 
+    /// Whether this sync is one of the armed failures.
+    fn sync_fails(&mut self) -> bool {
+        if self.failing_syncs == 0 {
+            return false;
+        }
+        if self.syncs_before_failing > 0 {
+            self.syncs_before_failing -= 1;
+            return false;
+        }
+        self.failing_syncs -= 1;
+        true
+    }
+
     fn used_bytes(&self) -> u64 {
         self.inodes.values().map(|i| i.data.len() as u64).sum()
     }
@@ -244,6 +359,7 @@ impl SimDisk {
         state.off = false;
         state.crash_after = None;
         state.failing_syncs = 0;
+        state.locks.clear();
     }
 
     /// Take back an armed crash and failing syncs that have not happened.
@@ -263,6 +379,13 @@ impl SimDisk {
         self.lock().operations
     }
 
+    /// After `skip` more syncs succeed, the `count` that follow fail.
+    pub fn fail_syncs_after(&self, skip: u32, count: u32) {
+        let mut state = self.lock();
+        state.syncs_before_failing = skip;
+        state.failing_syncs = count;
+    }
+
     /// Appends fail with `StorageFull` once the files hold this many bytes in all.
     pub fn set_capacity(&self, bytes: Option<u64>) {
         self.lock().capacity_bytes = bytes;
@@ -272,9 +395,16 @@ impl SimDisk {
         self.lock().used_bytes()
     }
 
-    /// The next `count` file syncs fail (and lose what they were writing).
+    /// Plant a bug in the code under test: from now on its directory syncs succeed without
+    /// making anything durable. A simulation that still passes cannot see missing syncs.
+    pub fn forget_directory_syncs(&self) {
+        self.lock().forget_directory_syncs = true;
+    }
+
+    /// The next `count` syncs fail: a file's lose what they were writing; a directory's leave
+    /// its entries as they were on the disk.
     pub fn fail_syncs(&self, count: u32) {
-        self.lock().failing_syncs = count;
+        self.fail_syncs_after(0, count);
     }
 
     /// Cut the power: what was not durable is lost (a torn prefix of unsynced appends may
@@ -307,30 +437,14 @@ impl SimDisk {
         inodes.sort_unstable();
         for id in inodes {
             let inode = state.inodes.get_mut(&id).expect("listed");
-            let durable_len = inode.durable.len();
-            let extends = inode.data.len() > durable_len
-                && inode.data[..durable_len] == inode.durable[..]
-                && inode.poisoned.is_empty();
-            let kept = if extends {
-                let extra = inode.data.len() - durable_len;
-                match rng.below(4) {
-                    0 => 0,
-                    1 => extra,
-                    _ => {
-                        // Torn at a sector boundary of the file.
-                        let end = durable_len + rng.below(extra as u64 + 1) as usize;
-                        (end / SECTOR_BYTES * SECTOR_BYTES).max(durable_len) - durable_len
-                    }
-                }
-            } else {
-                0
+            let bytes = inode.after_power_cut(rng);
+            *inode = Inode {
+                data: bytes.clone(),
+                durable: bytes,
+                ..Inode::default()
             };
-            let mut data = inode.durable.clone();
-            data.extend_from_slice(&inode.data[durable_len..durable_len + kept]);
-            inode.durable = data.clone();
-            inode.data = data;
-            inode.poisoned.clear();
         }
+        state.locks.clear();
         state.generation += 1;
         state.off = false;
         state.crash_after = None;
@@ -369,7 +483,63 @@ struct SimFile {
     disk: SimDisk,
     inode: u64,
     generation: u64,
-    writable: bool,
+    mode: OpenMode,
+    /// Names this handle as a lock holder.
+    handle: u64,
+}
+
+impl Drop for SimFile {
+    fn drop(&mut self) {
+        let mut state = self.disk.lock();
+        if state.generation == self.generation {
+            release(&mut state, self.inode, self.handle);
+        }
+    }
+}
+
+fn release(state: &mut State, inode: u64, handle: u64) {
+    if let Some(lock) = state.locks.get_mut(&inode) {
+        if lock.exclusive == Some(handle) {
+            lock.exclusive = None;
+        }
+        lock.shared.remove(&handle);
+        if lock.exclusive.is_none() && lock.shared.is_empty() {
+            state.locks.remove(&inode);
+        }
+    }
+}
+
+/// Write `bytes` at `position` of an inode, within the disk's capacity.
+fn write_bytes(state: &mut State, id: u64, bytes: &[u8], position: usize) -> io::Result<()> {
+    state.step()?;
+    let len = state.inodes[&id].data.len();
+    let growth = (position + bytes.len()).saturating_sub(len);
+    let room = state
+        .capacity_bytes
+        .map(|cap| cap.saturating_sub(state.used_bytes()) as usize)
+        .unwrap_or(usize::MAX);
+    let inode = state.inodes.get_mut(&id).expect("checked");
+    let fits = if growth > room {
+        bytes.len() - (growth - room)
+    } else {
+        bytes.len()
+    };
+    let end = position + fits;
+    if inode.data.len() < end {
+        let before = inode.data.len();
+        inode.data.resize(end, 0);
+        inode.touch(before..end);
+        inode.lengths.push(before..end + 1);
+    }
+    inode.data[position..end].copy_from_slice(&bytes[..fits]);
+    inode.touch(position..end);
+    if fits < bytes.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            "no space left on the simulated disk",
+        ));
+    }
+    Ok(())
 }
 
 impl SimFile {
@@ -384,7 +554,7 @@ impl SimFile {
 
     /// Like `with`, for a change: the handle must have been opened for writing.
     fn with_writable<T>(&self, f: impl FnOnce(&mut State, u64) -> io::Result<T>) -> io::Result<T> {
-        if !self.writable {
+        if self.mode == OpenMode::Read {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "opened for reading",
@@ -409,46 +579,35 @@ impl DiskFile for SimFile {
 
     fn append(&self, bytes: &[u8]) -> io::Result<()> {
         self.with_writable(|state, id| {
-            state.step()?;
-            let room = state
-                .capacity_bytes
-                .map(|cap| cap.saturating_sub(state.used_bytes()) as usize)
-                .unwrap_or(usize::MAX);
-            let inode = state.inodes.get_mut(&id).expect("checked");
-            if bytes.len() > room {
-                inode.data.extend_from_slice(&bytes[..room]);
-                return Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    "no space left on the simulated disk",
-                ));
-            }
-            inode.data.extend_from_slice(bytes);
-            Ok(())
+            let end = state.inodes[&id].data.len();
+            write_bytes(state, id, bytes, end)
+        })
+    }
+
+    fn write_at(&self, bytes: &[u8], position: u64) -> io::Result<()> {
+        if self.mode != OpenMode::Write {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a file opened for appending cannot be written at a position",
+            ));
+        }
+        self.with_writable(|state, id| {
+            let position = usize::try_from(position).map_err(io::Error::other)?;
+            write_bytes(state, id, bytes, position)
         })
     }
 
     fn sync(&self) -> io::Result<()> {
         self.with(|state, id| {
             state.step()?;
-            let failing = state.failing_syncs > 0;
-            if failing {
-                state.failing_syncs -= 1;
-            }
+            let failing = state.sync_fails();
             let inode = state.inodes.get_mut(&id).expect("checked");
             if failing {
-                let from = inode.durable.len().min(inode.data.len());
-                inode.poisoned.push(from..inode.data.len());
+                inode.dirty.clear();
+                inode.lengths.clear();
                 return Err(io::Error::other("simulated I/O error while syncing"));
             }
-            let mut durable = inode.data.clone();
-            for range in inode.poisoned.drain(..) {
-                for at in range {
-                    if let Some(byte) = durable.get_mut(at) {
-                        *byte = inode.durable.get(at).copied().unwrap_or(0);
-                    }
-                }
-            }
-            inode.durable = durable;
+            inode.sync();
             Ok(())
         })
     }
@@ -457,18 +616,42 @@ impl DiskFile for SimFile {
         self.with_writable(|state, id| {
             state.step()?;
             let len = usize::try_from(len).map_err(io::Error::other)?;
-            state
-                .inodes
-                .get_mut(&id)
-                .expect("checked")
-                .data
-                .resize(len, 0);
+            let inode = state.inodes.get_mut(&id).expect("checked");
+            let before = inode.data.len();
+            inode.data.resize(len, 0);
+            inode.touch(before.min(len)..before.max(len));
+            inode.lengths.push(len..len + 1);
             Ok(())
         })
     }
 
     fn size(&self) -> io::Result<u64> {
         self.with(|state, id| Ok(state.inodes[&id].data.len() as u64))
+    }
+
+    fn try_lock(&self, shared: bool) -> io::Result<bool> {
+        let handle = self.handle;
+        self.with(|state, id| {
+            release(state, id, handle);
+            let lock = state.locks.entry(id).or_default();
+            let free = lock.exclusive.is_none() && (shared || lock.shared.is_empty());
+            if free {
+                if shared {
+                    lock.shared.insert(handle);
+                } else {
+                    lock.exclusive = Some(handle);
+                }
+            }
+            Ok(free)
+        })
+    }
+
+    fn unlock(&self) -> io::Result<()> {
+        let handle = self.handle;
+        self.with(|state, id| {
+            release(state, id, handle);
+            Ok(())
+        })
     }
 }
 
@@ -477,7 +660,7 @@ impl Disk for SimDisk {
         let mut state = self.lock();
         state.check_on()?;
         let inode = match mode {
-            OpenMode::Read | OpenMode::Append => match state.entry(path)? {
+            OpenMode::Read | OpenMode::Append | OpenMode::Write => match state.entry(path)? {
                 Entry::File(id) => id,
                 Entry::Dir => {
                     return Err(io::Error::new(io::ErrorKind::IsADirectory, "a directory"));
@@ -497,11 +680,14 @@ impl Disk for SimDisk {
                 id
             }
         };
+        let handle = state.next_handle;
+        state.next_handle += 1;
         Ok(Arc::new(SimFile {
             disk: self.clone(),
             inode,
             generation: state.generation,
-            writable: mode != OpenMode::Read,
+            mode,
+            handle,
         }))
     }
 
@@ -596,9 +782,28 @@ impl Disk for SimDisk {
             return Err(not_found(dir));
         }
         state.step()?;
+        if state.sync_fails() {
+            // The entries stay as they were on the disk; a later sync may still persist them.
+            return Err(io::Error::other(
+                "simulated I/O error while syncing a directory",
+            ));
+        }
+        if state.forget_directory_syncs {
+            return Ok(());
+        }
         let d = state.dirs.get_mut(dir).expect("checked");
         d.durable = d.entries.clone();
         Ok(())
+    }
+
+    fn mode(&self, path: &Path) -> io::Result<u32> {
+        let state = self.lock();
+        state.check_on()?;
+        // What `OsDisk` creates; the simulation has no other users to keep out.
+        match state.entry(path)? {
+            Entry::File(_) => Ok(0o600),
+            Entry::Dir => Ok(0o700),
+        }
     }
 
     fn blocks(&self) -> bool {
@@ -624,13 +829,21 @@ mod tests {
             disk.power_cut(&mut rng);
             let bytes = disk.read(path).expect("reads");
             assert!(bytes.len() >= 700 && bytes.len() <= 2700, "{}", bytes.len());
-            assert!(bytes[..700].iter().all(|b| *b == 1));
-            assert!(bytes[700..].iter().all(|b| *b == 2));
+            assert!(bytes[..700].iter().all(|b| *b == 1), "synced bytes kept");
             assert!(
                 bytes.len() == 2700
                     || bytes.len() == 700
                     || bytes.len().is_multiple_of(SECTOR_BYTES)
             );
+            // The sector holding the synced end is shared: its new part is 2 or 0 as a whole.
+            for (index, sector) in bytes.chunks(SECTOR_BYTES).enumerate() {
+                let new =
+                    &sector[(700usize.saturating_sub(index * SECTOR_BYTES)).min(sector.len())..];
+                assert!(
+                    new.iter().all(|b| *b == 2) || new.iter().all(|b| *b == 0),
+                    "seed {seed}: sector {index} is old or new as a whole"
+                );
+            }
         }
     }
 
@@ -682,5 +895,71 @@ mod tests {
         let error = file.append(&[7; 16]).expect_err("full");
         assert_eq!(error.kind(), io::ErrorKind::StorageFull);
         assert_eq!(file.size().expect("size"), 10);
+    }
+
+    #[test]
+    fn overwritten_sectors_come_back_old_or_new_each_and_synced_ones_new() {
+        let mut outcomes = BTreeSet::new();
+        for seed in 0..64 {
+            let disk = SimDisk::new();
+            let mut rng = Rng::new(seed);
+            let path = Path::new("/db");
+            drop(disk.open(path, OpenMode::CreateNew).expect("creates"));
+            disk.sync_dir(Path::new("/")).expect("syncs");
+            let file = disk.open(path, OpenMode::Write).expect("opens");
+            file.write_at(&[1; 2048], 0).expect("writes");
+            file.sync().expect("syncs");
+            file.write_at(&[2; 1024], 512).expect("writes");
+            file.write_at(&[3; 10], 2040).expect("grows");
+            disk.power_cut(&mut rng);
+            let bytes = disk.read(path).expect("reads");
+            assert!(
+                bytes.len() == 2048 || bytes.len() == 2050,
+                "{}",
+                bytes.len()
+            );
+            assert!(
+                bytes[..512].iter().all(|b| *b == 1),
+                "untouched sector kept"
+            );
+            let middle: Vec<u8> = [512, 1024].iter().map(|at| bytes[*at]).collect();
+            for (at, value) in [512usize, 1024].iter().zip(&middle) {
+                assert!(
+                    bytes[*at..*at + 512].iter().all(|b| b == value),
+                    "whole sectors"
+                );
+            }
+            outcomes.insert(middle);
+        }
+        assert_eq!(
+            outcomes.len(),
+            4,
+            "every mix of the two rewritten sectors happens"
+        );
+    }
+
+    #[test]
+    fn locks_exclude_each_other_until_released_or_the_power_goes() {
+        let disk = SimDisk::new();
+        let path = Path::new("/db");
+        drop(disk.open(path, OpenMode::CreateNew).expect("creates"));
+        let one = disk.open(path, OpenMode::Write).expect("opens");
+        let two = disk.open(path, OpenMode::Write).expect("opens");
+        assert!(one.try_lock(false).expect("locks"));
+        assert!(!two.try_lock(true).expect("asks"), "held exclusively");
+        drop(one);
+        assert!(two.try_lock(true).expect("locks"), "released when closed");
+        let three = disk.open(path, OpenMode::Read).expect("opens");
+        assert!(three.try_lock(true).expect("shares"));
+        assert!(
+            !three.try_lock(false).expect("asks"),
+            "another holds it shared"
+        );
+        disk.revive();
+        let four = disk.open(path, OpenMode::Write).expect("opens");
+        assert!(
+            four.try_lock(false).expect("locks"),
+            "a killed process holds nothing"
+        );
     }
 }

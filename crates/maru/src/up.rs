@@ -251,20 +251,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     disk::create_dir_all(&disk::OsDisk, &settings.data)
         .with_context(|| format!("create data directory {}", settings.data.display()))?;
     make_data_directory_private(&settings.data)?;
-    let (token, created) = control::token::load_or_create(&settings.data)?;
-    if created {
+    let files = control::files::NodeFiles::open(disk::Env::os(), &settings.data)?;
+    if files.token.created {
         eprintln!(
             "maru: created the control API token {} (kept in {}; the CLI finds it there or in MARU_TOKEN)",
-            token,
+            files.token.value,
             settings.data.join(control::token::TOKEN_FILE).display()
         );
     }
-    let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
-    let gateway = Gateway::new(settings.gateway_config.clone());
-    let events = Arc::new(events::Events::new(&settings.data.join("events")));
-    let (ingest_token, created) =
-        control::token::load_or_create_file(&settings.data, control::token::INGEST_TOKEN_FILE)?;
-    if created {
+    if files.ingest_token.created {
         eprintln!(
             "maru: created the event ingest token (kept in {}; producers send it over HTTP as a bearer token and over MQTT as the password)",
             settings
@@ -273,8 +268,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .display()
         );
     }
+    let token = files.token.value.clone();
+    let ingest_token = files.ingest_token.value.clone();
+    let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
+    let gateway = Gateway::new(settings.gateway_config.clone());
+    let events = Arc::new(events::Events::new(&settings.data.join("events")));
     gateway.enable_ingest(events.clone(), ingest_token.clone());
-    let node = Node::open(&settings.data, runtime, gateway.clone(), events.clone())?;
+    let node = Node::open(files, runtime, gateway.clone(), events.clone());
     node.reconcile().await.context("start the deployed apps")?;
 
     let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;
@@ -283,12 +283,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let gateway_address = gateway_listener.local_addr()?;
     let control_address = control_listener.local_addr()?;
     let mqtt_address = mqtt_listener.local_addr()?;
-    write_node_file(
-        &settings.data,
-        gateway_address,
-        control_address,
-        mqtt_address,
-    )?;
+    write_node_file(&node.files, gateway_address, control_address, mqtt_address)?;
     tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, data = %settings.data.display(), "maru is up");
 
     let shutdown = CancellationToken::new();
@@ -356,13 +351,14 @@ pub const NODE_FILE: &str = "node.json";
 
 /// Where a running node listens, for the CLI and tests to find it.
 fn write_node_file(
-    data: &Path,
+    files: &control::files::NodeFiles,
     gateway: SocketAddr,
     control: SocketAddr,
     mqtt: SocketAddr,
 ) -> anyhow::Result<()> {
     let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "mqtt": mqtt.to_string(), "pid": std::process::id() });
-    runtime::write_atomically(&data.join(NODE_FILE), body.to_string().as_bytes())
+    files
+        .write(NODE_FILE, body.to_string().as_bytes())
         .context("write node.json")
 }
 

@@ -7,8 +7,10 @@
 //! than executed.
 
 use std::fmt;
-use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use disk::Disk;
 
 /// The blake3 hash of a component's bytes, as 64 lowercase hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,27 +60,57 @@ pub enum ArtifactError {
     },
 }
 
+impl From<disk::Error> for ArtifactError {
+    fn from(e: disk::Error) -> Self {
+        ArtifactError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// The on-disk cache of components and compiled artifacts under a node's data directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ArtifactCache {
+    disk: Arc<dyn Disk>,
     components: PathBuf,
     compiled: PathBuf,
 }
 
+impl fmt::Debug for ArtifactCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArtifactCache")
+            .field("components", &self.components)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ArtifactCache {
-    pub fn open(data_dir: &Path) -> Result<Self, ArtifactError> {
+    /// The cache under `data_dir` on `disk`, its directories created (durably) if missing.
+    pub fn open(disk: Arc<dyn Disk>, data_dir: &Path) -> Result<Self, ArtifactError> {
         let cache = ArtifactCache {
+            disk,
             components: data_dir.join("components"),
             compiled: data_dir.join("compiled"),
         };
         for dir in [&cache.components, &cache.compiled] {
-            disk::create_dir_all(&disk::OsDisk, dir).map_err(|e| ArtifactError::Io {
-                action: e.action,
-                path: e.path,
-                source: e.source,
-            })?;
+            disk::create_dir_all(cache.disk.as_ref(), dir)?;
+            // What an interrupted write left.
+            disk::remove_temporaries(cache.disk.as_ref(), dir)?;
+            // A killed process may have renamed a file into place without syncing the
+            // directory: what this start sees must survive a power cut.
+            cache.sync(dir)?;
         }
         Ok(cache)
+    }
+
+    fn sync(&self, dir: &Path) -> Result<(), ArtifactError> {
+        self.disk.sync_dir(dir).map_err(|source| ArtifactError::Io {
+            action: "sync directory",
+            path: dir.to_path_buf(),
+            source,
+        })
     }
 
     pub fn component_path(&self, hash: &ComponentHash) -> PathBuf {
@@ -104,15 +136,21 @@ impl ArtifactCache {
             });
         }
         if self.has_component(expected) {
-            return Ok(());
+            // It may be there only in the page cache (an earlier write stopped before its
+            // directory sync); a revision is about to name it.
+            return self.sync(&self.components);
         }
-        write_atomically(&self.component_path(expected), bytes)
+        Ok(disk::write_atomically(
+            self.disk.as_ref(),
+            &self.component_path(expected),
+            bytes,
+        )?)
     }
 
     /// Read a stored component, verifying that its bytes still match its name.
     pub fn read_component(&self, hash: &ComponentHash) -> Result<Vec<u8>, ArtifactError> {
         let path = self.component_path(hash);
-        let bytes = match fs::read(&path) {
+        let bytes = match self.disk.read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ArtifactError::Missing(hash.clone()));
@@ -142,40 +180,39 @@ impl ArtifactCache {
     /// Read compiled bytes if present and intact; `None` means "compile again".
     pub(crate) fn read_compiled(&self, hash: &ComponentHash, engine_key: &str) -> Option<Vec<u8>> {
         let path = self.compiled_path(hash, engine_key);
-        let bytes = fs::read(&path).ok()?;
-        let sum = fs::read_to_string(path.with_extension("sum")).ok()?;
-        (blake3::hash(&bytes).to_hex().as_str() == sum.trim()).then_some(bytes)
+        let bytes = self.disk.read(&path).ok()?;
+        let sum = self.disk.read(&path.with_extension("sum")).ok()?;
+        (blake3::hash(&bytes).to_hex().as_bytes() == sum.trim_ascii()).then_some(bytes)
     }
 
-    pub(crate) fn write_compiled(
+    /// Store compiled bytes for `hash` under an engine's key (done by
+    /// `Runtime::compile`; public for tests that exercise the cache without an engine).
+    pub fn write_compiled(
         &self,
         hash: &ComponentHash,
         engine_key: &str,
         bytes: &[u8],
     ) -> Result<(), ArtifactError> {
         let path = self.compiled_path(hash, engine_key);
-        write_atomically(&path, bytes)?;
+        disk::write_atomically(self.disk.as_ref(), &path, bytes)?;
         // The sum is written last: a crash in between leaves no sum, which reads as absent.
-        write_atomically(
+        Ok(disk::write_atomically(
+            self.disk.as_ref(),
             &path.with_extension("sum"),
             blake3::hash(bytes).to_hex().as_bytes(),
-        )
+        )?)
     }
-}
-
-/// Write a file so that readers, and a power cut, see either the old contents or all of
-/// the new ([`disk::write_atomically`] on the machine's disk).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ArtifactError> {
-    disk::write_atomically(&disk::OsDisk, path, bytes).map_err(|e| ArtifactError::Io {
-        action: e.action,
-        path: e.path,
-        source: e.source,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::fs;
+
+    fn open(dir: &Path) -> ArtifactCache {
+        ArtifactCache::open(Arc::new(disk::OsDisk), dir).expect("open cache")
+    }
 
     #[test]
     fn hash_parse_rejects_paths_and_case() {
@@ -194,7 +231,7 @@ mod tests {
     #[test]
     fn put_checks_hash_and_read_detects_flipped_bits() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = ArtifactCache::open(dir.path()).expect("open cache");
+        let cache = open(dir.path());
         let bytes = b"\0asm component bytes".to_vec();
         let hash = ComponentHash::of(&bytes);
         assert!(matches!(
@@ -215,7 +252,7 @@ mod tests {
     #[test]
     fn compiled_without_matching_sum_reads_as_absent() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = ArtifactCache::open(dir.path()).expect("open cache");
+        let cache = open(dir.path());
         let hash = ComponentHash::of(b"c");
         cache
             .write_compiled(&hash, "e1", b"compiled")

@@ -16,7 +16,7 @@ mod logs;
 mod outbound;
 mod process;
 
-pub use artifact::{ArtifactCache, ArtifactError, ComponentHash, write_atomically};
+pub use artifact::{ArtifactCache, ArtifactError, ComponentHash};
 pub use engine::{LoadedComponent, Runtime, RuntimeConfig};
 pub use instance::{GuestBody, Instance, InstanceSpec, ServeError};
 pub use logs::{LogLine, LogStream, ServiceLog};

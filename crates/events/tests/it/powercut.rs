@@ -519,45 +519,17 @@ fn a_seed_replays_exactly() {
     }
 }
 
-/// A disk whose directory syncs do nothing, as if the log forgot them.
-struct ForgetsDirectorySyncs(SimDisk);
-
-impl disk::Disk for ForgetsDirectorySyncs {
-    fn open(&self, path: &Path, mode: disk::OpenMode) -> std::io::Result<Arc<dyn disk::DiskFile>> {
-        self.0.open(path, mode)
-    }
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
-        self.0.read(path)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.0.list(dir)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        self.0.exists(path)
-    }
-    fn create_dir(&self, path: &Path) -> std::io::Result<()> {
-        self.0.create_dir(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.0.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.0.remove_file(path)
-    }
-    fn sync_dir(&self, _: &Path) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn blocks(&self) -> bool {
-        false
-    }
-}
-
 /// The checks can fail: a log that never syncs its directories loses acknowledged events
 /// at power cuts, and the simulation says so within a few hundred schedules.
 #[test]
 fn the_simulation_catches_a_log_that_skips_directory_syncs() {
-    let caught =
-        (0..500).find(|seed| run_on(*seed, |disk| Arc::new(ForgetsDirectorySyncs(disk))).is_err());
+    let caught = (0..500).find(|seed| {
+        run_on(*seed, |disk| {
+            disk.forget_directory_syncs();
+            Arc::new(disk)
+        })
+        .is_err()
+    });
     assert!(
         caught.is_some(),
         "no schedule noticed the missing directory syncs"

@@ -1,0 +1,3 @@
+//! The control crate's integration tests: the node's own files under simulated power cuts.
+
+mod powercut;
