@@ -151,7 +151,7 @@ pub enum Workload {
     Component {
         path: String,
     },
-    Process(ProcessManifest),
+    Process(Box<ProcessManifest>),
 }
 
 /// An existing program run as supervised process instances.
@@ -168,6 +168,11 @@ pub struct ProcessManifest {
     pub stop_timeout: Duration,
     /// Total CPU time one instance may use before the kernel kills it.
     pub cpu_time: Option<Duration>,
+    /// Directories the program may write besides its working directory and `TMPDIR`,
+    /// relative to the manifest.
+    pub writable: Vec<String>,
+    /// The user the program runs as (maru must run as root); `None`: maru's user.
+    pub user: Option<String>,
 }
 
 impl ServiceManifest {
@@ -193,6 +198,8 @@ impl ServiceManifest {
             (Workload::Process(a), Workload::Process(b)) => {
                 check("command", a.command != b.command);
                 check("workdir", a.workdir != b.workdir);
+                check("writable", a.writable != b.writable);
+                check("user", a.user != b.user);
                 check(
                     "ready",
                     (&a.ready, a.ready_timeout) != (&b.ready, b.ready_timeout),
@@ -322,6 +329,8 @@ struct RawService {
     env: Option<BTreeMap<String, Spanned<String>>>,
     command: Option<Spanned<Vec<String>>>,
     workdir: Option<Spanned<String>>,
+    writable: Option<Spanned<Vec<String>>>,
+    user: Option<Spanned<String>>,
     ready: Option<Spanned<RawProbe>>,
     liveness: Option<Spanned<RawProbe>>,
     stop_signal: Option<Spanned<String>>,
@@ -586,6 +595,8 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 }
                 for (field, present) in [
                     ("workdir", service.workdir.as_ref().map(|v| v.span())),
+                    ("writable", service.writable.as_ref().map(|v| v.span())),
+                    ("user", service.user.as_ref().map(|v| v.span())),
                     ("ready", service.ready.as_ref().map(|v| v.span())),
                     ("liveness", service.liveness.as_ref().map(|v| v.span())),
                     (
@@ -607,7 +618,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 }
             }
             (None, Some(command)) => {
-                Workload::Process(process(&mut parser, &at, service, command)?)
+                Workload::Process(Box::new(process(&mut parser, &at, service, command)?))
             }
             (None, None) => {
                 return Err(parser.error(
@@ -1151,6 +1162,9 @@ fn probe(
     }
 }
 
+/// Directories one process service may list as `writable`.
+const WRITABLE_MAX: usize = 32;
+
 fn process(
     parser: &mut Parser<'_>,
     at: &dyn Fn(&str) -> String,
@@ -1272,9 +1286,60 @@ fn process(
         )?),
         None => None,
     };
+    let writable = match &service.writable {
+        Some(dirs) => {
+            parser.note(&at("writable"), dirs);
+            if let Some(bad) = dirs
+                .get_ref()
+                .iter()
+                .find(|d| d.trim().is_empty() || d.contains('\0'))
+            {
+                return Err(parser.error(
+                    &at("writable"),
+                    dirs.span(),
+                    format!("`{bad}` is not a directory path"),
+                    Some("list directories, relative to this manifest or absolute: writable = [\"data\"]".into()),
+                ));
+            }
+            if dirs.get_ref().len() > WRITABLE_MAX {
+                return Err(parser.error(
+                    &at("writable"),
+                    dirs.span(),
+                    format!("at most {WRITABLE_MAX} writable directories"),
+                    None,
+                ));
+            }
+            dirs.get_ref().clone()
+        }
+        None => Vec::new(),
+    };
+    let user = match &service.user {
+        Some(name) => {
+            parser.note(&at("user"), name);
+            let text = name.get_ref();
+            let valid = !text.is_empty()
+                && text.len() <= 32
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                && !text.starts_with('-');
+            if !valid {
+                return Err(parser.error(
+                    &at("user"),
+                    name.span(),
+                    format!("`{text}` is not a user name"),
+                    Some("name an existing account, e.g. user = \"nobody\"".into()),
+                ));
+            }
+            Some(text.clone())
+        }
+        None => None,
+    };
     Ok(ProcessManifest {
         command: words.clone(),
         workdir,
+        writable,
+        user,
         ready,
         ready_timeout,
         liveness,

@@ -13,7 +13,10 @@ use gateway::{Backend, Gateway, RouteKey, RouteTable, Service, ServiceConfig};
 use maru_api::{
     AppInfo, DeployRequest, DeployResponse, RevisionInfo, ServiceChange, ServiceStatus,
 };
-use runtime::{ArtifactError, ComponentHash, InstanceSpec, ProcessSpec, Runtime, ServiceLog};
+use runtime::sandbox::Sandbox;
+use runtime::{
+    ArtifactError, ComponentHash, InstanceSpec, Isolation, ProcessSpec, Runtime, ServiceLog,
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +59,8 @@ struct Desired {
     component: Option<ComponentHash>,
     /// For processes: the resolved working directory.
     workdir: Option<PathBuf>,
+    /// For processes: the resolved `writable` directories.
+    writable: Vec<PathBuf>,
 }
 
 struct Running {
@@ -79,6 +84,8 @@ struct Triggers {
 
 pub struct Node {
     pub files: NodeFiles,
+    /// How process services are confined; `None` with `process_isolation = "none"`.
+    sandbox: Option<Sandbox>,
     pub runtime: Arc<Runtime>,
     pub gateway: Arc<Gateway>,
     /// Serialises deploys, rollbacks and removals, so validation sees the state it commits on.
@@ -99,6 +106,7 @@ impl Node {
     /// it could stop them are killed first.
     pub fn open(
         files: NodeFiles,
+        sandbox: Option<Sandbox>,
         runtime: Arc<Runtime>,
         gateway: Arc<Gateway>,
         events: Arc<Events>,
@@ -108,6 +116,7 @@ impl Node {
         }
         Arc::new(Node {
             files,
+            sandbox,
             runtime,
             gateway,
             change: tokio::sync::Mutex::new(()),
@@ -149,13 +158,13 @@ impl Node {
         } in deployed
         {
             for (name, service) in &parsed.services {
-                let (component, workdir) = match &service.workload {
+                let (component, workdir, writable) = match &service.workload {
                     Workload::Component { path } => match revision
                         .components
                         .get(path)
                         .and_then(|h| ComponentHash::parse(h).ok())
                     {
-                        Some(hash) => (Some(hash), None),
+                        Some(hash) => (Some(hash), None, Vec::new()),
                         None => {
                             tracing::error!(%app, service = %name, "revision has no component hash for the service; not started");
                             continue;
@@ -167,6 +176,9 @@ impl Node {
                             revision.manifest_dir.as_deref(),
                             &process.workdir,
                         )),
+                        (process.writable.iter())
+                            .map(|dir| resolve_workdir(revision.manifest_dir.as_deref(), dir))
+                            .collect(),
                     ),
                 };
                 desired.insert(
@@ -176,6 +188,7 @@ impl Node {
                         manifest: service.clone(),
                         component,
                         workdir,
+                        writable,
                     },
                 );
             }
@@ -197,8 +210,17 @@ impl Node {
             for key in keys {
                 let keep = desired.get(&key).is_some_and(|want| {
                     let have = &running[&key].desired;
-                    (&have.manifest, &have.component, &have.workdir)
-                        == (&want.manifest, &want.component, &want.workdir)
+                    (
+                        &have.manifest,
+                        &have.component,
+                        &have.workdir,
+                        &have.writable,
+                    ) == (
+                        &want.manifest,
+                        &want.component,
+                        &want.workdir,
+                        &want.writable,
+                    )
                 });
                 if keep {
                     if let (Some(current), Some(want)) = (running.get_mut(&key), desired.get(&key))
@@ -217,7 +239,7 @@ impl Node {
                 if running.contains_key(key) {
                     continue;
                 }
-                match self.start_service(key, want) {
+                match self.start_service(key, want, &desired) {
                     Ok(service) => {
                         running.insert(
                             key.clone(),
@@ -434,6 +456,7 @@ impl Node {
         &self,
         key: &ServiceKey,
         want: &Desired,
+        desired: &BTreeMap<ServiceKey, Desired>,
     ) -> Result<Arc<Service>, ArtifactError> {
         let manifest = &want.manifest;
         let log = self.log_for(key);
@@ -444,9 +467,17 @@ impl Node {
             .collect();
         let backend = match (&manifest.workload, &want.component, &want.workdir) {
             (Workload::Process(process), _, Some(workdir)) => {
+                let confinement = match (&self.sandbox, &process.user) {
+                    (Some(_), Some(user)) => format!("Landlock (the node's data and other apps' directories hidden; writes only to workdir, TMPDIR and `writable`), no capabilities, as user {user}"),
+                    (Some(_), None) => "Landlock (the node's data and other apps' directories hidden; writes only to workdir, TMPDIR and `writable`), no capabilities".to_string(),
+                    (None, _) => "none (process_isolation = \"none\")".to_string(),
+                };
                 log.push(
                     runtime::LogStream::Platform,
-                    &format!("limits in force: {}", runtime::limits_in_force()),
+                    &format!(
+                        "limits in force: {}; confinement: {confinement}",
+                        runtime::limits_in_force()
+                    ),
                 );
                 Backend::Process(ProcessSpec {
                     command: process.command.clone(),
@@ -461,6 +492,14 @@ impl Node {
                     cpu_seconds_max: process.cpu_time.map(|t| t.as_secs().max(1)),
                     log: log.clone(),
                     registry: self.files.data().join("processes"),
+                    isolation: self.sandbox.as_ref().map(|sandbox| {
+                        Arc::new(Isolation {
+                            sandbox: sandbox.clone(),
+                            hidden: other_apps_directories(&key.0, desired),
+                            writable: want.writable.clone(),
+                            user: process.user.clone(),
+                        })
+                    }),
                 })
             }
             (_, Some(hash), _) => Backend::Component {
@@ -532,6 +571,7 @@ impl Node {
                     let workdir =
                         resolve_workdir(request.manifest_dir.as_deref(), &process.workdir);
                     check_command(&parsed, name, &process.command, &workdir)?;
+                    self.check_confinement(&parsed, name, process, &workdir, &request)?;
                 }
             }
         }
@@ -618,6 +658,77 @@ impl Node {
             )));
         }
         Ok(hash)
+    }
+
+    /// A process service's directories and user must let it be confined: nothing it may
+    /// write can hold the data directory or lie in it, and `user` needs a root maru and an
+    /// existing account.
+    fn check_confinement(
+        &self,
+        parsed: &AppManifest,
+        name: &str,
+        process: &manifest::ProcessManifest,
+        workdir: &Path,
+        request: &DeployRequest,
+    ) -> Result<(), ControlError> {
+        let bad = |field: &str, message: String, hint: &str| {
+            ControlError::BadManifest(parsed.error_at(
+                &format!("service.{name}.{field}"),
+                message,
+                Some(hint.to_string()),
+            ))
+        };
+        let data = runtime::sandbox::canonical(self.files.data());
+        let mut dirs = vec![("workdir", workdir.to_path_buf())];
+        for dir in &process.writable {
+            let resolved = resolve_workdir(request.manifest_dir.as_deref(), dir);
+            if !resolved.is_dir() {
+                return Err(bad(
+                    "writable",
+                    format!("{} is not a directory on the node", resolved.display()),
+                    "create it first; writable directories are relative to the manifest's directory",
+                ));
+            }
+            dirs.push(("writable", resolved));
+        }
+        for (field, dir) in dirs {
+            let dir = runtime::sandbox::canonical(&dir);
+            if dir.starts_with(&data) || data.starts_with(&dir) {
+                return Err(bad(
+                    field,
+                    format!(
+                        "{} holds or lies in the node's data directory {}, which a process may never write",
+                        dir.display(),
+                        data.display()
+                    ),
+                    "give the service a directory of its own outside the data directory",
+                ));
+            }
+        }
+        if let Some(user) = &process.user {
+            if self.sandbox.is_none() {
+                return Err(bad(
+                    "user",
+                    "`user` needs process isolation, which this node has turned off".into(),
+                    "remove `user`, or set process_isolation = \"landlock\" in [node]",
+                ));
+            }
+            if !nix::unistd::geteuid().is_root() {
+                return Err(bad(
+                    "user",
+                    format!("maru does not run as root, so it cannot start processes as `{user}`"),
+                    "remove `user` (processes then run as maru's own user), or run maru as root",
+                ));
+            }
+            if !matches!(nix::unistd::User::from_name(user), Ok(Some(_))) {
+                return Err(bad(
+                    "user",
+                    format!("user `{user}` does not exist on the node"),
+                    "create the account (useradd --system NAME) or name an existing one",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_routes_free(parsed: &AppManifest, deployed: &[Deployed]) -> Result<(), ControlError> {
@@ -976,6 +1087,10 @@ impl Node {
         }
         while retiring.join_next().await.is_some() {}
         self.events.close_all().await;
+        // Every instance has stopped and removed its own temporary directory.
+        if let Some(sandbox) = &self.sandbox {
+            _ = std::fs::remove_dir(&sandbox.temporary_root);
+        }
     }
 }
 
@@ -1085,6 +1200,20 @@ fn check_command(
         message,
         Some(hint),
     )))
+}
+
+/// The working and writable directories of other apps' process services, which a service's
+/// instances may not read. (Services of one app share what their app's directories hold.)
+fn other_apps_directories(app: &str, desired: &BTreeMap<ServiceKey, Desired>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = desired
+        .iter()
+        .filter(|((other, _), _)| other != app)
+        .flat_map(|(_, want)| want.workdir.iter().chain(&want.writable))
+        .map(|dir| runtime::sandbox::canonical(dir))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
 }
 
 fn route_keys(service: &ServiceManifest) -> Vec<RouteKey> {

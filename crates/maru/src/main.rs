@@ -97,6 +97,16 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Internal: how a node starts a process service's instance: confine this process as
+    /// the policy says (runtime::sandbox), then execute the program in its place.
+    #[command(name = "sandbox-exec", hide = true)]
+    SandboxExec {
+        #[arg(long)]
+        policy: String,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,9 +132,30 @@ enum EventsCommand {
     },
 }
 
+/// The sandbox launcher: returns only if the program could not be started.
+fn sandbox_exec(policy: &str, command: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    let policy: runtime::sandbox::Policy = serde_json::from_str(policy)
+        .map_err(|e| anyhow::anyhow!("the sandbox policy does not parse: {e}"))?;
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("no program to run"))?;
+    Err(anyhow::anyhow!(
+        "maru sandbox: {}",
+        runtime::sandbox::exec(&policy, program, args)
+    ))
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::SandboxExec { policy, command } => match sandbox_exec(&policy, &command) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // In the service's log, as the program's own stderr would be.
+                eprintln!("{error:#}");
+                return std::process::ExitCode::from(126);
+            }
+        },
         Command::Up(args) => up::run(args),
         Command::Deploy { manifest, target } => client::deploy(&target, &manifest),
         Command::Apps { target } => client::apps(&target),

@@ -59,6 +59,18 @@ struct NodeFile {
     shutdown_grace: Option<String>,
     trusted_proxies: Option<Vec<std::net::IpAddr>>,
     request_bodies_max: Option<String>,
+    process_isolation: Option<ProcessIsolation>,
+}
+
+/// How process services are confined (docs/node.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ProcessIsolation {
+    /// Landlock, no capabilities, `user` honoured; refuses to start without Landlock.
+    #[default]
+    Landlock,
+    /// Unconfined: processes can read the node's data.
+    None,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +122,7 @@ struct Settings {
     log_format: LogFormat,
     runtime: RuntimeConfig,
     gateway_config: GatewayConfig,
+    process_isolation: ProcessIsolation,
 }
 
 fn settings(args: UpArgs) -> anyhow::Result<Settings> {
@@ -186,6 +199,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
             },
             ..defaults
         },
+        process_isolation: file.process_isolation.unwrap_or_default(),
     })
 }
 
@@ -270,11 +284,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let token = files.token.value.clone();
     let ingest_token = files.ingest_token.value.clone();
+    let sandbox = match settings.process_isolation {
+        ProcessIsolation::Landlock => {
+            let launcher = std::env::current_exe().context("find maru's own binary")?;
+            Some(
+                runtime::sandbox::Sandbox::prepare(launcher, &settings.data)
+                    .context("prepare the sandbox for process services")?,
+            )
+        }
+        ProcessIsolation::None => {
+            tracing::warn!(
+                "process_isolation = \"none\": process services run unconfined, as maru's user, and can read and change the node's data (its tokens, state and compiled code)"
+            );
+            None
+        }
+    };
     let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
     let gateway = Gateway::new(settings.gateway_config.clone());
     let events = Arc::new(events::Events::new(&settings.data.join("events")));
     gateway.enable_ingest(events.clone(), ingest_token.clone());
-    let node = Node::open(files, runtime, gateway.clone(), events.clone());
+    let node = Node::open(files, sandbox, runtime, gateway.clone(), events.clone());
     node.reconcile().await.context("start the deployed apps")?;
 
     let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;

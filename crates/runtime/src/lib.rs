@@ -15,6 +15,7 @@ mod instance;
 mod logs;
 mod outbound;
 mod process;
+pub mod sandbox;
 
 pub use artifact::{ArtifactCache, ArtifactError, ComponentHash};
 pub use engine::{LoadedComponent, Runtime, RuntimeConfig};
@@ -23,6 +24,6 @@ pub use logs::{LogLine, LogStream, ServiceLog};
 pub use nix::sys::signal::Signal;
 pub use outbound::{Origin, OriginParseError};
 pub use process::{
-    LivenessProbe, Probe, ProcessError, ProcessInstance, ProcessSpec, limits_in_force,
+    Isolation, LivenessProbe, Probe, ProcessError, ProcessInstance, ProcessSpec, limits_in_force,
     reap_leftovers,
 };

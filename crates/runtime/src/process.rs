@@ -12,8 +12,9 @@
 //! the signal cannot reach a group that a reused pid leads. The leader's exit is watched
 //! with `waitid(WNOWAIT)`, the rest of its group killed, and only then is it reaped.
 //!
-//! Limits: memory (`RLIMIT_AS`) and total CPU time (`RLIMIT_CPU`) are set through util-linux
-//! `prlimit` before the program executes. cgroup v2 is detected ([`limits_in_force`]) but not
+//! Limits: memory (`RLIMIT_AS`) and total CPU time (`RLIMIT_CPU`) are set before the program
+//! executes, by the sandbox's launcher ([`crate::sandbox`]), which also confines it, or,
+//! with isolation turned off, by util-linux `prlimit`. cgroup v2 is detected ([`limits_in_force`]) but not
 //! used yet, so there is no CPU *share* limit.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
 use crate::logs::{LogStream, ServiceLog};
+use crate::sandbox::{Policy, Sandbox};
 
 /// How readiness or liveness is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +73,21 @@ pub struct ProcessSpec {
     pub log: Arc<ServiceLog>,
     /// `DATA/processes`, which must exist: where live process groups are recorded.
     pub registry: PathBuf,
+    /// How instances are confined; `None` runs them unconfined (`process_isolation =
+    /// "none"`), with the limits set through util-linux `prlimit`.
+    pub isolation: Option<Arc<Isolation>>,
+}
+
+/// One service's confinement: the node's sandbox and what this service adds to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    pub sandbox: Sandbox,
+    /// Hidden from this service besides the node's own hidden paths: other apps' working
+    /// and writable directories.
+    pub hidden: Vec<PathBuf>,
+    /// The manifest's `writable` directories, resolved.
+    pub writable: Vec<PathBuf>,
+    pub user: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +118,8 @@ pub fn limits_in_force() -> &'static str {
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .find(|c| !c.trim().is_empty());
         match controllers {
-            Some(_) => "rlimits (RLIMIT_AS for memory, RLIMIT_CPU for cpu_time, via prlimit); cgroup v2 controllers are present but Maru does not use them yet",
-            None => "rlimits (RLIMIT_AS for memory, RLIMIT_CPU for cpu_time, via prlimit); no cgroup v2 controllers available, so no CPU share limit",
+            Some(_) => "rlimits (RLIMIT_AS for memory, RLIMIT_CPU for cpu_time); cgroup v2 controllers are present but Maru does not use them yet",
+            None => "rlimits (RLIMIT_AS for memory, RLIMIT_CPU for cpu_time); no cgroup v2 controllers available, so no CPU share limit",
         }
     })
 }
@@ -118,6 +135,8 @@ pub struct ProcessInstance {
     startup: Duration,
     /// Set once the leader has been reaped; from then on its group id may be reused.
     exit: Option<ExitStatus>,
+    /// Removed with the instance.
+    _private_tmp: Option<PrivateTmp>,
 }
 
 /// Whether `pid` (our child) has exited, without reaping it.
@@ -230,18 +249,45 @@ impl ProcessInstance {
         let (program, rest) = args
             .split_first()
             .ok_or_else(|| ProcessError::Io("the command is empty".into()))?;
-        let mut command = if spec.memory_bytes_max.is_some() || spec.cpu_seconds_max.is_some() {
-            let mut command = Command::new("prlimit");
-            if let Some(bytes) = spec.memory_bytes_max {
-                command.arg(format!("--as={bytes}"));
+        let private_tmp = match &spec.isolation {
+            Some(isolation) => Some(PrivateTmp::create(isolation)?),
+            None => None,
+        };
+        let mut command = match (&spec.isolation, &private_tmp) {
+            (Some(isolation), Some(tmp)) => {
+                let mut writable = vec![spec.workdir.clone(), tmp.path.clone()];
+                writable.extend(isolation.writable.iter().cloned());
+                let policy = Policy {
+                    hidden: (isolation.sandbox.hidden.iter())
+                        .chain(&isolation.hidden)
+                        .cloned()
+                        .collect(),
+                    writable,
+                    user: isolation.user.clone(),
+                    memory_bytes_max: spec.memory_bytes_max,
+                    cpu_seconds_max: spec.cpu_seconds_max,
+                };
+                let mut command = Command::new(&isolation.sandbox.launcher);
+                command
+                    .arg(crate::sandbox::SUBCOMMAND)
+                    .arg("--policy")
+                    .arg(serde_json::to_string(&policy).expect("a policy is plain data"))
+                    .arg("--")
+                    .arg(program);
+                command
             }
-            if let Some(seconds) = spec.cpu_seconds_max {
-                command.arg(format!("--cpu={seconds}"));
+            _ if spec.memory_bytes_max.is_some() || spec.cpu_seconds_max.is_some() => {
+                let mut command = Command::new("prlimit");
+                if let Some(bytes) = spec.memory_bytes_max {
+                    command.arg(format!("--as={bytes}"));
+                }
+                if let Some(seconds) = spec.cpu_seconds_max {
+                    command.arg(format!("--cpu={seconds}"));
+                }
+                command.arg("--").arg(program);
+                command
             }
-            command.arg("--").arg(program);
-            command
-        } else {
-            Command::new(program)
+            _ => Command::new(program),
         };
         // Only what the manifest and Maru give: maru's own environment (its log settings,
         // whatever its service manager or shell passed it) is not the service's business.
@@ -252,6 +298,7 @@ impl ProcessInstance {
             .env("PATH", DEFAULT_PATH)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("PORT", port.to_string())
+            .envs(private_tmp.iter().map(|tmp| ("TMPDIR", &tmp.path)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -307,6 +354,7 @@ impl ProcessInstance {
             output,
             startup: Duration::ZERO,
             exit: None,
+            _private_tmp: private_tmp,
         };
         let deadline = started + spec.ready_timeout;
         loop {
@@ -455,6 +503,50 @@ impl Drop for ProcessInstance {
             _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
         _ = std::fs::remove_file(&self.record);
+    }
+}
+
+/// An instance's own temporary directory (its `TMPDIR`), inside the sandbox's hidden
+/// temporary root, private to the instance's user and removed with the instance.
+struct PrivateTmp {
+    path: PathBuf,
+}
+
+impl PrivateTmp {
+    fn create(isolation: &Isolation) -> Result<PrivateTmp, ProcessError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = isolation.sandbox.temporary_root.join(format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let shown = path.display().to_string();
+        let failed = |e: &dyn std::fmt::Display| {
+            ProcessError::Io(format!(
+                "create the instance's temporary directory {shown}: {e}"
+            ))
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| failed(&e))?;
+        let tmp = PrivateTmp { path };
+        if let Some(name) = &isolation.user {
+            let user = nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| failed(&format!("user `{name}` does not exist")))?;
+            nix::unistd::chown(&tmp.path, Some(user.uid), Some(user.gid))
+                .map_err(|e| failed(&e))?;
+        }
+        Ok(tmp)
+    }
+}
+
+impl Drop for PrivateTmp {
+    fn drop(&mut self) {
+        _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

@@ -78,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -250,6 +250,24 @@ fn process_fields_are_checked() {
         ),
         expect![
             "maru.toml:10:9: `service.registry.ready`: a probe needs exactly one of http = \"/path\" or tcp = true"
+        ],
+    );
+    check(
+        &PROCESS.replace("concurrency = 8", "user = \"-root\""),
+        expect![[r#"
+            maru.toml:9:8: `service.registry.user`: `-root` is not a user name
+              hint: name an existing account, e.g. user = "nobody""#]],
+    );
+    check(
+        &PROCESS.replace("concurrency = 8", "writable = [\"out\", \"\"]"),
+        expect![[r#"
+            maru.toml:9:12: `service.registry.writable`: `` is not a directory path
+              hint: list directories, relative to this manifest or absolute: writable = ["data"]"#]],
+    );
+    check(
+        &GOOD.replace("concurrency = 1", "writable = [\"out\"]"),
+        expect![
+            "maru.toml:9:12: `service.hello.writable`: `writable` applies to process services (with `command`), not components"
         ],
     );
     check(

@@ -13,11 +13,15 @@ fn app_py() -> PathBuf {
         .expect("examples/legacy-app/app.py")
 }
 
-/// A manifest for the legacy app with extra service fields.
+/// A manifest for the legacy app with extra service fields. It runs in its own directory
+/// (the manifest's, the test's directory, holds the node's data, which a process may not
+/// be given to write).
 fn legacy(app: &str, route: &str, extra: &str) -> String {
+    let app_py = app_py();
     format!(
-        "[app]\nname = \"{app}\"\n\n[service.registry]\ncommand = [\"python3\", \"{}\"]\nroutes = [\"{route}\"]\nready = {{ http = \"/healthz\", timeout = \"20s\" }}\n{extra}\n",
-        app_py().display()
+        "[app]\nname = \"{app}\"\n\n[service.registry]\ncommand = [\"python3\", \"{}\"]\nworkdir = \"{}\"\nroutes = [\"{route}\"]\nready = {{ http = \"/healthz\", timeout = \"20s\" }}\n{extra}\n",
+        app_py.display(),
+        app_py.parent().expect("a directory").display()
     )
 }
 
@@ -120,7 +124,7 @@ fn a_process_service_is_routed_and_scales_from_zero_waiting_for_readiness() {
 }
 
 /// Hardening defect 8: a process service inherited maru's whole environment. It now gets
-/// only `PATH`, `PORT` and its manifest's `env`.
+/// only `PATH`, `PORT`, its own `TMPDIR` and its manifest's `env`.
 #[test]
 fn a_process_sees_only_the_environment_its_manifest_gives() {
     let node = Node::start();
@@ -146,7 +150,7 @@ fn a_process_sees_only_the_environment_its_manifest_gives() {
     names.sort_unstable();
     assert_eq!(
         names,
-        ["CITY", "PATH", "PORT", "STARTUP_MS"],
+        ["CITY", "PATH", "PORT", "STARTUP_MS", "TMPDIR"],
         "maru's environment leaked"
     );
     // The data directory (token, state, artifacts maru executes) is private to maru's user,
@@ -377,4 +381,247 @@ fn a_command_that_does_not_exist_is_rejected_at_deploy() {
         "{stderr}"
     );
     assert!(node.cli_ok(&["apps"]).contains("no apps deployed"));
+}
+
+/// A program that tries, on `GET /probe`, to reach what a process service must not, and
+/// what it may; it answers with what happened to each attempt ("ok" or the error).
+const PROBE_PY: &str = r#"
+import http.server, json, os, tempfile
+
+def attempt(action):
+    try:
+        result = action()
+        return "ok" if result is None else result
+    except OSError as error:
+        return type(error).__name__
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+
+def probe():
+    data, other, writable = os.environ["NODE_DATA"], os.environ["OTHER_DIR"], os.environ["WRITABLE_DIR"]
+    tmpdir = os.environ.get("TMPDIR", "/tmp")
+    maru = int(os.environ["MARU_PID"])
+    block = next((d for d in ["/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/xvda"] if os.path.exists(d)), None)
+    status = open("/proc/self/status").read()
+    return {
+        "read_token": attempt(lambda: open(os.path.join(data, "token")).read() and None),
+        "list_data": attempt(lambda: os.listdir(data) and None),
+        "write_compiled": attempt(lambda: write(os.path.join(data, "compiled", "planted.cwasm"))),
+        "read_other_app": attempt(lambda: open(os.path.join(other, "secret.txt")).read() and None),
+        "write_beside_tmpdir": attempt(lambda: write(os.path.join(os.path.dirname(tmpdir), "escape"))),
+        "write_tmp": attempt(lambda: write("/tmp/maru-probe-escape-%d" % os.getpid())),
+        "signal_maru": attempt(lambda: os.kill(maru, 0)),
+        "read_maru_environ": attempt(lambda: open("/proc/%d/environ" % maru, "rb").read() and None),
+        "read_block_device": attempt(lambda: open(block, "rb").read(1) and None) if block else "PermissionError",
+        "write_workdir": attempt(lambda: write("out.txt")),
+        "write_tmpdir": attempt(lambda: tempfile.NamedTemporaryFile(dir=tmpdir).close()),
+        "write_writable": attempt(lambda: write(os.path.join(writable, "out.txt"))),
+        "read_system": attempt(lambda: open("/etc/hostname").read() and None),
+        "null_device": attempt(lambda: write("/dev/null")),
+        "capabilities": [line.split()[1] for line in status.splitlines() if line.startswith("CapEff")][0],
+        "uid": str(os.getuid()),
+    }
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(probe() if self.path.endswith("/probe") else {}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// Two apps' directories beside the node's data: `other-app/secret.txt`, and `probe-app`
+/// with the probe program, plus a directory the probe may write.
+fn probe_layout(node: &Node) -> (PathBuf, PathBuf, PathBuf) {
+    let base = node.data.parent().expect("parent").to_path_buf();
+    let (other, probe, writable) = (
+        base.join("other-app"),
+        base.join("probe-app"),
+        base.join("probe-out"),
+    );
+    for dir in [&other, &probe, &writable] {
+        std::fs::create_dir_all(dir).expect("create dir");
+    }
+    std::fs::write(other.join("secret.txt"), "another app's data").expect("write");
+    std::fs::write(other.join("probe.py"), PROBE_PY).expect("write");
+    std::fs::write(probe.join("probe.py"), PROBE_PY).expect("write");
+    (other, probe, writable)
+}
+
+fn probe_manifest(app: &str, workdir: &str, extra: &str) -> String {
+    format!(
+        "[app]\nname = \"{app}\"\n\n[service.probe]\ncommand = [\"python3\", \"probe.py\"]\nworkdir = \"{workdir}\"\nroutes = [\"/{app}\"]\nready = {{ tcp = true, timeout = \"20s\" }}\n{extra}\n"
+    )
+}
+
+fn probe(node: &Node, app: &str) -> serde_json::Value {
+    let answer = node.get(&format!("/{app}/probe"));
+    assert_eq!(answer.status, 200, "{}\n{}", answer.body, node.log());
+    serde_json::from_str(&answer.body).expect("JSON")
+}
+
+fn maru_pid(node: &Node) -> u64 {
+    let text = std::fs::read_to_string(node.data.join("node.json")).expect("node.json");
+    serde_json::from_str::<serde_json::Value>(&text).expect("JSON")["pid"]
+        .as_u64()
+        .expect("pid")
+}
+
+/// Hardening defect 8: a process service ran with maru's privileges: it could read the
+/// node's token and state, write `compiled/` (native code maru loads), read other apps'
+/// files and signal maru. It now runs in a Landlock sandbox without capabilities.
+#[test]
+fn a_process_cannot_read_or_change_the_nodes_data_nor_other_apps() {
+    let node = Node::start();
+    let (other, _, writable) = probe_layout(&node);
+    let env = |dir: &str| {
+        format!(
+            "env = {{ NODE_DATA = \"{}\", OTHER_DIR = \"{}\", WRITABLE_DIR = \"{}\", MARU_PID = \"{}\" }}",
+            node.data.display(),
+            other.display(),
+            writable.display(),
+            maru_pid(&node)
+        ) + dir
+    };
+    node.deploy(
+        "other.toml",
+        &probe_manifest("other", "other-app", &env("")),
+    );
+    node.deploy(
+        "probe.toml",
+        &probe_manifest("probe", "probe-app", &env("\nwritable = [\"probe-out\"]")),
+    );
+    let seen = probe(&node, "probe");
+    let denied = [
+        "read_token",
+        "list_data",
+        "write_compiled",
+        "read_other_app",
+        "write_beside_tmpdir",
+        "write_tmp",
+        "signal_maru",
+        "read_maru_environ",
+        "read_block_device",
+    ];
+    for attempt in denied {
+        assert_eq!(seen[attempt], "PermissionError", "{attempt}: {seen}");
+    }
+    for attempt in [
+        "write_workdir",
+        "write_tmpdir",
+        "write_writable",
+        "read_system",
+        "null_device",
+    ] {
+        assert_eq!(seen[attempt], "ok", "{attempt}: {seen}");
+    }
+    assert_eq!(seen["capabilities"], "0000000000000000", "{seen}");
+    assert!(!node.data.join("compiled/planted.cwasm").exists());
+    // The other app may read its own directory.
+    assert_eq!(probe(&node, "other")["read_other_app"], "ok");
+    let log = node.cli_ok(&["logs", "probe/probe"]);
+    assert!(log.contains("confinement: Landlock"), "{log}");
+}
+
+#[test]
+fn writable_directories_and_users_are_checked_at_deploy() {
+    let node = Node::start();
+    probe_layout(&node);
+    let refused = |manifest: &str, expected: &str| {
+        let path = node.manifest("bad.toml", manifest);
+        let output = node.cli(&["deploy", path.to_str().expect("utf-8")]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+    };
+    refused(
+        &probe_manifest("bad", "probe-app", "writable = [\"data/compiled\"]"),
+        "holds or lies in the node's data directory",
+    );
+    refused(&probe_manifest("bad", ".", ""), "`service.probe.workdir`");
+    refused(
+        &probe_manifest("bad", "probe-app", "writable = [\"nowhere\"]"),
+        "is not a directory on the node",
+    );
+    refused(
+        &probe_manifest("bad", "probe-app", "user = \"no-such-user-maru\""),
+        if nix_is_root() {
+            "user `no-such-user-maru` does not exist on the node"
+        } else {
+            "maru does not run as root"
+        },
+    );
+    assert!(node.cli_ok(&["apps"]).contains("no apps deployed"));
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// As root, `user` runs the program as that account.
+#[test]
+fn a_process_runs_as_the_user_its_manifest_names() {
+    if !nix_is_root() {
+        // Covered by the deploy check above: without root, `user` is refused.
+        return;
+    }
+    let node = Node::start();
+    let (other, probe_dir, writable) = probe_layout(&node);
+    // nobody must reach its directory: the test's directory is private to root.
+    use std::os::unix::fs::PermissionsExt as _;
+    let base = node.data.parent().expect("parent");
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    std::fs::set_permissions(&probe_dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let env = format!(
+        "env = {{ NODE_DATA = \"{}\", OTHER_DIR = \"{}\", WRITABLE_DIR = \"{}\", MARU_PID = \"{}\" }}\nuser = \"nobody\"\nwritable = [\"probe-out\"]",
+        node.data.display(),
+        other.display(),
+        writable.display(),
+        maru_pid(&node)
+    );
+    node.deploy("probe.toml", &probe_manifest("probe", "probe-app", &env));
+    let seen = probe(&node, "probe");
+    assert_eq!(seen["uid"], "65534", "{seen}");
+    assert_eq!(seen["read_token"], "PermissionError", "{seen}");
+    assert_eq!(seen["write_tmpdir"], "ok", "{seen}");
+    assert_eq!(seen["write_writable"], "ok", "{seen}");
+    assert_eq!(seen["capabilities"], "0000000000000000", "{seen}");
+}
+
+/// The control experiment: with isolation turned off, the same probe reads the token, so
+/// the denials above come from the sandbox and not from the test's layout.
+#[test]
+fn without_isolation_the_probe_reads_the_token() {
+    let node = Node::start_with_config("process_isolation = \"none\"");
+    let (other, _, writable) = probe_layout(&node);
+    let env = format!(
+        "env = {{ NODE_DATA = \"{}\", OTHER_DIR = \"{}\", WRITABLE_DIR = \"{}\", MARU_PID = \"{}\" }}",
+        node.data.display(),
+        other.display(),
+        writable.display(),
+        maru_pid(&node)
+    );
+    node.deploy("probe.toml", &probe_manifest("probe", "probe-app", &env));
+    let seen = probe(&node, "probe");
+    assert_eq!(seen["read_token"], "ok", "{seen}");
+    assert_eq!(seen["read_other_app"], "ok", "{seen}");
+    assert!(node.log().contains("process services run unconfined"));
 }
