@@ -12,6 +12,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("disk", &[]),
     ("runtime", &["disk"]),
     ("events", &["disk"]),
+    ("store", &["disk"]),
     ("gateway", &["runtime", "autopilot", "events"]),
     (
         "control",
@@ -22,6 +23,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
             "autopilot",
             "events",
             "disk",
+            "store",
         ],
     ),
     (
@@ -34,6 +36,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
             "control",
             "events",
             "disk",
+            "store",
         ],
     ),
     ("xtask", &[]),
@@ -47,6 +50,7 @@ const INTERNAL: &[&str] = &[
     "gateway",
     "control",
     "events",
+    "store",
     "maru",
 ];
 

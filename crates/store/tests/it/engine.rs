@@ -1,0 +1,433 @@
+//! Objects written and read through the engine on a simulated disk: sizes around stripe
+//! boundaries, ranges, overwrites, listings, multipart uploads, lost volumes and flipped
+//! bits.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use disk::Env;
+use disk::sim::{Rng, SimClock, SimDisk};
+use store::engine::StoreConfig;
+
+/// Parts as small as this, but for the last: the tests' multipart uploads stay small.
+pub const PART_BYTES_MIN: u64 = 20_000;
+use store::{ObjectMeta, Store, StoreError};
+
+pub const VOLUMES: usize = 6;
+
+pub fn config(volumes: usize) -> StoreConfig {
+    StoreConfig {
+        block_bytes_max: 4096,
+        part_bytes_min: PART_BYTES_MIN,
+        ..StoreConfig::new(
+            PathBuf::from("/data/store"),
+            (0..volumes)
+                .map(|i| PathBuf::from(format!("/volumes/{i}")))
+                .collect(),
+        )
+    }
+}
+
+pub fn open(disk: &SimDisk, volumes: usize) -> Arc<Store> {
+    let env = Env {
+        disk: Arc::new(disk.clone()),
+        clock: Arc::new(SimClock::new(1_700_000_000_000)),
+    };
+    Arc::new(Store::open(env, config(volumes)).expect("opens"))
+}
+
+pub fn body(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| rng.next_u64() as u8).collect()
+}
+
+pub fn put(store: &Arc<Store>, bucket: &str, key: &str, bytes: &[u8]) {
+    let mut writer = store
+        .put(bucket, key, bytes.len() as u64, ObjectMeta::default())
+        .expect("starts");
+    for chunk in bytes.chunks(1000) {
+        writer.write(chunk).expect("writes");
+    }
+    writer.finish().expect("commits");
+}
+
+pub fn get(store: &Arc<Store>, bucket: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+    store.get(bucket, key, None)?.2.read_all()
+}
+
+/// Every file under `dir` on the simulated disk.
+pub fn files(disk: &SimDisk, dir: &Path) -> Vec<PathBuf> {
+    use disk::Disk as _;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for name in disk.list(&dir).unwrap_or_default() {
+            let path = dir.join(name);
+            if disk.list(&path).is_ok() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn objects_of_every_size_around_stripes_read_back_whole_and_in_ranges() {
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    // RS(4,2) with 4 KiB blocks: a stripe carries 4 * 4096 - 16 bytes.
+    let stripe = 4 * 4096 - 16;
+    for (i, len) in [
+        0,
+        1,
+        63,
+        1000,
+        stripe - 1,
+        stripe,
+        stripe + 1,
+        3 * stripe + 7,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bytes = body(i as u64, len);
+        let key = format!("size-{len}");
+        put(&store, "city", &key, &bytes);
+        assert_eq!(
+            get(&store, "city", &key).expect("reads"),
+            bytes,
+            "{len} bytes"
+        );
+        let (info, _) = store.head("city", &key).expect("heads");
+        assert_eq!(info.size, len as u64);
+        assert_eq!(info.etag.len(), 32);
+        if len > 2 {
+            for (first, last) in [
+                (0, 0),
+                (1, len as u64 - 2),
+                (len as u64 - 1, len as u64 + 100),
+            ] {
+                let got = store
+                    .get("city", &key, Some((first, last)))
+                    .expect("ranges")
+                    .2
+                    .read_all()
+                    .expect("reads");
+                let last = (last as usize).min(len - 1);
+                assert_eq!(
+                    got,
+                    bytes[first as usize..=last],
+                    "{len} bytes, {first}-{last}"
+                );
+            }
+        }
+    }
+    assert!(matches!(
+        store.get("city", "size-1000", Some((1000, 2000))),
+        Err(StoreError::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        get(&store, "city", "nope"),
+        Err(StoreError::NoSuchKey { .. })
+    ));
+    assert!(matches!(
+        get(&store, "nowhere", "x"),
+        Err(StoreError::NoSuchBucket(_))
+    ));
+}
+
+#[test]
+fn an_overwrite_replaces_whole_and_leaves_no_files_behind() {
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    put(&store, "city", "a", &body(1, 50_000));
+    let before = files(&disk, Path::new("/volumes")).len();
+    put(&store, "city", "a", &body(2, 70_000));
+    assert_eq!(get(&store, "city", "a").expect("reads"), body(2, 70_000));
+    assert_eq!(
+        files(&disk, Path::new("/volumes")).len(),
+        before,
+        "old shards deleted"
+    );
+    store.delete("city", "a").expect("deletes");
+    store.delete("city", "a").expect("deleting again succeeds");
+    assert_eq!(
+        files(&disk, Path::new("/volumes")).len(),
+        VOLUMES,
+        "only the volume ids are left"
+    );
+    assert!(matches!(
+        store.delete_bucket("nope"),
+        Err(StoreError::NoSuchBucket(_))
+    ));
+    store.delete_bucket("city").expect("empty bucket deleted");
+}
+
+#[test]
+fn listings_page_and_group_by_delimiter() {
+    let disk = SimDisk::new();
+    let store = open(&disk, 3);
+    store.create_bucket("city").expect("creates");
+    for key in ["a/1", "a/2", "b", "c/x/1", "c/y", "d"] {
+        put(&store, "city", key, key.as_bytes());
+    }
+    let names = |listing: &store::engine::Listing| {
+        let mut out: Vec<String> = listing.objects.iter().map(|o| o.key.clone()).collect();
+        out.extend(listing.common_prefixes.iter().map(|p| format!("{p}*")));
+        out
+    };
+    let all = store
+        .list("city", "", Some("/"), None, 1000)
+        .expect("lists");
+    assert_eq!(names(&all), ["b", "d", "a/*", "c/*"]);
+    let page = store.list("city", "", Some("/"), None, 2).expect("lists");
+    assert_eq!(names(&page), ["b", "a/*"]);
+    let after = page.next.clone().expect("more");
+    let rest = store
+        .list("city", "", Some("/"), Some(&after), 2)
+        .expect("lists");
+    assert_eq!(
+        names(&rest),
+        ["b", "d", "c/*"]
+            .iter()
+            .filter(|n| **n != "b")
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    );
+    let under = store.list("city", "c/", None, None, 1000).expect("lists");
+    assert_eq!(names(&under), ["c/x/1", "c/y"]);
+    assert!(matches!(
+        store.delete_bucket("city"),
+        Err(StoreError::BucketNotEmpty(_))
+    ));
+}
+
+#[test]
+fn multipart_uploads_complete_in_order_and_abort_cleanly() {
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    let upload = store
+        .create_upload("city", "archive", ObjectMeta::default())
+        .expect("creates");
+    let sizes = [PART_BYTES_MIN as usize, PART_BYTES_MIN as usize, 1234];
+    let mut etags = Vec::new();
+    let mut whole = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let bytes = body(10 + i as u64, *size);
+        let mut writer = store
+            .put_part(&upload, i as u32 + 1, *size as u64)
+            .expect("starts");
+        writer.write(&bytes).expect("writes");
+        etags.push((i as u32 + 1, writer.finish().expect("commits")));
+        whole.extend_from_slice(&bytes);
+    }
+    // A part uploaded again replaces the first upload of it.
+    let bytes = body(99, 1234);
+    let mut writer = store.put_part(&upload, 3, 1234).expect("starts");
+    writer.write(&bytes).expect("writes");
+    etags[2].1 = writer.finish().expect("commits");
+    whole.truncate(2 * PART_BYTES_MIN as usize);
+    whole.extend_from_slice(&bytes);
+    assert_eq!(store.parts(&upload).expect("lists").1.len(), 3);
+    assert!(matches!(
+        store.complete_upload(&upload, &[etags[1].clone(), etags[0].clone()]),
+        Err(StoreError::InvalidPartOrder)
+    ));
+    let info = store.complete_upload(&upload, &etags).expect("completes");
+    assert!(info.etag.ends_with("-3"), "{}", info.etag);
+    assert_eq!(get(&store, "city", "archive").expect("reads"), whole);
+    let middle = store
+        .get(
+            "city",
+            "archive",
+            Some((PART_BYTES_MIN - 10, PART_BYTES_MIN + 10)),
+        )
+        .expect("ranges")
+        .2
+        .read_all()
+        .expect("reads");
+    assert_eq!(
+        middle,
+        whole[PART_BYTES_MIN as usize - 10..=PART_BYTES_MIN as usize + 10]
+    );
+    assert!(matches!(
+        store.parts(&upload),
+        Err(StoreError::NoSuchUpload(_))
+    ));
+
+    let small = store
+        .create_upload("city", "small", ObjectMeta::default())
+        .expect("creates");
+    let mut tags = Vec::new();
+    for n in 1..=2 {
+        let mut writer = store.put_part(&small, n, 10).expect("starts");
+        writer.write(&[n as u8; 10]).expect("writes");
+        tags.push((n, writer.finish().expect("commits")));
+    }
+    assert!(matches!(
+        store.complete_upload(&small, &tags),
+        Err(StoreError::EntityTooSmall { part: 1, .. })
+    ));
+    let before = files(&disk, Path::new("/volumes")).len();
+    store.abort_upload(&small).expect("aborts");
+    assert_eq!(
+        files(&disk, Path::new("/volumes")).len(),
+        before - 2 * VOLUMES
+    );
+    assert!(store.uploads("city").expect("lists").is_empty());
+}
+
+#[test]
+fn losing_any_parity_count_of_volumes_loses_nothing_and_one_more_says_so() {
+    let disk = SimDisk::new();
+    {
+        let store = open(&disk, VOLUMES);
+        store.create_bucket("city").expect("creates");
+        for i in 0..12 {
+            put(
+                &store,
+                "city",
+                &format!("o{i}"),
+                &body(i, 20_000 + i as usize * 777),
+            );
+        }
+    }
+    use disk::Disk as _;
+    // RS(4,2): any two volumes may go.
+    for lost in [[0usize, 1], [2, 5], [3, 4]] {
+        let damaged = SimDisk::new();
+        copy_disk(&disk, &damaged);
+        for volume in lost {
+            for file in files(
+                &damaged,
+                &PathBuf::from(format!("/volumes/{volume}/objects")),
+            ) {
+                damaged.remove_file(&file).expect("removes");
+            }
+        }
+        let store = open(&damaged, VOLUMES);
+        for i in 0..12 {
+            assert_eq!(
+                get(&store, "city", &format!("o{i}")).expect("reads"),
+                body(i, 20_000 + i as usize * 777),
+                "volumes {lost:?} lost"
+            );
+        }
+    }
+    let damaged = SimDisk::new();
+    copy_disk(&disk, &damaged);
+    for volume in [0, 1, 2] {
+        for file in files(
+            &damaged,
+            &PathBuf::from(format!("/volumes/{volume}/objects")),
+        ) {
+            damaged.remove_file(&file).expect("removes");
+        }
+    }
+    let store = open(&damaged, VOLUMES);
+    let mut lost = 0;
+    for i in 0..12 {
+        match get(&store, "city", &format!("o{i}")) {
+            Ok(bytes) => assert_eq!(bytes, body(i, 20_000 + i as usize * 777)),
+            Err(StoreError::DataLost { .. }) => lost += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(
+        lost > 0,
+        "three of six volumes lost must lose some RS(4,2) object"
+    );
+}
+
+#[test]
+fn flipped_bits_are_never_served() {
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    let bytes = body(7, 100_000);
+    put(&store, "city", "x", &bytes);
+    let shards = files(&disk, Path::new("/volumes"))
+        .into_iter()
+        .filter(|p| !p.ends_with("volume.id"))
+        .collect::<Vec<_>>();
+    let mut rng = Rng::new(3);
+    for round in 0..200 {
+        let path = &shards[rng.below(shards.len() as u64) as usize];
+        let len = disk::Disk::read(&disk, path).expect("reads").len();
+        let at = rng.below(len as u64) as usize;
+        let bit = rng.below(8) as u8;
+        disk.flip_bit(path, at, bit);
+        // Two flips may land in two shards of one stripe: still readable with RS(4,2).
+        let other = &shards[rng.below(shards.len() as u64) as usize];
+        let at2 = rng.below(len as u64) as usize;
+        disk.flip_bit(other, at2, 1);
+        assert_eq!(
+            get(&store, "city", "x").expect("rebuilt"),
+            bytes,
+            "round {round}"
+        );
+        disk.flip_bit(other, at2, 1);
+        disk.flip_bit(path, at, bit);
+    }
+    assert!(
+        store
+            .counters
+            .blocks_bad
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[test]
+fn no_plaintext_of_objects_or_their_metadata_reaches_the_disk() {
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    let secret = b"resident 880101-1234567 moved to Jongno-gu ".repeat(500);
+    let mut meta = ObjectMeta::default();
+    meta.user
+        .insert("owner".into(), "Kim Minji, citizen id 880101".into());
+    let mut writer = store
+        .put("city", "records", secret.len() as u64, meta)
+        .expect("starts");
+    writer.write(&secret).expect("writes");
+    writer.finish().expect("commits");
+    for path in files(&disk, Path::new("/")) {
+        let bytes = disk::Disk::read(&disk, &path).expect("reads");
+        for needle in [&b"880101"[..], b"Jongno", b"Kim Minji"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds plaintext",
+                path.display()
+            );
+        }
+    }
+    let (_, meta) = store.head("city", "records").expect("heads");
+    assert_eq!(meta.user["owner"], "Kim Minji, citizen id 880101");
+}
+
+/// Copy every file and directory of one simulated disk to another (synced).
+pub fn copy_disk(from: &SimDisk, to: &SimDisk) {
+    use disk::Disk as _;
+    let mut stack = vec![PathBuf::from("/")];
+    while let Some(dir) = stack.pop() {
+        for name in from.list(&dir).unwrap_or_default() {
+            let path = dir.join(&name);
+            if from.list(&path).is_ok() {
+                to.create_dir(&path).expect("creates");
+                stack.push(path);
+            } else {
+                let file = to.open(&path, disk::OpenMode::CreateNew).expect("creates");
+                file.append(&from.read(&path).expect("reads"))
+                    .expect("writes");
+                file.sync().expect("syncs");
+            }
+        }
+        to.sync_dir(&dir).expect("syncs");
+    }
+}
