@@ -27,16 +27,22 @@ use crate::crypto::{CryptoError, Key};
 use crate::keys::{KeysError, MasterKeys};
 use crate::layout::{self, Geometry, Profile, TAG_BYTES, VolumeId};
 use crate::records::{
-    self, BucketRecord, GarbageRecord, ObjectMeta, ObjectRecord, PartRecord, SealedMeta,
-    UploadPartRecord, UploadRecord, WrappedKey, decode, encode,
+    self, AccessKeyRecord, BucketRecord, GarbageRecord, ObjectMeta, ObjectRecord, PartRecord,
+    SealedMeta, UploadPartRecord, UploadRecord, WrappedKey, decode, encode,
 };
 use crate::shard::{self, Header, ShardError, ShardReader, ShardWriter, VersionId};
+
+mod heal;
+pub use heal::{Health, ScrubState, StoreStatus, VolumeStatus};
 
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 const OBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("objects");
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 const UPLOAD_PARTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("upload_parts");
 const GARBAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("garbage");
+const ACCESS_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("access_keys");
+/// Access keys a store may have, at most.
+pub const ACCESS_KEYS_MAX: usize = 10_000;
 
 /// The file in each volume that names it.
 const VOLUME_ID_FILE: &str = "volume.id";
@@ -120,6 +126,8 @@ pub enum StoreError {
     },
     #[error("the store's volumes are full: {0}")]
     Full(String),
+    #[error("{0}")]
+    BadAccessKey(String),
     #[error("store I/O: {0}")]
     Io(String),
     #[error("store metadata: {0}")]
@@ -198,6 +206,7 @@ pub struct Store {
     pub counters: Counters,
     /// Degraded versions seen by reads, for the scrub to heal first.
     suspects: Mutex<BTreeSet<(String, String)>>,
+    scrub: Mutex<ScrubState>,
 }
 
 /// What a listing or a read shows of an object.
@@ -279,7 +288,7 @@ impl Store {
         let db = disk::database::open(disk, &config.dir.join("meta.redb"))
             .map_err(|e| StoreError::Metadata(e.to_string()))?;
         let txn = db.begin_write().map_err(db_error)?;
-        for table in [BUCKETS, UPLOADS, GARBAGE] {
+        for table in [BUCKETS, UPLOADS, GARBAGE, ACCESS_KEYS] {
             txn.open_table(table).map_err(db_error)?;
         }
         txn.open_table(OBJECTS).map_err(db_error)?;
@@ -295,6 +304,7 @@ impl Store {
             masters: RwLock::new(masters),
             counters: Counters::default(),
             suspects: Mutex::new(BTreeSet::new()),
+            scrub: Mutex::new(ScrubState::default()),
         };
         store.collect_garbage()?;
         store.delete_unreferenced()?;
@@ -794,6 +804,98 @@ impl Store {
         self.collect_garbage()
     }
 
+    // ---- access keys ----
+
+    /// A new access key for `buckets` (`*` for every bucket). Returns the key and its secret,
+    /// which is kept only sealed and shown this once.
+    pub fn create_access_key(
+        &self,
+        buckets: &[String],
+        description: &str,
+    ) -> Result<(AccessKey, String), StoreError> {
+        for bucket in buckets.iter().filter(|b| *b != "*") {
+            check_bucket_name(bucket)?;
+        }
+        if buckets.is_empty() {
+            return Err(StoreError::BadAccessKey(
+                "name at least one bucket the key may use (or `*` for all)".into(),
+            ));
+        }
+        let id = format!(
+            "MARU{}",
+            random_text(16, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")?
+        );
+        let secret = random_text(
+            40,
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+        )?;
+        let record = AccessKeyRecord {
+            secret: SealedMeta::seal(
+                &ObjectMeta {
+                    headers: BTreeMap::from([("secret".to_string(), secret.clone())]),
+                    ..ObjectMeta::default()
+                },
+                &self.masters(),
+            )?,
+            buckets: buckets.to_vec(),
+            created_ms: self.now_ms(),
+            description: description.chars().take(200).collect(),
+        };
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut keys = txn.open_table(ACCESS_KEYS).map_err(db_error)?;
+            if keys.iter().map_err(db_error)?.count() >= ACCESS_KEYS_MAX {
+                return Err(StoreError::BadAccessKey(format!(
+                    "the store has {ACCESS_KEYS_MAX} access keys already; revoke some first"
+                )));
+            }
+            keys.insert(id.as_str(), encode(&record).as_slice())
+                .map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)?;
+        Ok((AccessKey::of(&id, &record), secret))
+    }
+
+    pub fn access_keys(&self) -> Result<Vec<AccessKey>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let keys = txn.open_table(ACCESS_KEYS).map_err(db_error)?;
+        let mut out = Vec::new();
+        for entry in keys.iter().map_err(db_error)? {
+            let (id, record) = entry.map_err(db_error)?;
+            let record: AccessKeyRecord = decode(record.value()).map_err(StoreError::Metadata)?;
+            out.push(AccessKey::of(id.value(), &record));
+        }
+        Ok(out)
+    }
+
+    /// An access key and its secret, if it exists.
+    pub fn access_key(&self, id: &str) -> Result<Option<(AccessKey, String)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let keys = txn.open_table(ACCESS_KEYS).map_err(db_error)?;
+        let Some(record) = keys.get(id).map_err(db_error)? else {
+            return Ok(None);
+        };
+        let record: AccessKeyRecord = decode(record.value()).map_err(StoreError::Metadata)?;
+        let mut sealed = record.secret.open(&self.masters())?;
+        let secret = sealed.headers.remove("secret").unwrap_or_default();
+        Ok(Some((AccessKey::of(id, &record), secret)))
+    }
+
+    /// Revoke a key: from this call's return it authenticates nothing.
+    pub fn revoke_access_key(&self, id: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut keys = txn.open_table(ACCESS_KEYS).map_err(db_error)?;
+            if keys.remove(id).map_err(db_error)?.is_none() {
+                return Err(StoreError::BadAccessKey(format!(
+                    "there is no access key `{}`",
+                    id.chars().take(40).collect::<String>()
+                )));
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
     // ---- garbage ----
 
     /// Delete the files of versions listed as garbage, then forget them.
@@ -1022,6 +1124,48 @@ impl Store {
     }
 }
 
+/// An access key as listed (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessKey {
+    pub id: String,
+    pub buckets: Vec<String>,
+    pub created_ms: u64,
+    pub description: String,
+}
+
+impl AccessKey {
+    fn of(id: &str, record: &AccessKeyRecord) -> AccessKey {
+        AccessKey {
+            id: id.to_string(),
+            buckets: record.buckets.clone(),
+            created_ms: record.created_ms,
+            description: record.description.clone(),
+        }
+    }
+
+    /// Whether the key may use `bucket`.
+    pub fn allows(&self, bucket: &str) -> bool {
+        self.buckets.iter().any(|b| b == "*" || b == bucket)
+    }
+}
+
+fn random_text(len: usize, alphabet: &[u8]) -> Result<String, StoreError> {
+    // Bytes at or above the largest multiple of the alphabet's size are skipped, so every
+    // symbol is equally likely.
+    let limit = 256 - 256 % alphabet.len();
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        let mut chunk = [0u8; 64];
+        crate::crypto::random(&mut chunk)?;
+        for byte in chunk.into_iter().filter(|b| usize::from(*b) < limit) {
+            if out.len() < len {
+                out.push(alphabet[usize::from(byte) % alphabet.len()] as char);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn last_key(listing: &Listing) -> Option<String> {
     let object = listing.objects.last().map(|o| o.key.clone());
     let prefix = listing.common_prefixes.last().cloned();
@@ -1113,8 +1257,8 @@ struct OpenPart {
 }
 
 impl OpenPart {
-    /// Shard `shard`'s verified block of `stripe`, or `None` if it is missing or damaged.
-    fn block(&mut self, store: &Store, shard: usize, stripe: u64) -> Option<Vec<u8>> {
+    /// Open shard `shard`'s file if it was not tried yet (its header verified).
+    fn block_header(&mut self, store: &Store, shard: usize) {
         if self.readers[shard].is_none() {
             let reader = self.record.volumes[shard]
                 .and_then(|id| store.volume_by_id(id))
@@ -1135,6 +1279,11 @@ impl OpenPart {
                 });
             self.readers[shard] = Some(reader);
         }
+    }
+
+    /// Shard `shard`'s verified block of `stripe`, or `None` if it is missing or damaged.
+    fn block(&mut self, store: &Store, shard: usize, stripe: u64) -> Option<Vec<u8>> {
+        self.block_header(store, shard);
         let reader = self.readers[shard].as_ref().expect("set above").as_ref()?;
         reader.block(stripe).ok()
     }
@@ -1441,6 +1590,11 @@ impl ObjectWriter {
         self.part.write(bytes)
     }
 
+    /// The MD5 of what was written so far.
+    pub fn md5(&self) -> [u8; 16] {
+        self.part.md5.clone().finalize().into()
+    }
+
     /// Commit: from this call's return the object is the new version, whole.
     pub fn finish(mut self) -> Result<ObjectInfo, StoreError> {
         let part = self.part.finish()?;
@@ -1498,6 +1652,11 @@ pub struct UploadPartWriter {
 impl UploadPartWriter {
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         self.part.write(bytes)
+    }
+
+    /// The MD5 of what was written so far.
+    pub fn md5(&self) -> [u8; 16] {
+        self.part.md5.clone().finalize().into()
     }
 
     /// Commit the part (replacing an earlier upload of the same number); returns its ETag.

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod keys;
 pub mod layout;
 pub mod records;
+pub mod s3;
 pub mod shard;
 
 pub use engine::{ObjectInfo, ObjectReader, ObjectWriter, Store, StoreConfig, StoreError};

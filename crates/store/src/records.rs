@@ -193,3 +193,13 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
+
+/// An S3 access key: its secret (sealed: SigV4 needs it back, so it cannot be a hash) and
+/// the buckets it may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyRecord {
+    pub secret: SealedMeta,
+    pub buckets: Vec<String>,
+    pub created_ms: u64,
+    pub description: String,
+}

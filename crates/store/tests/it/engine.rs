@@ -431,3 +431,72 @@ pub fn copy_disk(from: &SimDisk, to: &SimDisk) {
         to.sync_dir(&dir).expect("syncs");
     }
 }
+
+#[test]
+fn the_scrub_finds_and_heals_flipped_bits_lost_shards_and_a_replaced_volume() {
+    use disk::Disk as _;
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    for i in 0..8u64 {
+        put(
+            &store,
+            "city",
+            &format!("o{i}"),
+            &body(i, 30_000 + i as usize * 1000),
+        );
+    }
+    let first = store.scrub_pass().expect("scrubs");
+    assert_eq!(
+        (first.passes, first.blocks_bad, first.objects_checked),
+        (1, 0, 8)
+    );
+    // A flipped bit in one shard, and one shard file of another object deleted.
+    let shards: Vec<PathBuf> = files(&disk, Path::new("/volumes"))
+        .into_iter()
+        .filter(|p| !p.ends_with("volume.id"))
+        .collect();
+    assert!(disk.flip_bit(&shards[0], 500, 2));
+    disk.remove_file(&shards[7]).expect("removes");
+    let second = store.scrub_pass().expect("scrubs");
+    assert!(
+        second.blocks_bad > 0 && second.parts_healed >= 1,
+        "{second:?}"
+    );
+    assert!(
+        second.degraded.is_empty() && second.lost.is_empty(),
+        "{second:?}"
+    );
+    let third = store.scrub_pass().expect("scrubs");
+    assert_eq!(
+        third.blocks_bad, second.blocks_bad,
+        "nothing bad is left: {third:?}"
+    );
+    // A disk replaced: volume 3 comes back empty, with a new id.
+    drop(store);
+    for file in files(&disk, Path::new("/volumes/3")) {
+        disk.remove_file(&file).expect("removes");
+    }
+    let store = open(&disk, VOLUMES);
+    let healed = store.scrub_pass().expect("scrubs");
+    assert!(
+        healed.degraded.is_empty() && healed.lost.is_empty(),
+        "{healed:?}"
+    );
+    // Now any two other volumes may go: redundancy is whole again.
+    drop(store);
+    for volume in [0, 5] {
+        for file in files(&disk, &PathBuf::from(format!("/volumes/{volume}/objects"))) {
+            disk.remove_file(&file).expect("removes");
+        }
+    }
+    let store = open(&disk, VOLUMES);
+    for i in 0..8u64 {
+        assert_eq!(
+            get(&store, "city", &format!("o{i}")).expect("reads"),
+            body(i, 30_000 + i as usize * 1000)
+        );
+    }
+    let status = store.status().expect("status");
+    assert_eq!((status.objects, status.buckets), (8, 1));
+}
