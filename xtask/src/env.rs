@@ -85,6 +85,22 @@ pub fn ensure_debian_package(program: &str, package: &str) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Install pinned PyPI packages with pip if `check` (a command) fails.
+pub fn ensure_pip_packages(check: &[&str], packages: &[&str]) -> anyhow::Result<()> {
+    let works = Command::new(check[0])
+        .args(&check[1..])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} with pip", packages.join(" "));
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(packages))
+    .with_context(|| format!("install {}; install them by hand and run again", packages.join(" ")))
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

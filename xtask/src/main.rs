@@ -67,6 +67,15 @@ fn test() -> anyhow::Result<()> {
     env::ensure_debian_package("python3", "python3")?;
     env::ensure_debian_package("prlimit", "util-linux")?;
     env::ensure_debian_package("mosquitto_pub", "mosquitto-clients")?;
+    // The object store's tests use real S3 clients: the AWS CLI and boto3 (pinned: boto3's
+    // default checksums arrived in 1.36) and rclone; curl fetches presigned URLs.
+    env::ensure_debian_package("rclone", "rclone")?;
+    env::ensure_debian_package("curl", "curl")?;
+    env::ensure_pip_packages(
+        &["python3", "-c", "import boto3, awscli"],
+        &["awscli==1.45.11", "boto3==1.43.11"],
+    )?;
+    env::ensure_pip_packages(&["aws", "--version"], &["awscli==1.45.11"])?;
     env::step("formatting", env::cargo(&["fmt", "--all", "--", "--check"]))?;
     env::step(
         "formatting of the examples",

@@ -43,6 +43,10 @@ pub const ROUTES: &[&str] = &[
     "/v1/blobs/{hash}",
     "/v1/events",
     "/v1/events/{topic}",
+    "/v1/store/status",
+    "/v1/store/keys",
+    "/v1/store/keys/{id}",
+    "/v1/store/scrub",
     "/metrics",
 ];
 
@@ -62,6 +66,29 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
             .layer(DefaultBodyLimit::max(BLOB_BYTES_MAX)),
         "/v1/events" => get(list_topics),
         "/v1/events/{topic}" => get(read_events),
+        "/v1/store/status" => get(|State(ctx): State<Ctx>| async move {
+            crate::store_api::status(ctx.node.store.clone(), ctx.node.s3_endpoint())
+                .await
+                .map(|s| json(&s))
+        }),
+        "/v1/store/keys" => get(|State(ctx): State<Ctx>| async move {
+            crate::store_api::list_keys(ctx.node.store.clone())
+                .await
+                .map(|k| json(&k))
+        })
+        .post(create_key),
+        "/v1/store/keys/{id}" => axum::routing::delete(
+            |State(ctx): State<Ctx>, Path(id): Path<String>| async move {
+                crate::store_api::revoke_key(ctx.node.store.clone(), id)
+                    .await
+                    .map(|()| StatusCode::NO_CONTENT)
+            },
+        ),
+        "/v1/store/scrub" => post(|State(ctx): State<Ctx>| async move {
+            crate::store_api::scrub(ctx.node.store.clone(), ctx.node.s3_endpoint())
+                .await
+                .map(|s| json(&s))
+        }),
         "/metrics" => get(metrics),
         other => panic!("ROUTES lists {other} but no handlers are given for it"),
     }
@@ -176,6 +203,16 @@ fn internal(message: String) -> Response {
 
 fn json<T: serde::Serialize>(value: &T) -> Response {
     axum::Json(value).into_response()
+}
+
+async fn create_key(State(ctx): State<Ctx>, body: Bytes) -> Result<Response, ControlError> {
+    let request: maru_api::CreateKeyRequest =
+        serde_json::from_slice(&body).map_err(|e| ControlError::BadRequest {
+            message: format!("the request is not a CreateKeyRequest: {e}"),
+            hint: Some("send {\"buckets\": [\"NAME\"]}; see docs/api.md".into()),
+        })?;
+    let key = crate::store_api::create_key(ctx.node.store.clone(), request).await?;
+    Ok((StatusCode::CREATED, axum::Json(key)).into_response())
 }
 
 async fn list_apps(State(ctx): State<Ctx>) -> Result<Response, ControlError> {

@@ -10,6 +10,7 @@ pub mod listener;
 pub mod manifest;
 pub mod node;
 pub mod state;
+pub mod store_api;
 pub mod token;
 
 pub use node::{ControlError, Node};

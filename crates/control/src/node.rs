@@ -84,6 +84,9 @@ struct Triggers {
 
 pub struct Node {
     pub files: NodeFiles,
+    /// The object store, and where its S3 endpoint listens once it does.
+    pub store: Arc<store::Store>,
+    s3_endpoint: Mutex<String>,
     /// How process services are confined; `None` with `process_isolation = "none"`.
     sandbox: Option<Sandbox>,
     pub runtime: Arc<Runtime>,
@@ -106,6 +109,7 @@ impl Node {
     /// it could stop them are killed first.
     pub fn open(
         files: NodeFiles,
+        store: Arc<store::Store>,
         sandbox: Option<Sandbox>,
         runtime: Arc<Runtime>,
         gateway: Arc<Gateway>,
@@ -116,6 +120,8 @@ impl Node {
         }
         Arc::new(Node {
             files,
+            store,
+            s3_endpoint: Mutex::new(String::new()),
             sandbox,
             runtime,
             gateway,
@@ -127,6 +133,15 @@ impl Node {
             topics: tokio::sync::Mutex::new(BTreeMap::new()),
             triggers: tokio::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Where the S3 endpoint listens, for `maru store status`.
+    pub fn set_s3_endpoint(&self, endpoint: String) {
+        *self.s3_endpoint.lock().expect("never poisoned") = endpoint;
+    }
+
+    pub fn s3_endpoint(&self) -> String {
+        self.s3_endpoint.lock().expect("never poisoned").clone()
     }
 
     /// Every app's serving revision with its parsed manifest, read once per decision. An app

@@ -262,3 +262,73 @@ pub struct EventInfo {
     /// The payload in base64, if it is not.
     pub data_base64: Option<String>,
 }
+
+/// `POST /v1/store/keys`: a new S3 access key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    /// The buckets the key may use; `*` for every bucket.
+    pub buckets: Vec<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// An access key; `secret` only in the answer to its creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyInfo {
+    pub access_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub buckets: Vec<String>,
+    pub created_unix_ms: u64,
+    pub description: String,
+}
+
+/// `GET /v1/store/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The S3 endpoint, e.g. `http://127.0.0.1:9000`.
+    pub endpoint: String,
+    /// The erasure profile new objects get, e.g. `RS(4,2)`.
+    pub profile: String,
+    /// Volumes that may be lost without losing data.
+    pub tolerates_volume_losses: usize,
+    pub volumes: Vec<VolumeInfo>,
+    pub buckets: u64,
+    pub objects: u64,
+    pub bytes: u64,
+    pub uploads_in_progress: u64,
+    pub scrub: ScrubInfo,
+    /// Physical bytes written and user bytes read since the node started.
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub path: String,
+    pub id: Option<String>,
+    /// `online`, or what is wrong.
+    pub state: String,
+    pub shard_files: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScrubInfo {
+    pub passes: u64,
+    /// Whether a pass is under way, and how far it got.
+    pub running: bool,
+    pub objects_checked: u64,
+    pub objects_total: u64,
+    pub bytes_verified: u64,
+    /// Recent verification rate of the background scrub, bytes per second.
+    pub bytes_per_second: f64,
+    pub last_pass_finished_unix_ms: Option<u64>,
+    pub blocks_bad: u64,
+    pub blocks_healed: u64,
+    pub parts_healed: u64,
+    /// Objects with shards not yet rebuilt (`bucket/key`, at most 1000).
+    pub degraded: Vec<String>,
+    /// Objects with a stripe that lost more shards than its profile survives.
+    pub lost: Vec<String>,
+}

@@ -14,14 +14,14 @@ use serde::de::DeserializeOwned;
 
 use crate::Target;
 
-struct Client {
-    agent: ureq::Agent,
+pub(crate) struct Client {
+    pub(crate) agent: ureq::Agent,
     base: String,
     token: String,
 }
 
 impl Client {
-    fn new(target: &Target) -> anyhow::Result<Self> {
+    pub(crate) fn new(target: &Target) -> anyhow::Result<Self> {
         let node_file = std::fs::read_to_string(target.data.join(crate::up::NODE_FILE))
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
@@ -60,15 +60,15 @@ impl Client {
         })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn auth(&self) -> String {
+    pub(crate) fn auth(&self) -> String {
         format!("Bearer {}", self.token)
     }
 
-    fn finish<T: DeserializeOwned>(
+    pub(crate) fn finish<T: DeserializeOwned>(
         &self,
         what: &str,
         response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
@@ -104,11 +104,17 @@ impl Client {
                 Err(_) => anyhow::anyhow!("{what} failed ({}): {}", status.as_u16(), body.trim()),
             });
         }
-        serde_json::from_str(&body)
+        // An empty answer (204) reads as JSON `null`, which is `()`.
+        let body = if body.trim().is_empty() {
+            "null"
+        } else {
+            body.as_str()
+        };
+        serde_json::from_str(body)
             .with_context(|| format!("{what}: the control API answered with unexpected JSON"))
     }
 
-    fn get<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
         self.finish(
             what,
             self.agent
@@ -118,7 +124,7 @@ impl Client {
         )
     }
 
-    fn post<T: DeserializeOwned>(
+    pub(crate) fn post<T: DeserializeOwned>(
         &self,
         what: &str,
         path: &str,
@@ -134,7 +140,7 @@ impl Client {
     }
 }
 
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

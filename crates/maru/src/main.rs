@@ -4,6 +4,7 @@
 mod client;
 mod replay;
 mod sim;
+mod store_cli;
 mod up;
 
 use std::path::PathBuf;
@@ -97,6 +98,11 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// The object store: `maru store status|scrub|keys`.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Internal: how a node starts a process service's instance: confine this process as
     /// the policy says (runtime::sandbox), then execute the program in its place.
     #[command(name = "sandbox-exec", hide = true)]
@@ -106,6 +112,51 @@ enum Command {
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Volumes and their health, degraded objects, scrub and heal progress.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Verify every block of every object now, healing what is damaged, and show the status.
+    Scrub {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// S3 access keys: `create`, `list`, `revoke`.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// A new access key for the named buckets (the secret is shown once).
+    Create {
+        /// A bucket the key may use (repeat for more; `*` for every bucket).
+        #[arg(long = "bucket", required = true)]
+        buckets: Vec<String>,
+        /// What the key is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The access keys and their buckets (never their secrets).
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a key: it authenticates nothing from then on.
+    Revoke {
+        access_key: String,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -170,6 +221,21 @@ fn main() -> std::process::ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Anomalies { target } => client::anomalies(&target),
+        Command::Store { command } => match command {
+            StoreCommand::Status { target } => store_cli::status(&target),
+            StoreCommand::Scrub { target } => store_cli::scrub(&target),
+            StoreCommand::Keys { command } => match command {
+                KeysCommand::Create {
+                    buckets,
+                    description,
+                    target,
+                } => store_cli::create_key(&target, buckets, description),
+                KeysCommand::List { target } => store_cli::list_keys(&target),
+                KeysCommand::Revoke { access_key, target } => {
+                    store_cli::revoke_key(&target, &access_key)
+                }
+            },
+        },
         Command::Events {
             command: EventsCommand::Stats { target },
         } => client::events_stats(&target),

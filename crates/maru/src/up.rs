@@ -28,6 +28,9 @@ pub struct UpArgs {
     /// Where the MQTT listener for sensors listens [default: 127.0.0.1:1883]
     #[arg(long, env = "MARU_MQTT")]
     mqtt: Option<SocketAddr>,
+    /// Where the object store's S3 API listens [default: 127.0.0.1:9000]
+    #[arg(long, env = "MARU_S3")]
+    s3: Option<SocketAddr>,
     /// Log format: text or json.
     #[arg(long, env = "MARU_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -73,10 +76,22 @@ enum ProcessIsolation {
     None,
 }
 
+/// The `[store]` table of a node config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    listen: Option<SocketAddr>,
+    volumes: Option<Vec<PathBuf>>,
+    profile: Option<String>,
+    scrub_bytes_per_second: Option<String>,
+    scrub_interval: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     node: Option<NodeFile>,
+    store: Option<StoreFile>,
     // An app manifest in the same directory is not a node config; its tables are ignored.
     #[serde(default, rename = "app")]
     _app: Option<toml::Value>,
@@ -86,7 +101,7 @@ struct ConfigFile {
     _topic: Option<toml::Value>,
 }
 
-fn read_config(explicit: Option<&Path>) -> anyhow::Result<NodeFile> {
+fn read_config(explicit: Option<&Path>) -> anyhow::Result<ConfigFile> {
     let (path, required) = match explicit {
         Some(path) => (path.to_path_buf(), true),
         None => (PathBuf::from("maru.toml"), false),
@@ -94,7 +109,7 @@ fn read_config(explicit: Option<&Path>) -> anyhow::Result<NodeFile> {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(error) if !required && error.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(NodeFile::default());
+            return Ok(ConfigFile::default());
         }
         Err(error) => {
             return Err(error).with_context(|| format!("read node config {}", path.display()));
@@ -109,7 +124,7 @@ fn read_config(explicit: Option<&Path>) -> anyhow::Result<NodeFile> {
             error.message().trim()
         )
     })?;
-    Ok(parsed.node.unwrap_or_default())
+    Ok(parsed)
 }
 
 /// A node's resolved settings.
@@ -123,10 +138,96 @@ struct Settings {
     runtime: RuntimeConfig,
     gateway_config: GatewayConfig,
     process_isolation: ProcessIsolation,
+    store: StoreSettings,
+}
+
+/// The object store's resolved settings.
+struct StoreSettings {
+    listen: SocketAddr,
+    volumes: Vec<PathBuf>,
+    /// Whether the volumes are the default directories under the data directory.
+    default_volumes: bool,
+    profile: Option<store::layout::Profile>,
+    scrub_bytes_per_second: u64,
+    scrub_interval: Duration,
+}
+
+/// Volumes a node gets by default: six directories in the data directory, so the
+/// erasure-coded path (RS(4,2)) is what runs; they protect against damaged blocks, not a
+/// lost disk.
+const DEFAULT_VOLUMES: usize = 6;
+
+fn store_settings(
+    file: StoreFile,
+    flag: Option<SocketAddr>,
+    data: &Path,
+) -> anyhow::Result<StoreSettings> {
+    let default_volumes = file.volumes.is_none();
+    let volumes = file.volumes.unwrap_or_else(|| {
+        (0..DEFAULT_VOLUMES)
+            .map(|i| data.join("store").join("volumes").join(format!("v{i}")))
+            .collect()
+    });
+    if volumes.is_empty() {
+        bail!("[store] volumes is empty; list at least one directory (ideally one per disk)");
+    }
+    let profile = match file.profile {
+        None => None,
+        Some(text) => {
+            let parsed = text
+                .trim()
+                .strip_prefix("RS(")
+                .and_then(|t| t.strip_suffix(')'))
+                .and_then(|t| t.split_once(','))
+                .and_then(|(k, m)| {
+                    Some((k.trim().parse::<u8>().ok()?, m.trim().parse::<u8>().ok()?))
+                });
+            let Some((data_shards, parity)) = parsed else {
+                bail!("[store] profile = {text:?} is not RS(DATA,PARITY), e.g. \"RS(4,2)\"");
+            };
+            let profile = store::layout::Profile::new(data_shards, parity)
+                .map_err(|e| anyhow::anyhow!("[store] profile = {text:?}: {e}"))?;
+            profile.check_fits(volumes.len()).map_err(|e| {
+                anyhow::anyhow!(
+                    "[store] profile = {text:?}: {e}; list more volumes or choose a smaller profile"
+                )
+            })?;
+            Some(profile)
+        }
+    };
+    let scrub_bytes_per_second = match file.scrub_bytes_per_second {
+        None => 16 << 20,
+        Some(text) => control::manifest::parse_size(&text)
+            .map_err(|e| anyhow::anyhow!("[store] scrub_bytes_per_second: {e}"))?
+            .max(1 << 20),
+    };
+    let scrub_interval = match file.scrub_interval {
+        None => Duration::from_secs(24 * 3600),
+        Some(text) => control::manifest::parse_duration(&text)
+            .map_err(|e| anyhow::anyhow!("[store] scrub_interval: {e}"))?
+            .max(Duration::from_secs(60)),
+    };
+    Ok(StoreSettings {
+        listen: flag
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9000))),
+        volumes,
+        default_volumes,
+        profile,
+        scrub_bytes_per_second,
+        scrub_interval,
+    })
 }
 
 fn settings(args: UpArgs) -> anyhow::Result<Settings> {
-    let file = read_config(args.config.as_deref())?;
+    let config = read_config(args.config.as_deref())?;
+    let file = config.node.unwrap_or_default();
+    let data = args
+        .data
+        .clone()
+        .or(file.data.clone())
+        .unwrap_or_else(|| PathBuf::from("./maru-data"));
+    let store = store_settings(config.store.unwrap_or_default(), args.s3, &data)?;
     let duration =
         |field: &str, value: Option<String>, default: Duration| -> anyhow::Result<Duration> {
             value.map_or(Ok(default), |text| {
@@ -144,10 +245,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         );
     }
     Ok(Settings {
-        data: args
-            .data
-            .or(file.data)
-            .unwrap_or_else(|| PathBuf::from("./maru-data")),
+        data,
         gateway: args
             .gateway
             .or(file.gateway)
@@ -200,6 +298,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
             ..defaults
         },
         process_isolation: file.process_isolation.unwrap_or_default(),
+        store,
     })
 }
 
@@ -284,12 +383,17 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let token = files.token.value.clone();
     let ingest_token = files.ingest_token.value.clone();
+    let store = open_store(&settings)?;
     let sandbox = match settings.process_isolation {
         ProcessIsolation::Landlock => {
             let launcher = std::env::current_exe().context("find maru's own binary")?;
             Some(
-                runtime::sandbox::Sandbox::prepare(launcher, &settings.data)
-                    .context("prepare the sandbox for process services")?,
+                runtime::sandbox::Sandbox::prepare(
+                    launcher,
+                    &settings.data,
+                    &settings.store.volumes,
+                )
+                .context("prepare the sandbox for process services")?,
             )
         }
         ProcessIsolation::None => {
@@ -303,17 +407,33 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let gateway = Gateway::new(settings.gateway_config.clone());
     let events = Arc::new(events::Events::new(&settings.data.join("events")));
     gateway.enable_ingest(events.clone(), ingest_token.clone());
-    let node = Node::open(files, sandbox, runtime, gateway.clone(), events.clone());
+    let node = Node::open(
+        files,
+        store.clone(),
+        sandbox,
+        runtime,
+        gateway.clone(),
+        events.clone(),
+    );
     node.reconcile().await.context("start the deployed apps")?;
 
     let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;
     let control_listener = bind(settings.control, "control API", "--control").await?;
     let mqtt_listener = bind(settings.mqtt, "MQTT listener", "--mqtt").await?;
+    let s3_listener = bind(settings.store.listen, "S3 API", "--s3").await?;
     let gateway_address = gateway_listener.local_addr()?;
     let control_address = control_listener.local_addr()?;
     let mqtt_address = mqtt_listener.local_addr()?;
-    write_node_file(&node.files, gateway_address, control_address, mqtt_address)?;
-    tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, data = %settings.data.display(), "maru is up");
+    let s3_address = s3_listener.local_addr()?;
+    node.set_s3_endpoint(format!("http://{s3_address}"));
+    write_node_file(
+        &node.files,
+        gateway_address,
+        control_address,
+        mqtt_address,
+        s3_address,
+    )?;
+    tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, s3 = %s3_address, data = %settings.data.display(), "maru is up");
 
     let shutdown = CancellationToken::new();
     let mut servers = JoinSet::new();
@@ -326,6 +446,29 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mqtt_shutdown = shutdown.clone();
     servers.spawn(async move {
         events::mqtt::serve(events, mqtt_listener, mqtt_config, mqtt_shutdown).await;
+        Ok(())
+    });
+    let s3 = store::s3::service(store.clone(), store::s3::S3Limits::default());
+    // S3 clients open a connection per transfer thread (the AWS CLI 10, rclone 4 per file).
+    let s3_limits = gateway::ConnectionLimits {
+        connections_max: 1024,
+        header_read_timeout: settings.gateway_config.header_read_timeout,
+        header_bytes_max: 64 * 1024,
+        shutdown_grace: settings.gateway_config.shutdown_grace,
+    };
+    let s3_shutdown = shutdown.clone();
+    servers.spawn(async move {
+        gateway::serve_connections(s3_listener, s3_limits, s3_shutdown, |_peer| s3.clone()).await;
+        Ok(())
+    });
+    let scrub_shutdown = shutdown.clone();
+    let (scrub_rate, scrub_interval) = (
+        settings.store.scrub_bytes_per_second,
+        settings.store.scrub_interval,
+    );
+    let scrubbed = store.clone();
+    servers.spawn(async move {
+        store::engine::run_scrub(scrubbed, scrub_rate, scrub_interval, scrub_shutdown).await;
         Ok(())
     });
     let api = control::api::router(node.clone(), token);
@@ -384,11 +527,25 @@ fn write_node_file(
     gateway: SocketAddr,
     control: SocketAddr,
     mqtt: SocketAddr,
+    s3: SocketAddr,
 ) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "mqtt": mqtt.to_string(), "pid": std::process::id() });
+    let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "mqtt": mqtt.to_string(), "s3": s3.to_string(), "pid": std::process::id() });
     files
         .write(NODE_FILE, body.to_string().as_bytes())
         .context("write node.json")
+}
+
+/// Open the object store on its volumes (creating them on first start).
+fn open_store(settings: &Settings) -> anyhow::Result<Arc<store::Store>> {
+    let config = store::StoreConfig {
+        profile: settings.store.profile,
+        ..store::StoreConfig::new(settings.data.join("store"), settings.store.volumes.clone())
+    };
+    let opened = store::Store::open(disk::Env::os(), config).context("open the object store")?;
+    if settings.store.default_volumes {
+        tracing::warn!(volumes = DEFAULT_VOLUMES, profile = %opened.profile(), "the object store's volumes are directories in the data directory, on one disk: they guard against damaged blocks, not a lost disk; list volumes on separate disks in [store] volumes (docs/store.md)");
+    }
+    Ok(Arc::new(opened))
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

@@ -81,10 +81,15 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// The node's sandbox: `launcher` runs it, `data` is hidden, and a fresh root for the
-    /// instances' private temporary directories is made in the system's temporary
-    /// directory (what a killed maru left there is removed first).
-    pub fn prepare(launcher: PathBuf, data: &Path) -> Result<Sandbox, SandboxError> {
+    /// The node's sandbox: `launcher` runs it, `data` and `also_hidden` (the object store's
+    /// volumes) are hidden, and a fresh root for the instances' private temporary
+    /// directories is made in the system's temporary directory (what a killed maru left
+    /// there is removed first).
+    pub fn prepare(
+        launcher: PathBuf,
+        data: &Path,
+        also_hidden: &[PathBuf],
+    ) -> Result<Sandbox, SandboxError> {
         use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
         if !supported() {
             return Err(SandboxError::Unsupported);
@@ -110,9 +115,11 @@ impl Sandbox {
         // directory inside by name (they cannot list it).
         std::fs::set_permissions(&temporary_root, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| failed("set the permissions of", e))?;
+        let mut hidden = vec![data, canonical(&temporary_root)];
+        hidden.extend(also_hidden.iter().map(|p| canonical(p)));
         Ok(Sandbox {
             launcher,
-            hidden: vec![data, canonical(&temporary_root)],
+            hidden,
             temporary_root,
         })
     }

@@ -40,6 +40,8 @@ pub struct Node {
     pub gateway: String,
     pub control: String,
     pub mqtt: String,
+    /// The object store's S3 endpoint (`host:port`).
+    pub s3: String,
     pub token: String,
     /// The token event producers present.
     pub ingest_token: String,
@@ -91,6 +93,7 @@ impl Node {
             gateway: String::new(),
             control: String::new(),
             mqtt: String::new(),
+            s3: String::new(),
             token: String::new(),
             ingest_token: String::new(),
         };
@@ -120,6 +123,8 @@ impl Node {
                 "--control",
                 "127.0.0.1:0",
                 "--mqtt",
+                "127.0.0.1:0",
+                "--s3",
                 "127.0.0.1:0",
                 "--data",
             ])
@@ -152,6 +157,7 @@ impl Node {
                     .expect("control address")
                     .to_string();
                 self.mqtt = node["mqtt"].as_str().expect("mqtt address").to_string();
+                self.s3 = node["s3"].as_str().expect("s3 address").to_string();
                 break;
             }
             if let Some(status) = self

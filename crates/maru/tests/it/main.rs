@@ -8,3 +8,4 @@ mod lifecycle;
 mod limits;
 mod processes;
 mod sim;
+mod store;

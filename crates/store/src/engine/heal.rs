@@ -22,6 +22,8 @@ pub struct ScrubState {
     pub blocks_bad: u64,
     pub blocks_healed: u64,
     pub parts_healed: u64,
+    /// The background scrub's recent rate.
+    pub bytes_per_second: f64,
     /// Objects with a shard that could not be rebuilt or placed yet.
     pub degraded: BTreeSet<(String, String)>,
     /// Objects with a stripe that lost more shards than its profile survives.
@@ -455,5 +457,70 @@ impl Store {
             bytes_written: self.counters.bytes_written.load(Ordering::Relaxed),
             bytes_read: self.counters.bytes_read.load(Ordering::Relaxed),
         })
+    }
+}
+
+impl Store {
+    fn note_rate(&self, bytes_per_second: f64) {
+        self.scrub
+            .lock()
+            .expect("the scrub lock is never poisoned")
+            .bytes_per_second = bytes_per_second;
+    }
+}
+
+/// The background scrub: passes one after another, `interval` apart (from the start of one
+/// to the start of the next), each reading at most `bytes_per_second`; until `stop`.
+pub async fn run_scrub(
+    store: Arc<Store>,
+    bytes_per_second: u64,
+    interval: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use std::time::{Duration, Instant};
+    let step = (bytes_per_second / 4).max(1 << 20);
+    loop {
+        let started = Instant::now();
+        let passes = store.scrub_state().passes;
+        let mut read: u64 = 0;
+        while store.scrub_state().passes == passes {
+            let worker = store.clone();
+            let stepped = tokio::task::spawn_blocking(move || worker.scrub_step(step)).await;
+            match stepped {
+                Ok(Ok(bytes)) => read += bytes,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "scrub step failed; trying again in a minute");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    }
+                }
+                Err(_) => return,
+            }
+            let elapsed = started.elapsed().as_secs_f64().max(1e-3);
+            store.note_rate(read as f64 / elapsed);
+            // Hold the rate: wait until the bytes read are due.
+            let due = Duration::from_secs_f64(read as f64 / bytes_per_second.max(1) as f64);
+            let wait = due.saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let state = store.scrub_state();
+        if state.blocks_bad > 0 || !state.lost.is_empty() {
+            tracing::info!(
+                passes = state.passes,
+                bad = state.blocks_bad,
+                healed = state.blocks_healed,
+                degraded = state.degraded.len(),
+                lost = state.lost.len(),
+                "scrub pass finished"
+            );
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
+        }
     }
 }
