@@ -96,9 +96,20 @@ pub fn ensure_pip_packages(check: &[&str], packages: &[&str]) -> anyhow::Result<
     }
     eprintln!("xtask: installing {} with pip", packages.join(" "));
     run(Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(packages))
-    .with_context(|| format!("install {}; install them by hand and run again", packages.join(" ")))
+    .with_context(|| {
+        format!(
+            "install {}; install them by hand and run again",
+            packages.join(" ")
+        )
+    })
 }
 
 fn is_root() -> bool {
