@@ -47,6 +47,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/store/keys",
     "/v1/store/keys/{id}",
     "/v1/store/scrub",
+    "/v1/store/rotate-key",
     "/metrics",
 ];
 
@@ -88,6 +89,11 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
             crate::store_api::scrub(ctx.node.store.clone(), ctx.node.s3_endpoint())
                 .await
                 .map(|s| json(&s))
+        }),
+        "/v1/store/rotate-key" => post(|State(ctx): State<Ctx>| async move {
+            crate::store_api::rotate_key(ctx.node.store.clone())
+                .await
+                .map(|r| json(&r))
         }),
         "/metrics" => get(metrics),
         other => panic!("ROUTES lists {other} but no handlers are given for it"),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use maru_api::{AccessKeyInfo, CreateKeyRequest, ScrubInfo, StoreStatus, VolumeInfo};
+use maru_api::{AccessKeyInfo, CreateKeyRequest, KeyRotation, ScrubInfo, StoreStatus, VolumeInfo};
 use store::{Store, StoreError};
 
 use crate::node::ControlError;
@@ -100,5 +100,14 @@ pub async fn status(store: Arc<Store>, endpoint: String) -> Result<StoreStatus, 
         },
         bytes_written: status.bytes_written,
         bytes_read: status.bytes_read,
+    })
+}
+
+pub async fn rotate_key(store: Arc<Store>) -> Result<KeyRotation, ControlError> {
+    let rotation = blocking(move || store.rotate_master_key()).await?;
+    Ok(KeyRotation {
+        generation: rotation.generation,
+        keys_rewrapped: rotation.keys_rewrapped,
+        generations_retired: rotation.generations_retired,
     })
 }

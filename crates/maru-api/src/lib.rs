@@ -332,3 +332,12 @@ pub struct ScrubInfo {
     /// Objects with a stripe that lost more shards than its profile survives.
     pub lost: Vec<String>,
 }
+
+/// `POST /v1/store/rotate-key`: what a master key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRotation {
+    /// The master key generation now wrapping every data key.
+    pub generation: u32,
+    pub keys_rewrapped: u64,
+    pub generations_retired: Vec<u32>,
+}

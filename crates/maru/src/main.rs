@@ -127,6 +127,12 @@ enum StoreCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Make a new master key wrap every object's data key (no data is rewritten) and
+    /// forget the old one.
+    RotateKey {
+        #[command(flatten)]
+        target: Target,
+    },
     /// S3 access keys: `create`, `list`, `revoke`.
     Keys {
         #[command(subcommand)]
@@ -224,6 +230,7 @@ fn main() -> std::process::ExitCode {
         Command::Store { command } => match command {
             StoreCommand::Status { target } => store_cli::status(&target),
             StoreCommand::Scrub { target } => store_cli::scrub(&target),
+            StoreCommand::RotateKey { target } => store_cli::rotate_key(&target),
             StoreCommand::Keys { command } => match command {
                 KeysCommand::Create {
                     buckets,

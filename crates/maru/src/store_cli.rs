@@ -1,6 +1,6 @@
 //! `maru store`: the object store's status, access keys and scrub.
 
-use maru_api::{AccessKeyInfo, CreateKeyRequest, StoreStatus};
+use maru_api::{AccessKeyInfo, CreateKeyRequest, KeyRotation, StoreStatus};
 
 use crate::Target;
 use crate::client::{Client, print_json};
@@ -176,5 +176,35 @@ pub fn revoke_key(target: &Target, id: &str) -> anyhow::Result<()> {
         return print_json(&serde_json::json!({ "revoked": id }));
     }
     println!("{id}: revoked");
+    Ok(())
+}
+
+pub fn rotate_key(target: &Target) -> anyhow::Result<()> {
+    let rotation: KeyRotation = Client::new(target)?.post(
+        "rotate the master key",
+        "/v1/store/rotate-key",
+        &serde_json::json!({}),
+    )?;
+    if target.json {
+        return print_json(&rotation);
+    }
+    println!(
+        "master key generation {} now wraps every data key ({} re-wrapped; retired generation(s): {})",
+        rotation.generation,
+        rotation.keys_rewrapped,
+        if rotation.generations_retired.is_empty() {
+            "none".to_string()
+        } else {
+            rotation
+                .generations_retired
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    println!(
+        "Keep a copy of the new DATA/store/master.keys apart from the volumes: without it nothing can be read."
+    );
     Ok(())
 }

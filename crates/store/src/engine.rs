@@ -33,7 +33,7 @@ use crate::records::{
 use crate::shard::{self, Header, ShardError, ShardReader, ShardWriter, VersionId};
 
 mod heal;
-pub use heal::{Health, ScrubState, StoreStatus, VolumeStatus, run_scrub};
+pub use heal::{Health, Rotation, ScrubState, StoreStatus, VolumeStatus, run_scrub};
 
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 const OBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("objects");

@@ -524,3 +524,171 @@ pub async fn run_scrub(
         }
     }
 }
+
+/// What a master key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub generation: u32,
+    pub keys_rewrapped: u64,
+    pub generations_retired: Vec<u32>,
+}
+
+/// Records re-wrapped per transaction during a rotation.
+const REWRAP_BATCH: usize = 256;
+
+impl Store {
+    /// Make a new master key generation current and re-wrap every data key under it (the
+    /// data itself is not rewritten), then forget the old generations. Safe to interrupt:
+    /// a record is re-wrapped in one transaction, and old generations are dropped only once
+    /// nothing names them.
+    pub fn rotate_master_key(&self) -> Result<Rotation, StoreError> {
+        let generation = self
+            .masters
+            .write()
+            .expect("the keys lock is never poisoned")
+            .add_generation(self.disk())?;
+        let mut rewrapped = 0;
+        rewrapped += rewrap_table!(
+            self,
+            OBJECTS,
+            ObjectRecord,
+            (String, String),
+            |k| (k.0.to_string(), k.1.to_string()),
+            |o| (o.0.as_str(), o.1.as_str()),
+            |masters: &MasterKeys, record: &mut ObjectRecord| -> Result<u64, StoreError> {
+                let mut count = 0;
+                for part in &mut record.parts {
+                    let version = part.version();
+                    count += rewrap(masters, &mut part.key, version.bytes())?;
+                }
+                count += rewrap(
+                    masters,
+                    &mut record.meta.key,
+                    record.meta.context.as_bytes(),
+                )?;
+                Ok(count)
+            }
+        );
+        rewrapped += rewrap_table!(
+            self,
+            UPLOAD_PARTS,
+            UploadPartRecord,
+            (String, u32),
+            |k| (k.0.to_string(), k.1),
+            |o| (o.0.as_str(), o.1),
+            |masters: &MasterKeys, record: &mut UploadPartRecord| -> Result<u64, StoreError> {
+                let version = record.part.version();
+                rewrap(masters, &mut record.part.key, version.bytes())
+            }
+        );
+        rewrapped += rewrap_table!(
+            self,
+            UPLOADS,
+            UploadRecord,
+            String,
+            |k| k.to_string(),
+            |o| o.as_str(),
+            |masters: &MasterKeys, record: &mut UploadRecord| -> Result<u64, StoreError> {
+                rewrap(
+                    masters,
+                    &mut record.meta.key,
+                    record.meta.context.as_bytes(),
+                )
+            }
+        );
+        rewrapped += rewrap_table!(
+            self,
+            ACCESS_KEYS,
+            AccessKeyRecord,
+            String,
+            |k| k.to_string(),
+            |o| o.as_str(),
+            |masters: &MasterKeys, record: &mut AccessKeyRecord| -> Result<u64, StoreError> {
+                rewrap(
+                    masters,
+                    &mut record.secret.key,
+                    record.secret.context.as_bytes(),
+                )
+            }
+        );
+        let mut masters = self
+            .masters
+            .write()
+            .expect("the keys lock is never poisoned");
+        let before = masters.generations();
+        masters.retire(self.disk(), &[])?;
+        let after = masters.generations();
+        Ok(Rotation {
+            generation,
+            keys_rewrapped: rewrapped,
+            generations_retired: before.into_iter().filter(|g| !after.contains(g)).collect(),
+        })
+    }
+}
+
+/// Re-wrap the keys of every record of one table, a batch per transaction. `$owned` turns
+/// a borrowed key into an owned one, `$borrow` the owned one back.
+macro_rules! rewrap_table {
+    ($store:expr, $table:expr, $record:ty, $owned_ty:ty, |$k:ident| $owned:expr, |$o:ident| $borrow:expr, $change:expr) => {{
+        let store: &Store = $store;
+        let mut total: u64 = 0;
+        let mut after: Option<$owned_ty> = None;
+        loop {
+            let txn = store.db.begin_write().map_err(db_error)?;
+            let (done, last) = {
+                let mut open = txn.open_table($table).map_err(db_error)?;
+                let mut batch = Vec::new();
+                {
+                    let range = match &after {
+                        Some($o) => open.range($borrow..).map_err(db_error)?,
+                        None => open.iter().map_err(db_error)?,
+                    };
+                    for entry in range {
+                        let (key, value) = entry.map_err(db_error)?;
+                        let $k = key.value();
+                        let owned = $owned;
+                        if after.as_ref() == Some(&owned) {
+                            continue;
+                        }
+                        batch.push((owned, value.value().to_vec()));
+                        if batch.len() == REWRAP_BATCH {
+                            break;
+                        }
+                    }
+                }
+                let masters = store
+                    .masters
+                    .read()
+                    .expect("the keys lock is never poisoned");
+                for (owned, bytes) in &batch {
+                    let mut record: $record = decode(bytes).map_err(StoreError::Metadata)?;
+                    let changed: u64 = ($change)(&*masters, &mut record)?;
+                    if changed > 0 {
+                        let $o = owned;
+                        open.insert($borrow, encode(&record).as_slice())
+                            .map_err(db_error)?;
+                        total += changed;
+                    }
+                }
+                (batch.len() < REWRAP_BATCH, batch.pop().map(|(k, _)| k))
+            };
+            txn.commit().map_err(db_error)?;
+            if done {
+                break;
+            }
+            after = last;
+        }
+        total
+    }};
+}
+use rewrap_table;
+
+/// Re-wrap `key` under the current generation if it is wrapped by another; 1 if it was.
+fn rewrap(masters: &MasterKeys, key: &mut WrappedKey, context: &[u8]) -> Result<u64, StoreError> {
+    if key.master == masters.current().0 {
+        return Ok(0);
+    }
+    let plain = key.unwrap(masters, context)?;
+    *key = WrappedKey::wrap(&plain, masters, context)?;
+    Ok(1)
+}

@@ -500,3 +500,82 @@ fn the_scrub_finds_and_heals_flipped_bits_lost_shards_and_a_replaced_volume() {
     let status = store.status().expect("status");
     assert_eq!((status.objects, status.buckets), (8, 1));
 }
+
+#[test]
+fn a_rotated_master_key_rewraps_every_data_key_and_the_old_one_is_forgotten() {
+    let disk = SimDisk::new();
+    let store = open(&disk, 3);
+    store.create_bucket("city").expect("creates");
+    // More records than one re-wrap batch.
+    for i in 0..300u64 {
+        put(
+            &store,
+            "city",
+            &format!("o{i:03}"),
+            &body(i, 100 + i as usize),
+        );
+    }
+    let upload = store
+        .create_upload("city", "pending", ObjectMeta::default())
+        .expect("creates");
+    let mut part = store.put_part(&upload, 1, 10).expect("starts");
+    part.write(&[1; 10]).expect("writes");
+    part.finish().expect("commits");
+    let (key, secret) = store
+        .create_access_key(&["city".into()], "")
+        .expect("creates");
+    let old_keys = disk::Disk::read(&disk, Path::new("/data/store/master.keys")).expect("reads");
+    let rotation = store.rotate_master_key().expect("rotates");
+    assert_eq!(rotation.generation, 2);
+    assert_eq!(rotation.generations_retired, [1]);
+    // 300 objects (a part key and a metadata key each), the upload's part and metadata,
+    // and the access key.
+    assert_eq!(rotation.keys_rewrapped, 300 * 2 + 2 + 1);
+    let new_keys = disk::Disk::read(&disk, Path::new("/data/store/master.keys")).expect("reads");
+    assert_ne!(old_keys, new_keys);
+    assert!(
+        String::from_utf8_lossy(&new_keys).starts_with("2 "),
+        "only generation 2 is kept"
+    );
+    drop(store);
+    let store = open(&disk, 3);
+    for i in [0u64, 150, 299] {
+        assert_eq!(
+            get(&store, "city", &format!("o{i:03}")).expect("reads"),
+            body(i, 100 + i as usize)
+        );
+    }
+    assert_eq!(store.parts(&upload).expect("lists").1.len(), 1);
+    assert_eq!(
+        store.access_key(&key.id).expect("reads").expect("exists").1,
+        secret
+    );
+}
+
+#[test]
+fn a_full_disk_refuses_the_write_and_damages_nothing() {
+    let disk = SimDisk::new();
+    let store = open(&disk, VOLUMES);
+    store.create_bucket("city").expect("creates");
+    put(&store, "city", "kept", &body(1, 40_000));
+    let used = disk.used_bytes();
+    disk.set_capacity(Some(used + 20_000));
+    let bytes = body(2, 200_000);
+    let mut writer = store
+        .put("city", "big", bytes.len() as u64, ObjectMeta::default())
+        .expect("starts");
+    let failed = writer
+        .write(&bytes)
+        .and_then(|()| writer.finish().map(drop));
+    assert!(matches!(failed, Err(StoreError::Full(_))), "{failed:?}");
+    assert_eq!(get(&store, "city", "kept").expect("reads"), body(1, 40_000));
+    assert!(matches!(
+        get(&store, "city", "big"),
+        Err(StoreError::NoSuchKey { .. })
+    ));
+    disk.set_capacity(None);
+    put(&store, "city", "big", &bytes);
+    assert_eq!(get(&store, "city", "big").expect("reads"), bytes);
+    let (orphans, garbage) = store.leftovers().expect("lists");
+    assert!(orphans.is_empty() && garbage == 0, "{orphans:?}");
+}
