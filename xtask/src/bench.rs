@@ -65,6 +65,13 @@ pub enum Which {
         #[arg(long, default_value_t = 80.0)]
         peak_rps: f64,
     },
+    /// Object PUT and GET through the S3 API against the disk's raw sequential bandwidth,
+    /// and the per-core speed of erasure coding, encryption and hashing.
+    Store {
+        /// Clients sending at once.
+        #[arg(long, default_value_t = 4)]
+        clients: u32,
+    },
     /// Every scaling policy on every shared trace, each tuned on the first 70 % to the
     /// cheapest setting holding 99.9 % availability, reported on the last 30 %, for several
     /// instance start-up times. Prints a Markdown table for BENCHMARKS.md.
@@ -84,6 +91,7 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
+        Which::Store { clients } => crate::bench_store::store(clients),
         Which::Gateway {
             seconds,
             connections,

@@ -63,6 +63,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         &free_or_any(8080),
         &free_or_any(8090),
         &free_or_any(1883),
+        &free_or_any(9000),
         &log,
     )?;
     // --duration counts from here, not from before the build, which can take minutes.

@@ -6,12 +6,14 @@
 //! - `cargo xtask bench events`: durable ingest against `nats-server -js` and raw fdatasync.
 //! - `cargo xtask bench autoscale`: every scaling policy on every shared trace (simulator).
 //! - `cargo xtask bench replay`: a trace replayed live, compared with `maru sim`.
+//! - `cargo xtask bench store`: S3 PUT and GET against the disk's raw bandwidth.
 //! - `cargo xtask build-examples`: the example components, for wasm32-wasip2.
 //! - `cargo xtask tidy`: the tidy checks alone.
 
 mod bench;
 mod bench_events;
 mod bench_replay;
+mod bench_store;
 mod demo;
 mod env;
 mod node;

@@ -12,6 +12,8 @@ pub struct MaruNode {
     pub gateway: String,
     pub control: String,
     pub mqtt: String,
+    /// The object store's S3 endpoint (`host:port`).
+    pub s3: String,
     child: Option<Child>,
 }
 
@@ -23,6 +25,7 @@ impl MaruNode {
         gateway: &str,
         control: &str,
         mqtt: &str,
+        s3: &str,
         log: &Path,
     ) -> anyhow::Result<Self> {
         if data.exists() {
@@ -33,7 +36,7 @@ impl MaruNode {
             std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(binary)
             .args(["up", "--gateway", gateway, "--control", control])
-            .args(["--mqtt", mqtt, "--data"])
+            .args(["--mqtt", mqtt, "--s3", s3, "--data"])
             .arg(data)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -46,6 +49,7 @@ impl MaruNode {
             gateway: String::new(),
             control: String::new(),
             mqtt: String::new(),
+            s3: String::new(),
             child: Some(child),
         };
         let started = Instant::now();
@@ -57,6 +61,7 @@ impl MaruNode {
                 node.gateway = found["gateway"].as_str().unwrap_or_default().to_string();
                 node.control = found["control"].as_str().unwrap_or_default().to_string();
                 node.mqtt = found["mqtt"].as_str().unwrap_or_default().to_string();
+                node.s3 = found["s3"].as_str().unwrap_or_default().to_string();
                 return Ok(node);
             }
             if let Some(status) = node
@@ -80,6 +85,7 @@ impl MaruNode {
         Self::start(
             binary,
             &dir.join("data"),
+            any,
             any,
             any,
             any,

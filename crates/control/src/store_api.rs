@@ -9,12 +9,10 @@ use crate::node::ControlError;
 
 fn control_error(error: StoreError) -> ControlError {
     match error {
-        StoreError::BadAccessKey(message) | StoreError::BadBucketName(message) => {
-            ControlError::BadRequest {
-                message,
-                hint: Some("`maru store keys list` shows the keys".into()),
-            }
-        }
+        StoreError::BadAccessKey(_) | StoreError::BadBucketName(_) => ControlError::BadRequest {
+            message: error.to_string(),
+            hint: Some("`maru store keys list` shows the keys".into()),
+        },
         other => ControlError::Internal(other.to_string()),
     }
 }

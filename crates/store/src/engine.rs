@@ -1057,6 +1057,38 @@ impl Store {
         let profile = open.record.profile();
         let geometry = open.record.geometry();
         let size = open.record.size;
+        let block_bytes = geometry.block_bytes();
+        // The common case: every data block reads and verifies straight into the stripe.
+        // On a real disk the blocks are read at once (one thread each): the shard files are
+        // separate sequential streams, and a cold read waits for each.
+        let mut sealed = vec![0u8; profile.data() * block_bytes];
+        for shard in 0..profile.data() {
+            open.block_header(self, shard);
+        }
+        let readers: Vec<Option<&ShardReader>> = (0..profile.data())
+            .map(|shard| open.readers[shard].as_ref().and_then(Option::as_ref))
+            .collect();
+        let direct = if readers.iter().all(Option::is_some) && self.disk().blocks() {
+            std::thread::scope(|scope| {
+                let reads: Vec<_> = sealed
+                    .chunks_mut(block_bytes)
+                    .zip(&readers)
+                    .map(|(into, reader)| {
+                        let reader = reader.expect("checked");
+                        scope.spawn(move || reader.block_into(stripe, into).is_ok())
+                    })
+                    .collect();
+                reads.into_iter().all(|read| read.join().unwrap_or(false))
+            })
+        } else {
+            sealed
+                .chunks_mut(block_bytes)
+                .zip(&readers)
+                .all(|(into, reader)| reader.is_some_and(|r| r.block_into(stripe, into).is_ok()))
+        };
+        if direct {
+            return self.open_stripe(bucket, key, open, stripe, sealed, size);
+        }
         let mut blocks: Vec<Option<Vec<u8>>> = vec![None; profile.shards()];
         let mut good = 0;
         // Data shards first; parity only when a data block is bad.
@@ -1091,11 +1123,24 @@ impl Store {
             let rebuilt = open.codec.rebuild(&mut blocks);
             assert!(rebuilt, "enough good blocks were read");
         }
-        let mut sealed = Vec::with_capacity(profile.data() * geometry.block_bytes());
+        let mut sealed = Vec::with_capacity(profile.data() * block_bytes);
         for block in &blocks[..profile.data()] {
             sealed.extend_from_slice(block.as_ref().expect("data blocks are present"));
         }
-        let len = geometry.stripe_len(stripe, size);
+        self.open_stripe(bucket, key, open, stripe, sealed, size)
+    }
+
+    /// Decrypt a stripe's sealed bytes (its data blocks, in order).
+    fn open_stripe(
+        &self,
+        bucket: &str,
+        key: &str,
+        open: &OpenPart,
+        stripe: u64,
+        mut sealed: Vec<u8>,
+        size: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let len = open.record.geometry().stripe_len(stripe, size);
         sealed.truncate(len + TAG_BYTES);
         open.key
             .open_stripe(open.version.bytes(), stripe, &mut sealed)
@@ -1341,12 +1386,16 @@ impl ObjectReader {
             .store
             .read_stripe(&self.bucket, &self.key, open, stripe);
         match result {
-            Ok(bytes) => {
+            Ok(mut bytes) => {
                 let from = (within - stripe_start) as usize;
                 let until = ((self.end - *part_start - stripe_start) as usize).min(bytes.len());
-                let chunk = bytes[from..until].to_vec();
-                self.next += chunk.len() as u64;
-                Some(Ok(chunk))
+                // The whole stripe, the common case, is handed on without a copy.
+                bytes.truncate(until);
+                if from > 0 {
+                    bytes.drain(..from);
+                }
+                self.next += bytes.len() as u64;
+                Some(Ok(bytes))
             }
             Err(error) => {
                 self.next = self.end;
@@ -1363,6 +1412,32 @@ impl ObjectReader {
         }
         Ok(out)
     }
+}
+
+/// Apply `work` to every item, on a thread each when `parallel`, in order otherwise (the
+/// simulated disk stays on one thread, deterministic); the first error wins.
+fn each<T: Send, R: Send>(
+    parallel: bool,
+    items: Vec<T>,
+    work: impl Fn(T) -> Result<R, StoreError> + Sync,
+) -> Result<Vec<R>, StoreError> {
+    if !parallel || items.len() < 2 {
+        return items.into_iter().map(&work).collect();
+    }
+    std::thread::scope(|scope| {
+        let work = &work;
+        let running: Vec<_> = items
+            .into_iter()
+            .map(|item| scope.spawn(move || work(item)))
+            .collect();
+        running
+            .into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(StoreError::Io("a sync thread panicked".into())))
+            })
+            .collect()
+    })
 }
 
 /// Writes one erasure-coded version (a whole object or one part).
@@ -1386,12 +1461,8 @@ pub struct PartWriter {
 impl PartWriter {
     fn new(store: Arc<Store>, size: u64) -> Result<PartWriter, StoreError> {
         let profile = store.profile;
-        // Blocks no bigger than the object needs: small objects are not padded to the
-        // largest block.
-        let needed = (size as usize + TAG_BYTES).div_ceil(profile.data());
-        let block_bytes = needed.div_ceil(64).max(1) * 64;
-        let block_bytes = block_bytes.min(store.block_bytes_max);
-        let geometry = Geometry::new(profile, block_bytes);
+        let geometry = Geometry::for_object(profile, size, store.block_bytes_max);
+        let block_bytes = geometry.block_bytes();
         let version = VersionId::generate()?;
         let ids: Vec<VolumeId> = store
             .volumes
@@ -1529,19 +1600,22 @@ impl PartWriter {
             self.geometry.stripes(self.size),
             "every stripe was written"
         );
-        let mut dirs = BTreeSet::new();
-        for writer in self.writers.iter_mut() {
-            if let Some(writer) = writer.take() {
-                let path = writer.finish().map_err(shard_error)?;
-                dirs.insert(path.parent().expect("in a directory").to_path_buf());
-            }
-        }
-        for dir in dirs {
-            self.store
-                .disk()
-                .sync_dir(&dir)
-                .map_err(|e| io_error(disk::Error::new("sync", &dir, e)))?;
-        }
+        let writers: Vec<ShardWriter> = self.writers.iter_mut().filter_map(Option::take).collect();
+        let disk = self.store.disk();
+        // Each shard is on its own volume (disk): on a real disk their syncs, then their
+        // directories' syncs, run at once rather than one after another.
+        let parallel = disk.blocks();
+        let paths = each(parallel, writers, |writer| {
+            writer.finish().map_err(shard_error)
+        })?;
+        let dirs: BTreeSet<PathBuf> = paths
+            .iter()
+            .map(|path| path.parent().expect("in a directory").to_path_buf())
+            .collect();
+        each(parallel, dirs.into_iter().collect(), |dir: PathBuf| {
+            disk.sync_dir(&dir)
+                .map_err(|e| io_error(disk::Error::new("sync", &dir, e)))
+        })?;
         let profile = self.geometry.profile();
         Ok(PartRecord {
             version: self.version.to_string(),

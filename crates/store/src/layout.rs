@@ -162,6 +162,19 @@ impl Geometry {
         }
     }
 
+    /// The geometry an object of `size` bytes gets: as few stripes as blocks of at most
+    /// `block_bytes_max` allow, with the bytes spread evenly over them, so padding is at most
+    /// 64 bytes per block (a small object is not padded to a large block, and an object a
+    /// little over one stripe does not pay for a second, nearly empty one).
+    pub fn for_object(profile: Profile, size: u64, block_bytes_max: usize) -> Geometry {
+        let data = profile.data() as u64;
+        let most = data * block_bytes_max as u64 - TAG_BYTES as u64;
+        let stripes = size.div_ceil(most).max(1);
+        let per_stripe = size.div_ceil(stripes);
+        let block = (per_stripe + TAG_BYTES as u64).div_ceil(data).div_ceil(64) * 64;
+        Geometry::new(profile, (block as usize).clamp(64, block_bytes_max))
+    }
+
     pub fn profile(self) -> Profile {
         self.profile
     }
@@ -315,6 +328,39 @@ mod tests {
         assert_eq!(geometry.stripes_for(per - 1, per), 0..=1);
         assert_eq!(geometry.stripe_len(1, per + 5), 5);
         assert_eq!(geometry.block_offset(2), 2 * (32 + 64));
+    }
+
+    #[test]
+    fn objects_pay_for_parity_and_at_most_a_little_padding() {
+        for profile in [
+            Profile::for_volumes(6),
+            Profile::for_volumes(9),
+            Profile::for_volumes(1),
+        ] {
+            for size in [
+                0u64,
+                1,
+                1000,
+                1 << 20,
+                (1 << 20) + 1,
+                5 << 20,
+                64 << 20,
+                1_000_000_007,
+            ] {
+                let geometry = Geometry::for_object(profile, size, 256 << 10);
+                assert!(geometry.block_bytes() <= 256 << 10);
+                let stored =
+                    geometry.stripes(size) * (profile.shards() * geometry.block_bytes()) as u64;
+                let ideal = size as f64 * profile.overhead();
+                let slack = geometry.stripes(size) as f64
+                    * profile.shards() as f64
+                    * (64.0 + TAG_BYTES as f64);
+                assert!(
+                    stored as f64 <= ideal + slack + (profile.shards() * 64) as f64,
+                    "{profile}: {size} bytes stored as {stored}"
+                );
+            }
+        }
     }
 
     /// Every loss pattern of every small profile: a read is planned from good shards only,

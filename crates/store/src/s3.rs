@@ -33,6 +33,11 @@ pub struct S3Limits {
     pub object_bytes_max: u64,
     /// The largest part of a multipart upload.
     pub part_bytes_max: u64,
+    /// Bodies moving at once (PUTs, parts, GETs, copies): each holds about a stripe per
+    /// shard in memory (a few MiB), so this bounds the store's memory. More wait up to
+    /// `transfer_wait` for their turn, then get `503 SlowDown`.
+    pub transfers_max: usize,
+    pub transfer_wait: Duration,
 }
 
 impl Default for S3Limits {
@@ -41,6 +46,8 @@ impl Default for S3Limits {
             // S3's own limits: 5 GiB in one PUT or part.
             object_bytes_max: 5 << 30,
             part_bytes_max: 5 << 30,
+            transfers_max: 64,
+            transfer_wait: Duration::from_secs(30),
         }
     }
 }
@@ -49,6 +56,7 @@ impl Default for S3Limits {
 pub fn service(store: Arc<Store>, limits: S3Limits) -> s3s::service::S3Service {
     let mut builder = s3s::service::S3ServiceBuilder::new(Api {
         store: store.clone(),
+        transfers: Arc::new(tokio::sync::Semaphore::new(limits.transfers_max.max(1))),
         limits,
     });
     builder.set_auth(Keys {
@@ -407,11 +415,16 @@ async fn write_body<W: Sink>(
     written?.ok_or_else(|| s3_error!(IncompleteBody, "the body ended early"))
 }
 
-/// An object's bytes as a response body, read on a blocking thread a stripe at a time.
-fn read_body(mut reader: crate::engine::ObjectReader) -> StreamingBlob {
+/// An object's bytes as a response body, read on a blocking thread a stripe at a time; the
+/// transfer's turn is held until the last byte is read or the response is dropped.
+fn read_body(
+    mut reader: crate::engine::ObjectReader,
+    turn: tokio::sync::OwnedSemaphorePermit,
+) -> StreamingBlob {
     let (send, receive) = tokio::sync::mpsc::channel::<Result<Bytes, StoreError>>(2);
     // The producer ends when the reader is done or the receiver (the response) is dropped.
     drop(tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         while let Some(chunk) = reader.next_chunk() {
             let failed = chunk.is_err();
             if send.blocking_send(chunk.map(Bytes::from)).is_err() || failed {
@@ -561,9 +574,27 @@ async fn allowed(store: &Arc<Store>, access_key: &str, bucket: &str) -> S3Result
 struct Api {
     store: Arc<Store>,
     limits: S3Limits,
+    transfers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Api {
+    /// A turn to move a body, waiting at most `transfer_wait`.
+    async fn transfer(&self) -> S3Result<tokio::sync::OwnedSemaphorePermit> {
+        match tokio::time::timeout(
+            self.limits.transfer_wait,
+            self.transfers.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(s3_error!(
+                SlowDown,
+                "the store is moving {} bodies at once; retry",
+                self.limits.transfers_max
+            )),
+        }
+    }
+
     async fn read(
         &self,
         bucket: String,
@@ -599,6 +630,7 @@ impl Api {
         range: Option<(u64, u64)>,
         sink: impl FnOnce(u64, ObjectMeta) -> Result<W, StoreError> + Send + 'static,
     ) -> S3Result<W::Done> {
+        let _turn = self.transfer().await?;
         let store = self.store.clone();
         blocking(move || {
             let (_, meta, mut reader) = store.get(&source.0, &source.1, range)?;
@@ -798,6 +830,7 @@ impl S3 for Api {
             input.expires.take(),
             input.metadata.take(),
         );
+        let _turn = self.transfer().await?;
         let store = self.store.clone();
         let (bucket, key) = (input.bucket.clone(), input.key.clone());
         let writer = blocking(move || store.put(&bucket, &key, size, meta)).await?;
@@ -820,6 +853,7 @@ impl S3 for Api {
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let input = req.input;
+        let turn = self.transfer().await?;
         let (info, meta, reader, span) = self.read(input.bucket, input.key, input.range).await?;
         preconditions(
             &info,
@@ -831,7 +865,7 @@ impl S3 for Api {
         let shown = shown(&meta);
         let length = reader.remaining();
         Ok(S3Response::new(GetObjectOutput {
-            body: Some(read_body(reader)),
+            body: Some(read_body(reader, turn)),
             content_length: Some(length as i64),
             content_range: span.map(|(first, last)| format!("bytes {first}-{last}/{}", info.size)),
             accept_ranges: Some("bytes".into()),
@@ -1151,6 +1185,7 @@ impl S3 for Api {
             },
             input.checksum_algorithm.as_ref(),
         )?;
+        let _turn = self.transfer().await?;
         let store = self.store.clone();
         let upload = input.upload_id.clone();
         let writer = blocking(move || store.put_part(&upload, number, size)).await?;

@@ -293,29 +293,37 @@ impl ShardReader {
 
     /// Stripe `stripe`'s block, verified.
     pub fn block(&self, stripe: u64) -> Result<Vec<u8>, ShardError> {
+        let mut block = vec![0; self.header.block_bytes as usize];
+        self.block_into(stripe, &mut block)?;
+        Ok(block)
+    }
+
+    /// Read stripe `stripe`'s block into `into` (exactly a block long) and verify it; on
+    /// error `into` holds nothing to trust.
+    pub fn block_into(&self, stripe: u64, into: &mut [u8]) -> Result<(), ShardError> {
         let geometry = self.header.geometry();
         assert!(
             stripe < geometry.stripes(self.header.size),
             "stripe {stripe} lies inside the object"
         );
-        let mut stored = vec![0; geometry.stored_block_bytes()];
+        assert_eq!(into.len(), geometry.block_bytes(), "a whole block is read");
+        let at = HEADER_BYTES as u64 + geometry.block_offset(stripe);
+        let io = |source| ShardError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut hash = [0; HASH_BYTES];
+        self.file.read_exact_at(&mut hash, at).map_err(io)?;
         self.file
-            .read_exact_at(
-                &mut stored,
-                HEADER_BYTES as u64 + geometry.block_offset(stripe),
-            )
-            .map_err(|source| ShardError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        let block = stored.split_off(HASH_BYTES);
-        if block_hash(&self.header, stripe, &block).as_bytes()[..] != stored[..] {
+            .read_exact_at(into, at + HASH_BYTES as u64)
+            .map_err(io)?;
+        if block_hash(&self.header, stripe, into).as_bytes()[..] != hash[..] {
             return Err(ShardError::Damaged {
                 path: self.path.clone(),
                 what: "a block does not match its hash",
             });
         }
-        Ok(block)
+        Ok(())
     }
 }
 
