@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod files;
+pub mod kv;
 pub mod listener;
 pub mod manifest;
 pub mod node;

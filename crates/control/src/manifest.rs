@@ -36,10 +36,23 @@ pub struct AppManifest {
     pub services: BTreeMap<String, ServiceManifest>,
     /// Event topics this app declares, by name.
     pub topics: BTreeMap<String, TopicManifest>,
+    /// Key-value buckets this app's components may open (`wasi:keyvalue`), by name.
+    pub kv: BTreeMap<String, KvManifest>,
     file: String,
     text: String,
     spans: BTreeMap<String, Range<usize>>,
 }
+
+/// A key-value bucket an app declares, with its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvManifest {
+    pub key_bytes_max: u64,
+    pub value_bytes_max: u64,
+    pub total_bytes_max: u64,
+}
+
+/// Buckets one app may declare.
+pub const KV_BUCKETS_MAX: usize = 32;
 
 /// One service, with every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,6 +292,16 @@ struct RawManifest {
     service: BTreeMap<String, Spanned<RawService>>,
     #[serde(default)]
     topic: BTreeMap<String, Spanned<RawTopic>>,
+    #[serde(default)]
+    kv: BTreeMap<String, Spanned<RawKv>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKv {
+    key_bytes_max: Option<Spanned<String>>,
+    value_bytes_max: Option<Spanned<String>>,
+    total_bytes_max: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -554,6 +577,58 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         topics.insert(
             topic_name.clone(),
             self::topic(&mut parser, topic_name, raw_topic)?,
+        );
+    }
+    if raw.kv.len() > KV_BUCKETS_MAX {
+        let (_, first) = raw.kv.iter().next().expect("not empty");
+        return Err(parser.error(
+            "kv",
+            first.span(),
+            format!(
+                "the app declares {} key-value buckets; at most {KV_BUCKETS_MAX}",
+                raw.kv.len()
+            ),
+            None,
+        ));
+    }
+    let mut kv = BTreeMap::new();
+    for (bucket, raw_kv) in &raw.kv {
+        let at = |field: &str| format!("kv.{bucket}.{field}");
+        parser.note(&format!("kv.{bucket}"), raw_kv);
+        check_name(bucket).map_err(|why| {
+            parser.error(
+                &format!("kv.{bucket}"),
+                raw_kv.span(),
+                why,
+                Some(
+                    "use 1 to 63 lowercase letters, digits and dashes, starting with a letter"
+                        .into(),
+                ),
+            )
+        })?;
+        let limits = raw_kv.get_ref();
+        kv.insert(
+            bucket.clone(),
+            KvManifest {
+                key_bytes_max: parser.size(
+                    &at("key_bytes_max"),
+                    limits.key_bytes_max.as_ref(),
+                    512,
+                    (1, 4096),
+                )?,
+                value_bytes_max: parser.size(
+                    &at("value_bytes_max"),
+                    limits.value_bytes_max.as_ref(),
+                    1 << 20,
+                    (1, 16 << 20),
+                )?,
+                total_bytes_max: parser.size(
+                    &at("total_bytes_max"),
+                    limits.total_bytes_max.as_ref(),
+                    64 << 20,
+                    (1024, 64 << 30),
+                )?,
+            },
         );
     }
     let mut services = BTreeMap::new();
@@ -852,6 +927,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         name,
         services,
         topics,
+        kv,
         file: file.to_string(),
         text: text.to_string(),
         spans: parser.spans,

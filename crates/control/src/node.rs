@@ -61,6 +61,8 @@ struct Desired {
     workdir: Option<PathBuf>,
     /// For processes: the resolved `writable` directories.
     writable: Vec<PathBuf>,
+    /// The app's key-value buckets (a change restarts its components).
+    kv: BTreeMap<String, manifest::KvManifest>,
 }
 
 struct Running {
@@ -204,6 +206,7 @@ impl Node {
                         component,
                         workdir,
                         writable,
+                        kv: parsed.kv.clone(),
                     },
                 );
             }
@@ -524,6 +527,10 @@ impl Node {
                     memory_bytes_max: manifest.memory_bytes.unwrap_or(64 << 20),
                     outbound: manifest.outbound.clone().into(),
                     log: log.clone(),
+                    kv: (!want.kv.is_empty()).then(|| {
+                        Arc::new(crate::kv::AppKv::new(self.store.clone(), &key.0, &want.kv))
+                            as Arc<dyn runtime::keyvalue::KeyValue>
+                    }),
                 },
             },
             _ => {
@@ -1292,6 +1299,10 @@ fn diff(
                     && !fields.iter().any(|f| f == "workdir")
                 {
                     fields.push("workdir".into());
+                }
+                // The app's key-value buckets reach its components.
+                if old.kv != next.kv && service.component().is_some() {
+                    fields.push("kv".into());
                 }
                 if !fields.is_empty() {
                     changes.push(ServiceChange {

@@ -78,6 +78,8 @@ impl Runtime {
         // types) even when they never use them. What a guest can reach is decided by its
         // WasiCtx: no preopened directories, no sockets, outbound HTTP by allow list.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
+        crate::keyvalue::add_to_linker(&mut linker, crate::instance::kv_view)
+            .map_err(anyhow::Error::from)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
 

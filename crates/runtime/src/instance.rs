@@ -15,6 +15,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::engine::{LoadedComponent, Runtime};
+use crate::keyvalue::{KeyValue, KvView};
 use crate::logs::{GuestOutput, LogStream, ServiceLog};
 use crate::outbound::{Origin, OutboundHooks};
 
@@ -28,6 +29,8 @@ pub struct InstanceSpec {
     pub memory_bytes_max: u64,
     pub outbound: Arc<[Origin]>,
     pub log: Arc<ServiceLog>,
+    /// The app's key-value buckets (`wasi:keyvalue`); `None`: the app declares none.
+    pub kv: Option<Arc<dyn KeyValue>>,
 }
 
 pub(crate) struct GuestState {
@@ -36,6 +39,7 @@ pub(crate) struct GuestState {
     table: ResourceTable,
     limits: StoreLimits,
     hooks: OutboundHooks,
+    kv: Option<Arc<dyn KeyValue>>,
     /// When the current call must stop: guest code is trapped at the first epoch tick past
     /// it (host waits are bounded by the same instant through a timer).
     deadline: Instant,
@@ -79,6 +83,14 @@ impl WasiHttpView for GuestState {
             table: &mut self.table,
             hooks: &mut self.hooks,
         }
+    }
+}
+
+/// The key-value view of an instance's state, for the linker.
+pub(crate) fn kv_view(state: &mut GuestState) -> KvView<'_> {
+    KvView {
+        table: &mut state.table,
+        backend: state.kv.as_ref(),
     }
 }
 
@@ -139,6 +151,7 @@ impl Instance {
             hooks: OutboundHooks {
                 allowed: spec.outbound.clone(),
             },
+            kv: spec.kv.clone(),
             deadline: Instant::now() + startup_timeout,
             slice_started: Instant::now(),
         };

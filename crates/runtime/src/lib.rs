@@ -12,6 +12,7 @@
 mod artifact;
 mod engine;
 mod instance;
+pub mod keyvalue;
 mod logs;
 mod outbound;
 mod process;

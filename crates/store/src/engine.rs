@@ -33,7 +33,9 @@ use crate::records::{
 use crate::shard::{self, Header, ShardError, ShardReader, ShardWriter, VersionId};
 
 mod heal;
+mod kv;
 pub use heal::{Health, Rotation, ScrubState, StoreStatus, VolumeStatus, run_scrub};
+pub use kv::{KV_PAGE, KvError, KvLimits};
 
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 const OBJECTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("objects");
@@ -207,6 +209,8 @@ pub struct Store {
     /// Degraded versions seen by reads, for the scrub to heal first.
     suspects: Mutex<BTreeSet<(String, String)>>,
     scrub: Mutex<ScrubState>,
+    /// The key-value data key, once read.
+    kv_key: Mutex<Option<Key>>,
 }
 
 /// What a listing or a read shows of an object.
@@ -305,6 +309,7 @@ impl Store {
             counters: Counters::default(),
             suspects: Mutex::new(BTreeSet::new()),
             scrub: Mutex::new(ScrubState::default()),
+            kv_key: Mutex::new(None),
         };
         store.collect_garbage()?;
         store.delete_unreferenced()?;

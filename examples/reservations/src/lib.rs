@@ -8,14 +8,15 @@
 //! Every route takes `?work_ms=N` (burn N ms of CPU) and `?wait_ms=N` (wait N ms without
 //! CPU), so load tests can model the service time of real work.
 //!
-//! Bookings live in the instance's memory: each instance keeps its own list, and they are
-//! gone when it stops. Durable state arrives with Maru's key-value interface.
+//! Bookings live in the app's `bookings` key-value bucket (the standard `wasi:keyvalue`
+//! interface, through its published guest bindings): every instance sees the same ones,
+//! and they survive restarts. A slot is claimed with an atomic increment of its claim key,
+//! so two instances booking one slot at once cannot both win.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::io::Write as _;
 
 use serde::{Deserialize, Serialize};
+use wasi_passthrough_keyvalue::bindings::wasi::keyvalue::{atomics, batch, store};
 use wasip2::clocks::monotonic_clock;
 use wasip2::http::types::{
     Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -33,12 +34,63 @@ struct Booking {
     name: String,
 }
 
-thread_local! {
-    static BOOKINGS: RefCell<BTreeMap<String, Booking>> = RefCell::new(BTreeMap::new());
-    static NEXT_ID: RefCell<u64> = const { RefCell::new(1) };
+const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Bookings a listing shows at most.
+const LISTED_MAX: usize = 50;
+
+fn bucket() -> Result<store::Bucket, String> {
+    store::open("bookings").map_err(|e| format!("open the bookings bucket: {e:?}"))
 }
 
-const BODY_BYTES_MAX: usize = 64 * 1024;
+fn booked(bucket: &store::Bucket, slot: &str) -> Result<bool, String> {
+    bucket
+        .exists(&format!("booking/{slot}"))
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// The first bookings, and how many there are.
+fn list(bucket: &store::Bucket) -> Result<(Vec<Booking>, u64), String> {
+    let keys = bucket.list_keys(None).map_err(|e| format!("{e:?}"))?.keys;
+    let wanted: Vec<String> = keys
+        .into_iter()
+        .filter(|k| k.starts_with("booking/"))
+        .take(LISTED_MAX)
+        .collect();
+    let found = batch::get_many(bucket, &wanted).map_err(|e| format!("{e:?}"))?;
+    let bookings = found
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, value)| serde_json::from_slice(&value).ok())
+        .collect();
+    let total = bucket
+        .get("count")
+        .map_err(|e| format!("{e:?}"))?
+        .and_then(|v| String::from_utf8(v).ok()?.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((bookings, total))
+}
+
+/// Book a slot: 201 with the booking, or 409 if it was taken.
+fn book(bucket: &store::Bucket, mut booking: Booking) -> Result<(u16, String), String> {
+    let claims = atomics::increment(bucket, &format!("claim/{}", booking.slot), 1)
+        .map_err(|e| format!("{e:?}"))?;
+    if claims > 1 {
+        return Ok((
+            409,
+            serde_json::json!({ "error": format!("slot {} is already booked", booking.slot) })
+                .to_string(),
+        ));
+    }
+    booking.id = atomics::increment(bucket, "next-id", 1).map_err(|e| format!("{e:?}"))?;
+    let json = serde_json::to_string(&booking).expect("a booking serialises");
+    if let Err(error) = bucket.set(&format!("booking/{}", booking.slot), json.as_bytes()) {
+        // Give the slot back, so a booking that could not be stored does not hold it.
+        _ = bucket.delete(&format!("claim/{}", booking.slot));
+        return Err(format!("{error:?}"));
+    }
+    atomics::increment(bucket, "count", 1).map_err(|e| format!("{e:?}"))?;
+    Ok((201, json))
+}
 
 impl wasip2::exports::http::incoming_handler::Guest for Reservations {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
@@ -48,34 +100,27 @@ impl wasip2::exports::http::incoming_handler::Guest for Reservations {
             .unwrap_or((&path_and_query, ""));
         simulate_work(query);
         let method = request.method();
-        let (status, body) = match (&method, path.split_once("/slots/")) {
-            (Method::Get, Some((_, slot))) => {
-                let taken = BOOKINGS.with(|b| b.borrow().contains_key(slot));
-                (200, serde_json::json!({ "slot": slot, "free": !taken }).to_string())
-            }
-            (Method::Get, None) => {
-                let all: Vec<Booking> = BOOKINGS.with(|b| b.borrow().values().cloned().collect());
-                (200, serde_json::json!({ "bookings": all }).to_string())
-            }
-            (Method::Post, None) => match read_body(&request).and_then(|bytes| serde_json::from_slice::<Booking>(&bytes).map_err(|e| e.to_string())) {
-                Err(error) => (400, serde_json::json!({ "error": format!("send JSON like {{\"slot\": \"2026-12-01T10:00\", \"name\": \"Kim\"}}: {error}") }).to_string()),
-                Ok(mut booking) if !booking.slot.is_empty() && !booking.name.is_empty() => BOOKINGS.with(|b| {
-                    let mut bookings = b.borrow_mut();
-                    if bookings.contains_key(&booking.slot) {
-                        return (409, serde_json::json!({ "error": format!("slot {} is already booked", booking.slot) }).to_string());
-                    }
-                    booking.id = NEXT_ID.with(|n| {
-                        let id = *n.borrow();
-                        *n.borrow_mut() += 1;
-                        id
-                    });
-                    bookings.insert(booking.slot.clone(), booking.clone());
-                    (201, serde_json::to_string(&booking).expect("a booking serialises"))
-                }),
-                Ok(_) => (400, serde_json::json!({ "error": "slot and name must not be empty" }).to_string()),
-            },
-            _ => (405, serde_json::json!({ "error": "use GET or POST" }).to_string()),
-        };
+        let outcome = (|| -> Result<(u16, String), String> {
+            let bucket = bucket()?;
+            Ok(match (&method, path.split_once("/slots/")) {
+                (Method::Get, Some((_, slot))) => {
+                    let taken = booked(&bucket, slot)?;
+                    (200, serde_json::json!({ "slot": slot, "free": !taken }).to_string())
+                }
+                (Method::Get, None) => {
+                    let (bookings, total) = list(&bucket)?;
+                    (200, serde_json::json!({ "bookings": bookings, "total": total }).to_string())
+                }
+                (Method::Post, None) => match read_body(&request).and_then(|bytes| serde_json::from_slice::<Booking>(&bytes).map_err(|e| e.to_string())) {
+                    Err(error) => (400, serde_json::json!({ "error": format!("send JSON like {{\"slot\": \"2026-12-01T10:00\", \"name\": \"Kim\"}}: {error}") }).to_string()),
+                    Ok(booking) if !booking.slot.is_empty() && !booking.name.is_empty() && !booking.slot.contains('/') => book(&bucket, booking)?,
+                    Ok(_) => (400, serde_json::json!({ "error": "slot and name must not be empty, and a slot has no `/`" }).to_string()),
+                },
+                _ => (405, serde_json::json!({ "error": "use GET or POST" }).to_string()),
+            })
+        })();
+        let (status, body) = outcome
+            .unwrap_or_else(|error| (500, serde_json::json!({ "error": error }).to_string()));
         respond(response_out, status, &body);
     }
 }

@@ -558,3 +558,34 @@ fn topic_and_trigger_mistakes_name_line_and_field() {
               hint: write a path prefix such as "/api" or "/""#]],
     );
 }
+
+#[test]
+fn key_value_buckets_parse_with_defaults_and_limits() {
+    let app = parse(
+        "maru.toml",
+        &format!("{GOOD}\n[kv.bookings]\nvalue_bytes_max = \"4KiB\"\n\n[kv.counters]\n"),
+    )
+    .expect("parses");
+    assert_eq!(
+        app.kv.get("bookings"),
+        Some(&KvManifest {
+            key_bytes_max: 512,
+            value_bytes_max: 4096,
+            total_bytes_max: 64 << 20,
+        })
+    );
+    assert_eq!(app.kv["counters"].value_bytes_max, 1 << 20);
+    let refused = |extra: &str| {
+        parse("maru.toml", &format!("{GOOD}\n{extra}"))
+            .expect_err("refused")
+            .to_string()
+    };
+    expect![[r#"
+        maru.toml:17:19: `kv.bookings.value_bytes_max`: 32MiB is out of range
+          hint: use a size from 1B to 16MiB"#]]
+    .assert_eq(&refused("[kv.bookings]\nvalue_bytes_max = \"32MiB\"\n"));
+    expect![[r#"
+        maru.toml:16:1: `kv.Bookings`: `Bookings` is not a valid name
+          hint: use 1 to 63 lowercase letters, digits and dashes, starting with a letter"#]]
+    .assert_eq(&refused("[kv.Bookings]\n"));
+}

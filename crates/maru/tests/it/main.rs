@@ -4,6 +4,7 @@
 
 mod events;
 mod harness;
+mod keyvalue;
 mod lifecycle;
 mod limits;
 mod processes;

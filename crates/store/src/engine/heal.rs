@@ -611,6 +611,7 @@ impl Store {
                 )
             }
         );
+        rewrapped += self.rewrap_kv_key()?;
         let mut masters = self
             .masters
             .write()
@@ -684,7 +685,11 @@ macro_rules! rewrap_table {
 use rewrap_table;
 
 /// Re-wrap `key` under the current generation if it is wrapped by another; 1 if it was.
-fn rewrap(masters: &MasterKeys, key: &mut WrappedKey, context: &[u8]) -> Result<u64, StoreError> {
+pub(super) fn rewrap(
+    masters: &MasterKeys,
+    key: &mut WrappedKey,
+    context: &[u8],
+) -> Result<u64, StoreError> {
     if key.master == masters.current().0 {
         return Ok(0);
     }
