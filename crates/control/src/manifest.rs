@@ -186,6 +186,9 @@ pub struct ProcessManifest {
     pub writable: Vec<String>,
     /// The user the program runs as (maru must run as root); `None`: maru's user.
     pub user: Option<String>,
+    /// An object store bucket the program may use: its S3 endpoint and an access key
+    /// limited to the bucket come in its environment.
+    pub store_bucket: Option<String>,
 }
 
 impl ServiceManifest {
@@ -213,6 +216,7 @@ impl ServiceManifest {
                 check("workdir", a.workdir != b.workdir);
                 check("writable", a.writable != b.writable);
                 check("user", a.user != b.user);
+                check("store_bucket", a.store_bucket != b.store_bucket);
                 check(
                     "ready",
                     (&a.ready, a.ready_timeout) != (&b.ready, b.ready_timeout),
@@ -354,6 +358,7 @@ struct RawService {
     workdir: Option<Spanned<String>>,
     writable: Option<Spanned<Vec<String>>>,
     user: Option<Spanned<String>>,
+    store_bucket: Option<Spanned<String>>,
     ready: Option<Spanned<RawProbe>>,
     liveness: Option<Spanned<RawProbe>>,
     stop_signal: Option<Spanned<String>>,
@@ -672,6 +677,10 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                     ("workdir", service.workdir.as_ref().map(|v| v.span())),
                     ("writable", service.writable.as_ref().map(|v| v.span())),
                     ("user", service.user.as_ref().map(|v| v.span())),
+                    (
+                        "store_bucket",
+                        service.store_bucket.as_ref().map(|v| v.span()),
+                    ),
                     ("ready", service.ready.as_ref().map(|v| v.span())),
                     ("liveness", service.liveness.as_ref().map(|v| v.span())),
                     (
@@ -1411,11 +1420,27 @@ fn process(
         }
         None => None,
     };
+    let store_bucket = match &service.store_bucket {
+        Some(name) => {
+            parser.note(&at("store_bucket"), name);
+            store::engine::check_bucket_name(name.get_ref()).map_err(|error| {
+                parser.error(
+                    &at("store_bucket"),
+                    name.span(),
+                    error.to_string(),
+                    Some("name a bucket like \"traffic-archive\"".into()),
+                )
+            })?;
+            Some(name.get_ref().clone())
+        }
+        None => None,
+    };
     Ok(ProcessManifest {
         command: words.clone(),
         workdir,
         writable,
         user,
+        store_bucket,
         ready,
         ready_timeout,
         liveness,

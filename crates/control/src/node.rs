@@ -137,6 +137,26 @@ impl Node {
         })
     }
 
+    /// What a process service with `store_bucket` finds in its environment: the S3
+    /// endpoint, the bucket, and an access key limited to it.
+    fn bucket_environment(
+        &self,
+        key: &ServiceKey,
+        bucket: &str,
+    ) -> Result<Vec<(String, String)>, String> {
+        let (access, secret) = self
+            .store
+            .service_access_key(&key.0, &key.1, bucket)
+            .map_err(|error| format!("no object store key for bucket {bucket}: {error}"))?;
+        Ok(vec![
+            ("AWS_ACCESS_KEY_ID".into(), access.id),
+            ("AWS_SECRET_ACCESS_KEY".into(), secret),
+            ("AWS_DEFAULT_REGION".into(), "us-east-1".into()),
+            ("AWS_ENDPOINT_URL".into(), self.s3_endpoint()),
+            ("MARU_BUCKET".into(), bucket.to_string()),
+        ])
+    }
+
     /// Where the S3 endpoint listens, for `maru store status`.
     pub fn set_s3_endpoint(&self, endpoint: String) {
         *self.s3_endpoint.lock().expect("never poisoned") = endpoint;
@@ -475,7 +495,7 @@ impl Node {
         key: &ServiceKey,
         want: &Desired,
         desired: &BTreeMap<ServiceKey, Desired>,
-    ) -> Result<Arc<Service>, ArtifactError> {
+    ) -> Result<Arc<Service>, String> {
         let manifest = &want.manifest;
         let log = self.log_for(key);
         let env: Vec<(String, String)> = manifest
@@ -485,6 +505,10 @@ impl Node {
             .collect();
         let backend = match (&manifest.workload, &want.component, &want.workdir) {
             (Workload::Process(process), _, Some(workdir)) => {
+                let mut env = env;
+                if let Some(bucket) = &process.store_bucket {
+                    env.extend(self.bucket_environment(key, bucket)?);
+                }
                 let confinement = match (&self.sandbox, &process.user) {
                     (Some(_), Some(user)) => format!("Landlock (the node's data and other apps' directories hidden; writes only to workdir, TMPDIR and `writable`), no capabilities, as user {user}"),
                     (Some(_), None) => "Landlock (the node's data and other apps' directories hidden; writes only to workdir, TMPDIR and `writable`), no capabilities".to_string(),
@@ -521,7 +545,10 @@ impl Node {
                 })
             }
             (_, Some(hash), _) => Backend::Component {
-                component: self.runtime.load(&self.files.cache, hash)?,
+                component: self
+                    .runtime
+                    .load(&self.files.cache, hash)
+                    .map_err(|e| e.to_string())?,
                 instance: InstanceSpec {
                     env,
                     memory_bytes_max: manifest.memory_bytes.unwrap_or(64 << 20),
@@ -533,12 +560,7 @@ impl Node {
                     }),
                 },
             },
-            _ => {
-                return Err(ArtifactError::Compile {
-                    hash: ComponentHash::of(b""),
-                    reason: "the service has no component".into(),
-                });
-            }
+            _ => return Err("the service has no component".into()),
         };
         let startup_timeout = match &manifest.workload {
             Workload::Process(process) => process.ready_timeout,
@@ -727,6 +749,15 @@ impl Node {
                 ));
             }
         }
+        if let Some(bucket) = &process.store_bucket {
+            self.store.ensure_bucket(bucket).map_err(|error| {
+                bad(
+                    "store_bucket",
+                    format!("the bucket cannot be made: {error}"),
+                    "see `maru store status`",
+                )
+            })?;
+        }
         if let Some(user) = &process.user {
             if self.sandbox.is_none() {
                 return Err(bad(
@@ -845,6 +876,15 @@ impl Node {
         let revision = self.files.state.revision(app, record.current)?;
         self.files.state.remove(app)?;
         self.reconcile().await?;
+        match self.store.revoke_service_keys(app) {
+            Ok(0) => {}
+            Ok(revoked) => {
+                tracing::info!(%app, revoked, "revoked the removed app's object store keys")
+            }
+            Err(error) => {
+                tracing::warn!(%app, %error, "could not revoke the removed app's object store keys")
+            }
+        }
         let services: Vec<String> = manifest::parse(&revision.manifest_path, &revision.manifest)
             .map(|m| m.services.into_keys().collect())
             .unwrap_or_default();

@@ -415,7 +415,6 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         gateway.clone(),
         events.clone(),
     );
-    node.reconcile().await.context("start the deployed apps")?;
 
     let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;
     let control_listener = bind(settings.control, "control API", "--control").await?;
@@ -426,6 +425,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mqtt_address = mqtt_listener.local_addr()?;
     let s3_address = s3_listener.local_addr()?;
     node.set_s3_endpoint(format!("http://{s3_address}"));
+    // After the listeners are bound: process services are told where the S3 API is, and
+    // requests that arrive while the apps start wait in the listeners' backlogs.
+    node.reconcile().await.context("start the deployed apps")?;
     write_node_file(
         &node.files,
         gateway_address,

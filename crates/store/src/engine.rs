@@ -886,6 +886,55 @@ impl Store {
         Ok(Some((AccessKey::of(id, &record), secret)))
     }
 
+    /// The access key a process service uses for its bucket: the one made for it before, or
+    /// a new one (keys it had for another bucket are revoked). Returns the key and secret.
+    pub fn service_access_key(
+        &self,
+        app: &str,
+        service: &str,
+        bucket: &str,
+    ) -> Result<(AccessKey, String), StoreError> {
+        let description = format!("service {app}/{service}");
+        let mut found = None;
+        for key in self.access_keys()? {
+            if key.description != description {
+                continue;
+            }
+            if key.buckets == [bucket] && found.is_none() {
+                found = Some(key.id);
+            } else {
+                self.revoke_access_key(&key.id)?;
+            }
+        }
+        if let Some(id) = found
+            && let Some(key) = self.access_key(&id)?
+        {
+            return Ok(key);
+        }
+        self.create_access_key(&[bucket.to_string()], &description)
+    }
+
+    /// Revoke the keys made for an app's process services (the app was removed).
+    pub fn revoke_service_keys(&self, app: &str) -> Result<usize, StoreError> {
+        let prefix = format!("service {app}/");
+        let mut revoked = 0;
+        for key in self.access_keys()? {
+            if key.description.starts_with(&prefix) {
+                self.revoke_access_key(&key.id)?;
+                revoked += 1;
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Create a bucket unless it exists.
+    pub fn ensure_bucket(&self, name: &str) -> Result<(), StoreError> {
+        match self.create_bucket(name) {
+            Ok(()) | Err(StoreError::BucketExists(_)) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Revoke a key: from this call's return it authenticates nothing.
     pub fn revoke_access_key(&self, id: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_error)?;

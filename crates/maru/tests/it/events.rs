@@ -34,12 +34,12 @@ reply_to = "city.air.replies"
     )
 }
 
-struct Posted {
-    status: u16,
-    body: String,
+pub(crate) struct Posted {
+    pub status: u16,
+    pub body: String,
 }
 
-fn post(
+pub(crate) fn post(
     node: &Node,
     path: &str,
     token: Option<&str>,

@@ -599,3 +599,71 @@ fn no_plaintext_of_objects_or_their_metadata_lies_under_the_data_directory() {
         }
     }
 }
+
+/// A process service with `store_bucket` gets the endpoint and a key limited to its bucket:
+/// `examples/traffic`'s archiver keeps each hour's counts as an object. Removing the app
+/// revokes the key.
+#[test]
+fn the_traffic_archive_keeps_each_hours_counts_as_an_object() {
+    let node = Node::start();
+    crate::harness::component("traffic");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/traffic/maru.toml");
+    node.cli_ok(&["deploy", manifest.to_str().expect("utf-8")]);
+    let keys = node.cli_ok(&["store", "keys", "list"]);
+    assert!(
+        keys.contains("traffic-archive") && keys.contains("service traffic/archive"),
+        "{keys}"
+    );
+    // 10:00 UTC on 2026-12-01, and ten minutes later.
+    let base_ms: u64 = 1_796_119_200_000;
+    for (i, place) in ["jongno-1", "jongno-1", "mapo-3"].iter().enumerate() {
+        let body = format!(
+            "{{\"loop\":\"north-1\",\"vehicles\":{},\"at_ms\":{}}}",
+            (i + 1) * 10,
+            base_ms + i as u64 * 600_000
+        );
+        let answer = crate::events::post(
+            &node,
+            "/events/city.traffic",
+            Some(&node.ingest_token),
+            &[
+                ("Content-Type", "application/json"),
+                ("ce-partitionkey", place),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(answer.status, 202, "{}", answer.body);
+    }
+    let admin = key(&node, &["*"]);
+    let mut object = String::new();
+    node.wait_for(
+        "the hour's object",
+        std::time::Duration::from_secs(30),
+        || {
+            let output = aws(
+                &node,
+                &admin,
+                &[
+                    "s3",
+                    "cp",
+                    "s3://traffic-archive/traffic/2026-12-01/10.json",
+                    "-",
+                ],
+            );
+            object = String::from_utf8_lossy(&output.stdout).into_owned();
+            object.contains("\"readings\": 3")
+        },
+    );
+    let counts: serde_json::Value = serde_json::from_str(&object).expect("JSON");
+    assert_eq!(
+        counts["intersections"],
+        serde_json::json!({ "jongno-1": 30, "mapo-3": 30 }),
+        "{object}"
+    );
+    node.cli_ok(&["rm", "traffic"]);
+    let keys = node.cli_ok(&["store", "keys", "list"]);
+    assert!(
+        !keys.contains("service traffic/archive"),
+        "revoked with the app: {keys}"
+    );
+}
