@@ -119,6 +119,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     traffic(&node)?;
 
+    storage(&node)?;
+
     println!("\nExplore (in another terminal):");
     println!("  export MARU_DATA={}", data.display());
     println!("  target/release/maru ps                      # services, instances, load, latency");
@@ -126,6 +128,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  target/release/maru apps                    # apps and revisions");
     println!("  target/release/maru events stats            # topics, rates, consumer lag");
     println!("  target/release/maru events tail city.congestion --follow");
+    println!("  target/release/maru store status             # volumes, objects, scrub and heal");
     println!(
         "  mosquitto_pub -h {} -p {} -u sensor -P $(cat $MARU_DATA/ingest.token) -q 1 -t city/traffic/harbour-gate -m '{{\"loop\":\"x\",\"vehicles\":500,\"at_ms\":0}}'",
         node.mqtt.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h),
@@ -453,6 +456,51 @@ fn traffic(node: &MaruNode) -> anyhow::Result<()> {
         "{}",
         indent(&node.cli(&["events", "tail", "city.congestion", "-n", "10"])?)
     );
+    Ok(())
+}
+
+/// What the apps stored: the bookings in the reservations app's key-value bucket, the
+/// traffic archive's hourly objects, and the store's health.
+fn storage(node: &MaruNode) -> anyhow::Result<()> {
+    println!("\nStorage:");
+    let bookings: serde_json::Value = ureq::get(&format!("http://{}/reservations", node.gateway))
+        .call()
+        .context("list the bookings")?
+        .into_body()
+        .read_json()?;
+    println!(
+        "  reservations: {} bookings kept in its key-value bucket (wasi:keyvalue; shared by every instance, kept across restarts)",
+        bookings["total"]
+    );
+    // Wait for the archive to have counted what the sensors sent (it runs beside the flow
+    // service, on the same topic).
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(30) {
+        let stats: serde_json::Value =
+            serde_json::from_str(&node.cli(&["events", "stats", "--json"])?)?;
+        let lag = stats
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["name"] == "city.traffic")
+            .and_then(|t| {
+                t["groups"]
+                    .as_array()?
+                    .iter()
+                    .find(|g| g["name"] == "traffic.archive")
+                    .and_then(|g| g["lag"].as_u64())
+            });
+        if lag == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "  traffic/archive keeps each hour's counts as an object in bucket traffic-archive (S3 at http://{}; key for it: `maru store keys create --bucket traffic-archive`)",
+        node.s3
+    );
+    println!("  the object store:");
+    print!("{}", indent(&node.cli(&["store", "status"])?));
     Ok(())
 }
 
