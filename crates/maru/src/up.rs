@@ -85,6 +85,10 @@ struct StoreFile {
     profile: Option<String>,
     scrub_bytes_per_second: Option<String>,
     scrub_interval: Option<String>,
+    domains: Option<Vec<String>>,
+    requests_per_second_per_key: Option<u32>,
+    transfers_max: Option<usize>,
+    transfer_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +154,9 @@ struct StoreSettings {
     profile: Option<store::layout::Profile>,
     scrub_bytes_per_second: u64,
     scrub_interval: Duration,
+    /// Domains for virtual-hosted-style addressing (`BUCKET.DOMAIN`).
+    domains: Vec<String>,
+    limits: store::s3::S3Limits,
 }
 
 /// Volumes a node gets by default: six directories in the data directory, so the
@@ -207,7 +214,30 @@ fn store_settings(
             .map_err(|e| anyhow::anyhow!("[store] scrub_interval: {e}"))?
             .max(Duration::from_secs(60)),
     };
+    let defaults = store::s3::S3Limits::default();
+    let limits = store::s3::S3Limits {
+        requests_per_second_per_key: match file.requests_per_second_per_key {
+            Some(0) => bail!("[store] requests_per_second_per_key must be at least 1"),
+            Some(rate) => rate,
+            None => defaults.requests_per_second_per_key,
+        },
+        transfers_max: match file.transfers_max {
+            Some(0) => bail!("[store] transfers_max must be at least 1"),
+            Some(max) => max,
+            None => defaults.transfers_max,
+        },
+        transfer_wait: match file.transfer_wait {
+            None => defaults.transfer_wait,
+            Some(text) => control::manifest::parse_duration(&text)
+                .map_err(|e| anyhow::anyhow!("[store] transfer_wait: {e}"))?,
+        },
+        ..defaults
+    };
+    let domains = file.domains.unwrap_or_default();
+    store::s3::check_domains(&domains).map_err(|e| anyhow::anyhow!("[store] domains: {e}"))?;
     Ok(StoreSettings {
+        domains,
+        limits,
         listen: flag
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9000))),
@@ -321,8 +351,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: LogFormat) {
+    // s3s logs every client error (a missing key, a retried SlowDown) at ERROR; the store
+    // logs its own failures, so s3s speaks only when MARU_LOG asks for it.
     let filter = tracing_subscriber::EnvFilter::try_from_env("MARU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,s3s=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -450,7 +482,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         events::mqtt::serve(events, mqtt_listener, mqtt_config, mqtt_shutdown).await;
         Ok(())
     });
-    let s3 = store::s3::service(store.clone(), store::s3::S3Limits::default());
+    let s3 = store::s3::service(
+        store.clone(),
+        settings.store.limits.clone(),
+        &settings.store.domains,
+    )
+    .map_err(|e| anyhow::anyhow!("[store] domains: {e}"))?;
     // S3 clients open a connection per transfer thread (the AWS CLI 10, rclone 4 per file).
     let s3_limits = gateway::ConnectionLimits {
         connections_max: 1024,

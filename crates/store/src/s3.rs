@@ -38,6 +38,9 @@ pub struct S3Limits {
     /// `transfer_wait` for their turn, then get `503 SlowDown`.
     pub transfers_max: usize,
     pub transfer_wait: Duration,
+    /// Requests per second one access key may make, sustained (a burst of a second's worth
+    /// is allowed); more get `503 SlowDown`, which S3 clients retry with backoff.
+    pub requests_per_second_per_key: u32,
 }
 
 impl Default for S3Limits {
@@ -48,12 +51,23 @@ impl Default for S3Limits {
             part_bytes_max: 5 << 30,
             transfers_max: 64,
             transfer_wait: Duration::from_secs(30),
+            requests_per_second_per_key: 1000,
         }
     }
 }
 
 /// Build the S3 service over `store`; serve it with any hyper 1.x connection loop.
-pub fn service(store: Arc<Store>, limits: S3Limits) -> s3s::service::S3Service {
+///
+/// Requests naming a host under one of `domains` (`BUCKET.DOMAIN`, any port) use
+/// virtual-hosted-style addressing; every other host (an IP address, `localhost`, the
+/// domain itself) uses path-style addressing.
+pub fn service(
+    store: Arc<Store>,
+    limits: S3Limits,
+    domains: &[String],
+) -> Result<s3s::service::S3Service, BadDomain> {
+    let domains = Domains::new(domains)?;
+    let rate = Arc::new(KeyRates::new(limits.requests_per_second_per_key));
     let mut builder = s3s::service::S3ServiceBuilder::new(Api {
         store: store.clone(),
         transfers: Arc::new(tokio::sync::Semaphore::new(limits.transfers_max.max(1))),
@@ -61,9 +75,132 @@ pub fn service(store: Arc<Store>, limits: S3Limits) -> s3s::service::S3Service {
     });
     builder.set_auth(Keys {
         store: store.clone(),
+        rate: rate.clone(),
     });
-    builder.set_access(Keys { store });
-    builder.build()
+    builder.set_access(Keys { store, rate });
+    if !domains.0.is_empty() {
+        builder.set_host(domains);
+    }
+    Ok(builder.build())
+}
+
+/// Check domains for virtual-hosted-style addressing, as [`service`] will.
+pub fn check_domains(domains: &[String]) -> Result<(), BadDomain> {
+    Domains::new(domains).map(drop)
+}
+
+/// A domain for virtual-hosted-style addressing that is not a DNS name.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0:?} is not a domain for virtual-hosted-style addressing: give a DNS name such as \"s3.example.org\", without a port, a scheme or a leading dot"
+)]
+pub struct BadDomain(pub String);
+
+/// The domains under which a host names a bucket (`BUCKET.DOMAIN`), lowercased, longest
+/// first so that a nested domain wins.
+struct Domains(Vec<String>);
+
+impl Domains {
+    fn new(domains: &[String]) -> Result<Domains, BadDomain> {
+        let mut checked = Vec::with_capacity(domains.len());
+        for domain in domains {
+            let lower = domain.to_ascii_lowercase();
+            let labels_ok = !lower.is_empty()
+                && lower.len() <= 253
+                && lower.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !labels_ok || lower.parse::<std::net::IpAddr>().is_ok() {
+                return Err(BadDomain(domain.clone()));
+            }
+            checked.push(lower);
+        }
+        checked.sort_by_key(|d| std::cmp::Reverse(d.len()));
+        checked.dedup();
+        Ok(Domains(checked))
+    }
+
+    /// The bucket a `Host` header names, if any.
+    fn bucket<'h>(&self, host: &'h str) -> Option<&'h str> {
+        // A port, if any, follows the last colon (IP literals never reach here).
+        let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if self
+            .0
+            .iter()
+            .any(|domain| name.eq_ignore_ascii_case(domain))
+        {
+            return None;
+        }
+        self.0.iter().find_map(|domain| {
+            let split = name.len().checked_sub(domain.len() + 1)?;
+            let (bucket, rest) = name.split_at(split);
+            (rest.as_bytes()[0] == b'.'
+                && rest[1..].eq_ignore_ascii_case(domain)
+                && !bucket.is_empty())
+            .then_some(bucket)
+        })
+    }
+}
+
+impl s3s::host::S3Host for Domains {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<s3s::host::VirtualHost<'a>> {
+        let vh = s3s::host::VirtualHost::new(host);
+        Ok(match self.bucket(host) {
+            Some(bucket) => vh.with_bucket(bucket.to_ascii_lowercase()),
+            None => vh,
+        })
+    }
+}
+
+/// A token bucket per access key. Only keys that signed a request correctly get an entry,
+/// so the map is bounded by the keys the store holds; entries of keys idle long enough to
+/// be full again are dropped when it grows.
+struct KeyRates {
+    per_second: f64,
+    keys: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+/// Entries kept before idle ones are dropped.
+const KEY_RATES_MAX: usize = 4096;
+
+impl KeyRates {
+    fn new(per_second: u32) -> KeyRates {
+        KeyRates {
+            per_second: f64::from(per_second.max(1)),
+            keys: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Take a token for `key`; false when its bucket is empty.
+    fn take(&self, key: &str) -> bool {
+        let now = std::time::Instant::now();
+        let capacity = self.per_second;
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= KEY_RATES_MAX && !keys.contains_key(key) {
+            keys.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * capacity < capacity
+            });
+            if keys.len() >= KEY_RATES_MAX {
+                keys.clear();
+            }
+        }
+        let (tokens, at) = keys.entry(key.to_string()).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * capacity).min(capacity);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Headers kept with an object, and given back on GET and HEAD.
@@ -523,6 +660,7 @@ fn key_of<T>(req: &S3Request<T>) -> S3Result<String> {
 /// Access keys authenticate requests and limit them to their buckets.
 struct Keys {
     store: Arc<Store>,
+    rate: Arc<KeyRates>,
 }
 
 #[async_trait::async_trait]
@@ -549,6 +687,13 @@ impl S3Access for Keys {
                 "anonymous requests are refused: sign with an access key"
             ));
         };
+        if !self.rate.take(&credentials.access_key) {
+            return Err(s3_error!(
+                SlowDown,
+                "this access key is over its {} requests per second; retry with backoff",
+                self.rate.per_second
+            ));
+        }
         let bucket = match cx.s3_path() {
             S3Path::Root => return Ok(()),
             S3Path::Bucket { bucket } | S3Path::Object { bucket, .. } => bucket.to_string(),
@@ -1360,5 +1505,59 @@ impl S3 for Api {
             ),
             ..Default::default()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_under_a_domain_name_their_bucket() {
+        let domains = Domains::new(&["s3.example.org".into(), "Example.org".into()]).expect("valid domains");
+        assert_eq!(domains.bucket("photos.s3.example.org"), Some("photos"));
+        assert_eq!(domains.bucket("photos.s3.example.org:9000"), Some("photos"));
+        assert_eq!(domains.bucket("Photos.S3.Example.Org."), Some("Photos"));
+        assert_eq!(domains.bucket("a.b.example.org"), Some("a.b"));
+        assert_eq!(
+            domains.bucket("s3.example.org"),
+            None,
+            "a domain itself is path-style"
+        );
+        assert_eq!(domains.bucket("example.org:9000"), None);
+        assert_eq!(domains.bucket(".example.org"), None);
+        assert_eq!(domains.bucket("localhost:9000"), None);
+        assert_eq!(domains.bucket("photosexample.org"), None);
+        assert_eq!(domains.bucket(""), None);
+        for bad in [
+            "",
+            "http://x.org",
+            ".x.org",
+            "x.org:9000",
+            "127.0.0.1",
+            "a..b",
+            "-a.b",
+        ] {
+            assert!(Domains::new(&[bad.into()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_key_gets_a_seconds_worth_then_waits() {
+        let rates = KeyRates::new(5);
+        let granted = (0..20).filter(|_| rates.take("a")).count();
+        assert_eq!(granted, 5);
+        assert!(rates.take("b"), "another key has its own bucket");
+        std::thread::sleep(Duration::from_millis(450));
+        assert!(rates.take("a"), "tokens come back at the sustained rate");
+    }
+
+    #[test]
+    fn the_rate_map_stays_bounded() {
+        let rates = KeyRates::new(1000);
+        for i in 0..(3 * KEY_RATES_MAX) {
+            assert!(rates.take(&format!("key{i}")));
+        }
+        assert!(rates.keys.lock().expect("lock").len() <= KEY_RATES_MAX);
     }
 }

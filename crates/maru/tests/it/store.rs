@@ -667,3 +667,117 @@ fn the_traffic_archive_keeps_each_hours_counts_as_an_object() {
         "revoked with the app: {keys}"
     );
 }
+
+/// Virtual-hosted-style requests through boto3 (the machine has no DNS for the test
+/// domain, so the script's resolver maps it to the node), the rate limit per access key, and
+/// the bound on bodies moving at once: both answer `503 SlowDown`, which clients retry.
+const LIMITS: &str = r#"
+import http.client, os, socket, sys, threading, time, urllib.parse
+import boto3, botocore.config
+
+port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+real_getaddrinfo = socket.getaddrinfo
+def getaddrinfo(host, *args, **kwargs):
+    if isinstance(host, str) and host.endswith(".maru.test"):
+        host = "127.0.0.1"
+    return real_getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+
+def client(addressing, attempts=None):
+    retries = {"mode": "standard"}
+    if attempts:
+        retries["total_max_attempts"] = attempts
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://s3.maru.test:{port}",
+        config=botocore.config.Config(s3={"addressing_style": addressing}, retries=retries),
+    )
+
+# Virtual-hosted style: every request's Host is BUCKET.s3.maru.test.
+virtual = client("virtual")
+virtual.create_bucket(Bucket="cameras")
+seen = []
+def record(request, **kwargs):
+    seen.append(urllib.parse.urlsplit(request.url).netloc)
+virtual.meta.events.register("before-send.s3", record)
+virtual.put_object(Bucket="cameras", Key="gate/1.jpg", Body=b"still-1", Metadata={"gate": "north"})
+assert virtual.get_object(Bucket="cameras", Key="gate/1.jpg")["Body"].read() == b"still-1"
+listed = virtual.list_objects_v2(Bucket="cameras", Prefix="gate/")
+assert [o["Key"] for o in listed["Contents"]] == ["gate/1.jpg"], listed
+assert all(host == f"cameras.s3.maru.test:{port}" for host in seen), seen
+# Path style on the same node reads the same object.
+path = client("path")
+assert path.get_object(Bucket="cameras", Key="gate/1.jpg")["Body"].read() == b"still-1"
+# A presigned virtual-hosted URL, fetched by a plain HTTP client.
+url = virtual.generate_presigned_url("get_object", Params={"Bucket": "cameras", "Key": "gate/1.jpg"})
+parts = urllib.parse.urlsplit(url)
+assert parts.netloc == f"cameras.s3.maru.test:{port}", url
+conn = http.client.HTTPConnection("127.0.0.1", port)
+conn.request("GET", parts.path + "?" + parts.query, headers={"Host": parts.netloc})
+reply = conn.getresponse()
+assert reply.status == 200 and reply.read() == b"still-1", reply.status
+print("virtual hosts: ok")
+
+# The rate limit: 20 requests per second per key. Without retries, a burst of 60 gets some
+# SlowDown answers and at most a second's worth (plus what refills) through.
+once = client("path", attempts=1)
+granted, slowed = 0, 0
+for _ in range(60):
+    try:
+        once.head_object(Bucket="cameras", Key="gate/1.jpg")
+        granted += 1
+    except once.exceptions.ClientError as e:
+        assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 503, e.response
+        # A HEAD answer has no body: boto3 names the error by its status.
+        assert e.response["Error"]["Code"] in ("SlowDown", "503"), e.response
+        slowed += 1
+assert slowed > 0 and 0 < granted < 40, (granted, slowed)
+# boto3's own retries (standard mode backs off) carry a burst through.
+patient = client("path", attempts=10)
+for i in range(40):
+    patient.head_object(Bucket="cameras", Key="gate/1.jpg")
+print(f"rate: ok ({granted} granted, {slowed} slowed)")
+
+# One body at a time (transfers_max = 1), waiting at most 1 s: while a slow PUT holds the
+# turn, a GET is answered SlowDown after about a second; then both work.
+time.sleep(1.5)
+url = path.generate_presigned_url("put_object", Params={"Bucket": "cameras", "Key": "slow.bin"})
+parts = urllib.parse.urlsplit(url)
+slow = http.client.HTTPConnection("127.0.0.1", port)
+slow.putrequest("PUT", parts.path + "?" + parts.query, skip_host=True)
+slow.putheader("Host", parts.netloc)
+slow.putheader("Content-Length", "2000")
+slow.endheaders()
+slow.send(b"a" * 1000)
+time.sleep(0.5)
+started = time.monotonic()
+try:
+    once.get_object(Bucket="cameras", Key="gate/1.jpg")
+    sys.exit("a GET got a turn while the only one was held")
+except once.exceptions.ClientError as e:
+    assert e.response["Error"]["Code"] == "SlowDown", e.response
+waited = time.monotonic() - started
+assert 0.8 < waited < 5, waited
+slow.send(b"b" * 1000)
+reply = slow.getresponse()
+assert reply.status == 200, (reply.status, reply.read())
+body = once.get_object(Bucket="cameras", Key="slow.bin")["Body"].read()
+assert body == b"a" * 1000 + b"b" * 1000
+print("transfers: ok")
+"#;
+
+#[test]
+fn virtual_hosts_rate_limits_and_the_transfer_bound_work_with_boto3() {
+    let node = Node::start_with_config(
+        "[store]\ndomains = [\"s3.maru.test\"]\nrequests_per_second_per_key = 20\ntransfers_max = 1\ntransfer_wait = \"1s\"\n",
+    );
+    let key = key(&node, &["cameras"]);
+    let output = client(&node, &key, "python3")
+        .args(["-c", LIMITS])
+        .output()
+        .expect("run python3 (xtask installs boto3 from PyPI)");
+    let stdout = ok(output, "the limits script");
+    for line in ["virtual hosts: ok", "rate: ok", "transfers: ok"] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+}
