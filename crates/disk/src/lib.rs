@@ -80,6 +80,12 @@ pub trait DiskFile: Send + Sync {
     /// [`DiskFile::unlock`] or when the file is closed (or its process dies).
     fn try_lock(&self, shared: bool) -> io::Result<bool>;
     fn unlock(&self) -> io::Result<()>;
+    /// A hint that bytes `position..position + len` will be read soon: a real disk starts
+    /// reading them into the page cache (`POSIX_FADV_WILLNEED`) and returns at once. It
+    /// changes no contents; errors are ignored.
+    fn will_need(&self, position: u64, len: u64) {
+        let _ = (position, len);
+    }
 }
 
 /// Milliseconds since the Unix epoch, as a value persistence code is handed.
@@ -356,6 +362,19 @@ impl DiskFile for OsFile {
 
     fn unlock(&self) -> io::Result<()> {
         self.file.unlock()
+    }
+
+    fn will_need(&self, position: u64, len: u64) {
+        let (Ok(position), Ok(len)) = (i64::try_from(position), i64::try_from(len)) else {
+            return;
+        };
+        // Only a hint: a failure leaves the reads to come to wait for the disk as before.
+        let _ = nix::fcntl::posix_fadvise(
+            &self.file,
+            position,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
     }
 }
 

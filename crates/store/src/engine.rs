@@ -1107,6 +1107,7 @@ impl Store {
         key: &str,
         open: &mut OpenPart,
         stripe: u64,
+        last: u64,
     ) -> Result<Vec<u8>, StoreError> {
         let profile = open.record.profile();
         let geometry = open.record.geometry();
@@ -1122,6 +1123,16 @@ impl Store {
         let readers: Vec<Option<&ShardReader>> = (0..profile.data())
             .map(|shard| open.readers[shard].as_ref().and_then(Option::as_ref))
             .collect();
+        // Read ahead: while this stripe is decrypted and sent, the disk already reads the
+        // next few that the reader will want (never past `last`).
+        let ahead =
+            (stripe + 1).max(open.prefetched)..(stripe + 1 + READ_AHEAD_STRIPES).min(last + 1);
+        if !ahead.is_empty() {
+            for reader in readers.iter().flatten() {
+                reader.prefetch(ahead.clone());
+            }
+            open.prefetched = ahead.end;
+        }
         let direct = if readers.iter().all(Option::is_some) && self.disk().blocks() {
             std::thread::scope(|scope| {
                 let reads: Vec<_> = sealed
@@ -1219,6 +1230,7 @@ impl Store {
             key,
             readers: (0..record.volumes.len()).map(|_| None).collect(),
             codec: Codec::new(record.profile(), record.block_bytes as usize),
+            prefetched: 0,
         })
     }
 }
@@ -1353,7 +1365,13 @@ struct OpenPart {
     /// `Some(None)`: tried and unusable.
     readers: Vec<Option<Option<ShardReader>>>,
     codec: Codec,
+    /// Stripes before this one were already asked of the disk ahead of reading.
+    prefetched: u64,
 }
+
+/// Stripes the disk is asked to read ahead of a reader (each a block per data shard: with
+/// 256 KiB blocks, 2 MiB per shard file).
+const READ_AHEAD_STRIPES: u64 = 8;
 
 impl OpenPart {
     /// Open shard `shard`'s file if it was not tried yet (its header verified).
@@ -1436,9 +1454,11 @@ impl ObjectReader {
         let within = self.next - *part_start;
         let stripe = within / geometry.stripe_plaintext_bytes() as u64;
         let stripe_start = geometry.stripe_start(stripe);
+        let part_last = (self.end - *part_start).min(open.record.size) - 1;
+        let last = *geometry.stripes_for(within, part_last).end();
         let result = self
             .store
-            .read_stripe(&self.bucket, &self.key, open, stripe);
+            .read_stripe(&self.bucket, &self.key, open, stripe, last);
         match result {
             Ok(mut bytes) => {
                 let from = (within - stripe_start) as usize;

@@ -1514,7 +1514,8 @@ mod tests {
 
     #[test]
     fn hosts_under_a_domain_name_their_bucket() {
-        let domains = Domains::new(&["s3.example.org".into(), "Example.org".into()]).expect("valid domains");
+        let domains =
+            Domains::new(&["s3.example.org".into(), "Example.org".into()]).expect("valid domains");
         assert_eq!(domains.bucket("photos.s3.example.org"), Some("photos"));
         assert_eq!(domains.bucket("photos.s3.example.org:9000"), Some("photos"));
         assert_eq!(domains.bucket("Photos.S3.Example.Org."), Some("Photos"));

@@ -300,6 +300,17 @@ impl ShardReader {
 
     /// Read stripe `stripe`'s block into `into` (exactly a block long) and verify it; on
     /// error `into` holds nothing to trust.
+    /// Ask the disk to start reading the blocks of `stripes` (clamped to the object).
+    pub fn prefetch(&self, stripes: std::ops::Range<u64>) {
+        let geometry = self.header.geometry();
+        let end = stripes.end.min(geometry.stripes(self.header.size));
+        if stripes.start < end {
+            let at = HEADER_BYTES as u64 + geometry.block_offset(stripes.start);
+            let len = geometry.block_offset(end) - geometry.block_offset(stripes.start);
+            self.file.will_need(at, len);
+        }
+    }
+
     pub fn block_into(&self, stripe: u64, into: &mut [u8]) -> Result<(), ShardError> {
         let geometry = self.header.geometry();
         assert!(

@@ -1,0 +1,6 @@
+//! Identities, authorisation and the audit log: the decisions, without the node's I/O
+//! (persistent formats run on [`disk::Disk`], so the power-cut simulation covers them).
+//!
+//! Built so far: [`audit`], the tamper-evident audit log.
+
+pub mod audit;
