@@ -13,6 +13,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("runtime", &["disk"]),
     ("events", &["disk"]),
     ("store", &["disk"]),
+    ("policy", &["disk"]),
     ("gateway", &["runtime", "autopilot", "events"]),
     (
         "control",
@@ -24,6 +25,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
             "events",
             "disk",
             "store",
+            "policy",
         ],
     ),
     (
@@ -37,6 +39,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
             "events",
             "disk",
             "store",
+            "policy",
         ],
     ),
     ("xtask", &[]),
@@ -51,6 +54,7 @@ const INTERNAL: &[&str] = &[
     "control",
     "events",
     "store",
+    "policy",
     "maru",
 ];
 

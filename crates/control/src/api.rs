@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts as _, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +27,7 @@ pub const BLOB_BYTES_MAX: usize = 256 << 20;
 struct Ctx {
     node: Arc<Node>,
     token: Arc<str>,
+    audit: Arc<policy::audit::AuditLog>,
 }
 
 /// Every path the API serves. The router is built from this list, so a test that walks it
@@ -48,6 +49,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/store/keys/{id}",
     "/v1/store/scrub",
     "/v1/store/rotate-key",
+    "/v1/audit",
+    "/v1/audit/checkpoint",
     "/metrics",
 ];
 
@@ -95,15 +98,36 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
                 .await
                 .map(|r| json(&r))
         }),
+        "/v1/audit" => get(
+            |State(ctx): State<Ctx>, Query(query): Query<crate::audit_api::Query>| async move {
+                crate::audit_api::entries(ctx.audit.clone(), query)
+                    .await
+                    .map(|e| json(&e))
+                    .map_err(audit_unavailable)
+            },
+        ),
+        "/v1/audit/checkpoint" => get(|State(ctx): State<Ctx>| async move {
+            match crate::audit_api::checkpoint(ctx.audit.clone()).await {
+                Ok(Some(checkpoint)) => json(&checkpoint),
+                Ok(None) => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the audit log has no entries to sign yet",
+                    None,
+                ),
+                Err(e) => audit_unavailable(e),
+            }
+        }),
         "/metrics" => get(metrics),
         other => panic!("ROUTES lists {other} but no handlers are given for it"),
     }
 }
 
-pub fn router(node: Arc<Node>, token: String) -> Router {
+pub fn router(node: Arc<Node>, token: String, audit: Arc<policy::audit::AuditLog>) -> Router {
     let ctx = Ctx {
         node,
         token: token.into(),
+        audit,
     };
     ROUTES
         .iter()
@@ -122,13 +146,53 @@ pub fn router(node: Arc<Node>, token: String) -> Router {
         .with_state(ctx)
 }
 
+/// The request's bearer token, checked, then the decision recorded in the audit log before
+/// the handler runs (crate::audit_api).
 async fn authenticate(State(ctx): State<Ctx>, request: Request, next: Next) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let params: Vec<(String, String)> =
+        axum::extract::RawPathParams::from_request_parts(&mut parts, &ctx)
+            .await
+            .map(|p| {
+                p.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+    let route = parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let address = parts
+        .extensions
+        .get::<crate::listener::PeerAddress>()
+        .map(|p| p.0.ip().to_string());
+    let request = Request::from_parts(parts, body);
+    let action = crate::audit_api::action(request.method(), route.as_deref(), &params);
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !given.is_some_and(|given| token::matches(&ctx.token, given.trim())) {
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let valid = given.is_some_and(|given| token::matches(&ctx.token, given));
+    let actor = match given {
+        Some(given) if !given.is_empty() => format!("token:{}", ctx.audit.redact(given)),
+        _ => "anonymous".to_string(),
+    };
+    if let Some(action) = &action {
+        let (decision, reason) = if valid {
+            (policy::audit::Decision::Allow, "the node's control token")
+        } else {
+            (policy::audit::Decision::Deny, "no valid bearer token")
+        };
+        if let Err(e) =
+            crate::audit_api::record(&ctx.audit, action, actor, decision, reason, address).await
+        {
+            return audit_unavailable(e);
+        }
+    }
+    if !valid {
         let mut response = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -141,6 +205,16 @@ async fn authenticate(State(ctx): State<Ctx>, request: Request, next: Next) -> R
         return response;
     }
     next.run(request).await
+}
+
+fn audit_unavailable(e: policy::audit::AuditError) -> Response {
+    tracing::error!(error = %e, "control API request refused: the audit log cannot be written");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit_unavailable",
+        &e.to_string(),
+        Some("free space on the data directory's disk or fix its errors; maru's log says what failed (after a failed sync, restart the machine)".into()),
+    )
 }
 
 fn error(status: StatusCode, code: &str, message: &str, hint: Option<String>) -> Response {

@@ -5,6 +5,7 @@
 //! them from the stored state alone; every API call is authenticated.
 
 pub mod api;
+pub mod audit_api;
 pub mod files;
 pub mod kv;
 pub mod listener;

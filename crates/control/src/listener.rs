@@ -20,6 +20,10 @@ pub fn default_limits() -> ConnectionLimits {
     }
 }
 
+/// The client's address, in every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddress(pub std::net::SocketAddr);
+
 /// Serve `router` on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -27,11 +31,13 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) {
-    gateway::serve_connections(listener, limits, shutdown, |_peer| {
+    gateway::serve_connections(listener, limits, shutdown, |peer| {
         let router = router.clone();
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let mut router = router.clone();
-            async move { router.call(request.map(axum::body::Body::new)).await }
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(PeerAddress(peer));
+            async move { router.call(request).await }
         })
     })
     .await;

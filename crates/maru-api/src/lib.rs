@@ -341,3 +341,46 @@ pub struct KeyRotation {
     pub keys_rewrapped: u64,
     pub generations_retired: Vec<u32>,
 }
+
+/// One audit log entry (`GET /v1/audit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub unix_ms: u64,
+    /// `action`, `data` or `log`.
+    pub kind: String,
+    pub actor: String,
+    pub action: String,
+    pub resource: String,
+    /// `allow`, `deny` or `note`.
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `GET /v1/audit`: the newest entries that match, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntries {
+    pub entries: Vec<AuditEntry>,
+    /// The newest durable entry's number.
+    pub newest_seq: u64,
+}
+
+/// `GET /v1/audit/checkpoint`: the newest entry signed by the node's ed25519 key. Keep it
+/// where the node cannot rewrite it; `maru audit verify --checkpoint FILE` checks the log
+/// against it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    pub seq: u64,
+    /// The entry's chain value, hex.
+    pub hash: String,
+    pub time_ms: u64,
+    /// base64.
+    pub public_key: String,
+    /// base64.
+    pub signature: String,
+}

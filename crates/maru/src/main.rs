@@ -1,6 +1,7 @@
 //! `maru`: the one binary. `maru up` runs a node; every other command is a client of a
 //! node's control API.
 
+mod audit_cli;
 mod client;
 mod replay;
 mod sim;
@@ -103,6 +104,11 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// The audit log: `maru audit tail|search|checkpoint|verify`.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Internal: how a node starts a process service's instance: confine this process as
     /// the policy says (runtime::sandbox), then execute the program in its place.
     #[command(name = "sandbox-exec", hide = true)]
@@ -112,6 +118,42 @@ enum Command {
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The newest entries.
+    Tail {
+        #[arg(long, short = 'n', default_value_t = 20)]
+        count: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The newest entries that match the filters.
+    Search {
+        #[command(flatten)]
+        filters: audit_cli::Filters,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the newest entry signed by the node's key, as JSON to keep elsewhere.
+    Checkpoint {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Check the chain of every entry in the data directory's log, and the checkpoints
+    /// (the node's own and any given); exits 1 at the first entry edited, deleted,
+    /// reordered or cut off.
+    Verify {
+        /// A checkpoint saved from `maru audit checkpoint` (repeat for more).
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -227,6 +269,21 @@ fn main() -> std::process::ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Anomalies { target } => client::anomalies(&target),
+        Command::Audit { command } => match command {
+            AuditCommand::Tail { count, target } => {
+                audit_cli::search(&target, &audit_cli::Filters::default(), count)
+            }
+            AuditCommand::Search {
+                filters,
+                limit,
+                target,
+            } => audit_cli::search(&target, &filters, limit),
+            AuditCommand::Checkpoint { target } => audit_cli::checkpoint(&target),
+            AuditCommand::Verify {
+                checkpoints,
+                target,
+            } => audit_cli::verify(&target, &checkpoints),
+        },
         Command::Store { command } => match command {
             StoreCommand::Status { target } => store_cli::status(&target),
             StoreCommand::Scrub { target } => store_cli::scrub(&target),

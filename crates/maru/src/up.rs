@@ -350,6 +350,34 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .block_on(serve(settings))
 }
 
+/// The audit log (DATA/audit), with a note that the node started.
+fn open_audit(data: &Path) -> anyhow::Result<Arc<policy::audit::AuditLog>> {
+    use policy::audit::{AuditLog, Decision, Event, Kind};
+    let (audit, opened) =
+        AuditLog::open(disk::Env::os(), &data.join("audit")).context("open the audit log")?;
+    let mut details = serde_json::Map::new();
+    details.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    if let Some(tail) = opened.tail {
+        details.insert(
+            "crash_tail".into(),
+            serde_json::json!({ "segment": tail.segment, "offset": tail.offset, "bytes": tail.bytes }),
+        );
+    }
+    audit
+        .append(Event {
+            kind: Kind::Log,
+            actor: "maru".into(),
+            action: "node.start".into(),
+            resource: "node".into(),
+            decision: Decision::Note,
+            reason: String::new(),
+            address: None,
+            details,
+        })
+        .context("write to the audit log")?;
+    Ok(Arc::new(audit))
+}
+
 fn init_tracing(format: LogFormat) {
     // s3s logs every client error (a missing key, a retried SlowDown) at ERROR; the store
     // logs its own failures, so s3s speaks only when MARU_LOG asks for it.
@@ -397,6 +425,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("create data directory {}", settings.data.display()))?;
     make_data_directory_private(&settings.data)?;
     let files = control::files::NodeFiles::open(disk::Env::os(), &settings.data)?;
+    let audit = open_audit(&settings.data)?;
     if files.token.created {
         eprintln!(
             "maru: created the control API token {} (kept in {}; the CLI finds it there or in MARU_TOKEN)",
@@ -510,7 +539,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         store::engine::run_scrub(scrubbed, scrub_rate, scrub_interval, scrub_shutdown).await;
         Ok(())
     });
-    let api = control::api::router(node.clone(), token);
+    let checkpoint_shutdown = shutdown.clone();
+    let signer = audit.clone();
+    servers.spawn(async move {
+        control::audit_api::checkpoints(signer, Duration::from_secs(60), checkpoint_shutdown).await;
+        Ok(())
+    });
+    let api = control::api::router(node.clone(), token, audit);
     let api_shutdown = shutdown.clone();
     let api_config = gateway::ConnectionLimits {
         header_read_timeout: settings.gateway_config.header_read_timeout,

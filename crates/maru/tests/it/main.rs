@@ -2,6 +2,7 @@
 //! in a temporary data directory, and talks to it with the CLI, an HTTP client and raw
 //! sockets.
 
+mod audit;
 mod events;
 mod harness;
 mod keyvalue;

@@ -109,7 +109,13 @@ fn tampered(
     let log = fill(dir.path(), entries);
     let exported = log.latest_checkpoint().expect("checkpoint").expect("one");
     drop(log);
-    let clean = verify(&Env::os(), dir.path(), std::slice::from_ref(&exported), None).expect("verify");
+    let clean = verify(
+        &Env::os(),
+        dir.path(),
+        std::slice::from_ref(&exported),
+        None,
+    )
+    .expect("verify");
     assert!(clean.ok(), "{clean:?}");
     let ranges = frames(dir.path());
     let mut bytes = std::fs::read(segment(dir.path())).expect("read");
@@ -249,4 +255,41 @@ fn a_torn_tail_is_kept_and_named_and_numbers_are_not_reused() {
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.resumed.len(), 1);
     assert_eq!(report.entries, 6);
+}
+
+#[test]
+fn a_full_disk_refuses_entries_and_the_log_reopens_once_space_returns() {
+    use disk::sim::{SimClock, SimDisk};
+    let disk = SimDisk::new();
+    let env = Env {
+        disk: Arc::new(disk.clone()),
+        clock: Arc::new(SimClock::new(1_700_000_000_000)),
+    };
+    let dir = Path::new("/data/audit");
+    let (log, _) = AuditLog::open(env.clone(), dir).expect("open");
+    for n in 1..=3 {
+        log.append(event(n)).expect("append");
+    }
+    disk.set_capacity(Some(disk.used_bytes() + 100));
+    let refused = log.append(event(4)).expect_err("no room");
+    assert!(
+        matches!(refused, policy::audit::AuditError::Unavailable(_)),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("refused"), "{refused}");
+    // Still refused while the disk is full, and at once (no retry within a second).
+    assert!(log.append(event(5)).is_err());
+    disk.set_capacity(None);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let seq = log.append(event(6)).expect("reopened");
+    assert!(seq > 3);
+    let report = verify(&env, dir, &[], None).expect("verify");
+    assert!(report.ok(), "{report:?}");
+    let kept: Vec<String> = log
+        .entries(0, 100, |_| true)
+        .expect("read")
+        .into_iter()
+        .map(|e| e.event.resource)
+        .collect();
+    assert_eq!(kept, ["app/app1", "app/app2", "app/app3", "app/app6"]);
 }
