@@ -73,6 +73,8 @@ fn test() -> anyhow::Result<()> {
     // default checksums arrived in 1.36) and rclone; curl fetches presigned URLs.
     env::ensure_debian_package("rclone", "rclone")?;
     env::ensure_debian_package("curl", "curl")?;
+    // The operators' tests compute TOTP codes with oathtool (RFC 6238), not our own code.
+    env::ensure_debian_package("oathtool", "oathtool")?;
     env::ensure_pip_packages(
         &["python3", "-c", "import boto3, awscli"],
         &["awscli==1.45.11", "boto3==1.43.11"],

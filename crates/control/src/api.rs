@@ -16,6 +16,7 @@ use maru_api::{
 use runtime::{ArtifactError, ComponentHash};
 use serde::Deserialize;
 
+use crate::authz::Caller;
 use crate::node::{ControlError, Node};
 use crate::state::StateError;
 use crate::token;
@@ -28,6 +29,7 @@ struct Ctx {
     node: Arc<Node>,
     token: Arc<str>,
     audit: Arc<policy::audit::AuditLog>,
+    identities: Arc<policy::identity::Identities>,
 }
 
 /// Every path the API serves. The router is built from this list, so a test that walks it
@@ -51,6 +53,13 @@ pub const ROUTES: &[&str] = &[
     "/v1/store/rotate-key",
     "/v1/audit",
     "/v1/audit/checkpoint",
+    "/v1/admin/init",
+    "/v1/operators",
+    "/v1/login",
+    "/v1/logout",
+    "/v1/whoami",
+    "/v1/tokens",
+    "/v1/tokens/{id}",
     "/metrics",
 ];
 
@@ -118,16 +127,67 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
                 Err(e) => audit_unavailable(e),
             }
         }),
+        "/v1/admin/init" => post(|State(ctx): State<Ctx>, body: Bytes| async move {
+            crate::identity_api::admin_init(ctx.identities.clone(), &body).await
+        }),
+        "/v1/operators" => post(|State(ctx): State<Ctx>, body: Bytes| async move {
+            crate::identity_api::create_operator(ctx.identities.clone(), &body).await
+        }),
+        "/v1/login" => post(
+            |State(ctx): State<Ctx>,
+             peer: Option<axum::Extension<crate::listener::PeerAddress>>,
+             body: Bytes| async move {
+                let address = peer.map(|p| p.0.0.ip().to_string());
+                crate::identity_api::login(
+                    ctx.identities.clone(),
+                    ctx.audit.clone(),
+                    address,
+                    &body,
+                )
+                .await
+            },
+        ),
+        "/v1/logout" => post(
+            |State(ctx): State<Ctx>, axum::Extension(caller): axum::Extension<Caller>| async move {
+                crate::identity_api::logout(ctx.identities.clone(), &caller).await
+            },
+        ),
+        "/v1/whoami" => get(
+            |axum::Extension(caller): axum::Extension<Caller>| async move {
+                crate::identity_api::whoami(&caller)
+            },
+        ),
+        "/v1/tokens" => get(|State(ctx): State<Ctx>| async move {
+            crate::identity_api::list_tokens(ctx.identities.clone()).await
+        })
+        .post(
+            |State(ctx): State<Ctx>,
+             axum::Extension(caller): axum::Extension<Caller>,
+             body: Bytes| async move {
+                crate::identity_api::create_token(ctx.identities.clone(), &caller, &body).await
+            },
+        ),
+        "/v1/tokens/{id}" => axum::routing::delete(
+            |State(ctx): State<Ctx>, Path(id): Path<String>| async move {
+                crate::identity_api::revoke_token(ctx.identities.clone(), id).await
+            },
+        ),
         "/metrics" => get(metrics),
         other => panic!("ROUTES lists {other} but no handlers are given for it"),
     }
 }
 
-pub fn router(node: Arc<Node>, token: String, audit: Arc<policy::audit::AuditLog>) -> Router {
+pub fn router(
+    node: Arc<Node>,
+    token: String,
+    audit: Arc<policy::audit::AuditLog>,
+    identities: Arc<policy::identity::Identities>,
+) -> Router {
     let ctx = Ctx {
         node,
         token: token.into(),
         audit,
+        identities,
     };
     ROUTES
         .iter()
@@ -175,35 +235,80 @@ async fn authenticate(State(ctx): State<Ctx>, request: Request, next: Next) -> R
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let valid = given.is_some_and(|given| token::matches(&ctx.token, given));
-    let actor = match given {
-        Some(given) if !given.is_empty() => format!("token:{}", ctx.audit.redact(given)),
+    let caller = match given {
+        Some(given) if token::matches(&ctx.token, given) => {
+            let identities = ctx.identities.clone();
+            match tokio::task::spawn_blocking(move || identities.initialised()).await {
+                Ok(Ok(false)) => Caller::Known(policy::identity::Principal {
+                    subject: "bootstrap".into(),
+                    roles: vec!["admin".into()],
+                    token_id: None,
+                    expires_ms: None,
+                }),
+                Ok(Ok(true)) => Caller::RetiredBootstrap,
+                _ => return internal("the identity database cannot be read".into()),
+            }
+        }
+        Some(given) => {
+            let identities = ctx.identities.clone();
+            let given = given.to_string();
+            match tokio::task::spawn_blocking(move || identities.authenticate(&given)).await {
+                Ok(Ok(Some(principal))) => Caller::Known(principal),
+                Ok(Ok(None)) => Caller::Unknown,
+                _ => return internal("the identity database cannot be read".into()),
+            }
+        }
+        None => Caller::Unknown,
+    };
+    let actor = match (&caller, given) {
+        (Caller::Known(principal), _) => match &principal.token_id {
+            Some(id) => format!("{} ({id})", principal.subject),
+            None => format!("token:{}", ctx.audit.redact(given.unwrap_or_default())),
+        },
+        (_, Some(given)) if !given.is_empty() => format!("token:{}", ctx.audit.redact(given)),
         _ => "anonymous".to_string(),
     };
-    if let Some(action) = &action {
-        let (decision, reason) = if valid {
-            (policy::audit::Decision::Allow, "the node's control token")
-        } else {
-            (policy::audit::Decision::Deny, "no valid bearer token")
+    let decision = match &action {
+        Some(action) if crate::authz::public(action.name) => Ok(String::new()),
+        Some(action) => crate::authz::decide(&caller, action.name),
+        None if matches!(caller, Caller::Unknown) => Err((401, "no valid bearer token".into())),
+        None => Ok(String::new()),
+    };
+    if let Some(action) = action.as_ref().filter(|a| !crate::authz::public(a.name)) {
+        let (verdict, reason) = match &decision {
+            Ok(reason) => (policy::audit::Decision::Allow, reason.as_str()),
+            Err((_, reason)) => (policy::audit::Decision::Deny, reason.as_str()),
         };
         if let Err(e) =
-            crate::audit_api::record(&ctx.audit, action, actor, decision, reason, address).await
+            crate::audit_api::record(&ctx.audit, action, actor, verdict, reason, address).await
         {
             return audit_unavailable(e);
         }
     }
-    if !valid {
+    if let Err((status, reason)) = decision {
+        if status == 403 {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &reason,
+                Some(
+                    "docs/policy.md lists what each role may do; `maru whoami` shows yours".into(),
+                ),
+            );
+        }
         let mut response = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "a valid bearer token is required",
-            Some("send `Authorization: Bearer <token>`; the token is in the node's data directory (file `token`), and the CLI reads it from MARU_TOKEN or --data".into()),
+            Some("log in with `maru login`, or send `Authorization: Bearer <token>` (before `maru admin init`, the node's bootstrap token in DATA/token)".into()),
         );
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
+    let mut request = request;
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 

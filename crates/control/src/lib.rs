@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod audit_api;
+pub mod authz;
 pub mod files;
+pub mod identity_api;
 pub mod kv;
 pub mod listener;
 pub mod manifest;

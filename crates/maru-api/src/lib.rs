@@ -384,3 +384,73 @@ pub struct AuditCheckpoint {
     /// base64.
     pub signature: String,
 }
+
+/// `POST /v1/admin/init` (with the node's bootstrap token, once) and `POST /v1/operators`
+/// (an admin adding an operator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateOperatorRequest {
+    pub name: String,
+    pub password: String,
+    /// Ignored by `admin/init` (the first operator is an admin).
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// The answer to creating an operator: the TOTP secret, shown only here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub name: String,
+    pub roles: Vec<String>,
+    /// `otpauth://totp/…` for an authenticator app (or its QR code).
+    pub otpauth_url: String,
+    /// The same secret, base32, for typing in.
+    pub secret: String,
+}
+
+/// `POST /v1/login` (no bearer token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub name: String,
+    pub password: String,
+    /// The current TOTP code.
+    pub code: String,
+    /// Shorter than the default 12 h, if wanted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A token and what it grants; `token` (the secret) only in the answer that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub subject: String,
+    pub roles: Vec<String>,
+    pub created_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    pub revoked: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `POST /v1/tokens`: a machine token (for CI deploys, ingest, Prometheus scrapes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTokenRequest {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub ttl_seconds: u64,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub subject: String,
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+}

@@ -28,7 +28,7 @@ pub struct Filters {
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` UTC.
-fn utc(unix_ms: u64) -> String {
+pub(crate) fn utc(unix_ms: u64) -> String {
     let days = (unix_ms / 86_400_000) as i64;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;

@@ -21,7 +21,28 @@ pub(crate) struct Client {
 }
 
 impl Client {
+    /// A client with the token to use, in order: `--token` / `MARU_TOKEN`, the CLI's login
+    /// for this node (`maru login`), the node's bootstrap token in `DATA/token`.
     pub(crate) fn new(target: &Target) -> anyhow::Result<Self> {
+        let mut client = Self::anonymous(target)?;
+        client.token = match &target.token {
+            Some(token) => token.clone(),
+            None => match crate::identity_cli::session_token(&client.base) {
+                Some(token) => token,
+                None => {
+                    let path = target.data.join(control::token::TOKEN_FILE);
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("read the control token from {} (log in with `maru login`, set MARU_TOKEN, or give --data the node's data directory)", path.display()))?
+                        .trim()
+                        .to_string()
+                }
+            },
+        };
+        Ok(client)
+    }
+
+    /// A client without a token (for `maru login`).
+    pub(crate) fn anonymous(target: &Target) -> anyhow::Result<Self> {
         let node_file = std::fs::read_to_string(target.data.join(crate::up::NODE_FILE))
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
@@ -38,16 +59,6 @@ impl Client {
         } else {
             format!("http://{base}")
         };
-        let token = match &target.token {
-            Some(token) => token.clone(),
-            None => {
-                let path = target.data.join(control::token::TOKEN_FILE);
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("read the control token from {} (set MARU_TOKEN, or --data to the node's data directory)", path.display()))?
-                    .trim()
-                    .to_string()
-            }
-        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(600)))
@@ -56,8 +67,22 @@ impl Client {
         Ok(Client {
             agent,
             base: base.trim_end_matches('/').to_string(),
-            token,
+            token: String::new(),
         })
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn delete<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
+        self.finish(
+            what,
+            self.agent
+                .delete(self.url(path))
+                .header("Authorization", self.auth())
+                .call(),
+        )
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

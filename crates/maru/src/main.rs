@@ -3,6 +3,7 @@
 
 mod audit_cli;
 mod client;
+mod identity_cli;
 mod replay;
 mod sim;
 mod store_cli;
@@ -104,6 +105,48 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// The first operator: `maru admin init --name NAME` (with the node's bootstrap token,
+    /// which then stops working).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Log in with a password and a TOTP code; the CLI keeps the token (12 h).
+    Login {
+        #[arg(long)]
+        name: String,
+        /// The current TOTP code (asked for if not given).
+        #[arg(long)]
+        code: Option<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// A shorter lifetime for the token, in seconds.
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke the CLI's login token and forget it.
+    Logout {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Who the CLI's token belongs to, its roles and expiry.
+    Whoami {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Machine tokens (CI deploys, Prometheus): `create`, `list`, `revoke`.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Operators: `maru operators create --name NAME --role ROLE`.
+    Operators {
+        #[command(subcommand)]
+        command: OperatorsCommand,
+    },
     /// The audit log: `maru audit tail|search|checkpoint|verify`.
     Audit {
         #[command(subcommand)]
@@ -118,6 +161,65 @@ enum Command {
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create the first operator (an admin) and enrol its TOTP second factor.
+    Init {
+        #[arg(long)]
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// A token for a machine, with some of your roles, expiring (the secret is shown once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A role it has (repeat): admin, deployer, viewer, auditor, metrics.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// How long it lives: 45s, 90m, 12h, 30d (at most 366d, never past your own).
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every token (never their secrets), with its state.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a token by its id (`tok_…`): refused from the next request on.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorsCommand {
+    /// Another operator, with roles and a TOTP second factor.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -269,6 +371,43 @@ fn main() -> std::process::ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Anomalies { target } => client::anomalies(&target),
+        Command::Admin {
+            command:
+                AdminCommand::Init {
+                    name,
+                    password_stdin,
+                    target,
+                },
+        } => identity_cli::admin_init(&target, &name, password_stdin),
+        Command::Login {
+            name,
+            code,
+            password_stdin,
+            ttl_seconds,
+            target,
+        } => identity_cli::login(&target, &name, code, password_stdin, ttl_seconds),
+        Command::Logout { target } => identity_cli::logout(&target),
+        Command::Whoami { target } => identity_cli::whoami(&target),
+        Command::Tokens { command } => match command {
+            TokensCommand::Create {
+                name,
+                roles,
+                ttl,
+                description,
+                target,
+            } => identity_cli::create_token(&target, &name, roles, &ttl, description),
+            TokensCommand::List { target } => identity_cli::list_tokens(&target),
+            TokensCommand::Revoke { id, target } => identity_cli::revoke_token(&target, &id),
+        },
+        Command::Operators {
+            command:
+                OperatorsCommand::Create {
+                    name,
+                    roles,
+                    password_stdin,
+                    target,
+                },
+        } => identity_cli::create_operator(&target, &name, roles, password_stdin),
         Command::Audit { command } => match command {
             AuditCommand::Tail { count, target } => {
                 audit_cli::search(&target, &audit_cli::Filters::default(), count)

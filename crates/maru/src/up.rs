@@ -426,6 +426,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     make_data_directory_private(&settings.data)?;
     let files = control::files::NodeFiles::open(disk::Env::os(), &settings.data)?;
     let audit = open_audit(&settings.data)?;
+    let identities = Arc::new(
+        policy::identity::Identities::open(disk::Env::os(), &settings.data)
+            .context("open the identity database")?,
+    );
     if files.token.created {
         eprintln!(
             "maru: created the control API token {} (kept in {}; the CLI finds it there or in MARU_TOKEN)",
@@ -545,7 +549,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         control::audit_api::checkpoints(signer, Duration::from_secs(60), checkpoint_shutdown).await;
         Ok(())
     });
-    let api = control::api::router(node.clone(), token, audit);
+    let api = control::api::router(node.clone(), token, audit, identities);
     let api_shutdown = shutdown.clone();
     let api_config = gateway::ConnectionLimits {
         header_read_timeout: settings.gateway_config.header_read_timeout,

@@ -229,16 +229,42 @@ impl Node {
         child.wait().expect("reap maru");
     }
 
-    /// Run the CLI against this node.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(MARU)
+    /// The CLI against this node, with its own config directory (where `maru login` keeps
+    /// its token), never the machine's.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(MARU);
+        command
             .args(args)
             .arg("--data")
             .arg(&self.data)
             .env_remove("MARU_TOKEN")
             .env_remove("MARU_CONTROL")
-            .output()
-            .expect("run maru CLI")
+            .env("MARU_CONFIG_DIR", self.data.with_file_name("cli-config"));
+        command
+    }
+
+    /// Run the CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().expect("run maru CLI")
+    }
+
+    /// Run the CLI with `input` on its standard input.
+    pub fn cli_input(&self, args: &[&str], input: &str, env: &[(&str, &str)]) -> Output {
+        let mut command = self.cli_command(args);
+        command.envs(env.iter().copied());
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run maru CLI");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("run maru CLI")
     }
 
     /// Run the CLI and insist that it succeeds; returns stdout.

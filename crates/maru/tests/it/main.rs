@@ -5,6 +5,7 @@
 mod audit;
 mod events;
 mod harness;
+mod identity;
 mod keyvalue;
 mod lifecycle;
 mod limits;
