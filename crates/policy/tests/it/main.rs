@@ -1,2 +1,3 @@
 mod audit;
+mod identity;
 mod powercut;
