@@ -30,6 +30,17 @@ struct Ctx {
     token: Arc<str>,
     audit: Arc<policy::audit::AuditLog>,
     identities: Arc<policy::identity::Identities>,
+    policies: Arc<policy::authz::Policies>,
+    data: Arc<std::path::Path>,
+}
+
+/// What guards the API: the audit log, identities and the Cedar policies (with the data
+/// directory, where `maru policy set` keeps them).
+pub struct Guards {
+    pub audit: Arc<policy::audit::AuditLog>,
+    pub identities: Arc<policy::identity::Identities>,
+    pub policies: Arc<policy::authz::Policies>,
+    pub data: std::path::PathBuf,
 }
 
 /// Every path the API serves. The router is built from this list, so a test that walks it
@@ -60,6 +71,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/whoami",
     "/v1/tokens",
     "/v1/tokens/{id}",
+    "/v1/policy",
+    "/v1/policy/test",
     "/metrics",
 ];
 
@@ -172,22 +185,97 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
                 crate::identity_api::revoke_token(ctx.identities.clone(), id).await
             },
         ),
+        "/v1/policy" => get(|State(ctx): State<Ctx>| async move { ctx.policies.text() }).put(
+            |State(ctx): State<Ctx>, body: Bytes| async move {
+                let Ok(text) = String::from_utf8(body.to_vec()) else {
+                    return error(StatusCode::BAD_REQUEST, "bad_request", "the policies are not UTF-8", None);
+                };
+                let (policies, data) = (ctx.policies.clone(), ctx.data.clone());
+                let digest = blake3::hash(text.as_bytes()).to_hex().to_string();
+                let result = tokio::task::spawn_blocking(move || {
+                    crate::authz::set(&disk::Env::os(), &data, &policies, &text)
+                })
+                .await;
+                // The outcome is recorded too: which text (by hash) became active, or why
+                // it was refused.
+                let mut details = serde_json::Map::new();
+                details.insert("policies_blake3".into(), digest.into());
+                let outcome = policy::audit::Event {
+                    kind: policy::audit::Kind::Action,
+                    actor: "maru".into(),
+                    action: "policy.set".into(),
+                    resource: "node".into(),
+                    decision: policy::audit::Decision::Note,
+                    reason: match &result {
+                        Ok(Ok(())) => "the new policies are active".into(),
+                        Ok(Err(message)) => format!("refused: {}", message.lines().next().unwrap_or("")),
+                        Err(e) => format!("failed: {e}"),
+                    },
+                    address: None,
+                    details,
+                };
+                let audit = ctx.audit.clone();
+                if !matches!(tokio::task::spawn_blocking(move || audit.append(outcome)).await, Ok(Ok(_))) {
+                    tracing::error!("the outcome of a policy change could not be recorded in the audit log");
+                }
+                match result {
+                    Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+                    Ok(Err(message)) => error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_policy",
+                        &message,
+                        Some("the policies must validate strictly against Maru's schema (docs/policy.md); nothing was changed".into()),
+                    ),
+                    Err(e) => internal(format!("setting the policies failed: {e}")),
+                }
+            },
+        ),
+        "/v1/policy/test" => post(|State(ctx): State<Ctx>, body: Bytes| async move {
+            let request: maru_api::PolicyTestRequest = match serde_json::from_slice(&body) {
+                Ok(request) => request,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        &format!("the request is not a PolicyTestRequest: {e}"),
+                        None,
+                    );
+                }
+            };
+            let principal = policy::identity::Principal {
+                subject: request.subject.clone(),
+                roles: request.roles.clone(),
+                token_id: None,
+                expires_ms: None,
+            };
+            match ctx.policies.decide_under(
+                request.policies.as_deref(),
+                &principal,
+                &request.action,
+                &request.resource,
+            ) {
+                Ok(decision) => json(&maru_api::PolicyDecision {
+                    allowed: decision.allowed,
+                    reason: decision.reason(),
+                    policies: decision.policies,
+                    errors: decision.errors,
+                }),
+                Err(e) => error(StatusCode::BAD_REQUEST, "bad_policy", &e.to_string(), None),
+            }
+        }),
         "/metrics" => get(metrics),
         other => panic!("ROUTES lists {other} but no handlers are given for it"),
     }
 }
 
-pub fn router(
-    node: Arc<Node>,
-    token: String,
-    audit: Arc<policy::audit::AuditLog>,
-    identities: Arc<policy::identity::Identities>,
-) -> Router {
+pub fn router(node: Arc<Node>, token: String, guards: Guards) -> Router {
     let ctx = Ctx {
         node,
         token: token.into(),
-        audit,
-        identities,
+        audit: guards.audit,
+        identities: guards.identities,
+        policies: guards.policies,
+        data: guards.data.into(),
     };
     ROUTES
         .iter()
@@ -270,7 +358,7 @@ async fn authenticate(State(ctx): State<Ctx>, request: Request, next: Next) -> R
     };
     let decision = match &action {
         Some(action) if crate::authz::public(action.name) => Ok(String::new()),
-        Some(action) => crate::authz::decide(&caller, action.name),
+        Some(action) => crate::authz::decide(&ctx.policies, &caller, action.name, &action.resource),
         None if matches!(caller, Caller::Unknown) => Err((401, "no valid bearer token".into())),
         None => Ok(String::new()),
     };

@@ -454,3 +454,32 @@ pub struct WhoAmI {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_unix_ms: Option<u64>,
 }
+
+/// `POST /v1/policy/test`: how the policies (the node's, or `policies` if given) decide
+/// `subject` (`operator:NAME`, `machine:NAME`, `bootstrap`) with `roles` doing `action` on
+/// `resource`. Nothing changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTestRequest {
+    pub subject: String,
+    pub roles: Vec<String>,
+    pub action: String,
+    #[serde(default = "node_resource")]
+    pub resource: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<String>,
+}
+
+fn node_resource() -> String {
+    "node".into()
+}
+
+/// The answer to `POST /v1/policy/test`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDecision {
+    pub allowed: bool,
+    /// The policies that decided (their `@id`).
+    pub policies: Vec<String>,
+    /// Evaluation errors (any makes the decision a denial).
+    pub errors: Vec<String>,
+    pub reason: String,
+}

@@ -71,6 +71,28 @@ impl Client {
         })
     }
 
+    /// The body of a successful answer as text (errors as [`Client::finish`] reports them).
+    pub(crate) fn finish_text(
+        &self,
+        what: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<String> {
+        let mut response = response.with_context(|| {
+            format!(
+                "{what}: cannot reach the control API at {} (is `maru up` running?)",
+                self.base
+            )
+        })?;
+        if response.status().is_success() {
+            return response
+                .body_mut()
+                .read_to_string()
+                .with_context(|| format!("{what}: read the response"));
+        }
+        self.finish::<serde_json::Value>(what, Ok(response))
+            .map(|v| v.to_string())
+    }
+
     pub(crate) fn base(&self) -> &str {
         &self.base
     }

@@ -4,6 +4,7 @@
 mod audit_cli;
 mod client;
 mod identity_cli;
+mod policy_cli;
 mod replay;
 mod sim;
 mod store_cli;
@@ -147,6 +148,11 @@ enum Command {
         #[command(subcommand)]
         command: OperatorsCommand,
     },
+    /// The node's Cedar policies: `maru policy show|set FILE|test`.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The audit log: `maru audit tail|search|checkpoint|verify`.
     Audit {
         #[command(subcommand)]
@@ -161,6 +167,40 @@ enum Command {
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the active policies.
+    Show {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Replace the policies with a file's, if it validates strictly against the schema.
+    Set {
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A dry run: how the policies (or a file's) decide a request, and which policies decide.
+    Test {
+        /// `operator:NAME`, `machine:NAME` or `bootstrap`.
+        #[arg(long)]
+        subject: String,
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// e.g. `apps.deploy` (docs/policy.md lists them).
+        #[arg(long)]
+        action: String,
+        /// e.g. `app/traffic`, `store`, `node`.
+        #[arg(long, default_value = "node")]
+        resource: String,
+        /// Decide under this file's policies instead of the active ones.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -408,6 +448,25 @@ fn main() -> std::process::ExitCode {
                     target,
                 },
         } => identity_cli::create_operator(&target, &name, roles, password_stdin),
+        Command::Policy { command } => match command {
+            PolicyCommand::Show { target } => policy_cli::show(&target),
+            PolicyCommand::Set { file, target } => policy_cli::set(&target, &file),
+            PolicyCommand::Test {
+                subject,
+                roles,
+                action,
+                resource,
+                policies,
+                target,
+            } => policy_cli::test(
+                &target,
+                &subject,
+                roles,
+                &action,
+                &resource,
+                policies.as_deref(),
+            ),
+        },
         Command::Audit { command } => match command {
             AuditCommand::Tail { count, target } => {
                 audit_cli::search(&target, &audit_cli::Filters::default(), count)

@@ -430,6 +430,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         policy::identity::Identities::open(disk::Env::os(), &settings.data)
             .context("open the identity database")?,
     );
+    let policies = Arc::new(
+        control::authz::load(&disk::Env::os(), &settings.data)
+            .map_err(|e| anyhow::anyhow!("load the Cedar policies: {e}"))?,
+    );
     if files.token.created {
         eprintln!(
             "maru: created the control API token {} (kept in {}; the CLI finds it there or in MARU_TOKEN)",
@@ -549,7 +553,16 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         control::audit_api::checkpoints(signer, Duration::from_secs(60), checkpoint_shutdown).await;
         Ok(())
     });
-    let api = control::api::router(node.clone(), token, audit, identities);
+    let api = control::api::router(
+        node.clone(),
+        token,
+        control::api::Guards {
+            audit,
+            identities,
+            policies,
+            data: settings.data.clone(),
+        },
+    );
     let api_shutdown = shutdown.clone();
     let api_config = gateway::ConnectionLimits {
         header_read_timeout: settings.gateway_config.header_read_timeout,

@@ -5,4 +5,5 @@
 //! passwords and TOTP, and scoped, expiring tokens.
 
 pub mod audit;
+pub mod authz;
 pub mod identity;

@@ -217,3 +217,125 @@ fn machine_tokens_are_scoped_expire_and_revoke_and_guessing_is_throttled() {
         text(&throttled)
     );
 }
+
+#[test]
+fn cedar_policies_decide_validate_explain_and_fail_closed() {
+    let node = Node::start();
+    let secret = enrol(
+        &node,
+        &[
+            "admin",
+            "init",
+            "--name",
+            "ana",
+            "--password-stdin",
+            "--json",
+        ],
+    );
+    ok(login(&node, "ana", PASSWORD, &code(&secret)));
+    node.deploy("hello.toml", &hello_manifest("hi"));
+    let dir = node.data.parent().expect("parent").to_path_buf();
+
+    // The dry run explains the defaults.
+    let test: serde_json::Value = serde_json::from_str(&ok(node.cli(&[
+        "policy",
+        "test",
+        "--subject",
+        "machine:ci",
+        "--role",
+        "deployer",
+        "--action",
+        "store.keys.create",
+        "--resource",
+        "store",
+        "--json",
+    ])))
+    .expect("JSON");
+    assert_eq!(test["allowed"], false, "{test}");
+    let test: serde_json::Value = serde_json::from_str(&ok(node.cli(&[
+        "policy",
+        "test",
+        "--subject",
+        "machine:ci",
+        "--role",
+        "deployer",
+        "--action",
+        "apps.remove",
+        "--resource",
+        "app/hello",
+        "--json",
+    ])))
+    .expect("JSON");
+    assert_eq!(test["allowed"], true, "{test}");
+    assert_eq!(test["policies"][0], "deployers", "{test}");
+
+    // A policy set that does not validate is refused, and nothing changes.
+    let bad = dir.join("bad.cedar");
+    std::fs::write(
+        &bad,
+        "permit(principal, action == Maru::Action::\"apps.deploi\", resource);",
+    )
+    .expect("write");
+    let refused = node.cli(&["policy", "set", bad.to_str().expect("utf-8")]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("(400)"), "{}", text(&refused));
+    assert!(ok(node.cli(&["policy", "show"])).contains("deployers"));
+
+    // Deployers may not remove the app `hello` any more.
+    let mut stricter = String::from(policy::authz::DEFAULT_POLICIES);
+    stricter.push_str(
+        "\n@id(\"keep-hello\")\nforbid (principal in Maru::Role::\"deployer\", action == Maru::Action::\"apps.remove\", resource)\n  when { resource.name == \"hello\" };\n",
+    );
+    let file = dir.join("stricter.cedar");
+    std::fs::write(&file, &stricter).expect("write");
+    ok(node.cli(&["policy", "set", file.to_str().expect("utf-8")]));
+    let created: serde_json::Value = serde_json::from_str(&ok(node.cli(&[
+        "tokens", "create", "--name", "ci", "--role", "deployer", "--ttl", "1h", "--json",
+    ])))
+    .expect("JSON");
+    let ci = created["token"].as_str().expect("token").to_string();
+    let remove = node
+        .cli_command(&["rm", "hello"])
+        .env("MARU_TOKEN", &ci)
+        .output()
+        .expect("cli");
+    assert!(text(&remove).contains("(403)"), "{}", text(&remove));
+    assert!(text(&remove).contains("keep-hello"), "{}", text(&remove));
+    let denials: Vec<serde_json::Value> = serde_json::from_str(&ok(node.cli(&[
+        "audit",
+        "search",
+        "--action",
+        "apps.remove",
+        "--decision",
+        "deny",
+        "--json",
+    ])))
+    .expect("JSON");
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    let changes = ok(node.cli(&["audit", "search", "--action", "policy.set"]));
+    assert!(
+        changes.contains("refused") && changes.contains("active"),
+        "{changes}"
+    );
+
+    // A policy that errors while evaluated denies, although a permit applies, and says so.
+    let erring = dir.join("erring.cedar");
+    std::fs::write(
+        &erring,
+        "@id(\"admins\") permit(principal in Maru::Role::\"admin\", action, resource);\n@id(\"guard\") forbid(principal, action, resource) when { 9223372036854775807 + 1 > 0 };\n",
+    )
+    .expect("write");
+    ok(node.cli(&["policy", "set", erring.to_str().expect("utf-8")]));
+    let denied = node.cli(&["apps"]);
+    assert!(text(&denied).contains("(403)"), "{}", text(&denied));
+    assert!(
+        text(&denied).contains("a policy failed"),
+        "{}",
+        text(&denied)
+    );
+    assert!(
+        node.log().contains("ALERT: a Cedar policy failed"),
+        "{}",
+        node.log()
+    );
+}
