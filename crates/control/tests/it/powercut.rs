@@ -514,41 +514,17 @@ fn run_on(seed: u64, wrap: impl FnOnce(SimDisk) -> Arc<dyn disk::Disk>) -> Resul
 
 #[test]
 fn the_nodes_files_survive_power_cuts_from_the_first_start() {
-    if let Ok(seed) = std::env::var("MARU_NODE_POWERCUT_SEED") {
-        let seed: u64 = seed.parse().expect("MARU_NODE_POWERCUT_SEED is a number");
-        match run(seed) {
-            Ok(summary) => println!("seed {seed}: {summary:?}"),
-            Err(violation) => panic!("seed {seed}: {violation}"),
-        }
-        return;
-    }
-    let schedules: u64 = std::env::var("MARU_NODE_POWERCUT_SCHEDULES")
-        .map(|n| n.parse().expect("MARU_NODE_POWERCUT_SCHEDULES is a number"))
-        .unwrap_or(5_000);
-    let mut violations = Vec::new();
-    let (mut acknowledged, mut power_cuts) = (0, 0);
-    for seed in 0..schedules {
-        match run(seed) {
-            Ok(summary) => {
-                acknowledged += summary.acknowledged;
-                power_cuts += summary.power_cuts;
-            }
-            Err(violation) => {
-                violations.push(format!("seed {seed}: {violation}"));
-                if violations.len() >= 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        violations.is_empty(),
-        "{} violation(s); replay one with MARU_NODE_POWERCUT_SEED=SEED cargo test -p control --test it:\n{}",
-        violations.len(),
-        violations.join("\n")
+    let runs = disk::sim::run_schedules(
+        "MARU_NODE_POWERCUT",
+        5_000,
+        "cargo test -p control --test it",
+        run,
     );
+    let acknowledged: u64 = runs.iter().map(|s| s.acknowledged).sum();
+    let power_cuts: u64 = runs.iter().map(|s| s.power_cuts).sum();
     println!(
-        "node power-cut simulation: {schedules} schedules, {acknowledged} acknowledged changes, {power_cuts} power cuts, 0 violations"
+        "node power-cut simulation: {} schedules, {acknowledged} acknowledged changes, {power_cuts} power cuts, 0 violations",
+        runs.len()
     );
 }
 

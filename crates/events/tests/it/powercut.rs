@@ -474,41 +474,17 @@ fn run_on(seed: u64, wrap: impl FnOnce(SimDisk) -> Arc<dyn disk::Disk>) -> Resul
 
 #[test]
 fn acknowledged_events_survive_power_cuts_bit_flips_and_full_disks() {
-    if let Ok(seed) = std::env::var("MARU_POWERCUT_SEED") {
-        let seed: u64 = seed.parse().expect("MARU_POWERCUT_SEED is a number");
-        match run(seed) {
-            Ok(summary) => println!("seed {seed}: {summary:?}"),
-            Err(violation) => panic!("seed {seed}: {violation}"),
-        }
-        return;
-    }
-    let schedules: u64 = std::env::var("MARU_POWERCUT_SCHEDULES")
-        .map(|n| n.parse().expect("MARU_POWERCUT_SCHEDULES is a number"))
-        .unwrap_or(10_000);
-    let mut violations = Vec::new();
-    let (mut acked, mut damaged) = (0, 0);
-    for seed in 0..schedules {
-        match run(seed) {
-            Ok(summary) => {
-                acked += summary.acked;
-                damaged += summary.damaged;
-            }
-            Err(violation) => {
-                violations.push(format!("seed {seed}: {violation}"));
-                if violations.len() >= 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        violations.is_empty(),
-        "{} violation(s); replay one with MARU_POWERCUT_SEED=SEED cargo test -p events --test it:\n{}",
-        violations.len(),
-        violations.join("\n")
+    let runs = disk::sim::run_schedules(
+        "MARU_POWERCUT",
+        10_000,
+        "cargo test -p events --test it",
+        run,
     );
+    let acked: usize = runs.iter().map(|s| s.acked).sum();
+    let damaged: usize = runs.iter().map(|s| s.damaged).sum();
     println!(
-        "power-cut simulation: {schedules} schedules, {acked} acknowledged events, {damaged} flipped records, 0 violations"
+        "power-cut simulation: {} schedules, {acked} acknowledged events, {damaged} flipped records, 0 violations",
+        runs.len()
     );
 }
 

@@ -161,35 +161,15 @@ fn clock_seconds(clock: &SimClock) -> u64 {
 
 #[test]
 fn operators_tokens_and_used_codes_survive_power_cuts() {
-    if let Ok(seed) = std::env::var("MARU_IDENTITY_POWERCUT_SEED") {
-        let seed: u64 = seed.parse().expect("a number");
-        if let Err(v) = run(seed) {
-            panic!("seed {seed}: {v}");
-        }
-        return;
-    }
-    let schedules: u64 = std::env::var("MARU_IDENTITY_POWERCUT_SCHEDULES")
-        .map(|n| n.parse().expect("a number"))
-        .unwrap_or(100);
-    let mut violations = Vec::new();
-    let mut acknowledged = 0;
-    for seed in 0..schedules {
-        match run(seed) {
-            Ok(n) => acknowledged += n,
-            Err(v) => {
-                violations.push(format!("seed {seed}: {v}"));
-                if violations.len() >= 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        violations.is_empty(),
-        "replay with MARU_IDENTITY_POWERCUT_SEED=SEED cargo test -p policy --test it:\n{}",
-        violations.join("\n")
+    let runs = disk::sim::run_schedules(
+        "MARU_IDENTITY_POWERCUT",
+        100,
+        "cargo test -p policy --test it identity",
+        run,
     );
     println!(
-        "identity power-cut simulation: {schedules} schedules, {acknowledged} acknowledged changes, 0 violations"
+        "identity power-cut simulation: {} schedules, {} acknowledged changes, 0 violations",
+        runs.len(),
+        runs.iter().sum::<u64>()
     );
 }

@@ -152,35 +152,15 @@ fn run(seed: u64) -> Result<u64, String> {
 
 #[test]
 fn acknowledged_entries_and_the_chain_survive_power_cuts() {
-    if let Ok(seed) = std::env::var("MARU_AUDIT_POWERCUT_SEED") {
-        let seed: u64 = seed.parse().expect("a number");
-        if let Err(violation) = run(seed) {
-            panic!("seed {seed}: {violation}");
-        }
-        return;
-    }
-    let schedules: u64 = std::env::var("MARU_AUDIT_POWERCUT_SCHEDULES")
-        .map(|n| n.parse().expect("a number"))
-        .unwrap_or(2000);
-    let mut violations = Vec::new();
-    let mut acknowledged = 0;
-    for seed in 0..schedules {
-        match run(seed) {
-            Ok(n) => acknowledged += n,
-            Err(v) => {
-                violations.push(format!("seed {seed}: {v}"));
-                if violations.len() >= 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        violations.is_empty(),
-        "replay with MARU_AUDIT_POWERCUT_SEED=SEED cargo test -p policy --test it:\n{}",
-        violations.join("\n")
+    let runs = disk::sim::run_schedules(
+        "MARU_AUDIT_POWERCUT",
+        2000,
+        "cargo test -p policy --test it powercut",
+        run,
     );
     println!(
-        "audit power-cut simulation: {schedules} schedules, {acknowledged} acknowledged entries, 0 violations"
+        "audit power-cut simulation: {} schedules, {} acknowledged entries, 0 violations",
+        runs.len(),
+        runs.iter().sum::<u64>()
     );
 }

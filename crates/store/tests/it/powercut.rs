@@ -299,35 +299,15 @@ fn run(seed: u64) -> Result<u64, String> {
 
 #[test]
 fn objects_are_old_or_new_and_nothing_is_left_behind_after_power_cuts() {
-    if let Ok(seed) = std::env::var("MARU_STORE_POWERCUT_SEED") {
-        let seed: u64 = seed.parse().expect("a number");
-        if let Err(violation) = run(seed) {
-            panic!("seed {seed}: {violation}");
-        }
-        return;
-    }
-    let schedules: u64 = std::env::var("MARU_STORE_POWERCUT_SCHEDULES")
-        .map(|n| n.parse().expect("a number"))
-        .unwrap_or(300);
-    let mut violations = Vec::new();
-    let mut acknowledged = 0;
-    for seed in 0..schedules {
-        match run(seed) {
-            Ok(n) => acknowledged += n,
-            Err(v) => {
-                violations.push(format!("seed {seed}: {v}"));
-                if violations.len() >= 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        violations.is_empty(),
-        "replay with MARU_STORE_POWERCUT_SEED=SEED cargo test -p store --test it:\n{}",
-        violations.join("\n")
+    let runs = disk::sim::run_schedules(
+        "MARU_STORE_POWERCUT",
+        300,
+        "cargo test -p store --test it powercut",
+        run,
     );
     println!(
-        "store power-cut simulation: {schedules} schedules, {acknowledged} acknowledged changes, 0 violations"
+        "store power-cut simulation: {} schedules, {} acknowledged changes, 0 violations",
+        runs.len(),
+        runs.iter().sum::<u64>()
     );
 }
