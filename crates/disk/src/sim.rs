@@ -811,6 +811,59 @@ impl Disk for SimDisk {
     }
 }
 
+/// Run a seeded simulation over many schedules, as every power-cut test does:
+/// `{prefix}_SEED=S` replays schedule `S` alone (printing its summary), `{prefix}_SCHEDULES=N`
+/// runs `N` schedules (`default` otherwise). Panics with up to five violations and how to
+/// replay them (`replay` is the cargo command that runs the test); returns the summaries of
+/// the schedules run.
+pub fn run_schedules<S: std::fmt::Debug>(
+    prefix: &str,
+    default: u64,
+    replay: &str,
+    run: impl Fn(u64) -> Result<S, String>,
+) -> Vec<S> {
+    let seed_var = format!("{prefix}_SEED");
+    let schedules_var = format!("{prefix}_SCHEDULES");
+    if let Ok(seed) = std::env::var(&seed_var) {
+        let seed: u64 = seed
+            .parse()
+            .unwrap_or_else(|_| panic!("{seed_var} is a number"));
+        return match run(seed) {
+            Ok(summary) => {
+                println!("seed {seed}: {summary:?}");
+                vec![summary]
+            }
+            Err(violation) => panic!("seed {seed}: {violation}"),
+        };
+    }
+    let schedules: u64 = std::env::var(&schedules_var)
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|_| panic!("{schedules_var} is a number"))
+        })
+        .unwrap_or(default);
+    let mut violations = Vec::new();
+    let mut summaries = Vec::new();
+    for seed in 0..schedules {
+        match run(seed) {
+            Ok(summary) => summaries.push(summary),
+            Err(violation) => {
+                violations.push(format!("seed {seed}: {violation}"));
+                if violations.len() >= 5 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "{} violation(s); replay one with {seed_var}=SEED {replay}:\n{}",
+        violations.len(),
+        violations.join("\n")
+    );
+    summaries
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -962,57 +1015,4 @@ mod tests {
             "a killed process holds nothing"
         );
     }
-}
-
-/// Run a seeded simulation over many schedules, as every power-cut test does:
-/// `{prefix}_SEED=S` replays schedule `S` alone (printing its summary), `{prefix}_SCHEDULES=N`
-/// runs `N` schedules (`default` otherwise). Panics with up to five violations and how to
-/// replay them (`replay` is the cargo command that runs the test); returns the summaries of
-/// the schedules run.
-pub fn run_schedules<S: std::fmt::Debug>(
-    prefix: &str,
-    default: u64,
-    replay: &str,
-    run: impl Fn(u64) -> Result<S, String>,
-) -> Vec<S> {
-    let seed_var = format!("{prefix}_SEED");
-    let schedules_var = format!("{prefix}_SCHEDULES");
-    if let Ok(seed) = std::env::var(&seed_var) {
-        let seed: u64 = seed
-            .parse()
-            .unwrap_or_else(|_| panic!("{seed_var} is a number"));
-        return match run(seed) {
-            Ok(summary) => {
-                println!("seed {seed}: {summary:?}");
-                vec![summary]
-            }
-            Err(violation) => panic!("seed {seed}: {violation}"),
-        };
-    }
-    let schedules: u64 = std::env::var(&schedules_var)
-        .map(|n| {
-            n.parse()
-                .unwrap_or_else(|_| panic!("{schedules_var} is a number"))
-        })
-        .unwrap_or(default);
-    let mut violations = Vec::new();
-    let mut summaries = Vec::new();
-    for seed in 0..schedules {
-        match run(seed) {
-            Ok(summary) => summaries.push(summary),
-            Err(violation) => {
-                violations.push(format!("seed {seed}: {violation}"));
-                if violations.len() >= 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        violations.is_empty(),
-        "{} violation(s); replay one with {seed_var}=SEED {replay}:\n{}",
-        violations.len(),
-        violations.join("\n")
-    );
-    summaries
 }
