@@ -65,6 +65,13 @@ pub enum Which {
         #[arg(long, default_value_t = 80.0)]
         peak_rps: f64,
     },
+    /// Resident memory per deployed idle service and per warm instance, deploy time per app
+    /// and the time to cold-start them all, for N copies of examples/hello.
+    Density {
+        /// Counts of apps to deploy, comma-separated (a fresh node for each).
+        #[arg(long, default_value = "1000,5000")]
+        apps: String,
+    },
     /// Object PUT and GET through the S3 API against the disk's raw sequential bandwidth,
     /// and the per-core speed of erasure coding, encryption and hashing.
     Store {
@@ -92,6 +99,7 @@ pub enum Which {
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Store { clients } => crate::bench_store::store(clients),
+        Which::Density { apps } => crate::bench_density::density(&apps),
         Which::Gateway {
             seconds,
             connections,

@@ -28,6 +28,17 @@ impl MaruNode {
         s3: &str,
         log: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_with(binary, data, [gateway, control, mqtt, s3], log, &[])
+    }
+
+    /// [`MaruNode::start`] with more arguments for `maru up` (e.g. `--config FILE`).
+    pub fn start_with(
+        binary: &Path,
+        data: &Path,
+        [gateway, control, mqtt, s3]: [&str; 4],
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         if data.exists() {
             std::fs::remove_dir_all(data).with_context(|| format!("clear {}", data.display()))?;
         }
@@ -36,7 +47,9 @@ impl MaruNode {
             std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(binary)
             .args(["up", "--gateway", gateway, "--control", control])
-            .args(["--mqtt", mqtt, "--s3", s3, "--data"])
+            .args(["--mqtt", mqtt, "--s3", s3])
+            .args(extra)
+            .arg("--data")
             .arg(data)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -91,6 +104,11 @@ impl MaruNode {
             any,
             &dir.join("maru.log"),
         )
+    }
+
+    /// The process id of `maru up`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The token producers present to the gateway's `/events/` and the MQTT listener.

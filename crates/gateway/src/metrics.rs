@@ -42,7 +42,10 @@ struct Inner {
     buckets: [u64; LATENCY_BUCKETS_SECONDS.len()],
     latency_sum_seconds: f64,
     latency_count: u64,
-    histogram_us: Histogram<u64>,
+    /// Latencies from 1 µs to an hour with two significant figures (p50 and p99 within
+    /// 1 %) in 32-bit counts (saturating): about 13 KiB, made at the first completed request
+    /// so that an idle service holds none. (Three figures in 64-bit counts took 190 KiB.)
+    histogram_us: Option<Histogram<u32>>,
     /// Requests answered with a 2xx or 3xx status within the SLO, and all others.
     slo_met: u64,
     slo_missed: u64,
@@ -94,8 +97,7 @@ impl ServiceMetrics {
                 latency_count: 0,
                 slo_met: 0,
                 slo_missed: 0,
-                histogram_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                    .expect("static histogram bounds are valid"),
+                histogram_us: None,
                 per_second: [(u64::MAX, 0); RATE_WINDOW_SECONDS],
                 instance_ms: 0,
                 instances: 0,
@@ -135,6 +137,10 @@ impl ServiceMetrics {
         }
         inner
             .histogram_us
+            .get_or_insert_with(|| {
+                Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .expect("static histogram bounds are valid")
+            })
             .saturating_record(latency.as_micros().max(1) as u64);
         let slot = &mut inner.per_second[(second as usize) % RATE_WINDOW_SECONDS];
         if slot.0 != second {
@@ -233,12 +239,11 @@ impl ServiceMetrics {
             })
             .map(|(_, count)| count)
             .sum();
-        let quantile_ms = |q| {
-            if inner.latency_count == 0 {
-                0.0
-            } else {
-                inner.histogram_us.value_at_quantile(q) as f64 / 1000.0
+        let quantile_ms = |q| match &inner.histogram_us {
+            Some(histogram) if inner.latency_count > 0 => {
+                histogram.value_at_quantile(q) as f64 / 1000.0
             }
+            _ => 0.0,
         };
         MetricsSnapshot {
             requests_total: inner.latency_count,
@@ -503,8 +508,8 @@ mod tests {
         }
         let snap = metrics.snapshot(t0 + Duration::from_secs(3));
         assert_eq!(snap.requests_total, 100);
-        assert!((snap.latency_p50_ms - 2.0).abs() < 0.01, "{snap:?}");
-        assert!((snap.latency_p99_ms - 100.0).abs() < 0.1, "{snap:?}");
+        assert!((snap.latency_p50_ms - 2.0).abs() < 0.02, "{snap:?}");
+        assert!((snap.latency_p99_ms - 100.0).abs() < 1.0, "{snap:?}");
         assert!(
             (snap.requests_per_second - 100.0 / 3.0).abs() < 0.01,
             "{snap:?}"

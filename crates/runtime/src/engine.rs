@@ -43,12 +43,18 @@ pub struct Runtime {
     pub(crate) config: RuntimeConfig,
     ticker_stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
+    /// Components loaded and still held by some service, by hash: services running the same
+    /// component share one copy of its code (a copy is the size of the compiled artifact,
+    /// ~280 KiB for examples/hello) instead of each deserialising its own.
+    loaded: std::sync::Mutex<
+        std::collections::HashMap<ComponentHash, std::sync::Weak<ProxyPre<GuestState>>>,
+    >,
 }
 
 /// A component compiled, linked and ready to instantiate; cheap to clone.
 #[derive(Clone)]
 pub struct LoadedComponent {
-    pub(crate) pre: ProxyPre<GuestState>,
+    pub(crate) pre: Arc<ProxyPre<GuestState>>,
     pub hash: ComponentHash,
 }
 
@@ -107,6 +113,7 @@ impl Runtime {
             config,
             ticker_stop,
             ticker: Some(ticker),
+            loaded: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -139,6 +146,18 @@ impl Runtime {
         cache: &ArtifactCache,
         hash: &ComponentHash,
     ) -> Result<LoadedComponent, ArtifactError> {
+        let shared = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(pre) = shared {
+            return Ok(LoadedComponent {
+                pre,
+                hash: hash.clone(),
+            });
+        }
         let compiled = match cache.read_compiled(hash, &self.engine_key) {
             Some(bytes) => bytes,
             None => {
@@ -167,6 +186,10 @@ impl Runtime {
             hash: hash.clone(),
             reason: format!("it does not export wasi:http/incoming-handler (is it built for the wasi:http/proxy world?): {e:#}"),
         })?;
+        let pre = Arc::new(pre);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.retain(|_, weak| weak.strong_count() > 0);
+        loaded.insert(hash.clone(), Arc::downgrade(&pre));
         Ok(LoadedComponent {
             pre,
             hash: hash.clone(),
