@@ -65,6 +65,16 @@ pub enum Which {
         #[arg(long, default_value_t = 80.0)]
         peak_rps: f64,
     },
+    /// What the control API's guard (token, Cedar decision, synced audit entry) costs per
+    /// call: `GET /v1/whoami` against the unguarded `GET /v1/health` on the same node.
+    Control {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 16)]
+        clients: u32,
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// Resident memory per deployed idle service and per warm instance, deploy time per app
     /// and the time to cold-start them all, for N copies of examples/hello.
     Density {
@@ -100,6 +110,11 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Store { clients } => crate::bench_store::store(clients),
         Which::Density { apps } => crate::bench_density::density(&apps),
+        Which::Control {
+            seconds,
+            clients,
+            rounds,
+        } => crate::bench_control::control(seconds, clients, rounds),
         Which::Gateway {
             seconds,
             connections,

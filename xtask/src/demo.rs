@@ -129,9 +129,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  target/release/maru events stats            # topics, rates, consumer lag");
     println!("  target/release/maru events tail city.congestion --follow");
     println!("  target/release/maru store status             # volumes, objects, scrub and heal");
-    println!("  target/release/maru audit tail               # every control action, who asked and the decision");
-    println!("  target/release/maru audit verify             # the hash chain and signed checkpoints");
-    println!("  target/release/maru policy show              # the Cedar policies that decide each action");
+    println!(
+        "  target/release/maru audit tail               # every control action, who asked and the decision"
+    );
+    println!(
+        "  target/release/maru audit verify             # the hash chain and signed checkpoints"
+    );
+    println!(
+        "  target/release/maru policy show              # the Cedar policies that decide each action"
+    );
     println!(
         "  mosquitto_pub -h {} -p {} -u sensor -P $(cat $MARU_DATA/ingest.token) -q 1 -t city/traffic/harbour-gate -m '{{\"loop\":\"x\",\"vehicles\":500,\"at_ms\":0}}'",
         node.mqtt.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h),

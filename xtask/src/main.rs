@@ -11,6 +11,7 @@
 //! - `cargo xtask tidy`: the tidy checks alone.
 
 mod bench;
+mod bench_control;
 mod bench_density;
 mod bench_events;
 mod bench_replay;
