@@ -173,3 +173,36 @@ fn operators_tokens_and_used_codes_survive_power_cuts() {
         runs.iter().sum::<u64>()
     );
 }
+
+#[test]
+fn an_unknown_name_takes_as_long_as_a_wrong_password() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ids = Identities::open(Env::os(), dir.path()).expect("open");
+    ids.create_operator("ana", PASSWORD, &["admin".into()], true)
+        .expect("create");
+    let time = |name: &str, address: &str| {
+        let started = std::time::Instant::now();
+        let result = ids.login(name, "a wrong password, surely", "123456", address, None);
+        assert!(
+            matches!(result, Err(IdentityError::BadCredentials)),
+            "{result:?}"
+        );
+        started.elapsed()
+    };
+    // Interleaved, each from its own address so that no backoff starts; medians compared.
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..4 {
+        known.push(time("ana", &format!("10.0.0.{i}")));
+        unknown.push(time("nobody", &format!("10.0.1.{i}")));
+    }
+    known.sort_unstable();
+    unknown.sort_unstable();
+    let ratio = unknown[2].as_secs_f64() / known[2].as_secs_f64();
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "an unknown name took {:?}, a known one {:?}: the difference tells who exists",
+        unknown[2],
+        known[2]
+    );
+}
