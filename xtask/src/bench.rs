@@ -243,7 +243,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// One GET over a fresh connection; returns the time from sending to the first response
 /// byte, and the whole response.
-fn first_byte(address: &str, path: &str) -> anyhow::Result<(Duration, String)> {
+pub(crate) fn first_byte(address: &str, path: &str) -> anyhow::Result<(Duration, String)> {
     let mut stream = TcpStream::connect(address)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -7,49 +7,12 @@
 //! `clients` threads each hold a keep-alive connection and send one request after another,
 //! alternating rounds; every guarded call's audit entry is counted afterwards.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::env;
-use crate::node::{MaruNode, quantile_ms};
-
-fn call(
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut TcpStream,
-    path: &str,
-    token: &str,
-) -> anyhow::Result<u16> {
-    write!(
-        writer,
-        "GET {path} HTTP/1.1\r\nHost: maru\r\nAuthorization: Bearer {token}\r\n\r\n"
-    )?;
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no HTTP status in {line:?}"))?;
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
-    Ok(status)
-}
+use crate::node::{KeepAlive, MaruNode, quantile_ms};
 
 struct Round {
     requests: usize,
@@ -70,15 +33,12 @@ fn load(
         .map(|_| {
             let (address, path, token) = (address.to_string(), path.to_string(), token.to_string());
             std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-                let stream = TcpStream::connect(&address)?;
-                stream.set_nodelay(true)?;
-                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-                let mut reader = BufReader::new(stream.try_clone()?);
-                let mut writer = stream;
+                let mut connection = KeepAlive::open(&address)?;
+                let authorization = format!("Authorization: Bearer {token}\r\n");
                 let mut latencies = Vec::new();
                 while Instant::now() < until {
                     let sent = Instant::now();
-                    let status = call(&mut reader, &mut writer, &path, &token)?;
+                    let (status, _) = connection.send("GET", "maru", &path, &authorization, &[])?;
                     if status != 200 {
                         bail!("GET {path} answered {status}");
                     }

@@ -8,8 +8,6 @@
 //! starts its instance (time for all); resident memory once more (per warm instance).
 //! Results go to stdout and `target/bench/density.json`.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -39,17 +37,6 @@ fn settled_rss(pid: u32, settle: Duration) -> anyhow::Result<u64> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(least)
-}
-
-fn get(address: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
 }
 
 struct Row {
@@ -124,7 +111,7 @@ fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result
     let idle_rss = settled_rss(pid, Duration::from_secs(5))?;
     let started = Instant::now();
     for i in 0..apps {
-        let response = get(&node.gateway, &format!("/a{i}"))?;
+        let (_, response) = crate::bench::first_byte(&node.gateway, &format!("/a{i}"))?;
         if !response.starts_with("HTTP/1.1 200") {
             bail!(
                 "app {i}'s first request: {}",

@@ -15,8 +15,7 @@
 //!   `maru store status`; compared with the raw write bandwidth.
 //! - The CPU side: `cargo run --release -p store --example erasure_speed`, per core.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpStream;
+use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -25,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::env;
-use crate::node::MaruNode;
+use crate::node::{KeepAlive, MaruNode};
 
 const MIB: u64 = 1 << 20;
 
@@ -164,71 +163,6 @@ print(json.dumps(out))
     Ok(pairs)
 }
 
-/// A keep-alive HTTP/1.1 connection to the S3 endpoint.
-struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Connection {
-    fn open(address: &str) -> anyhow::Result<Connection> {
-        let stream = TcpStream::connect(address).context("connect to the S3 endpoint")?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        Ok(Connection {
-            reader: BufReader::with_capacity(1 << 20, stream.try_clone()?),
-            writer: stream,
-        })
-    }
-
-    /// Send a request; returns the status and the body's length (the body is read and
-    /// dropped).
-    fn exchange(&mut self, method: &str, url: &str, body: &[u8]) -> anyhow::Result<(u16, u64)> {
-        let path = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.find('/').map(|at| &rest[at..]))
-            .context("a URL with a path")?;
-        let host = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split('/').next())
-            .unwrap_or_default();
-        write!(
-            self.writer,
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )?;
-        self.writer.write_all(body)?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("no HTTP status in {line:?}"))?;
-        let mut length = 0u64;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut remaining = length;
-        let mut sink = vec![0u8; 1 << 20];
-        while remaining > 0 {
-            let take = remaining.min(sink.len() as u64) as usize;
-            self.reader.read_exact(&mut sink[..take])?;
-            remaining -= take as u64;
-        }
-        Ok((status, length))
-    }
-}
-
 /// Send every request in `urls` from `clients` threads; returns the bytes moved and time.
 fn drive(
     address: &str,
@@ -243,7 +177,7 @@ fn drive(
         .map(|_| {
             let (queue, body, address) = (queue.clone(), body.clone(), address.to_string());
             std::thread::spawn(move || -> anyhow::Result<u64> {
-                let mut connection = Connection::open(&address)?;
+                let mut connection = KeepAlive::open(&address)?;
                 let mut moved = 0;
                 loop {
                     let Some(url) = queue.lock().expect("never poisoned").pop() else {

@@ -1,5 +1,7 @@
 //! A `maru up` process run by a task, and the CLI pointed at it.
 
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -213,4 +215,79 @@ pub fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
     }
     let index = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[index].as_secs_f64() * 1000.0
+}
+
+/// A keep-alive HTTP/1.1 connection, as the load generators hold one per client.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn open(address: &str) -> anyhow::Result<KeepAlive> {
+        let stream =
+            TcpStream::connect(address).with_context(|| format!("connect to {address}"))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(KeepAlive {
+            reader: BufReader::with_capacity(1 << 20, stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Send a request to `url` (`http://host/path`); returns the status and the body's
+    /// length (the body is read and dropped).
+    pub fn exchange(&mut self, method: &str, url: &str, body: &[u8]) -> anyhow::Result<(u16, u64)> {
+        let (host, path) = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.find('/').map(|at| rest.split_at(at)))
+            .context("a URL with a path")?;
+        self.send(method, host, path, "", body)
+    }
+
+    /// Send a request with extra header lines (each ending in `\r\n`); returns the status
+    /// and the body's length (the body is read and dropped).
+    pub fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, u64)> {
+        write!(
+            self.writer,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {}\r\n\r\n",
+            body.len()
+        )?;
+        self.writer.write_all(body)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no HTTP status in {line:?}"))?;
+        let mut length = 0u64;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut remaining = length;
+        let mut sink = vec![0u8; 1 << 16];
+        while remaining > 0 {
+            let take = remaining.min(sink.len() as u64) as usize;
+            self.reader.read_exact(&mut sink[..take])?;
+            remaining -= take as u64;
+        }
+        Ok((status, length))
+    }
 }

@@ -410,7 +410,12 @@ fn audit_unavailable(e: policy::audit::AuditError) -> Response {
     )
 }
 
-fn error(status: StatusCode, code: &str, message: &str, hint: Option<String>) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    hint: Option<String>,
+) -> Response {
     let body = ApiError {
         error: ErrorBody {
             status: status.as_u16(),

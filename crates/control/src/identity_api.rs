@@ -23,13 +23,7 @@ pub fn answer(error: IdentityError) -> Response {
         IdentityError::NoSuchToken(_) => (StatusCode::NOT_FOUND, "not_found"),
         IdentityError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
-    let mut response = (
-        status,
-        axum::Json(serde_json::json!({ "error": {
-            "status": status.as_u16(), "code": code, "message": error.to_string(),
-        }})),
-    )
-        .into_response();
+    let mut response = crate::api::error(status, code, &error.to_string(), None);
     if let IdentityError::Throttled { retry_after_ms } = error
         && let Ok(value) = retry_after_ms.div_ceil(1000).to_string().parse()
     {
@@ -160,14 +154,12 @@ pub async fn login(
     let recorded = tokio::task::spawn_blocking(move || recorder.append(event)).await;
     if !matches!(recorded, Ok(Ok(_))) {
         // A token issued but not on record is never handed out (nobody holds it).
-        return (
+        return crate::api::error(
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "error": {
-                "status": 503, "code": "audit_unavailable",
-                "message": "the audit log cannot be written, so the login is refused",
-            }})),
-        )
-            .into_response();
+            "audit_unavailable",
+            "the audit log cannot be written, so the login is refused",
+            None,
+        );
     }
     match outcome {
         Ok(issued) => axum::Json(wire(issued.record, Some(issued.token))).into_response(),

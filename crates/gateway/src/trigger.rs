@@ -391,7 +391,7 @@ fn attributes(topic: &str, event: &Event) -> Vec<(&'static str, String)> {
 }
 
 /// Milliseconds since the Unix epoch as an RFC 3339 UTC time.
-fn rfc3339(time_ms: u64) -> String {
+pub fn rfc3339(time_ms: u64) -> String {
     let seconds = time_ms / 1000;
     let days = (seconds / 86_400) as i64;
     let rest = seconds % 86_400;

@@ -235,9 +235,7 @@ impl AuditLog {
         let signer =
             Signer::from_pkcs8(&signing).map_err(|e| failed(format!("signing.key: {e}")))?;
         let redact = key_file(&env, &dir.join("redact.key"), || {
-            let mut key = [0; 32];
-            getrandom_fill(&mut key)?;
-            Ok(key.to_vec())
+            crate::random_bytes::<32>().map(|key| key.to_vec())
         })
         .map_err(failed)?;
         let redact_key: [u8; 32] = redact
@@ -497,13 +495,6 @@ impl AuditLog {
     }
 }
 
-fn getrandom_fill(key: &mut [u8]) -> Result<(), String> {
-    use ring::rand::SecureRandom as _;
-    ring::rand::SystemRandom::new()
-        .fill(key)
-        .map_err(|_| "the system's random source failed".to_string())
-}
-
 /// Open the newest segment for appending, or start one (module docs: recovery).
 fn recover(env: &Env, dir: &Path) -> Result<(Segment, ChainEnd, Opened), String> {
     let firsts = segments(env, dir)?;
@@ -618,7 +609,16 @@ fn read_entries(
     keep: impl Fn(&Entry) -> bool,
 ) -> Result<Vec<Entry>, String> {
     let mut out = std::collections::VecDeque::new();
-    for first in segments(env, dir)? {
+    let firsts = segments(env, dir)?;
+    for (index, &first) in firsts.iter().enumerate() {
+        // Every entry of a segment comes before the next segment's first: a segment whose
+        // successor starts at or before `after_seq + 1` holds nothing wanted.
+        if firsts
+            .get(index + 1)
+            .is_some_and(|next| *next <= after_seq + 1)
+        {
+            continue;
+        }
         let path = dir.join(segment_name(first));
         let bytes = env
             .disk
@@ -634,7 +634,7 @@ fn read_entries(
         let mut at = SEGMENT_HEADER_BYTES;
         while at < end.valid_bytes {
             let frame = Frame::decode(&bytes[at..]).expect("the chain walked these frames");
-            at += frame.len();
+            at += frame.encoded_len();
             if frame.seq <= after_seq || frame.seq > until_seq {
                 continue;
             }

@@ -132,7 +132,11 @@ pub struct Identities {
     /// Failures in a row per client address, and when the last one was.
     addresses: Mutex<HashMap<String, (u32, u64)>>,
     /// What an unknown name is checked against, so it costs what a known one does.
-    decoy: String,
+    /// Made at the first unknown name rather than at every start.
+    decoy: std::sync::OnceLock<String>,
+    /// Set once an operator is seen: operators are never removed, so from then on every
+    /// request with the bootstrap token is answered without reading the database.
+    initialised: std::sync::atomic::AtomicBool,
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -162,12 +166,7 @@ fn totp(secret: &[u8], name: &str) -> Result<totp_rs::Totp, IdentityError> {
 }
 
 fn random<const N: usize>() -> Result<[u8; N], IdentityError> {
-    use ring::rand::SecureRandom as _;
-    let mut bytes = [0; N];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| storage("the system's random source failed"))?;
-    Ok(bytes)
+    crate::random_bytes().map_err(storage)
 }
 
 fn hash_password(password: &str) -> Result<String, IdentityError> {
@@ -234,7 +233,8 @@ impl Identities {
             db,
             env,
             addresses: Mutex::new(HashMap::new()),
-            decoy: hash_password("a password nobody has, for names nobody has")?,
+            decoy: std::sync::OnceLock::new(),
+            initialised: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -244,9 +244,17 @@ impl Identities {
 
     /// Whether an operator exists (then the bootstrap token no longer works).
     pub fn initialised(&self) -> Result<bool, IdentityError> {
+        use std::sync::atomic::Ordering;
+        if self.initialised.load(Ordering::Acquire) {
+            return Ok(true);
+        }
         let txn = self.db.begin_read().map_err(storage)?;
         let table = txn.open_table(OPERATORS).map_err(storage)?;
-        Ok(table.len().map_err(storage)? > 0)
+        let found = table.len().map_err(storage)? > 0;
+        if found {
+            self.initialised.store(true, Ordering::Release);
+        }
+        Ok(found)
     }
 
     /// Create an operator with `roles`: the first one (`maru admin init`) only while there
@@ -342,7 +350,11 @@ impl Identities {
             match record {
                 None => {
                     // The same work as for a real operator, then the same answer.
-                    let _ = password_matches(&self.decoy, password);
+                    let decoy = self.decoy.get_or_init(|| {
+                        hash_password("a password nobody has, for names nobody has")
+                            .unwrap_or_default()
+                    });
+                    let _ = password_matches(decoy, password);
                     Err(IdentityError::BadCredentials)
                 }
                 Some(mut record) => {

@@ -7,3 +7,14 @@
 pub mod audit;
 pub mod authz;
 pub mod identity;
+
+/// `N` bytes from the operating system's random source (through ring, the crate's one
+/// cryptography provider).
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "the system's random source failed".to_string())?;
+    Ok(bytes)
+}

@@ -26,7 +26,7 @@ pub type Hash = [u8; 32];
 pub const GENESIS: Hash = [0; 32];
 
 const SEGMENT_MAGIC: [u8; 4] = *b"MAUS";
-const ENTRY_MAGIC: [u8; 4] = *b"MAUE";
+pub(crate) const ENTRY_MAGIC: [u8; 4] = *b"MAUE";
 pub const SEGMENT_HEADER_BYTES: usize = 4 + 8 + 8 + 32 + 8 + 8 + 8 + 32 + 8;
 pub const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 32 + 8;
 /// The largest payload an entry may have.
@@ -139,12 +139,8 @@ pub struct Frame<'a> {
 
 impl Frame<'_> {
     /// Bytes the frame takes.
-    pub fn len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         FRAME_HEADER_BYTES + self.payload.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -216,7 +212,7 @@ pub fn chain_end(header: &SegmentHeader, bytes: &[u8]) -> ChainEnd {
         {
             break;
         }
-        end.valid_bytes += frame.len();
+        end.valid_bytes += frame.encoded_len();
         end.last_seq = frame.seq;
         end.next_seq += 1;
         end.last_hash = frame.hash;

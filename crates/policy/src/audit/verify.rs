@@ -81,7 +81,7 @@ fn appears_later(bytes: &[u8], seq: u64) -> bool {
         if frame.seq == seq {
             return true;
         }
-        at += frame.len();
+        at += frame.encoded_len();
     }
     false
 }
@@ -89,7 +89,7 @@ fn appears_later(bytes: &[u8], seq: u64) -> bool {
 /// Why the chain stopped at a frame that is whole (the frame's own check holds); `rest` is
 /// the segment from that frame on.
 fn classify(frame: &Frame<'_>, next_seq: u64, rest: &[u8]) -> (ProblemKind, String) {
-    if frame.seq > next_seq && appears_later(&rest[frame.len()..], next_seq) {
+    if frame.seq > next_seq && appears_later(&rest[frame.encoded_len()..], next_seq) {
         (
             ProblemKind::Reordered,
             format!(
@@ -129,7 +129,7 @@ fn cut_short(rest: &[u8]) -> bool {
     if rest.iter().all(|b| *b == 0) {
         return true;
     }
-    let magic = b"MAUE";
+    let magic = format::ENTRY_MAGIC;
     if rest.len() < 8 {
         return magic.starts_with(&rest[..rest.len().min(4)]);
     }
@@ -279,7 +279,7 @@ pub fn verify(
             report.entries += 1;
             prev = frame.hash;
             next_seq += 1;
-            at += frame.len();
+            at += frame.encoded_len();
         }
         if at < bytes.len() {
             let rest = &bytes[at..];

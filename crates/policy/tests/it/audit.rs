@@ -42,8 +42,8 @@ fn frames(dir: &Path) -> Vec<std::ops::Range<usize>> {
     let mut at = policy::audit::format::SEGMENT_HEADER_BYTES;
     let mut out = Vec::new();
     while let Some(frame) = policy::audit::format::Frame::decode(&bytes[at..]) {
-        out.push(at..at + frame.len());
-        at += frame.len();
+        out.push(at..at + frame.encoded_len());
+        at += frame.encoded_len();
     }
     out
 }
