@@ -189,7 +189,9 @@ fn an_unknown_name_takes_as_long_as_a_wrong_password() {
         );
         started.elapsed()
     };
-    // Interleaved, each from its own address so that no backoff starts; medians compared.
+    // Interleaved, each from its own address so that no backoff starts. The fastest of each
+    // are compared: other tests running at once only ever add time. Four attempts on the
+    // known name stay under its lockout.
     let mut known = Vec::new();
     let mut unknown = Vec::new();
     for i in 0..4 {
@@ -198,11 +200,11 @@ fn an_unknown_name_takes_as_long_as_a_wrong_password() {
     }
     known.sort_unstable();
     unknown.sort_unstable();
-    let ratio = unknown[2].as_secs_f64() / known[2].as_secs_f64();
+    let ratio = unknown[0].as_secs_f64() / known[0].as_secs_f64();
     assert!(
         (0.5..2.0).contains(&ratio),
         "an unknown name took {:?}, a known one {:?}: the difference tells who exists",
-        unknown[2],
-        known[2]
+        unknown[0],
+        known[0]
     );
 }
