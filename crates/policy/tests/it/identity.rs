@@ -50,8 +50,9 @@ fn run(seed: u64) -> Result<u64, String> {
     disk::create_dir_all(env.disk.as_ref(), dir).map_err(|e| e.to_string())?;
     let mut rng = Rng::new(seed);
     let mut secret: Option<Vec<u8>> = None;
-    // Tokens acknowledged: token → revoked (acknowledged).
-    let mut tokens: BTreeMap<String, bool> = BTreeMap::new();
+    // Tokens acknowledged: token → revoked (acknowledged), or `None` while a revocation
+    // was cut off before its answer (it may or may not have been committed).
+    let mut tokens: BTreeMap<String, Option<bool>> = BTreeMap::new();
     let mut last_code: Option<String> = None;
     let mut acknowledged = 0;
     for lifetime in 0..=3 + rng.below(4) {
@@ -72,8 +73,13 @@ fn run(seed: u64) -> Result<u64, String> {
                 "lifetime {lifetime}: the acknowledged operator is gone"
             ));
         }
-        for (token, revoked) in &tokens {
+        for (token, revoked) in tokens.iter_mut() {
             let found = ids.authenticate(token).map_err(|e| e.to_string())?;
+            let Some(revoked) = revoked else {
+                // Whichever way the cut-off revocation went, it now stays that way.
+                *revoked = Some(found.is_none());
+                continue;
+            };
             if found.is_some() == *revoked {
                 return Err(format!(
                     "lifetime {lifetime}: a token acknowledged as {} is {}",
@@ -113,7 +119,7 @@ fn run(seed: u64) -> Result<u64, String> {
                     clock.advance_ms(30_000);
                     let code = totp(key, clock_seconds(&clock));
                     if let Ok(issued) = ids.login("ana", PASSWORD, &code, "sim", None) {
-                        tokens.insert(issued.token, false);
+                        tokens.insert(issued.token, Some(false));
                         last_code = Some(code);
                         acknowledged += 1;
                     }
@@ -121,7 +127,7 @@ fn run(seed: u64) -> Result<u64, String> {
                 (Some(_), _) => {
                     let live: Vec<String> = tokens
                         .iter()
-                        .filter(|(_, r)| !**r)
+                        .filter(|(_, r)| **r == Some(false))
                         .map(|(t, _)| t.clone())
                         .collect();
                     if let Some(token) = live.first() {
@@ -130,11 +136,13 @@ fn run(seed: u64) -> Result<u64, String> {
                             .ok()
                             .flatten()
                             .and_then(|p| p.token_id);
-                        if let Some(id) = id
-                            && ids.revoke(&id).is_ok()
-                        {
-                            tokens.insert(token.clone(), true);
-                            acknowledged += 1;
+                        if let Some(id) = id {
+                            if ids.revoke(&id).is_ok() {
+                                tokens.insert(token.clone(), Some(true));
+                                acknowledged += 1;
+                            } else {
+                                tokens.insert(token.clone(), None);
+                            }
                         }
                     }
                 }
