@@ -162,7 +162,9 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
         ),
         "/v1/logout" => post(
             |State(ctx): State<Ctx>, axum::Extension(caller): axum::Extension<Caller>| async move {
-                crate::identity_api::logout(ctx.identities.clone(), &caller).await
+                let answer = crate::identity_api::logout(ctx.identities.clone(), &caller).await;
+                ctx.node.data.invalidate();
+                answer
             },
         ),
         "/v1/whoami" => get(
@@ -182,7 +184,10 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
         ),
         "/v1/tokens/{id}" => axum::routing::delete(
             |State(ctx): State<Ctx>, Path(id): Path<String>| async move {
-                crate::identity_api::revoke_token(ctx.identities.clone(), id).await
+                let answer = crate::identity_api::revoke_token(ctx.identities.clone(), id).await;
+                // Producers holding the token find out at their next publish.
+                ctx.node.data.invalidate();
+                answer
             },
         ),
         "/v1/policy" => get(|State(ctx): State<Ctx>| async move { ctx.policies.text() }).put(
@@ -214,6 +219,10 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
                     address: None,
                     details,
                 };
+                if matches!(result, Ok(Ok(()))) {
+                    // Running triggers, key-value guards and producers decide again.
+                    ctx.node.data.invalidate();
+                }
                 let audit = ctx.audit.clone();
                 if !matches!(tokio::task::spawn_blocking(move || audit.append(outcome)).await, Ok(Ok(_))) {
                     tracing::error!("the outcome of a policy change could not be recorded in the audit log");
@@ -454,6 +463,15 @@ impl IntoResponse for ControlError {
             ControlError::Conflict { message, hint } => {
                 error(StatusCode::CONFLICT, "conflict", &message, hint)
             }
+            ControlError::Forbidden { message, hint } => {
+                error(StatusCode::FORBIDDEN, "forbidden", &message, hint)
+            }
+            ControlError::AuditUnavailable(message) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                &message,
+                Some("free space on the data directory's disk or fix its errors; maru's log says what failed (after a failed sync, restart the machine)".into()),
+            ),
             ControlError::State(StateError::NotFound(app)) => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -669,6 +687,8 @@ async fn read_events(
     State(ctx): State<Ctx>,
     Path(topic): Path<String>,
     Query(query): Query<EventsQuery>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    peer: Option<axum::Extension<crate::listener::PeerAddress>>,
 ) -> Response {
     use base64::Engine as _;
     let topic_handle = match ctx.node.events.topic(&topic) {
@@ -689,6 +709,40 @@ async fn read_events(
             .saturating_sub(limit as u64)
             .max(topic_handle.first_offset())
     });
+    // The control decision let the caller read events; the data policy decides this
+    // topic (personal data only for some, and every such read recorded).
+    if let (Some(dataset), Some(principal)) =
+        (ctx.node.topic_dataset(&topic), caller.principal().cloned())
+    {
+        let guard = ctx.node.data.clone();
+        let address = peer.map(|p| p.0.0.ip().to_string());
+        let mut details = serde_json::Map::new();
+        details.insert("from".into(), from.into());
+        details.insert("limit".into(), limit.into());
+        let checked = tokio::task::spawn_blocking(move || {
+            guard.check(
+                &policy::data::Actor::Caller(&principal),
+                policy::data::DataAction::TopicConsume,
+                &dataset,
+                address,
+                details,
+            )
+        })
+        .await;
+        match checked {
+            Ok(Ok(decision)) if decision.allowed => {}
+            Ok(Ok(decision)) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    &format!("you may not read topic {topic}: {}", decision.reason()),
+                    Some("the node's data policies decide who reads which data (docs/policy.md); personal data is for the services whose purpose it serves".into()),
+                );
+            }
+            Ok(Err(e)) => return audit_unavailable(e),
+            Err(e) => return internal(format!("the data policy check failed: {e}")),
+        }
+    }
     let events = match topic_handle.read(from, limit, 16 << 20).await {
         Ok(events) => events,
         Err(events::ReadError::Expired { first, .. }) => {

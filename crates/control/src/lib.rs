@@ -7,6 +7,7 @@
 pub mod api;
 pub mod audit_api;
 pub mod authz;
+pub mod data;
 pub mod files;
 pub mod identity_api;
 pub mod kv;

@@ -10,6 +10,7 @@ use std::fmt;
 use std::ops::Range;
 use std::time::Duration;
 
+use policy::data::Classification;
 use runtime::{LivenessProbe, Origin, Probe, Signal};
 use serde::Deserialize;
 use toml::Spanned;
@@ -33,23 +34,53 @@ const SIGNALS: [(&str, Signal); 6] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppManifest {
     pub name: String,
+    /// The organisation that owns the app's data; `None`: the node's.
+    pub organisation: Option<String>,
     pub services: BTreeMap<String, ServiceManifest>,
     /// Event topics this app declares, by name.
     pub topics: BTreeMap<String, TopicManifest>,
     /// Key-value buckets this app's components may open (`wasi:keyvalue`), by name.
     pub kv: BTreeMap<String, KvManifest>,
+    /// Object buckets this app labels (`[bucket."NAME"]`), by name.
+    pub buckets: BTreeMap<String, DataLabels>,
     file: String,
     text: String,
     spans: BTreeMap<String, Range<usize>>,
 }
 
 /// A key-value bucket an app declares, with its limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvManifest {
     pub key_bytes_max: u64,
     pub value_bytes_max: u64,
     pub total_bytes_max: u64,
+    pub labels: DataLabels,
 }
+
+/// How a dataset (topic, key-value bucket, object bucket) is labelled for access decisions
+/// (docs/policy.md).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DataLabels {
+    pub classification: Classification,
+    /// `None`: the node's region.
+    pub region: Option<String>,
+    /// For personal data, never empty; empty otherwise.
+    pub allowed_purposes: Vec<String>,
+}
+
+impl Default for DataLabels {
+    fn default() -> Self {
+        DataLabels {
+            classification: Classification::Internal,
+            region: None,
+            allowed_purposes: Vec::new(),
+        }
+    }
+}
+
+/// Purposes a service may declare, and fields a trigger may pseudonymise.
+pub const PURPOSES_MAX: usize = 16;
+pub const PSEUDONYMISED_FIELDS_MAX: usize = 32;
 
 /// Buckets one app may declare.
 pub const KV_BUCKETS_MAX: usize = 32;
@@ -78,10 +109,12 @@ pub struct ServiceManifest {
     pub scaling: Scaling,
     /// Topics whose events are delivered to this service.
     pub triggers: Vec<TriggerManifest>,
+    /// What the service uses data for (`purposes = ["traffic-signal-control"]`).
+    pub purposes: Vec<String>,
 }
 
 /// A durable event topic (`[topic."NAME"]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicManifest {
     /// `None` is `durability = "fsync"`; `Some(window)` is `"batch"` with its sync window.
     pub batch_window: Option<Duration>,
@@ -89,6 +122,7 @@ pub struct TopicManifest {
     pub retention_bytes: u64,
     pub event_bytes_max: u64,
     pub segment_bytes: u64,
+    pub labels: DataLabels,
 }
 
 /// Deliver a topic's events to the service (`[[service.NAME.trigger]]`).
@@ -106,6 +140,8 @@ pub struct TriggerManifest {
     pub dead_letter: Option<String>,
     /// A successful response with a body is published to this topic.
     pub reply_to: Option<String>,
+    /// JSON fields of each event replaced by pseudonyms before delivery.
+    pub pseudonymise: Vec<String>,
 }
 
 /// Which policy scales the service, and its one knob.
@@ -298,6 +334,17 @@ struct RawManifest {
     topic: BTreeMap<String, Spanned<RawTopic>>,
     #[serde(default)]
     kv: BTreeMap<String, Spanned<RawKv>>,
+    #[serde(default)]
+    bucket: BTreeMap<String, Spanned<RawLabels>>,
+}
+
+/// The labels of a dataset, as any dataset's table may carry them.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLabels {
+    classification: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    allowed_purposes: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +353,9 @@ struct RawKv {
     key_bytes_max: Option<Spanned<String>>,
     value_bytes_max: Option<Spanned<String>>,
     total_bytes_max: Option<Spanned<String>>,
+    classification: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    allowed_purposes: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +367,9 @@ struct RawTopic {
     retention_size: Option<Spanned<String>>,
     event_limit: Option<Spanned<String>>,
     segment_size: Option<Spanned<String>>,
+    classification: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    allowed_purposes: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -329,12 +382,14 @@ struct RawTrigger {
     max_attempts: Option<Spanned<i64>>,
     dead_letter: Option<Spanned<String>>,
     reply_to: Option<Spanned<String>>,
+    pseudonymise: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApp {
     name: Spanned<String>,
+    organisation: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +421,7 @@ struct RawService {
     cpu_time: Option<Spanned<String>>,
     scaling: Option<Spanned<RawScaling>>,
     trigger: Option<Vec<Spanned<RawTrigger>>>,
+    purposes: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -528,6 +584,113 @@ impl Parser<'_> {
     }
 }
 
+impl Parser<'_> {
+    /// A list of labels (purposes): each checked, no repeats, at most `max`.
+    fn label_list(
+        &mut self,
+        field: &str,
+        value: Option<&Spanned<Vec<String>>>,
+        max: usize,
+    ) -> Result<Vec<String>, ManifestError> {
+        let Some(value) = value else {
+            return Ok(Vec::new());
+        };
+        self.note(field, value);
+        let list = value.get_ref();
+        if list.len() > max {
+            return Err(self.error(
+                field,
+                value.span(),
+                format!("{} entries; at most {max}", list.len()),
+                None,
+            ));
+        }
+        let mut seen = Vec::new();
+        for item in list {
+            policy::data::check_label(item).map_err(|why| {
+                self.error(
+                    field,
+                    value.span(),
+                    why,
+                    Some("purposes are names such as \"traffic-signal-control\"".into()),
+                )
+            })?;
+            if seen.contains(item) {
+                return Err(self.error(
+                    field,
+                    value.span(),
+                    format!("`{item}` is listed twice"),
+                    None,
+                ));
+            }
+            seen.push(item.clone());
+        }
+        Ok(seen)
+    }
+
+    /// A dataset's `classification`, `region` and `allowed_purposes` at `prefix`.
+    fn labels(
+        &mut self,
+        prefix: &str,
+        table: Range<usize>,
+        classification: Option<&Spanned<String>>,
+        region: Option<&Spanned<String>>,
+        allowed_purposes: Option<&Spanned<Vec<String>>>,
+    ) -> Result<DataLabels, ManifestError> {
+        let at = |field: &str| format!("{prefix}.{field}");
+        let classification = match classification {
+            None => Classification::Internal,
+            Some(value) => {
+                self.note(&at("classification"), value);
+                Classification::parse(value.get_ref()).ok_or_else(|| {
+                    self.error(
+                        &at("classification"),
+                        value.span(),
+                        format!("`{}` is not a classification", value.get_ref()),
+                        Some("use \"public\", \"internal\" (the default) or \"personal\"".into()),
+                    )
+                })?
+            }
+        };
+        let region = match region {
+            None => None,
+            Some(value) => {
+                self.note(&at("region"), value);
+                policy::data::check_label(value.get_ref()).map_err(|why| {
+                    self.error(&at("region"), value.span(), why, Some("a region is a name such as \"eu-central\"; the node's is set in its config".into()))
+                })?;
+                Some(value.get_ref().clone())
+            }
+        };
+        let allowed_purposes =
+            self.label_list(&at("allowed_purposes"), allowed_purposes, PURPOSES_MAX)?;
+        match (classification, allowed_purposes.is_empty()) {
+            (Classification::Personal, true) => {
+                return Err(self.error(
+                    &at("allowed_purposes"),
+                    table,
+                    "personal data needs the purposes it may be used for",
+                    Some("add allowed_purposes = [\"...\"]: only services declaring one of them may use it".into()),
+                ));
+            }
+            (Classification::Public | Classification::Internal, false) => {
+                return Err(self.error(
+                    &at("allowed_purposes"),
+                    self.spans[&at("allowed_purposes")].clone(),
+                    "`allowed_purposes` applies to personal data",
+                    Some("set classification = \"personal\", or remove allowed_purposes".into()),
+                ));
+            }
+            _ => {}
+        }
+        Ok(DataLabels {
+            classification,
+            region,
+            allowed_purposes,
+        })
+    }
+}
+
 /// Parse and validate a manifest. `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
     let raw: RawManifest = toml::from_str(text).map_err(|error| {
@@ -569,6 +732,21 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             Some("use 1 to 63 lowercase letters, digits and dashes, starting with a letter".into()),
         )
     })?;
+    let organisation = match &raw.app.get_ref().organisation {
+        None => None,
+        Some(value) => {
+            parser.note("app.organisation", value);
+            policy::data::check_label(value.get_ref()).map_err(|why| {
+                parser.error(
+                    "app.organisation",
+                    value.span(),
+                    why,
+                    Some("an organisation is a name such as \"transport\"".into()),
+                )
+            })?;
+            Some(value.get_ref().clone())
+        }
+    };
     if raw.service.is_empty() {
         return Err(parser.error(
             "service",
@@ -612,6 +790,13 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             )
         })?;
         let limits = raw_kv.get_ref();
+        let labels = parser.labels(
+            &format!("kv.{bucket}"),
+            raw_kv.span(),
+            limits.classification.as_ref(),
+            limits.region.as_ref(),
+            limits.allowed_purposes.as_ref(),
+        )?;
         kv.insert(
             bucket.clone(),
             KvManifest {
@@ -633,7 +818,31 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                     64 << 20,
                     (1024, 64 << 30),
                 )?,
+                labels,
             },
+        );
+    }
+    let mut buckets = BTreeMap::new();
+    for (bucket, raw_labels) in &raw.bucket {
+        parser.note(&format!("bucket.{bucket}"), raw_labels);
+        store::engine::check_bucket_name(bucket).map_err(|why| {
+            parser.error(
+                &format!("bucket.{bucket}"),
+                raw_labels.span(),
+                why.to_string(),
+                Some("use 3 to 63 lowercase letters, digits, `-` and `.`".into()),
+            )
+        })?;
+        let labels = raw_labels.get_ref();
+        buckets.insert(
+            bucket.clone(),
+            parser.labels(
+                &format!("bucket.{bucket}"),
+                raw_labels.span(),
+                labels.classification.as_ref(),
+                labels.region.as_ref(),
+                labels.allowed_purposes.as_ref(),
+            )?,
         );
     }
     let mut services = BTreeMap::new();
@@ -890,6 +1099,8 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             env.insert(key.clone(), value.get_ref().clone());
         }
         let scaling = scaling(&mut parser, &at, service.scaling.as_ref())?;
+        let purposes =
+            parser.label_list(&at("purposes"), service.purposes.as_ref(), PURPOSES_MAX)?;
         let mut triggers = Vec::new();
         for trigger in service.trigger.iter().flatten() {
             let parsed = self::trigger(&mut parser, &at, trigger, &raw.topic, instances_max)?;
@@ -914,6 +1125,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
             ServiceManifest {
                 scaling,
                 triggers,
+                purposes,
                 workload,
                 routes,
                 hosts,
@@ -934,9 +1146,11 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
     }
     Ok(AppManifest {
         name,
+        organisation,
         services,
         topics,
         kv,
+        buckets,
         file: file.to_string(),
         text: text.to_string(),
         spans: parser.spans,
@@ -988,7 +1202,15 @@ fn topic(
         Duration::from_millis(200),
         (Duration::from_millis(1), Duration::from_secs(60)),
     )?;
+    let labels = parser.labels(
+        &format!("topic.{name}"),
+        raw.span(),
+        topic.classification.as_ref(),
+        topic.region.as_ref(),
+        topic.allowed_purposes.as_ref(),
+    )?;
     Ok(TopicManifest {
+        labels,
         batch_window: batch.then_some(window),
         retention: parser.duration(
             &at("retention"),
@@ -1063,6 +1285,32 @@ fn trigger(
         .as_ref()
         .map(|v| topic_field("reply_to", v))
         .transpose()?;
+    let mut pseudonymise = Vec::new();
+    if let Some(fields) = &trigger.pseudonymise {
+        parser.note(&at("trigger.pseudonymise"), fields);
+        if fields.get_ref().len() > PSEUDONYMISED_FIELDS_MAX {
+            return Err(parser.error(
+                &at("trigger.pseudonymise"),
+                fields.span(),
+                format!(
+                    "{} fields; at most {PSEUDONYMISED_FIELDS_MAX}",
+                    fields.get_ref().len()
+                ),
+                None,
+            ));
+        }
+        for field in fields.get_ref() {
+            if field.is_empty() || field.len() > 256 || field.split('.').any(str::is_empty) {
+                return Err(parser.error(
+                    &at("trigger.pseudonymise"),
+                    fields.span(),
+                    format!("`{field}` is not a field name"),
+                    Some("name a JSON field of the events, or a dotted path into nested objects: \"plate\", \"vehicle.id\"".into()),
+                ));
+            }
+            pseudonymise.push(field.clone());
+        }
+    }
     let path = match &trigger.path {
         None => "/".to_string(),
         Some(path) => {
@@ -1099,6 +1347,7 @@ fn trigger(
         )?,
         dead_letter,
         reply_to,
+        pseudonymise,
     })
 }
 

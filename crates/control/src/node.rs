@@ -26,6 +26,7 @@ use crate::manifest::{
     TopicManifest, TriggerManifest, Workload,
 };
 use crate::state::{RevisionRecord, StateError};
+use policy::data::{Actor, Classification, DataGuard, Dataset, NodeLabels, ServicePrincipal};
 
 /// Errors of control operations, shaped for the API to map to statuses.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,15 @@ pub enum ControlError {
         message: String,
         hint: Option<String>,
     },
+    /// The data policy refuses what the manifest asks for.
+    #[error("{message}")]
+    Forbidden {
+        message: String,
+        hint: Option<String>,
+    },
+    /// The audit log cannot take the entry the change needs.
+    #[error("{0}")]
+    AuditUnavailable(String),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{0}")]
@@ -63,6 +73,26 @@ struct Desired {
     writable: Vec<PathBuf>,
     /// The app's key-value buckets (a change restarts its components).
     kv: BTreeMap<String, manifest::KvManifest>,
+    /// The service as it acts on data (organisation, purposes, region).
+    principal: ServicePrincipal,
+}
+
+impl Desired {
+    fn kv_datasets(&self, app: &str, node: &NodeLabels) -> BTreeMap<String, Dataset> {
+        self.kv
+            .iter()
+            .map(|(name, kv)| {
+                (
+                    name.clone(),
+                    Dataset {
+                        kind: policy::data::DatasetKind::Kv,
+                        name: format!("{app}/{name}"),
+                        labels: crate::data::labels(&kv.labels, &self.principal.organisation, node),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 struct Running {
@@ -104,6 +134,12 @@ pub struct Node {
     /// Topics open now, as declared.
     topics: tokio::sync::Mutex<BTreeMap<String, TopicManifest>>,
     triggers: tokio::sync::Mutex<BTreeMap<ServiceKey, Triggers>>,
+    /// Data access decisions and their audit entries.
+    pub data: Arc<DataGuard>,
+    /// HTTP ingest and MQTT producers; told the labelled topics after every reconcile.
+    publishers: Option<Arc<crate::data::Publishers>>,
+    /// The deployed topics, labelled, as of the last reconcile.
+    datasets: Mutex<Arc<BTreeMap<String, Dataset>>>,
 }
 
 impl Node {
@@ -116,6 +152,7 @@ impl Node {
         runtime: Arc<Runtime>,
         gateway: Arc<Gateway>,
         events: Arc<Events>,
+        data: crate::data::DataPlane,
     ) -> Arc<Self> {
         for reaped in runtime::reap_leftovers(&files.data().join("processes")) {
             tracing::warn!(%reaped, "killed a process left over from an earlier run");
@@ -134,6 +171,9 @@ impl Node {
             events,
             topics: tokio::sync::Mutex::new(BTreeMap::new()),
             triggers: tokio::sync::Mutex::new(BTreeMap::new()),
+            data: data.guard,
+            publishers: data.publishers,
+            datasets: Mutex::new(Arc::new(BTreeMap::new())),
         })
     }
 
@@ -186,7 +226,16 @@ impl Node {
         Ok(deployed)
     }
 
-    fn desired_state(deployed: &[Deployed]) -> BTreeMap<ServiceKey, Desired> {
+    /// A deployed topic, labelled (`None` if no deployed app declares it).
+    pub fn topic_dataset(&self, name: &str) -> Option<Dataset> {
+        self.datasets
+            .lock()
+            .expect("never poisoned")
+            .get(name)
+            .cloned()
+    }
+
+    fn desired_state(deployed: &[Deployed], node: &NodeLabels) -> BTreeMap<ServiceKey, Desired> {
         let mut desired = BTreeMap::new();
         for Deployed {
             app,
@@ -227,6 +276,7 @@ impl Node {
                         workdir,
                         writable,
                         kv: parsed.kv.clone(),
+                        principal: crate::data::service_principal(parsed, name, node),
                     },
                 );
             }
@@ -239,8 +289,15 @@ impl Node {
     /// broken app never keeps the others from serving.
     pub async fn reconcile(&self) -> Result<(), ControlError> {
         let deployed = self.deployed()?;
+        // Labels first: a topic is never open without them.
+        let node = self.data.node().clone();
+        let datasets = crate::data::topics(deployed.iter().map(|d| &d.manifest), &node);
+        *self.datasets.lock().expect("never poisoned") = Arc::new(datasets.clone());
+        if let Some(publishers) = &self.publishers {
+            publishers.set_topics(datasets);
+        }
         let topics_changed = self.reconcile_topics(Self::desired_topics(&deployed)).await;
-        let desired = Self::desired_state(&deployed);
+        let desired = Self::desired_state(&deployed, &node);
         let mut retired = Vec::new();
         let table = {
             let mut running = self.running.lock().expect("running lock is never poisoned");
@@ -253,11 +310,15 @@ impl Node {
                         &have.component,
                         &have.workdir,
                         &have.writable,
+                        &have.kv,
+                        &have.principal,
                     ) == (
                         &want.manifest,
                         &want.component,
                         &want.workdir,
                         &want.writable,
+                        &want.kv,
+                        &want.principal,
                     )
                 });
                 if keep {
@@ -315,7 +376,9 @@ impl Node {
         let mut topics = BTreeMap::new();
         for Deployed { app, manifest, .. } in deployed {
             for (name, topic) in &manifest.topics {
-                topics.entry(name.clone()).or_insert((app.clone(), *topic));
+                topics
+                    .entry(name.clone())
+                    .or_insert((app.clone(), topic.clone()));
             }
         }
         topics
@@ -333,7 +396,7 @@ impl Node {
             changed = true;
             match self.events.declare(name, topic_config(topic)).await {
                 Ok(_) => {
-                    open.insert(name.clone(), *topic);
+                    open.insert(name.clone(), topic.clone());
                 }
                 Err(error) => {
                     open.remove(name);
@@ -356,7 +419,13 @@ impl Node {
 
     /// Start the triggers of services that have none yet; restart all if topics changed.
     async fn reconcile_triggers(&self, topics_changed: bool) {
-        let running: Vec<(ServiceKey, Arc<Service>, Vec<TriggerManifest>)> = self
+        let datasets = self.datasets.lock().expect("never poisoned").clone();
+        let running: Vec<(
+            ServiceKey,
+            Arc<Service>,
+            Vec<TriggerManifest>,
+            ServicePrincipal,
+        )> = self
             .running
             .lock()
             .expect("running lock is never poisoned")
@@ -366,6 +435,7 @@ impl Node {
                     key.clone(),
                     r.service.clone(),
                     r.desired.manifest.triggers.clone(),
+                    r.desired.principal.clone(),
                 )
             })
             .collect();
@@ -376,7 +446,7 @@ impl Node {
                 topics_changed
                     || !running
                         .iter()
-                        .any(|(k, service, _)| k == *key && Arc::ptr_eq(service, &t.service))
+                        .any(|(k, service, _, _)| k == *key && Arc::ptr_eq(service, &t.service))
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -386,7 +456,7 @@ impl Node {
                 while old.tasks.join_next().await.is_some() {}
             }
         }
-        for (key, service, wanted) in running {
+        for (key, service, wanted, principal) in running {
             if wanted.is_empty() || triggers.contains_key(&key) {
                 continue;
             }
@@ -419,8 +489,30 @@ impl Node {
                         continue;
                     }
                 };
+                let group = format!("{}.{}", key.0, key.1);
+                let Some(dataset) = datasets.get(&trigger.topic).cloned() else {
+                    service.log(&format!(
+                        "trigger on topic {} not started: no deployed app declares it",
+                        trigger.topic
+                    ));
+                    continue;
+                };
+                let publishes = [&trigger.reply_to, &trigger.dead_letter]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|name| datasets.get(name).cloned())
+                    .collect();
+                let guard = crate::data::TriggerGuard::new(
+                    self.data.clone(),
+                    principal.clone(),
+                    dataset,
+                    publishes,
+                    group.clone(),
+                    trigger.pseudonymise.clone(),
+                );
                 let config = gateway::TriggerConfig {
-                    group: format!("{}.{}", key.0, key.1),
+                    guard: Some(Arc::new(guard)),
+                    group,
                     batch: trigger.batch as usize,
                     parallel: trigger.parallel as usize,
                     path: trigger.path.clone(),
@@ -555,8 +647,17 @@ impl Node {
                     outbound: manifest.outbound.clone().into(),
                     log: log.clone(),
                     kv: (!want.kv.is_empty()).then(|| {
-                        Arc::new(crate::kv::AppKv::new(self.store.clone(), &key.0, &want.kv))
-                            as Arc<dyn runtime::keyvalue::KeyValue>
+                        let guard = crate::data::KvGuard::new(
+                            self.data.clone(),
+                            want.principal.clone(),
+                            want.kv_datasets(&key.0, self.data.node()),
+                        );
+                        Arc::new(crate::kv::AppKv::new(
+                            self.store.clone(),
+                            &key.0,
+                            &want.kv,
+                            guard,
+                        )) as Arc<dyn runtime::keyvalue::KeyValue>
                     }),
                 },
             },
@@ -601,6 +702,7 @@ impl Node {
         let deployed = self.deployed()?;
         Self::check_routes_free(&parsed, &deployed)?;
         Self::check_topics(&parsed, &deployed)?;
+        self.check_data_access(&parsed, &deployed).await?;
         // Every component must be uploaded, compile, and be a wasi:http proxy, and every
         // command must exist, before the revision is committed; compiling here is what lets
         // scaling never compile.
@@ -663,6 +765,80 @@ impl Node {
             revision,
             previous: previous.map(|p| p.number),
             changes,
+        })
+    }
+
+    /// Every data access the manifest asks for must be allowed by the data policy; each
+    /// denial (and each grant of personal data) is in the audit log.
+    async fn check_data_access(
+        &self,
+        parsed: &AppManifest,
+        deployed: &[Deployed],
+    ) -> Result<(), ControlError> {
+        let node = self.data.node().clone();
+        let others = crate::data::topics(
+            deployed
+                .iter()
+                .filter(|d| d.app != parsed.name)
+                .map(|d| &d.manifest),
+            &node,
+        );
+        let wanted = crate::data::accesses(parsed, &others, &node);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let guard = self.data.clone();
+        let denied = tokio::task::spawn_blocking(move || {
+            for access in wanted {
+                let mut details = serde_json::Map::new();
+                details.insert("at".into(), "deploy".into());
+                details.insert("field".into(), access.field.clone().into());
+                let decision = guard.check(
+                    &Actor::Service(&access.service),
+                    access.action,
+                    &access.dataset,
+                    None,
+                    details,
+                )?;
+                if !decision.allowed {
+                    return Ok(Some((access, decision)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("the data policy check failed: {e}")))?
+        .map_err(|e: policy::audit::AuditError| ControlError::AuditUnavailable(e.to_string()))?;
+        let Some((access, decision)) = denied else {
+            return Ok(());
+        };
+        let labels = &access.dataset.labels;
+        let hint = match labels.classification {
+            Classification::Personal if access.service.region != labels.region => format!(
+                "{} is personal data of region {}; this node is in region {}: run the service on a node in that region",
+                access.dataset.resource(),
+                labels.region,
+                access.service.region
+            ),
+            Classification::Personal => format!(
+                "{} is personal data that may be used only for {}; declare the purpose the service really has in `service.{}.purposes` (only if it is one of those), or read a public aggregate instead",
+                access.dataset.resource(),
+                labels.allowed_purposes.join(", "),
+                access.service.service
+            ),
+            _ => "the node's data policies decide which services may use which data; see docs/policy.md and `maru policy show`".to_string(),
+        };
+        Err(ControlError::Forbidden {
+            message: format!(
+                "{}: service {}/{} may not {} {}: {}",
+                access.field,
+                access.service.app,
+                access.service.service,
+                access.action.name(),
+                access.dataset.resource(),
+                decision.reason()
+            ),
+            hint: Some(hint),
         })
     }
 

@@ -8,11 +8,13 @@
 //! The topic and consumer interfaces ([`Events`], [`Topic`]) do not expose files, so a
 //! cluster backend (NATS JetStream) can stand behind the same calls.
 
+pub mod access;
 mod broker;
 pub mod mqtt;
 pub mod record;
 mod topic;
 
+pub use access::{Admission, Gate, Producer, Publishers};
 pub use broker::{Events, TopicError, check_topic_name};
 pub use record::{Event, NewEvent};
 pub use topic::{AppendError, Appending, Durability, ReadError, Topic, TopicConfig, TopicStats};

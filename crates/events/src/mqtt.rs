@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | wrong password | CONNACK 0x86 | CONNACK 4 |
 //! | unknown topic (QoS 1) | PUBACK 0x90 | connection closed (3.1.1 has no negative PUBACK) |
+//! | topic the client may not publish to (QoS 1) | PUBACK 0x87 | connection closed |
 //! | event could not be stored (QoS 1) | PUBACK 0x80 | connection closed |
 //! | packet over the size limit | DISCONNECT 0x95 | connection closed |
 //! | more distinct topics than allowed | PUBACK 0x97 | connection closed |
@@ -38,13 +39,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::Events;
+use crate::access::{Gate, Producer};
 use crate::record::NewEvent;
 use crate::topic::{AppendError, Appending};
 
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
-    /// The password every client must give (any user name is accepted).
-    pub token: String,
+    /// Who may connect (the password is the secret; any user name is accepted) and
+    /// publish where.
+    pub gate: Gate,
     pub connections_max: usize,
     /// Connections from one address at once: one client cannot take every slot.
     pub connections_per_address_max: usize,
@@ -61,7 +64,7 @@ pub struct MqttConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
-            token: String::new(),
+            gate: Gate::Token(String::new()),
             connections_max: 10_000,
             connections_per_address_max: 1000,
             packet_bytes_max: 256 * 1024,
@@ -391,12 +394,16 @@ struct Connection {
     aliases: HashMap<u16, String>,
     in_flight: VecDeque<InFlight>,
     out: BytesMut,
+    /// Who connected (set by a CONNECT with a valid password).
+    producer: Option<Arc<dyn Producer>>,
+    peer: Option<IpAddr>,
 }
 
 const ALIASES_MAX: u16 = 64;
 
 impl Connection {
     fn new(stream: TcpStream, events: Arc<Events>, config: Arc<MqttConfig>) -> Self {
+        let peer = stream.peer_addr().ok().map(|a| a.ip());
         let (reader, writer) = stream.into_split();
         Connection {
             reader,
@@ -412,6 +419,8 @@ impl Connection {
             aliases: HashMap::new(),
             in_flight: VecDeque::new(),
             out: BytesMut::new(),
+            producer: None,
+            peer,
         }
     }
 
@@ -488,10 +497,10 @@ impl Connection {
         self.protocol = Some(protocol);
         self.source = format!("mqtt:{client_id}");
         self.client_id = client_id;
-        let authorised = password.is_some_and(|p| crate::token_matches(&self.config.token, &p));
-        self.connack(authorised)?;
+        self.producer = password.and_then(|p| self.config.gate.authenticate(&p));
+        self.connack(self.producer.is_some())?;
         self.flush().await?;
-        if !authorised {
+        if self.producer.is_none() {
             return Err("refused: wrong or missing password".into());
         }
         // Keep alive 0 means none; we still close connections idle for an hour.
@@ -788,6 +797,17 @@ impl Connection {
                 }
             }
         };
+        let producer = self.producer.clone().expect("publishes come after CONNECT");
+        if let Err(why) = producer.admit(target.name(), self.peer).resolve().await {
+            let why = format!(
+                "{} may not publish to topic {}: {why}",
+                producer.name(),
+                target.name()
+            );
+            return self
+                .refuse(qos, pkid, v5::PubAckReason::NotAuthorized, why)
+                .await;
+        }
         let event = NewEvent {
             key,
             content_type: content_type.unwrap_or_default(),
@@ -858,7 +878,7 @@ mod tests {
             dir,
             shutdown,
             MqttConfig {
-                token: "t".into(),
+                gate: Gate::Token("t".into()),
                 connections_max: 1,
                 ..MqttConfig::default()
             },
@@ -942,7 +962,7 @@ mod tests {
             dir.path(),
             &shutdown,
             MqttConfig {
-                token: "t".into(),
+                gate: Gate::Token("t".into()),
                 connections_max: 100,
                 connections_per_address_max: 2,
                 connect_timeout: Duration::from_millis(300),

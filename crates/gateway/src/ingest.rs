@@ -27,8 +27,8 @@ pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Ingest {
     pub events: Arc<Events>,
-    /// The bearer token producers must present.
-    pub token: String,
+    /// Who may publish (the bearer token is the secret) and where.
+    pub gate: events::Gate,
 }
 
 pub type Failure = (StatusCode, &'static str, String);
@@ -85,14 +85,14 @@ impl Ingest {
         let presented = header(&request, AUTHORIZATION.as_str())
             .strip_prefix("Bearer ")
             .unwrap_or("");
-        if !events::token_matches(&self.token, presented) {
+        let Some(producer) = self.gate.authenticate(presented) else {
             return Err((
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "send the node's ingest token (DATA/ingest.token) as Authorization: Bearer TOKEN"
+                "send the node's ingest token (DATA/ingest.token) or a machine token with the ingest role as Authorization: Bearer TOKEN"
                     .into(),
             ));
-        }
+        };
         let name = request
             .uri()
             .path()
@@ -103,6 +103,13 @@ impl Ingest {
             .events
             .topic(&name)
             .map_err(|error| (StatusCode::NOT_FOUND, "unknown_topic", error.to_string()))?;
+        if let Err(why) = producer.admit(&name, None).resolve().await {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("{} may not publish to topic {name}: {why}", producer.name()),
+            ));
+        }
         let declared = header(&request, CONTENT_LENGTH.as_str())
             .parse::<usize>()
             .ok();

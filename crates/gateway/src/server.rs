@@ -153,8 +153,8 @@ impl Gateway {
 
     /// Take events at `/events/TOPIC` for `events`' topics from producers holding `token`.
     /// Without this call, `/events/` answers 404.
-    pub fn enable_ingest(&self, events: Arc<events::Events>, token: String) {
-        _ = self.ingest.set(Ingest { events, token });
+    pub fn enable_ingest(&self, events: Arc<events::Events>, gate: events::Gate) {
+        _ = self.ingest.set(Ingest { events, gate });
     }
 
     /// Requests that matched no route since start.

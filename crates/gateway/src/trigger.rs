@@ -8,6 +8,8 @@
 //! The lanes are the service's concurrency: a backlog keeps `parallel` requests queued at
 //! the service, so its scaler grows it while the consumer lags and shrinks it once caught up.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,22 @@ pub struct TriggerConfig {
     pub max_attempts: u32,
     pub dead_letter: Option<Arc<Topic>>,
     pub reply_to: Option<Arc<Topic>>,
+    /// Asked before every delivery (the node's data policy); `None` delivers as read.
+    pub guard: Option<Arc<dyn DeliveryGuard>>,
+}
+
+/// Decides on, records and shapes each delivery before it is made: the node's data
+/// policy (whether the service may read the topic, the audit entry for personal data,
+/// pseudonymised fields).
+pub trait DeliveryGuard: Send + Sync {
+    /// The events to deliver instead of `events`: the same, changed (pseudonymised), or
+    /// fewer (the guard logs what it withholds). `Err` refuses the delivery for now (the
+    /// access is denied, or its audit entry cannot be written); nothing is committed and it
+    /// is asked again after a backoff.
+    fn admit<'a>(
+        &'a self,
+        events: &'a [Event],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Event>, String>> + Send + 'a>>;
 }
 
 struct Cancelled;
@@ -167,6 +185,44 @@ async fn deliver(
     events: &[Event],
     cancel: &CancellationToken,
 ) -> Result<(), Cancelled> {
+    let admitted;
+    let events = match &config.guard {
+        None => events,
+        Some(guard) => {
+            let mut refusals: u32 = 0;
+            loop {
+                let why = match guard.admit(events).await {
+                    Ok(events) => {
+                        break {
+                            admitted = events;
+                            &admitted[..]
+                        };
+                    }
+                    Err(why) => why,
+                };
+                refusals += 1;
+                if refusals == 1 || refusals.is_multiple_of(10) {
+                    service.log(&format!(
+                        "trigger {}: events {}..={} of topic {} not delivered: {why}; asking again (refused {refusals} times)",
+                        config.group,
+                        events[0].offset,
+                        events[events.len() - 1].offset,
+                        topic.name()
+                    ));
+                }
+                let backoff = RETRY_FIRST
+                    .saturating_mul(1 << (refusals - 1).min(16))
+                    .min(RETRY_MAX);
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(Cancelled),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    };
+    if events.is_empty() {
+        return Ok(());
+    }
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;

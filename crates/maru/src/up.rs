@@ -63,6 +63,8 @@ struct NodeFile {
     trusted_proxies: Option<Vec<std::net::IpAddr>>,
     request_bodies_max: Option<String>,
     process_isolation: Option<ProcessIsolation>,
+    region: Option<String>,
+    organisation: Option<String>,
 }
 
 /// How process services are confined (docs/node.md).
@@ -103,6 +105,10 @@ struct ConfigFile {
     _service: Option<toml::Value>,
     #[serde(default, rename = "topic")]
     _topic: Option<toml::Value>,
+    #[serde(default, rename = "kv")]
+    _kv: Option<toml::Value>,
+    #[serde(default, rename = "bucket")]
+    _bucket: Option<toml::Value>,
 }
 
 fn read_config(explicit: Option<&Path>) -> anyhow::Result<ConfigFile> {
@@ -143,6 +149,7 @@ struct Settings {
     gateway_config: GatewayConfig,
     process_isolation: ProcessIsolation,
     store: StoreSettings,
+    labels: policy::data::NodeLabels,
 }
 
 /// The object store's resolved settings.
@@ -274,6 +281,16 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
             "node config `instances_total_max` = {instances_total_max} is out of range; use 1 to 100000"
         );
     }
+    let label = |field: &str, value: Option<String>, default: &str| -> anyhow::Result<String> {
+        let value = value.unwrap_or_else(|| default.to_string());
+        policy::data::check_label(&value)
+            .map_err(|why| anyhow::anyhow!("node config `{field}`: {why}"))?;
+        Ok(value)
+    };
+    let labels = policy::data::NodeLabels {
+        region: label("region", file.region, "local")?,
+        organisation: label("organisation", file.organisation, "default")?,
+    };
     Ok(Settings {
         data,
         gateway: args
@@ -329,6 +346,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         },
         process_isolation: file.process_isolation.unwrap_or_default(),
         store,
+        labels,
     })
 }
 
@@ -475,7 +493,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let runtime = Runtime::new(settings.runtime).context("start the WebAssembly runtime")?;
     let gateway = Gateway::new(settings.gateway_config.clone());
     let events = Arc::new(events::Events::new(&settings.data.join("events")));
-    gateway.enable_ingest(events.clone(), ingest_token.clone());
+    let pseudonym_key = policy::data::pseudonym_key(&disk::Env::os(), &settings.data)
+        .map_err(|e| anyhow::anyhow!("the pseudonym key: {e}"))?;
+    let data_guard = Arc::new(policy::data::DataGuard::new(
+        policies.clone(),
+        audit.clone(),
+        settings.labels.clone(),
+        pseudonym_key,
+    ));
+    let publishers = Arc::new(control::data::Publishers::new(
+        data_guard.clone(),
+        identities.clone(),
+        ingest_token.clone(),
+    ));
+    let gate = events::Gate::Publishers(publishers.clone());
+    gateway.enable_ingest(events.clone(), gate.clone());
     let node = Node::open(
         files,
         store.clone(),
@@ -483,6 +515,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         runtime,
         gateway.clone(),
         events.clone(),
+        control::data::DataPlane {
+            guard: data_guard,
+            publishers: Some(publishers),
+        },
     );
 
     let gateway_listener = bind(settings.gateway, "gateway", "--gateway").await?;
@@ -510,7 +546,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut servers = JoinSet::new();
     servers.spawn(gateway.serve(gateway_listener, shutdown.clone()));
     let mqtt_config = events::mqtt::MqttConfig {
-        token: ingest_token,
+        gate,
         connections_max: settings.mqtt_connections_max,
         ..events::mqtt::MqttConfig::default()
     };

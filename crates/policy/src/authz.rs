@@ -21,7 +21,14 @@ use cedar_policy::{
     RestrictedExpression, Schema, ValidationMode, Validator,
 };
 
+use crate::data::{Actor, DataAction, Dataset, NodeLabels};
 use crate::identity::Principal;
+
+/// What a decision is on: a control resource (`KIND/NAME`) or a dataset.
+enum Target<'a> {
+    Resource(&'a str),
+    Dataset(&'a Dataset, &'a NodeLabels),
+}
 
 /// The Cedar schema of control actions.
 pub const SCHEMA: &str = include_str!("authz/maru.cedarschema");
@@ -110,73 +117,152 @@ impl Policies {
     /// May `principal` do `action` on `resource` (`KIND/NAME`, or `node`)?
     pub fn decide(&self, principal: &Principal, action: &str, resource: &str) -> Decision {
         let active = self.active.read().unwrap_or_else(|p| p.into_inner());
-        self.decide_with(&active.0, principal, action, resource)
+        self.decide_with(
+            &active.0,
+            &Actor::Caller(principal),
+            action,
+            &Target::Resource(resource),
+        )
+    }
+
+    /// May `actor` do the data action `action` on `dataset`, on a node with `node`'s
+    /// region and organisation?
+    pub fn decide_data(
+        &self,
+        actor: &Actor<'_>,
+        action: DataAction,
+        dataset: &Dataset,
+        node: &NodeLabels,
+    ) -> Decision {
+        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
+        self.decide_with(
+            &active.0,
+            actor,
+            action.name(),
+            &Target::Dataset(dataset, node),
+        )
     }
 
     fn decide_with(
         &self,
         set: &PolicySet,
-        principal: &Principal,
+        actor: &Actor<'_>,
         action: &str,
-        resource: &str,
+        target: &Target<'_>,
     ) -> Decision {
         let denied = |error: String| Decision {
             allowed: false,
             policies: Vec::new(),
             errors: vec![error],
         };
-        let (kind, name) = principal
-            .subject
-            .split_once(':')
-            .unwrap_or(("bootstrap", principal.subject.as_str()));
-        let principal_type = match kind {
-            "operator" => "Maru::Operator",
-            "machine" => "Maru::Machine",
-            _ => "Maru::Bootstrap",
+        let string = |v: &str| RestrictedExpression::new_string(v.to_string());
+        let strings =
+            |values: &[String]| RestrictedExpression::new_set(values.iter().map(|v| string(v)));
+        let mut entities = Vec::new();
+        let principal = match actor {
+            Actor::Caller(principal) => {
+                let (kind, name) = principal
+                    .subject
+                    .split_once(':')
+                    .unwrap_or(("bootstrap", principal.subject.as_str()));
+                let principal_type = match kind {
+                    "operator" => "Maru::Operator",
+                    "machine" => "Maru::Machine",
+                    _ => "Maru::Bootstrap",
+                };
+                let roles: HashSet<EntityUid> = principal
+                    .roles
+                    .iter()
+                    .map(|role| entity_uid("Maru::Role", role))
+                    .collect();
+                entities.extend(
+                    roles
+                        .iter()
+                        .map(|uid| Entity::new_no_attrs(uid.clone(), HashSet::new())),
+                );
+                let uid = entity_uid(principal_type, name);
+                let entity = match principal_type {
+                    "Maru::Bootstrap" => Ok(Entity::new_no_attrs(uid.clone(), roles)),
+                    _ => Entity::new(
+                        uid.clone(),
+                        HashMap::from([("name".to_string(), string(name))]),
+                        roles,
+                    ),
+                };
+                (uid, entity)
+            }
+            Actor::Service(service) => {
+                let uid = entity_uid(
+                    "Maru::Service",
+                    &format!("{}/{}", service.app, service.service),
+                );
+                let entity = Entity::new(
+                    uid.clone(),
+                    HashMap::from([
+                        ("app".to_string(), string(&service.app)),
+                        ("name".to_string(), string(&service.service)),
+                        ("organisation".to_string(), string(&service.organisation)),
+                        ("purposes".to_string(), strings(&service.purposes)),
+                        ("region".to_string(), string(&service.region)),
+                    ]),
+                    HashSet::new(),
+                );
+                (uid, entity)
+            }
         };
-        let roles: HashSet<EntityUid> = principal
-            .roles
-            .iter()
-            .map(|role| entity_uid("Maru::Role", role))
-            .collect();
-        let principal_uid = entity_uid(principal_type, name);
-        let (resource_kind, resource_name) = resource.split_once('/').unwrap_or((resource, ""));
-        let resource_uid = entity_uid("Maru::Resource", resource);
-        let mut entities: Vec<Entity> = roles
-            .iter()
-            .map(|uid| Entity::new_no_attrs(uid.clone(), HashSet::new()))
-            .collect();
-        let attrs = |pairs: &[(&str, &str)]| -> HashMap<String, RestrictedExpression> {
-            pairs
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        RestrictedExpression::new_string(v.to_string()),
-                    )
-                })
-                .collect()
+        let (resource, context) = match target {
+            Target::Resource(resource) => {
+                let (kind, name) = resource.split_once('/').unwrap_or((resource, ""));
+                let uid = entity_uid("Maru::Resource", resource);
+                let entity = Entity::new(
+                    uid.clone(),
+                    HashMap::from([
+                        ("kind".to_string(), string(kind)),
+                        ("name".to_string(), string(name)),
+                    ]),
+                    HashSet::new(),
+                );
+                ((uid, entity), Context::empty())
+            }
+            Target::Dataset(dataset, node) => {
+                let uid = entity_uid("Maru::Dataset", &dataset.resource());
+                let labels = &dataset.labels;
+                let entity = Entity::new(
+                    uid.clone(),
+                    HashMap::from([
+                        ("kind".to_string(), string(dataset.kind.as_str())),
+                        ("name".to_string(), string(&dataset.name)),
+                        ("organisation".to_string(), string(&labels.organisation)),
+                        (
+                            "classification".to_string(),
+                            string(labels.classification.as_str()),
+                        ),
+                        ("region".to_string(), string(&labels.region)),
+                        (
+                            "allowed_purposes".to_string(),
+                            strings(&labels.allowed_purposes),
+                        ),
+                    ]),
+                    HashSet::new(),
+                );
+                let context = Context::from_pairs([
+                    ("region".to_string(), string(&node.region)),
+                    ("organisation".to_string(), string(&node.organisation)),
+                ]);
+                match context {
+                    Ok(context) => ((uid, entity), context),
+                    Err(e) => return denied(format!("context: {e}")),
+                }
+            }
         };
-        let principal_entity = match principal_type {
-            "Maru::Bootstrap" => Ok(Entity::new_no_attrs(principal_uid.clone(), roles.clone())),
-            _ => Entity::new(
-                principal_uid.clone(),
-                attrs(&[("name", name)]),
-                roles.clone(),
-            ),
-        };
-        let resource_entity = Entity::new(
-            resource_uid.clone(),
-            attrs(&[("kind", resource_kind), ("name", resource_name)]),
-            HashSet::new(),
-        );
-        match (principal_entity, resource_entity) {
-            (Ok(p), Ok(r)) => {
+        let (principal_uid, resource_uid) = match (principal, resource) {
+            ((p_uid, Ok(p)), (r_uid, Ok(r))) => {
                 entities.push(p);
                 entities.push(r);
+                (p_uid, r_uid)
             }
-            (Err(e), _) | (_, Err(e)) => return denied(e.to_string()),
-        }
+            ((_, Err(e)), _) | (_, (_, Err(e))) => return denied(e.to_string()),
+        };
         let entities = match Entities::from_entities(entities, Some(&self.schema)) {
             Ok(entities) => entities,
             Err(e) => return denied(format!("entities: {e}")),
@@ -186,11 +272,12 @@ impl Policies {
             principal_uid,
             action_uid,
             resource_uid,
-            Context::empty(),
+            context,
             Some(&self.schema),
         ) {
             Ok(request) => request,
-            // An action the schema does not know: nothing may do it.
+            // An action the schema does not know (or not on this kind of resource): nothing
+            // may do it.
             Err(e) => return denied(format!("request: {e}")),
         };
         let response = Authorizer::new().is_authorized(&request, set, &entities);
@@ -226,7 +313,12 @@ impl Policies {
         match text {
             Some(text) => {
                 let set = validate(&self.schema, text)?;
-                Ok(self.decide_with(&set, principal, action, resource))
+                Ok(self.decide_with(
+                    &set,
+                    &Actor::Caller(principal),
+                    action,
+                    &Target::Resource(resource),
+                ))
             }
             None => Ok(self.decide(principal, action, resource)),
         }

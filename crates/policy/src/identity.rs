@@ -33,7 +33,9 @@ const TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("tokens")
 
 /// Roles the node knows. `admin` may do everything; the others are named in the default
 /// policies (docs/policy.md).
-pub const ROLES: &[&str] = &["admin", "deployer", "viewer", "auditor", "metrics"];
+pub const ROLES: &[&str] = &[
+    "admin", "deployer", "viewer", "auditor", "metrics", "ingest",
+];
 
 /// Failures in a row before attempts must wait.
 const FAILURES_FREE: u32 = 5;

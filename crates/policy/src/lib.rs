@@ -2,10 +2,12 @@
 //! (persistent formats run on [`disk::Disk`], so the power-cut simulation covers them).
 //!
 //! Built so far: [`audit`], the tamper-evident audit log; [`identity`], operators with
-//! passwords and TOTP, and scoped, expiring tokens.
+//! passwords and TOTP, and scoped, expiring tokens; [`authz`], Cedar decisions on control
+//! actions; [`data`], data access by classification, purpose and region.
 
 pub mod audit;
 pub mod authz;
+pub mod data;
 pub mod identity;
 
 /// `N` bytes from the operating system's random source (through ring, the crate's one

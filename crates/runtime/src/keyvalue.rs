@@ -21,19 +21,23 @@ mod bindings {
 
 use bindings::wasi::keyvalue::{atomics, batch, store};
 
-/// What a service's key-value calls reach: its app's buckets.
+/// What a service's key-value calls reach: its app's buckets. Each call may be refused
+/// by the node's data policy (`AccessDenied`).
 pub trait KeyValue: Send + Sync + 'static {
-    /// Whether the app declared `bucket`.
-    fn has_bucket(&self, bucket: &str) -> bool;
-    fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, String>;
-    fn exists(&self, bucket: &str, key: &str) -> Result<bool, String>;
+    /// May the service open `bucket`? `NoSuchStore` if its app did not declare it.
+    fn open(&self, bucket: &str) -> Result<(), KvFailure>;
+    fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, KvFailure>;
+    fn exists(&self, bucket: &str, key: &str) -> Result<bool, KvFailure>;
     /// Store every entry, or none.
-    fn set_many(&self, bucket: &str, entries: Vec<(String, Vec<u8>)>) -> Result<(), String>;
-    fn delete_many(&self, bucket: &str, keys: Vec<String>) -> Result<(), String>;
+    fn set_many(&self, bucket: &str, entries: Vec<(String, Vec<u8>)>) -> Result<(), KvFailure>;
+    fn delete_many(&self, bucket: &str, keys: Vec<String>) -> Result<(), KvFailure>;
     /// A page of keys in order and the cursor of the next page.
-    fn list(&self, bucket: &str, cursor: Option<u64>)
-    -> Result<(Vec<String>, Option<u64>), String>;
-    fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, String>;
+    fn list(
+        &self,
+        bucket: &str,
+        cursor: Option<u64>,
+    ) -> Result<(Vec<String>, Option<u64>), KvFailure>;
+    fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, KvFailure>;
 }
 
 /// An open bucket, as a guest holds it.
@@ -45,6 +49,9 @@ pub struct Bucket {
 #[derive(Debug)]
 pub enum KvFailure {
     NoSuchStore,
+    /// The node's data policy refuses the call (the reason is in the service's log and the
+    /// audit log; the guest sees `access-denied`).
+    AccessDenied,
     Other(String),
 }
 
@@ -52,6 +59,7 @@ impl std::fmt::Display for KvFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KvFailure::NoSuchStore => f.write_str("no such key-value bucket"),
+            KvFailure::AccessDenied => f.write_str("access denied by the data policy"),
             KvFailure::Other(message) => f.write_str(message),
         }
     }
@@ -81,20 +89,17 @@ impl KvView<'_> {
 /// Run a backend call on a blocking thread.
 async fn blocking<T: Send + 'static>(
     backend: Arc<dyn KeyValue>,
-    work: impl FnOnce(&dyn KeyValue) -> Result<T, String> + Send + 'static,
+    work: impl FnOnce(&dyn KeyValue) -> Result<T, KvFailure> + Send + 'static,
 ) -> Result<T, KvFailure> {
     tokio::task::spawn_blocking(move || work(backend.as_ref()))
         .await
         .map_err(|e| KvFailure::Other(format!("a key-value task failed: {e}")))?
-        .map_err(KvFailure::Other)
 }
 
 impl store::Host for KvView<'_> {
     async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvFailure> {
-        let backend = self.backend()?;
-        if !backend.has_bucket(&identifier) {
-            return Err(KvFailure::NoSuchStore);
-        }
+        let bucket = identifier.clone();
+        blocking(self.backend()?, move |kv| kv.open(&bucket)).await?;
         self.table
             .push(Bucket { name: identifier })
             .map_err(|e| KvFailure::Other(e.to_string()))
@@ -103,6 +108,7 @@ impl store::Host for KvView<'_> {
     fn convert_error(&mut self, error: KvFailure) -> wasmtime::Result<store::Error> {
         Ok(match error {
             KvFailure::NoSuchStore => store::Error::NoSuchStore,
+            KvFailure::AccessDenied => store::Error::AccessDenied,
             KvFailure::Other(message) => store::Error::Other(message),
         })
     }

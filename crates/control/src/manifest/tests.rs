@@ -78,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `store_bucket`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `store_bucket`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`, `purposes`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -493,9 +493,9 @@ fn topics_and_triggers_parse_with_defaults() {
     check_events(
         EVENTS,
         expect![[r#"
-            topic city.congestion: TopicManifest { batch_window: None, retention: 604800s, retention_bytes: 1073741824, event_bytes_max: 1048576, segment_bytes: 67108864 }
-            topic city.traffic: TopicManifest { batch_window: Some(50ms), retention: 172800s, retention_bytes: 10737418240, event_bytes_max: 65536, segment_bytes: 67108864 }
-            flow <- TriggerManifest { topic: "city.traffic", batch: 100, parallel: 4, path: "/loops?window=60", max_attempts: 5, dead_letter: None, reply_to: Some("city.congestion") }"#]],
+            topic city.congestion: TopicManifest { batch_window: None, retention: 604800s, retention_bytes: 1073741824, event_bytes_max: 1048576, segment_bytes: 67108864, labels: DataLabels { classification: Internal, region: None, allowed_purposes: [] } }
+            topic city.traffic: TopicManifest { batch_window: Some(50ms), retention: 172800s, retention_bytes: 10737418240, event_bytes_max: 65536, segment_bytes: 67108864, labels: DataLabels { classification: Internal, region: None, allowed_purposes: [] } }
+            flow <- TriggerManifest { topic: "city.traffic", batch: 100, parallel: 4, path: "/loops?window=60", max_attempts: 5, dead_letter: None, reply_to: Some("city.congestion"), pseudonymise: [] }"#]],
     );
 }
 
@@ -572,6 +572,7 @@ fn key_value_buckets_parse_with_defaults_and_limits() {
             key_bytes_max: 512,
             value_bytes_max: 4096,
             total_bytes_max: 64 << 20,
+            labels: DataLabels::default(),
         })
     );
     assert_eq!(app.kv["counters"].value_bytes_max, 1 << 20);
@@ -588,4 +589,98 @@ fn key_value_buckets_parse_with_defaults_and_limits() {
         maru.toml:16:1: `kv.Bookings`: `Bookings` is not a valid name
           hint: use 1 to 63 lowercase letters, digits and dashes, starting with a letter"#]]
     .assert_eq(&refused("[kv.Bookings]\n"));
+}
+
+#[test]
+fn data_labels_purposes_and_pseudonymised_fields_parse_and_are_checked() {
+    let text = r#"
+[app]
+name = "traffic"
+organisation = "transport"
+
+[topic."city.movements"]
+classification = "personal"
+region = "eu-central"
+allowed_purposes = ["traffic-signal-control"]
+
+[topic."city.traffic"]
+classification = "public"
+
+[kv.trips]
+classification = "personal"
+allowed_purposes = ["billing", "traffic-signal-control"]
+
+[bucket."traffic-archive"]
+classification = "internal"
+
+[service.signals]
+component = "signals.wasm"
+purposes = ["traffic-signal-control"]
+
+[[service.signals.trigger]]
+topic = "city.movements"
+pseudonymise = ["plate", "vehicle.id"]
+"#;
+    let app = parse("maru.toml", text).expect("parses");
+    assert_eq!(app.organisation.as_deref(), Some("transport"));
+    let movements = &app.topics["city.movements"].labels;
+    assert_eq!(movements.classification, Classification::Personal);
+    assert_eq!(movements.region.as_deref(), Some("eu-central"));
+    assert_eq!(movements.allowed_purposes, ["traffic-signal-control"]);
+    assert_eq!(
+        app.topics["city.traffic"].labels.classification,
+        Classification::Public
+    );
+    assert_eq!(app.kv["trips"].labels.allowed_purposes.len(), 2);
+    assert_eq!(app.kv["trips"].labels.region, None, "the node's region");
+    assert_eq!(app.buckets["traffic-archive"], DataLabels::default());
+    let signals = &app.services["signals"];
+    assert_eq!(signals.purposes, ["traffic-signal-control"]);
+    assert_eq!(signals.triggers[0].pseudonymise, ["plate", "vehicle.id"]);
+
+    let refused = |from: &str, to: &str| {
+        assert!(text.contains(from), "{from}");
+        parse("maru.toml", &text.replacen(from, to, 1))
+            .expect_err("refused")
+            .to_string()
+    };
+    expect![[r#"
+        maru.toml:7:18: `topic.city.movements.classification`: `secret` is not a classification
+          hint: use "public", "internal" (the default) or "personal""#]]
+    .assert_eq(&refused(
+        r#"classification = "personal""#,
+        r#"classification = "secret""#,
+    ));
+    expect![[r#"
+        maru.toml:6:1: `topic.city.movements.allowed_purposes`: personal data needs the purposes it may be used for
+          hint: add allowed_purposes = ["..."]: only services declaring one of them may use it"#]]
+    .assert_eq(&refused(r#"allowed_purposes = ["traffic-signal-control"]"#, ""));
+    expect![[r#"
+        maru.toml:16:20: `kv.trips.allowed_purposes`: `allowed_purposes` applies to personal data
+          hint: set classification = "personal", or remove allowed_purposes"#]]
+    .assert_eq(&refused(
+        "[kv.trips]\nclassification = \"personal\"",
+        "[kv.trips]\nclassification = \"internal\"",
+    ));
+    expect![[r#"
+        maru.toml:9:20: `topic.city.movements.allowed_purposes`: `Traffic` is not a label: use 1 to 63 lowercase letters, digits and `-`, starting with a letter
+          hint: purposes are names such as "traffic-signal-control""#]]
+    .assert_eq(&refused(
+        r#"allowed_purposes = ["traffic-signal-control"]"#,
+        r#"allowed_purposes = ["Traffic"]"#,
+    ));
+    expect!["maru.toml:23:12: `service.signals.purposes`: `a` is listed twice"].assert_eq(
+        &refused(
+            "\npurposes = [\"traffic-signal-control\"]",
+            "\npurposes = [\"a\", \"a\"]",
+        ),
+    );
+    expect![[r#"
+        maru.toml:4:16: `app.organisation`: `Transport Dept` is not a label: use 1 to 63 lowercase letters, digits and `-`, starting with a letter
+          hint: an organisation is a name such as "transport""#]]
+    .assert_eq(&refused(r#""transport""#, r#""Transport Dept""#));
+    expect![[r#"
+        maru.toml:27:16: `service.signals.trigger.pseudonymise`: `vehicle.` is not a field name
+          hint: name a JSON field of the events, or a dotted path into nested objects: "plate", "vehicle.id""#]]
+    .assert_eq(&refused(r#""vehicle.id""#, r#""vehicle.""#));
 }

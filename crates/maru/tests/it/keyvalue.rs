@@ -76,3 +76,58 @@ fn bookings_are_kept_in_key_value_storage_shared_by_instances_and_across_restart
         "the refused booking did not keep the slot: {body}"
     );
 }
+
+/// A bucket of personal data (citizens' names) serves only services that declare a purpose
+/// it was collected for; every call is on the record, with the key only as a keyed hash. A
+/// service without the purpose gets `access-denied` from `wasi:keyvalue`, and the denial
+/// is recorded too.
+#[test]
+fn personal_buckets_serve_only_their_purpose_and_every_call_is_recorded() {
+    let node = Node::start();
+    let personal =
+        "[kv.bookings]\nclassification = \"personal\"\nallowed_purposes = [\"reservations\"]\n";
+    node.deploy(
+        "booked.toml",
+        &manifest(
+            "booked",
+            "/booked",
+            &format!("purposes = [\"reservations\"]\n\n{personal}"),
+        ),
+    );
+    let (status, body) = book(&node, "/booked", "2026-12-01T08:00", "Ana Example");
+    assert_eq!(status, 201, "{body}");
+    let listed = node.get("/booked");
+    assert!(listed.body.contains("Ana Example"), "{}", listed.body);
+    let search = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["audit", "search", "--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&node.cli_ok(&all)).expect("JSON")
+    };
+    let calls = search(&["--resource", "kv/booked/bookings"]);
+    let actions: Vec<&str> = calls.iter().filter_map(|e| e["action"].as_str()).collect();
+    assert!(
+        actions.contains(&"kv.write") && actions.contains(&"kv.read"),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|e| e["decision"] == "allow" && e["actor"] == "service:booked/api")
+    );
+    let text = serde_json::to_string(&calls).expect("JSON");
+    assert!(
+        !text.contains("2026-12-01T08:00") && text.contains("hmac:"),
+        "keys appear only as keyed hashes: {text}"
+    );
+
+    // The same component without the purpose: every call refused.
+    node.deploy("nosy.toml", &manifest("nosy", "/nosy", personal));
+    let (status, body) = book(&node, "/nosy", "2026-12-01T09:00", "Bo");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("AccessDenied"), "{body}");
+    let denied = search(&["--resource", "kv/nosy/bookings", "--decision", "deny"]);
+    assert!(
+        denied.iter().any(|e| e["actor"] == "service:nosy/api"),
+        "{denied:?}"
+    );
+}

@@ -3,6 +3,7 @@
 //! sockets.
 
 mod audit;
+mod data;
 mod events;
 mod harness;
 mod identity;
