@@ -323,6 +323,21 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
         ),
     )?;
     node.cli(&["deploy", manifest.to_str().context("non-UTF-8 path")?])?;
+    // The same node again with its gateway over TLS (the node's default; the control API,
+    // MQTT and S3 stay plain here), for the cost of TLS on the same requests.
+    let tls_dir = bench_dir.join("tls");
+    std::fs::create_dir_all(&tls_dir)?;
+    let any = "127.0.0.1:0";
+    let mut tls_node = Some(MaruNode::start_with(
+        &maru,
+        &tls_dir.join("data"),
+        [any, any, any, any],
+        &tls_dir.join("maru.log"),
+        &["--plain", "control,mqtt,s3"],
+    )?);
+    if let Some(tls_node) = &tls_node {
+        tls_node.cli(&["deploy", manifest.to_str().context("non-UTF-8 path")?])?;
+    }
 
     let wasmtime_address = format!("127.0.0.1:{}", free_port()?);
     let wasmtime_log = std::fs::File::create(bench_dir.join("wasmtime-serve.log"))?;
@@ -351,15 +366,22 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
         );
 
         let maru_url = format!("http://{}/hello", node.gateway);
+        let tls_url = format!(
+            "https://{}/hello",
+            tls_node.as_ref().context("the TLS node")?.gateway
+        );
         let wasmtime_url = format!("http://{wasmtime_address}/hello");
-        println!("Warming up both servers…");
+        println!("Warming up the servers…");
         wrk(&maru_url, 2, connections)?;
+        wrk(&tls_url, 2, connections)?;
         wrk(&wasmtime_url, 2, connections)?;
         let mut maru_runs = Vec::new();
+        let mut tls_runs = Vec::new();
         let mut wasmtime_runs = Vec::new();
         for round in 1..=rounds {
             for (name, url, runs) in [
                 ("maru", &maru_url, &mut maru_runs),
+                ("maru TLS", &tls_url, &mut tls_runs),
                 ("wasmtime serve", &wasmtime_url, &mut wasmtime_runs),
             ] {
                 let load = wrk(url, seconds, connections)?;
@@ -393,6 +415,21 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
             m_rps / w_rps,
             m_p99 / w_p99
         );
+        let (t_rps, t_p50, t_p99) = (
+            mean(&tls_runs, |l| l.requests_per_second),
+            mean(&tls_runs, |l| l.p50_ms),
+            mean(&tls_runs, |l| l.p99_ms),
+        );
+        println!("  maru TLS       {t_rps:>9.0} req/s  p50 {t_p50:>6.2} ms  p99 {t_p99:>6.2} ms");
+        println!(
+            "  ratio maru TLS / maru plain: throughput {:.2}×, p99 {:.2}× (TLS 1.3 on wrk's kept-alive connections: the handshake once per connection, encryption on every request)",
+            t_rps / m_rps,
+            t_p99 / m_p99
+        );
+        // The rest measures one node alone.
+        if let Some(mut tls_node) = tls_node.take() {
+            tls_node.stop()?;
+        }
         cold_start(&node, &hello)?;
         noisy_neighbours(&node, &components.join("misbehave.wasm"), &bench_dir)
     })();

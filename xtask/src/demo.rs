@@ -75,6 +75,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         node.mqtt,
         log.display()
     );
+    println!(
+        "(The demo serves plain HTTP and MQTT on loopback, asked for with MARU_PLAIN, so curl and\n mosquitto need no CA. A node serves every listener over TLS by default: docs/node.md#tls.)"
+    );
     env::ensure_debian_package("python3", "python3")?;
     for manifest in [
         "examples/hello/maru.toml",

@@ -77,6 +77,8 @@ fn test() -> anyhow::Result<()> {
     env::ensure_debian_package("curl", "curl")?;
     // The operators' tests compute TOTP codes with oathtool (RFC 6238), not our own code.
     env::ensure_debian_package("oathtool", "oathtool")?;
+    // The TLS test checks every listener's protocols and ciphers with sslscan.
+    env::ensure_debian_package("sslscan", "sslscan")?;
     env::ensure_pip_packages(
         &["python3", "-c", "import boto3, awscli"],
         &["awscli==1.45.11", "boto3==1.43.11"],

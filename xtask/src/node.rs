@@ -47,7 +47,14 @@ impl MaruNode {
         std::fs::create_dir_all(data)?;
         let log =
             std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        // The benchmarks' and the demo's clients speak plain HTTP and MQTT on loopback; the
+        // demo says so, and `bench gateway` measures TLS on its own.
+        // `--plain control,mqtt,s3` in `extra` serves the gateway over TLS.
+        let plain =
+            (!extra.contains(&"--plain")).then_some(("MARU_PLAIN", "gateway,control,mqtt,s3"));
         let child = Command::new(binary)
+            .env_remove("MARU_PLAIN")
+            .envs(plain)
             .args(["up", "--gateway", gateway, "--control", control])
             .args(["--mqtt", mqtt, "--s3", s3])
             .args(extra)

@@ -257,12 +257,56 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
                 token_id: None,
                 expires_ms: None,
             };
-            match ctx.policies.decide_under(
-                request.policies.as_deref(),
-                &principal,
-                &request.action,
-                &request.resource,
-            ) {
+            let decided = match policy::data::DataAction::from_name(&request.action) {
+                // A data action: on a deployed dataset, by a deployed service or a caller.
+                Some(action) => {
+                    let Some(dataset) = ctx.node.dataset(&request.resource) else {
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "unknown_dataset",
+                            &format!("no deployed dataset is {}", request.resource),
+                            Some("name a deployed topic (topic/NAME) or key-value bucket (kv/APP/NAME)".into()),
+                        );
+                    };
+                    let service = request
+                        .subject
+                        .strip_prefix("service:")
+                        .and_then(|s| s.split_once('/'))
+                        .map(|(app, service)| (app.to_string(), service.to_string()));
+                    let principal_of_service = match &service {
+                        Some((app, name)) => match ctx.node.service_principal(app, name) {
+                            Some(found) => Some(found),
+                            None => {
+                                return error(
+                                    StatusCode::NOT_FOUND,
+                                    "unknown_service",
+                                    &format!("no running service is {app}/{name}"),
+                                    Some("`maru ps` lists the services".into()),
+                                );
+                            }
+                        },
+                        None => None,
+                    };
+                    let actor = match &principal_of_service {
+                        Some(service) => policy::data::Actor::Service(service),
+                        None => policy::data::Actor::Caller(&principal),
+                    };
+                    ctx.policies.decide_data_under(
+                        request.policies.as_deref(),
+                        &actor,
+                        action,
+                        &dataset,
+                        ctx.node.data.node(),
+                    )
+                }
+                None => ctx.policies.decide_under(
+                    request.policies.as_deref(),
+                    &principal,
+                    &request.action,
+                    &request.resource,
+                ),
+            };
+            match decided {
                 Ok(decision) => json(&maru_api::PolicyDecision {
                     allowed: decision.allowed,
                     reason: decision.reason(),

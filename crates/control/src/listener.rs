@@ -29,9 +29,10 @@ pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<gateway::tls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    gateway::serve_connections(listener, limits, shutdown, |peer| {
+    gateway::serve_connections(listener, limits, tls, shutdown, |peer| {
         let router = router.clone();
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let mut router = router.clone();

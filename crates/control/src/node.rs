@@ -118,7 +118,7 @@ pub struct Node {
     pub files: NodeFiles,
     /// The object store, and where its S3 endpoint listens once it does.
     pub store: Arc<store::Store>,
-    s3_endpoint: Mutex<String>,
+    s3_endpoint: Mutex<(String, Option<PathBuf>)>,
     /// How process services are confined; `None` with `process_isolation = "none"`.
     sandbox: Option<Sandbox>,
     pub runtime: Arc<Runtime>,
@@ -160,7 +160,7 @@ impl Node {
         Arc::new(Node {
             files,
             store,
-            s3_endpoint: Mutex::new(String::new()),
+            s3_endpoint: Mutex::new((String::new(), None)),
             sandbox,
             runtime,
             gateway,
@@ -188,22 +188,29 @@ impl Node {
             .store
             .service_access_key(&key.0, &key.1, bucket)
             .map_err(|error| format!("no object store key for bucket {bucket}: {error}"))?;
-        Ok(vec![
+        let (endpoint, ca) = self.s3_endpoint.lock().expect("never poisoned").clone();
+        let mut environment = vec![
             ("AWS_ACCESS_KEY_ID".into(), access.id),
             ("AWS_SECRET_ACCESS_KEY".into(), secret),
             ("AWS_DEFAULT_REGION".into(), "us-east-1".into()),
-            ("AWS_ENDPOINT_URL".into(), self.s3_endpoint()),
+            ("AWS_ENDPOINT_URL".into(), endpoint),
             ("MARU_BUCKET".into(), bucket.to_string()),
-        ])
+        ];
+        if let Some(ca) = ca {
+            // The AWS CLI and SDKs trust the node CA through it.
+            environment.push(("AWS_CA_BUNDLE".into(), ca.display().to_string()));
+        }
+        Ok(environment)
     }
 
-    /// Where the S3 endpoint listens, for `maru store status`.
-    pub fn set_s3_endpoint(&self, endpoint: String) {
-        *self.s3_endpoint.lock().expect("never poisoned") = endpoint;
+    /// Where the S3 endpoint listens (for `maru store status` and process services), and
+    /// where they find the CA that signed its certificate (with TLS).
+    pub fn set_s3_endpoint(&self, endpoint: String, ca: Option<PathBuf>) {
+        *self.s3_endpoint.lock().expect("never poisoned") = (endpoint, ca);
     }
 
     pub fn s3_endpoint(&self) -> String {
-        self.s3_endpoint.lock().expect("never poisoned").clone()
+        self.s3_endpoint.lock().expect("never poisoned").0.clone()
     }
 
     /// Every app's serving revision with its parsed manifest, read once per decision. An app
@@ -224,6 +231,30 @@ impl Node {
             }
         }
         Ok(deployed)
+    }
+
+    /// A running service as it acts on data.
+    pub fn service_principal(&self, app: &str, service: &str) -> Option<ServicePrincipal> {
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .get(&(app.to_string(), service.to_string()))
+            .map(|r| r.desired.principal.clone())
+    }
+
+    /// A deployed dataset by its resource name: `topic/NAME` or `kv/APP/NAME`.
+    pub fn dataset(&self, resource: &str) -> Option<Dataset> {
+        if let Some(topic) = resource.strip_prefix("topic/") {
+            return self.topic_dataset(topic);
+        }
+        let (app, bucket) = resource.strip_prefix("kv/")?.split_once('/')?;
+        let node = self.data.node().clone();
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .iter()
+            .find(|((a, _), _)| a == app)
+            .and_then(|(_, r)| r.desired.kv_datasets(app, &node).remove(bucket))
     }
 
     /// A deployed topic, labelled (`None` if no deployed app declares it).

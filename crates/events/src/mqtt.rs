@@ -33,8 +33,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mqttbytes::{Protocol, QoS, v4, v5};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -228,10 +227,13 @@ pub fn decode(
 }
 
 /// Accept MQTT connections until `shutdown` fires.
+/// Accept MQTT connections until `shutdown` fires; over TLS with `tls` (MQTT's 8883
+/// convention), each handshake within `connect_timeout`.
 pub async fn serve(
     events: Arc<Events>,
     listener: TcpListener,
     config: MqttConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let config = Arc::new(config);
@@ -270,8 +272,35 @@ pub async fn serve(
         let events = events.clone();
         let config = config.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            let mut connection = Connection::new(stream, events, config);
+            let halves: (Reader, Writer) = match tls {
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    (Box::new(reader), Box::new(writer))
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(config.connect_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let (reader, writer) = tokio::io::split(stream);
+                            (Box::new(reader), Box::new(writer))
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "mqtt TLS handshake failed");
+                            drop((permit, address_slot));
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "mqtt TLS handshake timed out");
+                            drop((permit, address_slot));
+                            return;
+                        }
+                    }
+                }
+            };
+            let mut connection = Connection::new(halves, peer.ip(), events, config);
             tokio::select! {
                 result = connection.run() => {
                     if let Err(why) = result {
@@ -348,8 +377,12 @@ enum Step {
     Stored(Result<std::ops::Range<u64>, AppendError>),
 }
 
+/// One side of a connection, plain or TLS.
+type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
 async fn read_packet(
-    reader: &mut OwnedReadHalf,
+    reader: &mut Reader,
     buffer: &mut BytesMut,
     protocol: Option<Protocol>,
     packet_bytes_max: usize,
@@ -377,8 +410,8 @@ struct InFlight {
 }
 
 struct Connection {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     events: Arc<Events>,
     config: Arc<MqttConfig>,
     protocol: Option<Protocol>,
@@ -402,9 +435,13 @@ struct Connection {
 const ALIASES_MAX: u16 = 64;
 
 impl Connection {
-    fn new(stream: TcpStream, events: Arc<Events>, config: Arc<MqttConfig>) -> Self {
-        let peer = stream.peer_addr().ok().map(|a| a.ip());
-        let (reader, writer) = stream.into_split();
+    fn new(
+        (reader, writer): (Reader, Writer),
+        peer: IpAddr,
+        events: Arc<Events>,
+        config: Arc<MqttConfig>,
+    ) -> Self {
+        let peer = Some(peer);
         Connection {
             reader,
             writer,
@@ -825,6 +862,7 @@ impl Connection {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tokio::net::TcpStream;
 
     fn publish_v4(topic: &str, payload: &[u8]) -> BytesMut {
         let mut out = BytesMut::new();
@@ -894,7 +932,7 @@ mod tests {
         let events = Arc::new(Events::new(dir));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let server = tokio::spawn(serve(events, listener, config, shutdown.clone()));
+        let server = tokio::spawn(serve(events, listener, config, None, shutdown.clone()));
         (address, server)
     }
 

@@ -10,6 +10,7 @@ mod metrics;
 mod routes;
 mod server;
 mod service;
+pub mod tls;
 mod trigger;
 
 pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_families};

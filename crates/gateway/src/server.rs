@@ -167,6 +167,7 @@ impl Gateway {
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        tls: Option<crate::tls::TlsAcceptor>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let limits = ConnectionLimits {
@@ -175,7 +176,7 @@ impl Gateway {
             header_bytes_max: self.config.header_bytes_max,
             shutdown_grace: self.config.shutdown_grace,
         };
-        serve_connections(listener, limits, shutdown, |peer| {
+        serve_connections(listener, limits, tls, shutdown, |peer| {
             let gateway = self.clone();
             hyper::service::service_fn(move |request| {
                 let gateway = gateway.clone();
@@ -430,11 +431,13 @@ pub struct ConnectionLimits {
 
 /// Accept HTTP/1.1 connections until `shutdown` fires, each served by the service
 /// `service_for` makes for its peer, under `limits`; then stop accepting and give open
-/// connections `shutdown_grace` to finish. The gateway and the control API both listen
+/// connections `shutdown_grace` to finish. With `tls`, each connection's handshake must
+/// finish within `header_read_timeout`. The gateway, the control API and S3 all listen
 /// through this.
 pub async fn serve_connections<S, B>(
     listener: TcpListener,
     limits: ConnectionLimits,
+    tls: Option<crate::tls::TlsAcceptor>,
     shutdown: CancellationToken,
     mut service_for: impl FnMut(SocketAddr) -> S,
 ) where
@@ -472,14 +475,38 @@ pub async fn serve_connections<S, B>(
             },
         };
         _ = stream.set_nodelay(true);
-        let connection =
-            graceful.watch(http.serve_connection(TokioIo::new(stream), service_for(peer)));
-        connections.spawn(async move {
-            // Errors here are clients going away or breaking the protocol; hyper has
-            // already answered what could be answered.
-            _ = connection.await;
-            drop(permit);
-        });
+        let service = service_for(peer);
+        match &tls {
+            None => {
+                let connection =
+                    graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                connections.spawn(async move {
+                    // Errors here are clients going away or breaking the protocol; hyper
+                    // has already answered what could be answered.
+                    _ = connection.await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                let (acceptor, watcher, http) =
+                    (acceptor.clone(), graceful.watcher(), http.clone());
+                let deadline = limits.header_read_timeout;
+                connections.spawn(async move {
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            _ = watcher
+                                .watch(http.serve_connection(TokioIo::new(stream), service))
+                                .await;
+                        }
+                        // A client that offers only old protocols or weak ciphers, speaks
+                        // plain HTTP to a TLS port, or stalls: closed.
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())

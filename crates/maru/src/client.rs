@@ -46,22 +46,55 @@ impl Client {
         let node_file = std::fs::read_to_string(target.data.join(crate::up::NODE_FILE))
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        let control_tls = node_file.as_ref().is_none_or(|n| {
+            n["tls"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|v| v == "control"))
+        });
+        let scheme = if control_tls { "https" } else { "http" };
         let base = match (
             &target.control,
             node_file.as_ref().and_then(|n| n["control"].as_str()),
         ) {
             (Some(explicit), _) => explicit.clone(),
-            (None, Some(found)) => format!("http://{found}"),
-            (None, None) => "http://127.0.0.1:8090".to_string(),
+            (None, Some(found)) => format!("{scheme}://{found}"),
+            (None, None) => "https://127.0.0.1:8090".to_string(),
         };
         let base = if base.starts_with("http://") || base.starts_with("https://") {
             base
         } else {
-            format!("http://{base}")
+            format!("{scheme}://{base}")
+        };
+        // Trust, in order: --ca / MARU_CA, the node's CA in its data directory, the web's.
+        let ca = target
+            .ca
+            .clone()
+            .or_else(|| Some(target.data.join("tls").join("ca.pem")).filter(|p| p.exists()));
+        let roots = match &ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("read the CA certificate {}", path.display()))?;
+                let certificates = ureq::tls::parse_pem(&pem)
+                    .filter_map(|item| match item {
+                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+                ureq::tls::RootCerts::Specific(std::sync::Arc::new(certificates))
+            }
+            None => ureq::tls::RootCerts::WebPki,
         };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(600)))
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .provider(ureq::tls::TlsProvider::Rustls)
+                    .root_certs(roots)
+                    .build(),
+            )
             .build()
             .into();
         Ok(Client {

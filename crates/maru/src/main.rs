@@ -29,10 +29,14 @@ struct Cli {
 /// How a client command finds its node.
 #[derive(clap::Args, Clone)]
 pub struct Target {
-    /// Control API address, e.g. http://127.0.0.1:8090. Default: read from DATA/node.json,
-    /// else http://127.0.0.1:8090.
+    /// Control API address, e.g. https://maru.city.example:8090. Default: read from
+    /// DATA/node.json, else https://127.0.0.1:8090.
     #[arg(long, env = "MARU_CONTROL", global = true)]
     control: Option<String>,
+    /// The CA certificate (PEM) to trust for the control API. Default: the node's CA
+    /// (DATA/tls/ca.pem) if there is one, else the public web's roots.
+    #[arg(long, env = "MARU_CA", global = true)]
+    ca: Option<PathBuf>,
     /// Bearer token for the control API. Default: the `token` file in the data directory.
     #[arg(long, env = "MARU_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,

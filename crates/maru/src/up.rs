@@ -37,6 +37,58 @@ pub struct UpArgs {
     /// Node config file. Default: ./maru.toml if it has a [node] table.
     #[arg(long, env = "MARU_CONFIG")]
     config: Option<PathBuf>,
+    /// Listeners to serve without TLS, comma-separated: gateway, control, mqtt, s3
+    /// (overrides `[tls] plain`). Everything is TLS by default.
+    #[arg(long, env = "MARU_PLAIN", value_delimiter = ',')]
+    plain: Option<Vec<Listener>>,
+}
+
+/// The node's listeners, as `[tls] plain` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Listener {
+    Gateway,
+    Control,
+    Mqtt,
+    S3,
+}
+
+impl Listener {
+    const ALL: [Listener; 4] = [
+        Listener::Gateway,
+        Listener::Control,
+        Listener::Mqtt,
+        Listener::S3,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Listener::Gateway => "gateway",
+            Listener::Control => "control",
+            Listener::Mqtt => "mqtt",
+            Listener::S3 => "s3",
+        }
+    }
+}
+
+/// The `[tls]` table of a node config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    /// Listeners served without TLS.
+    plain: Option<Vec<Listener>>,
+    /// The operator's certificate chain and key (PEM); without them the node CA's.
+    certificate: Option<PathBuf>,
+    key: Option<PathBuf>,
+    /// More names for the node CA's server certificate.
+    names: Option<Vec<String>>,
+}
+
+/// TLS as resolved.
+struct TlsSettings {
+    plain: Vec<Listener>,
+    own: Option<(PathBuf, PathBuf)>,
+    names: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -98,6 +150,7 @@ struct StoreFile {
 struct ConfigFile {
     node: Option<NodeFile>,
     store: Option<StoreFile>,
+    tls: Option<TlsFile>,
     // An app manifest in the same directory is not a node config; its tables are ignored.
     #[serde(default, rename = "app")]
     _app: Option<toml::Value>,
@@ -150,6 +203,7 @@ struct Settings {
     process_isolation: ProcessIsolation,
     store: StoreSettings,
     labels: policy::data::NodeLabels,
+    tls: TlsSettings,
 }
 
 /// The object store's resolved settings.
@@ -265,6 +319,19 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         .or(file.data.clone())
         .unwrap_or_else(|| PathBuf::from("./maru-data"));
     let store = store_settings(config.store.unwrap_or_default(), args.s3, &data)?;
+    let tls_file = config.tls.unwrap_or_default();
+    let own = match (tls_file.certificate, tls_file.key) {
+        (Some(certificate), Some(key)) => Some((certificate, key)),
+        (None, None) => None,
+        _ => bail!(
+            "[tls] certificate and key go together: give both (PEM files), or neither to use the node's own CA"
+        ),
+    };
+    let tls = TlsSettings {
+        plain: args.plain.clone().or(tls_file.plain).unwrap_or_default(),
+        own,
+        names: tls_file.names.unwrap_or_default(),
+    };
     let duration =
         |field: &str, value: Option<String>, default: Duration| -> anyhow::Result<Duration> {
             value.map_or(Ok(default), |text| {
@@ -347,6 +414,7 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         process_isolation: file.process_isolation.unwrap_or_default(),
         store,
         labels,
+        tls,
     })
 }
 
@@ -471,17 +539,41 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let token = files.token.value.clone();
     let ingest_token = files.ingest_token.value.clone();
     let store = open_store(&settings)?;
+    let tls = node_tls(&settings)?;
+    let acceptor = |listener: Listener| {
+        tls.as_ref()
+            .filter(|_| !settings.tls.plain.contains(&listener))
+            .map(|t| t.acceptor.clone())
+    };
+    let ca_pem = match tls.as_ref().and_then(|t| t.ca.as_ref()) {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("read {}", path.display()))?)
+        }
+        None => None,
+    };
+    // Where process services find the CA that signed the S3 endpoint's certificate.
+    let mut ca_for_processes = tls
+        .as_ref()
+        .and_then(|t| t.ca.clone())
+        .filter(|_| !settings.tls.plain.contains(&Listener::S3));
     let sandbox = match settings.process_isolation {
         ProcessIsolation::Landlock => {
             let launcher = std::env::current_exe().context("find maru's own binary")?;
-            Some(
-                runtime::sandbox::Sandbox::prepare(
-                    launcher,
-                    &settings.data,
-                    &settings.store.volumes,
-                )
-                .context("prepare the sandbox for process services")?,
+            let mut sandbox = runtime::sandbox::Sandbox::prepare(
+                launcher,
+                &settings.data,
+                &settings.store.volumes,
             )
+            .context("prepare the sandbox for process services")?;
+            if let (Some(pem), Some(_)) = (&ca_pem, &ca_for_processes) {
+                // The data directory is hidden from them; the CA is public.
+                ca_for_processes = Some(
+                    sandbox
+                        .publish("maru-ca.pem", pem)
+                        .context("give process services the node CA")?,
+                );
+            }
+            Some(sandbox)
         }
         ProcessIsolation::None => {
             tracing::warn!(
@@ -529,30 +621,49 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let control_address = control_listener.local_addr()?;
     let mqtt_address = mqtt_listener.local_addr()?;
     let s3_address = s3_listener.local_addr()?;
-    node.set_s3_endpoint(format!("http://{s3_address}"));
+    let scheme = |listener: Listener| {
+        if acceptor(listener).is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    };
+    node.set_s3_endpoint(
+        format!("{}://{s3_address}", scheme(Listener::S3)),
+        ca_for_processes,
+    );
     // After the listeners are bound: process services are told where the S3 API is, and
     // requests that arrive while the apps start wait in the listeners' backlogs.
     node.reconcile().await.context("start the deployed apps")?;
+    let tls_listeners: Vec<&str> = Listener::ALL
+        .into_iter()
+        .filter(|l| acceptor(*l).is_some())
+        .map(Listener::name)
+        .collect();
     write_node_file(
         &node.files,
-        gateway_address,
-        control_address,
-        mqtt_address,
-        s3_address,
+        [gateway_address, control_address, mqtt_address, s3_address],
+        &tls_listeners,
+        tls.as_ref().and_then(|t| t.ca.as_deref()),
     )?;
     tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, s3 = %s3_address, data = %settings.data.display(), "maru is up");
 
     let shutdown = CancellationToken::new();
     let mut servers = JoinSet::new();
-    servers.spawn(gateway.serve(gateway_listener, shutdown.clone()));
+    servers.spawn(gateway.serve(
+        gateway_listener,
+        acceptor(Listener::Gateway),
+        shutdown.clone(),
+    ));
     let mqtt_config = events::mqtt::MqttConfig {
         gate,
         connections_max: settings.mqtt_connections_max,
         ..events::mqtt::MqttConfig::default()
     };
     let mqtt_shutdown = shutdown.clone();
+    let mqtt_tls = acceptor(Listener::Mqtt);
     servers.spawn(async move {
-        events::mqtt::serve(events, mqtt_listener, mqtt_config, mqtt_shutdown).await;
+        events::mqtt::serve(events, mqtt_listener, mqtt_config, mqtt_tls, mqtt_shutdown).await;
         Ok(())
     });
     let s3 = store::s3::service(
@@ -569,8 +680,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         shutdown_grace: settings.gateway_config.shutdown_grace,
     };
     let s3_shutdown = shutdown.clone();
+    let s3_tls = acceptor(Listener::S3);
     servers.spawn(async move {
-        gateway::serve_connections(s3_listener, s3_limits, s3_shutdown, |_peer| s3.clone()).await;
+        gateway::serve_connections(s3_listener, s3_limits, s3_tls, s3_shutdown, |_peer| {
+            s3.clone()
+        })
+        .await;
         Ok(())
     });
     let scrub_shutdown = shutdown.clone();
@@ -605,8 +720,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         shutdown_grace: settings.gateway_config.shutdown_grace,
         ..control::listener::default_limits()
     };
+    let control_tls = acceptor(Listener::Control);
     servers.spawn(async move {
-        control::listener::serve(control_listener, api, api_config, api_shutdown).await;
+        control::listener::serve(control_listener, api, api_config, control_tls, api_shutdown)
+            .await;
         Ok(())
     });
 
@@ -651,15 +768,49 @@ pub const NODE_FILE: &str = "node.json";
 /// Where a running node listens, for the CLI and tests to find it.
 fn write_node_file(
     files: &control::files::NodeFiles,
-    gateway: SocketAddr,
-    control: SocketAddr,
-    mqtt: SocketAddr,
-    s3: SocketAddr,
+    [gateway, control, mqtt, s3]: [SocketAddr; 4],
+    tls: &[&str],
+    ca: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "gateway": gateway.to_string(), "control": control.to_string(), "mqtt": mqtt.to_string(), "s3": s3.to_string(), "pid": std::process::id() });
+    let body = serde_json::json!({
+        "gateway": gateway.to_string(),
+        "control": control.to_string(),
+        "mqtt": mqtt.to_string(),
+        "s3": s3.to_string(),
+        "tls": tls,
+        "ca": ca.map(|p| p.display().to_string()),
+        "pid": std::process::id(),
+    });
     files
         .write(NODE_FILE, body.to_string().as_bytes())
         .context("write node.json")
+}
+
+/// The node's TLS certificate and acceptor, unless every listener is plain. Says what it
+/// made, and warns about plain listeners.
+fn node_tls(settings: &Settings) -> anyhow::Result<Option<gateway::tls::NodeTls>> {
+    for listener in &settings.tls.plain {
+        tracing::warn!(
+            listener = listener.name(),
+            "serving without TLS ([tls] plain or --plain): anyone on the path can read and change this traffic, tokens included"
+        );
+    }
+    if Listener::ALL.iter().all(|l| settings.tls.plain.contains(l)) {
+        return Ok(None);
+    }
+    let dir = settings.data.join("tls");
+    let source = match &settings.tls.own {
+        Some((certificate, key)) => gateway::tls::Source::Files { certificate, key },
+        None => gateway::tls::Source::NodeCa {
+            dir: &dir,
+            names: &settings.tls.names,
+        },
+    };
+    let tls = gateway::tls::node_tls(source).context("set up TLS (docs/node.md#tls)")?;
+    for made in &tls.made {
+        eprintln!("maru: made {made}");
+    }
+    Ok(Some(tls))
 }
 
 /// Open the object store on its volumes (creating them on first start).

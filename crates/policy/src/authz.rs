@@ -302,6 +302,24 @@ impl Policies {
         }
     }
 
+    /// [`Policies::decide_data`] under `text` instead of the active policies.
+    pub fn decide_data_under(
+        &self,
+        text: Option<&str>,
+        actor: &Actor<'_>,
+        action: DataAction,
+        dataset: &Dataset,
+        node: &NodeLabels,
+    ) -> Result<Decision, AuthzError> {
+        match text {
+            Some(text) => {
+                let set = validate(&self.schema, text)?;
+                Ok(self.decide_with(&set, actor, action.name(), &Target::Dataset(dataset, node)))
+            }
+            None => Ok(self.decide_data(actor, action, dataset, node)),
+        }
+    }
+
     /// Decide under `text` instead of the active policies (`maru policy test`).
     pub fn decide_under(
         &self,

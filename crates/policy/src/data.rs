@@ -151,6 +151,20 @@ pub enum DataAction {
 }
 
 impl DataAction {
+    pub const ALL: [DataAction; 6] = [
+        DataAction::TopicPublish,
+        DataAction::TopicConsume,
+        DataAction::KvRead,
+        DataAction::KvWrite,
+        DataAction::BucketRead,
+        DataAction::BucketWrite,
+    ];
+
+    /// The action a schema name (`topic.consume`) stands for, if it is a data action.
+    pub fn from_name(name: &str) -> Option<DataAction> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DataAction::TopicPublish => "topic.publish",

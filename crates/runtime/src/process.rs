@@ -263,6 +263,7 @@ impl ProcessInstance {
                         .cloned()
                         .collect(),
                     writable,
+                    readable: isolation.sandbox.readable.clone(),
                     user: isolation.user.clone(),
                     memory_bytes_max: spec.memory_bytes_max,
                     cpu_seconds_max: spec.cpu_seconds_max,

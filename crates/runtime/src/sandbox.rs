@@ -62,6 +62,9 @@ pub struct Policy {
     /// Readable and writable, with everything beneath: the working directory, the private
     /// temporary directory and the manifest's `writable` directories.
     pub writable: Vec<PathBuf>,
+    /// Files readable even where they are hidden (the node CA's certificate).
+    #[serde(default)]
+    pub readable: Vec<PathBuf>,
     /// The user to run as (maru must be root).
     pub user: Option<String>,
     pub memory_bytes_max: Option<u64>,
@@ -78,6 +81,8 @@ pub struct Sandbox {
     pub hidden: Vec<PathBuf>,
     /// Where each instance gets its own private temporary directory (`TMPDIR`).
     pub temporary_root: PathBuf,
+    /// Public files every instance may read ([`Sandbox::publish`]).
+    pub readable: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -121,7 +126,24 @@ impl Sandbox {
             launcher,
             hidden,
             temporary_root,
+            readable: Vec::new(),
         })
+    }
+
+    /// Put a public file (the node CA's certificate) where every instance, as any user, may
+    /// read it by name: the temporary root (which they cannot list), mode 0644.
+    pub fn publish(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf, SandboxError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.temporary_root.join(name);
+        std::fs::write(&path, bytes)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)))
+            .map_err(|source| SandboxError::Path {
+                action: "write",
+                path: path.clone(),
+                source,
+            })?;
+        self.readable.push(path.clone());
+        Ok(path)
     }
 }
 
@@ -275,6 +297,7 @@ fn confine(policy: &Policy) -> Result<(), SandboxError> {
         rules.push((PathBuf::from(device), read));
     }
     rules.extend(policy.writable.iter().map(|dir| (canonical(dir), all)));
+    rules.extend(policy.readable.iter().map(|path| (canonical(path), read)));
     let ruleset = Ruleset::default()
         .handle_access(all)?
         .scope(Scope::from_all(ABI_ASKED))?

@@ -46,12 +46,9 @@ pub(crate) fn post(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Posted {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let mut request = agent.post(format!("http://{}{path}", node.gateway));
+    let agent = crate::harness::agent_for(node, Duration::from_secs(30));
+    let scheme = if node.tls { "https" } else { "http" };
+    let mut request = agent.post(format!("{scheme}://{}{path}", node.gateway));
     if let Some(token) = token {
         request = request.header("Authorization", format!("Bearer {token}"));
     }

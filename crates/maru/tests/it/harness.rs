@@ -33,6 +33,31 @@ pub fn component(name: &str) -> PathBuf {
     }
 }
 
+/// An HTTP client for the node's listeners: trusting the node's CA when it serves TLS.
+pub fn agent_for(node: &Node, timeout: Duration) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout));
+    if node.tls {
+        let pem = std::fs::read(node.data.join("tls/ca.pem")).expect("the node CA");
+        let certificates = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::Rustls)
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(
+                    certificates,
+                )))
+                .build(),
+        );
+    }
+    config.build().into()
+}
+
 pub struct Node {
     child: Option<Child>,
     pub data: PathBuf,
@@ -45,6 +70,9 @@ pub struct Node {
     pub token: String,
     /// The token event producers present.
     pub ingest_token: String,
+    /// Whether the listeners speak TLS (the node's default). Most tests run them plain
+    /// (`MARU_PLAIN`), so their clients need no CA; `tls.rs` tests TLS itself.
+    pub tls: bool,
 }
 
 pub struct Response {
@@ -78,6 +106,15 @@ impl Node {
 
     /// Start a node whose data directory holds a `node.toml` with this `[node]` body.
     pub fn start_with_config(node_config: &str) -> Node {
+        Self::start_configured(node_config, false)
+    }
+
+    /// A node with its defaults: every listener over TLS, with the node CA.
+    pub fn start_tls(node_config: &str) -> Node {
+        Self::start_configured(node_config, true)
+    }
+
+    fn start_configured(node_config: &str, tls: bool) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("create data dir");
@@ -96,6 +133,7 @@ impl Node {
             s3: String::new(),
             token: String::new(),
             ingest_token: String::new(),
+            tls,
         };
         node.launch();
         node
@@ -132,6 +170,8 @@ impl Node {
             .arg("--config")
             .arg(self.config_path())
             .env("MARU_LOG", "info")
+            .env_remove("MARU_PLAIN")
+            .envs((!self.tls).then_some(("MARU_PLAIN", "gateway,control,mqtt,s3")))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)

@@ -273,7 +273,9 @@ fn the_control_api_refuses_calls_without_the_token() {
         "nothing may change without the token"
     );
     let cli = std::process::Command::new(crate::harness::MARU)
-        .args(["apps", "--token", "wrong", "--control", &node.control])
+        .args(["apps", "--token", "wrong", "--control"])
+        // An address without a scheme means TLS; this node's control API is plain.
+        .arg(format!("http://{}", node.control))
         .output()
         .expect("run CLI");
     assert!(!cli.status.success());

@@ -13,3 +13,4 @@ mod limits;
 mod processes;
 mod sim;
 mod store;
+mod tls;

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use crate::harness::Node;
 
 /// An access key for `buckets`: (id, secret).
-fn key(node: &Node, buckets: &[&str]) -> (String, String) {
+pub(crate) fn key(node: &Node, buckets: &[&str]) -> (String, String) {
     let mut args = vec!["store", "keys", "create", "--json"];
     for bucket in buckets {
         args.extend(["--bucket", bucket]);
@@ -23,15 +23,16 @@ fn key(node: &Node, buckets: &[&str]) -> (String, String) {
 
 /// A client command with the key and endpoint in its environment and nothing of the
 /// machine's own AWS configuration.
-fn client(node: &Node, key: &(String, String), program: &str) -> Command {
+pub(crate) fn client(node: &Node, key: &(String, String), program: &str) -> Command {
     let dir = node.data.parent().expect("parent");
+    let scheme = if node.tls { "https" } else { "http" };
     let mut command = Command::new(program);
     command
         .current_dir(dir)
         .env("AWS_ACCESS_KEY_ID", &key.0)
         .env("AWS_SECRET_ACCESS_KEY", &key.1)
         .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL", format!("http://{}", node.s3))
+        .env("AWS_ENDPOINT_URL", format!("{scheme}://{}", node.s3))
         .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
         .env(
             "AWS_SHARED_CREDENTIALS_FILE",
@@ -39,6 +40,9 @@ fn client(node: &Node, key: &(String, String), program: &str) -> Command {
         )
         .env_remove("AWS_CA_BUNDLE")
         .env_remove("AWS_PROFILE");
+    if node.tls {
+        command.env("AWS_CA_BUNDLE", node.data.join("tls/ca.pem"));
+    }
     command
 }
 
@@ -52,7 +56,7 @@ fn ok(output: Output, what: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn aws(node: &Node, key: &(String, String), args: &[&str]) -> Output {
+pub(crate) fn aws(node: &Node, key: &(String, String), args: &[&str]) -> Output {
     let quiet = matches!(args, ["s3", "cp" | "sync" | "rm", ..]);
     client(node, key, "aws")
         .args(args)
@@ -600,12 +604,14 @@ fn no_plaintext_of_objects_or_their_metadata_lies_under_the_data_directory() {
     }
 }
 
-/// A process service with `store_bucket` gets the endpoint and a key limited to its bucket:
-/// `examples/traffic`'s archiver keeps each hour's counts as an object. Removing the app
-/// revokes the key.
+/// A process service with `store_bucket` gets the endpoint, the CA and a key limited to its
+/// bucket: `examples/traffic`'s archiver keeps each hour's counts as an object. Removing the
+/// app revokes the key.
 #[test]
 fn the_traffic_archive_keeps_each_hours_counts_as_an_object() {
-    let node = Node::start();
+    // Over TLS: the archiver (Python's standard library, inside its Landlock sandbox) trusts
+    // the node CA that Maru names in AWS_CA_BUNDLE.
+    let node = Node::start_tls("");
     crate::harness::component("traffic");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/traffic/maru.toml");
     node.cli_ok(&["deploy", manifest.to_str().expect("utf-8")]);

@@ -1,0 +1,336 @@
+//! TLS for the node's listeners (gateway, control API, MQTT, S3): rustls with ring (the
+//! node's one cryptography provider), TLS 1.2 and 1.3 only, rustls's default cipher suites
+//! (AES-GCM and ChaCha20-Poly1305 with ECDHE; nothing weaker exists in rustls).
+//!
+//! Certificates: the operator's own PEM files, or a node CA made at first start
+//! (`DATA/tls/ca.pem`, its key `ca.key`) and a server certificate it signs
+//! (`server.pem`, `server.key`) for `localhost`, the loopback addresses, the machine's host
+//! name and the configured names. The server certificate is made again when the names
+//! change or it has less than 30 days left; the CA stays, so clients that trust
+//! `ca.pem` keep trusting the node. Keys are written with mode 0600.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+pub use tokio_rustls::TlsAcceptor;
+
+/// The server certificate's lifetime, and how long before its end it is renewed.
+const SERVER_DAYS: i64 = 365;
+const RENEW_DAYS: i64 = 30;
+const CA_DAYS: i64 = 3650;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("making the node's certificates failed: {0}")]
+    Generate(String),
+    #[error("the certificate and key do not make a TLS configuration: {0}")]
+    Config(String),
+}
+
+fn file_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// Where the node's certificate comes from.
+pub enum Source<'a> {
+    /// The operator's PEM files: a certificate chain (leaf first) and its private key.
+    Files {
+        certificate: &'a Path,
+        key: &'a Path,
+    },
+    /// The node CA in `dir`, made if missing, and a server certificate for these names.
+    NodeCa { dir: &'a Path, names: &'a [String] },
+}
+
+/// The TLS side of the node's listeners.
+pub struct NodeTls {
+    pub acceptor: TlsAcceptor,
+    /// The CA clients should trust (`None` with the operator's own files).
+    pub ca: Option<PathBuf>,
+    /// What was made at this start, for the operator to hear about.
+    pub made: Vec<String>,
+}
+
+/// Load or make the node's certificate and the acceptor serving it.
+pub fn node_tls(source: Source<'_>) -> Result<NodeTls, TlsError> {
+    let (chain, key, ca, made) = match source {
+        Source::Files { certificate, key } => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
+                .map_err(|e| file_error(certificate, e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| file_error(certificate, e))?;
+            if chain.is_empty() {
+                return Err(file_error(certificate, "holds no PEM certificate"));
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
+            (chain, key, None, Vec::new())
+        }
+        Source::NodeCa { dir, names } => {
+            let (chain, key, made) = node_ca(dir, names)?;
+            (chain, key, Some(dir.join("ca.pem")), made)
+        }
+    };
+    let config = server_config(chain, key)?;
+    Ok(NodeTls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        ca,
+        made,
+    })
+}
+
+/// A rustls server configuration: ring, TLS 1.2 and 1.3, HTTP/1.1 by ALPN when asked.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A rustls client configuration trusting `ca` (PEM) only, for Maru's own clients.
+pub fn client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(ca_pem) {
+        let certificate = certificate.map_err(|e| TlsError::Config(e.to_string()))?;
+        roots
+            .add(certificate)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The names a generated server certificate covers: loopback, the host name, and `extra`.
+pub fn certificate_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim().to_ascii_lowercase();
+        if !host.is_empty() && !names.contains(&host) {
+            names.push(host);
+        }
+    }
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|e| file_error(&temporary, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| file_error(&temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| file_error(path, e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| file_error(dir, e))?;
+    }
+    Ok(())
+}
+
+fn generate(error: impl std::fmt::Display) -> TlsError {
+    TlsError::Generate(error.to_string())
+}
+
+fn days(n: i64) -> Duration {
+    Duration::from_secs(n.unsigned_abs() * 86_400)
+}
+
+/// The CA's parameters: the same every time, so its key can sign again after a restart.
+fn ca_params(key: &rcgen::KeyPair) -> Result<rcgen::CertificateParams, TlsError> {
+    use rcgen::PublicKeyData as _;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(generate)?;
+    let id = blake3::hash(key.der_bytes()).to_hex();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("Maru node CA {}", &id[..12]),
+    );
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Maru");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// The node CA's server certificate for `names` (made or renewed when needed).
+fn node_ca(
+    dir: &Path,
+    extra: &[String],
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        Vec<String>,
+    ),
+    TlsError,
+> {
+    std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+    let mut made = Vec::new();
+    let (ca_pem_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let now = time_now();
+    let ca_key = match std::fs::read_to_string(&ca_key_path) {
+        Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| file_error(&ca_key_path, e))?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate().map_err(generate)?;
+            let mut params = ca_params(&key)?;
+            params.not_before = now;
+            params.not_after = now + days(CA_DAYS);
+            let certificate = params.self_signed(&key).map_err(generate)?;
+            write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
+            write_private(&ca_pem_path, certificate.pem().as_bytes())?;
+            made.push(format!(
+                "a node CA ({}; clients trust it to reach this node)",
+                ca_pem_path.display()
+            ));
+            key
+        }
+        Err(error) => return Err(file_error(&ca_key_path, error)),
+    };
+    if !ca_pem_path.exists() {
+        return Err(file_error(
+            &ca_pem_path,
+            "is missing while ca.key exists: restore it from a backup, or remove ca.key to make a new CA (clients must then trust the new ca.pem)",
+        ));
+    }
+    let names = certificate_names(extra);
+    let (server_pem, server_key, names_path) = (
+        dir.join("server.pem"),
+        dir.join("server.key"),
+        dir.join("server.names"),
+    );
+    let wanted = names.join("\n");
+    let current = std::fs::read_to_string(&names_path).ok();
+    let expires = std::fs::read_to_string(dir.join("server.expires"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i64>().ok());
+    let fresh = current.as_deref() == Some(wanted.as_str())
+        && expires.is_some_and(|at| at - RENEW_DAYS * 86_400 > now.unix_timestamp())
+        && server_pem.exists()
+        && server_key.exists();
+    if !fresh {
+        let key = rcgen::KeyPair::generate().map_err(generate)?;
+        let mut params = rcgen::CertificateParams::new(names.clone()).map_err(generate)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Maru node");
+        params.not_before = now;
+        params.not_after = now + days(SERVER_DAYS);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let issuer = rcgen::Issuer::new(ca_params(&ca_key)?, &ca_key);
+        let certificate = params.signed_by(&key, &issuer).map_err(generate)?;
+        write_private(&server_key, key.serialize_pem().as_bytes())?;
+        write_private(&server_pem, certificate.pem().as_bytes())?;
+        write_private(
+            &dir.join("server.expires"),
+            (now + days(SERVER_DAYS))
+                .unix_timestamp()
+                .to_string()
+                .as_bytes(),
+        )?;
+        write_private(&names_path, wanted.as_bytes())?;
+        made.push(format!(
+            "a server certificate for {} ({}, signed by the node CA, valid {SERVER_DAYS} days)",
+            names.join(", "),
+            server_pem.display()
+        ));
+    }
+    let mut chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&server_pem)
+        .map_err(|e| file_error(&server_pem, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(&server_pem, e))?;
+    chain.extend(
+        CertificateDer::pem_file_iter(&ca_pem_path)
+            .map_err(|e| file_error(&ca_pem_path, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_error(&ca_pem_path, e))?,
+    );
+    let key = PrivateKeyDer::from_pem_file(&server_key).map_err(|e| file_error(&server_key, e))?;
+    Ok((chain, key, made))
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_ca_signs_a_server_certificate_a_client_trusting_it_accepts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tls = node_tls(Source::NodeCa {
+            dir: dir.path(),
+            names: &["maru.city.example".to_string()],
+        })
+        .expect("made");
+        assert_eq!(tls.made.len(), 2, "{:?}", tls.made);
+        let ca = std::fs::read(dir.path().join("ca.pem")).expect("ca.pem");
+        client_config(&ca).expect("a client trusting the CA");
+        use std::os::unix::fs::PermissionsExt as _;
+        for key in ["ca.key", "server.key"] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        // Again with the same names: nothing new. Another name: a new server certificate
+        // from the same CA.
+        let again = node_tls(Source::NodeCa {
+            dir: dir.path(),
+            names: &["maru.city.example".to_string()],
+        })
+        .expect("loaded");
+        assert!(again.made.is_empty(), "{:?}", again.made);
+        let renamed = node_tls(Source::NodeCa {
+            dir: dir.path(),
+            names: &["other.example".to_string()],
+        })
+        .expect("reissued");
+        assert_eq!(renamed.made.len(), 1, "{:?}", renamed.made);
+        assert_eq!(std::fs::read(dir.path().join("ca.pem")).expect("ca"), ca);
+    }
+}
