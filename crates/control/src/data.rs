@@ -39,6 +39,8 @@ pub struct DataPlane {
     pub guard: Arc<DataGuard>,
     /// HTTP ingest and MQTT producers (`None` when the node has no ingest).
     pub publishers: Option<Arc<Publishers>>,
+    /// Object requests over S3 (`None` when the node serves no S3).
+    pub objects: Option<Arc<Objects>>,
 }
 
 /// A dataset's labels with the node's defaults filled in.
@@ -101,6 +103,26 @@ pub fn bucket(app: &AppManifest, name: &str, node: &NodeLabels) -> Dataset {
         name: name.to_string(),
         labels: labels(&declared, organisation(app, node), node),
     }
+}
+
+/// Every bucket the apps label or give a service (the first app to name it labels it).
+pub fn buckets<'a>(
+    apps: impl IntoIterator<Item = &'a AppManifest>,
+    node: &NodeLabels,
+) -> BTreeMap<String, Dataset> {
+    let mut buckets = BTreeMap::new();
+    for app in apps {
+        let used = app.services.values().filter_map(|s| match &s.workload {
+            crate::manifest::Workload::Process(p) => p.store_bucket.as_ref(),
+            crate::manifest::Workload::Component { .. } => None,
+        });
+        for name in app.buckets.keys().chain(used) {
+            buckets
+                .entry(name.clone())
+                .or_insert_with(|| bucket(app, name, node));
+        }
+    }
+    buckets
 }
 
 /// One access a deploy would grant, and the manifest field that asks for it.
@@ -592,4 +614,125 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Object requests over S3 ([`store::s3::ObjectGuard`]): a service's key acts as its
+/// service (purposes, organisation, region); a key made with `maru store keys create` is
+/// `machine:store-key:ID` with the role `store`. Buckets are labelled by the apps that
+/// declare them (`[bucket."NAME"]`); an undeclared bucket is internal to the node's
+/// organisation.
+pub struct Objects {
+    guard: Arc<DataGuard>,
+    state: Mutex<Arc<ObjectLabels>>,
+    cached: Mutex<HashMap<(String, String, bool), Cached>>,
+}
+
+/// What object decisions are made on, replaced after every reconcile.
+#[derive(Default)]
+pub struct ObjectLabels {
+    pub buckets: BTreeMap<String, Dataset>,
+    pub services: BTreeMap<(String, String), ServicePrincipal>,
+}
+
+/// Decisions kept per key, bucket and direction; cleared when full.
+const OBJECT_DECISIONS_MAX: usize = 4096;
+
+impl Objects {
+    pub fn new(guard: Arc<DataGuard>) -> Objects {
+        Objects {
+            guard,
+            state: Mutex::new(Arc::default()),
+            cached: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_labels(&self, labels: ObjectLabels) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(labels);
+        self.guard.invalidate();
+    }
+
+    fn dataset(&self, labels: &ObjectLabels, bucket: &str) -> Dataset {
+        labels.buckets.get(bucket).cloned().unwrap_or_else(|| Dataset {
+            kind: policy::data::DatasetKind::Bucket,
+            name: bucket.to_string(),
+            labels: Labels {
+                classification: policy::data::Classification::Internal,
+                organisation: self.guard.node().organisation.clone(),
+                region: self.guard.node().region.clone(),
+                allowed_purposes: Vec::new(),
+            },
+        })
+    }
+}
+
+impl store::s3::ObjectGuard for Objects {
+    fn admit(
+        &self,
+        key: &store::engine::AccessKey,
+        bucket: &str,
+        write: bool,
+    ) -> Result<(), String> {
+        let labels = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let dataset = self.dataset(&labels, bucket);
+        let service = key
+            .description
+            .strip_prefix("service ")
+            .and_then(|s| s.split_once('/'))
+            .and_then(|(app, name)| labels.services.get(&(app.to_string(), name.to_string())));
+        let caller = Principal {
+            subject: format!("machine:store-key:{}", key.id),
+            roles: vec!["store".into()],
+            token_id: None,
+            expires_ms: None,
+        };
+        let actor = match service {
+            Some(service) => Actor::Service(service),
+            None => Actor::Caller(&caller),
+        };
+        let action = if write {
+            DataAction::BucketWrite
+        } else {
+            DataAction::BucketRead
+        };
+        let generation = self.guard.generation();
+        let cache_key = (key.id.clone(), bucket.to_string(), write);
+        let (decision, fresh) = {
+            let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+            match cached.get(&cache_key) {
+                Some(c) if c.generation == generation => (c.decision.clone(), false),
+                _ => {
+                    let decision = self.guard.decide(&actor, action, &dataset);
+                    if cached.len() >= OBJECT_DECISIONS_MAX {
+                        cached.clear();
+                    }
+                    cached.insert(
+                        cache_key,
+                        Cached {
+                            generation,
+                            decision: decision.clone(),
+                        },
+                    );
+                    (decision, true)
+                }
+            }
+        };
+        if dataset.is_personal() || (!decision.allowed && fresh) {
+            let mut details = serde_json::Map::new();
+            details.insert("access_key".into(), key.id.clone().into());
+            self.guard
+                .record(&actor, action, &dataset, &decision, None, details)
+                .map_err(|e| e.to_string())?;
+        }
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} may not {} {}: {}",
+                actor.name(),
+                action.name(),
+                dataset.resource(),
+                decision.reason()
+            ))
+        }
+    }
 }

@@ -138,6 +138,9 @@ pub struct Node {
     pub data: Arc<DataGuard>,
     /// HTTP ingest and MQTT producers; told the labelled topics after every reconcile.
     publishers: Option<Arc<crate::data::Publishers>>,
+    /// Object requests over S3; told the labelled buckets and services after every
+    /// reconcile.
+    objects: Option<Arc<crate::data::Objects>>,
     /// The deployed topics, labelled, as of the last reconcile.
     datasets: Mutex<Arc<BTreeMap<String, Dataset>>>,
 }
@@ -173,6 +176,7 @@ impl Node {
             triggers: tokio::sync::Mutex::new(BTreeMap::new()),
             data: data.guard,
             publishers: data.publishers,
+            objects: data.objects,
             datasets: Mutex::new(Arc::new(BTreeMap::new())),
         })
     }
@@ -329,6 +333,15 @@ impl Node {
         }
         let topics_changed = self.reconcile_topics(Self::desired_topics(&deployed)).await;
         let desired = Self::desired_state(&deployed, &node);
+        if let Some(objects) = &self.objects {
+            objects.set_labels(crate::data::ObjectLabels {
+                buckets: crate::data::buckets(deployed.iter().map(|d| &d.manifest), &node),
+                services: desired
+                    .iter()
+                    .map(|(key, want)| (key.clone(), want.principal.clone()))
+                    .collect(),
+            });
+        }
         let mut retired = Vec::new();
         let table = {
             let mut running = self.running.lock().expect("running lock is never poisoned");

@@ -599,6 +599,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ingest_token.clone(),
     ));
     let gate = events::Gate::Publishers(publishers.clone());
+    let objects = Arc::new(control::data::Objects::new(data_guard.clone()));
     gateway.enable_ingest(events.clone(), gate.clone());
     let node = Node::open(
         files,
@@ -610,6 +611,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         control::data::DataPlane {
             guard: data_guard,
             publishers: Some(publishers),
+            objects: Some(objects.clone()),
         },
     );
 
@@ -670,6 +672,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         store.clone(),
         settings.store.limits.clone(),
         &settings.store.domains,
+        Some(objects as Arc<dyn store::s3::ObjectGuard>),
     )
     .map_err(|e| anyhow::anyhow!("[store] domains: {e}"))?;
     // S3 clients open a connection per transfer thread (the AWS CLI 10, rclone 4 per file).

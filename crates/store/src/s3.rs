@@ -61,10 +61,19 @@ impl Default for S3Limits {
 /// Requests naming a host under one of `domains` (`BUCKET.DOMAIN`, any port) use
 /// virtual-hosted-style addressing; every other host (an IP address, `localhost`, the
 /// domain itself) uses path-style addressing.
+/// Decides object access beyond a key's bucket scope: the node's data policy.
+pub trait ObjectGuard: Send + Sync {
+    /// May `key` read (or write) `bucket`? Runs on a blocking thread; writes what belongs in
+    /// the audit log before it answers. `Err` is the reason for refusing.
+    fn admit(&self, key: &crate::engine::AccessKey, bucket: &str, write: bool)
+    -> Result<(), String>;
+}
+
 pub fn service(
     store: Arc<Store>,
     limits: S3Limits,
     domains: &[String],
+    guard: Option<Arc<dyn ObjectGuard>>,
 ) -> Result<s3s::service::S3Service, BadDomain> {
     let domains = Domains::new(domains)?;
     let rate = Arc::new(KeyRates::new(limits.requests_per_second_per_key));
@@ -72,12 +81,14 @@ pub fn service(
         store: store.clone(),
         transfers: Arc::new(tokio::sync::Semaphore::new(limits.transfers_max.max(1))),
         limits,
+        guard: guard.clone(),
     });
     builder.set_auth(Keys {
         store: store.clone(),
         rate: rate.clone(),
+        guard: guard.clone(),
     });
-    builder.set_access(Keys { store, rate });
+    builder.set_access(Keys { store, rate, guard });
     if !domains.0.is_empty() {
         builder.set_host(domains);
     }
@@ -661,6 +672,7 @@ fn key_of<T>(req: &S3Request<T>) -> S3Result<String> {
 struct Keys {
     store: Arc<Store>,
     rate: Arc<KeyRates>,
+    guard: Option<Arc<dyn ObjectGuard>>,
 }
 
 #[async_trait::async_trait]
@@ -698,28 +710,54 @@ impl S3Access for Keys {
             S3Path::Root => return Ok(()),
             S3Path::Bucket { bucket } | S3Path::Object { bucket, .. } => bucket.to_string(),
         };
-        allowed(&self.store, &credentials.access_key, &bucket).await
+        let write = !matches!(*cx.method(), http::Method::GET | http::Method::HEAD);
+        allowed(
+            &self.store,
+            self.guard.as_ref(),
+            &credentials.access_key,
+            &bucket,
+            write,
+        )
+        .await
     }
 }
 
-async fn allowed(store: &Arc<Store>, access_key: &str, bucket: &str) -> S3Result<()> {
+/// The key's scope, then the node's data policy.
+async fn allowed(
+    store: &Arc<Store>,
+    guard: Option<&Arc<dyn ObjectGuard>>,
+    access_key: &str,
+    bucket: &str,
+    write: bool,
+) -> S3Result<()> {
     let store = store.clone();
     let id = access_key.to_string();
     let key = blocking(move || store.access_key(&id)).await?;
-    match key {
-        Some((key, _)) if key.allows(bucket) => Ok(()),
-        Some(_) => Err(s3_error!(
-            AccessDenied,
-            "this access key may not use bucket {bucket}"
-        )),
-        None => Err(s3_error!(InvalidAccessKeyId)),
-    }
+    let key = match key {
+        Some((key, _)) if key.allows(bucket) => key,
+        Some(_) => {
+            return Err(s3_error!(
+                AccessDenied,
+                "this access key may not use bucket {bucket}"
+            ));
+        }
+        None => return Err(s3_error!(InvalidAccessKeyId)),
+    };
+    let Some(guard) = guard.cloned() else {
+        return Ok(());
+    };
+    let name = bucket.to_string();
+    let decided = tokio::task::spawn_blocking(move || guard.admit(&key, &name, write))
+        .await
+        .map_err(|e| s3_error!(InternalError, "the access check failed: {e}"))?;
+    decided.map_err(|why| s3_error!(AccessDenied, "{why}"))
 }
 
 struct Api {
     store: Arc<Store>,
     limits: S3Limits,
     transfers: Arc<tokio::sync::Semaphore>,
+    guard: Option<Arc<dyn ObjectGuard>>,
 }
 
 impl Api {
@@ -1135,7 +1173,7 @@ impl S3 for Api {
         let access = key_of(&req)?;
         let input = req.input;
         let source = copy_source(&input.copy_source)?;
-        allowed(&self.store, &access, &source.0).await?;
+        allowed(&self.store, self.guard.as_ref(), &access, &source.0, false).await?;
         let replace = input
             .metadata_directive
             .as_ref()
@@ -1354,7 +1392,7 @@ impl S3 for Api {
         let access = key_of(&req)?;
         let input = req.input;
         let source = copy_source(&input.copy_source)?;
-        allowed(&self.store, &access, &source.0).await?;
+        allowed(&self.store, self.guard.as_ref(), &access, &source.0, false).await?;
         let range = input
             .copy_source_range
             .as_deref()

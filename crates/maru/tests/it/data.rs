@@ -392,3 +392,32 @@ fn personal_data_of_another_region_is_refused_and_pseudonyms_link_without_identi
     assert_eq!(payloads[0]["owner"]["kind"], "private");
     assert_eq!(payloads[0]["speed"], 42);
 }
+
+/// Object requests are decided too: a key an administrator made (role `store`) reads and
+/// writes internal buckets, but not a bucket of personal data, even one its scope names;
+/// the refusal is on the record.
+#[test]
+fn a_store_key_cannot_reach_a_personal_bucket() {
+    let node = Node::start();
+    let manifest = format!(
+        "[app]\nname = \"parking\"\n\n[bucket.\"parking-permits\"]\nclassification = \"personal\"\nallowed_purposes = [\"permits\"]\n\n[bucket.\"parking-stats\"]\n\n[service.web]\ncomponent = \"{}\"\nroutes = [\"/parking\"]\n",
+        component("hello").display()
+    );
+    node.deploy("parking.toml", &manifest);
+    let key = crate::store::key(&node, &["parking-permits", "parking-stats"]);
+    let made = crate::store::aws(&node, &key, &["s3", "mb", "s3://parking-stats"]);
+    assert!(made.status.success(), "{}", text(&made));
+    let listed = crate::store::aws(&node, &key, &["s3", "ls", "s3://parking-stats"]);
+    assert!(listed.status.success(), "internal: {}", text(&listed));
+    let refused = crate::store::aws(&node, &key, &["s3", "mb", "s3://parking-permits"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("AccessDenied"), "{}", text(&refused));
+    let denials = search(&node, &["--resource", "bucket/parking-permits", "--decision", "deny"]);
+    assert!(
+        denials.iter().any(|e| e["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("machine:store-key:"))
+            && e["action"] == "bucket.write"),
+        "{denials:?}"
+    );
+}
