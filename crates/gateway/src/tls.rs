@@ -216,8 +216,10 @@ fn node_ca(
             params.not_before = now;
             params.not_after = now + days(CA_DAYS);
             let certificate = params.self_signed(&key).map_err(generate)?;
-            write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
+            // The certificate first: cut off before the key, the next start finds no key
+            // and makes the CA again; the key is the CA's commit.
             write_private(&ca_pem_path, certificate.pem().as_bytes())?;
+            write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
             made.push(format!(
                 "a node CA ({}; clients trust it to reach this node)",
                 ca_pem_path.display()
@@ -260,6 +262,16 @@ fn node_ca(
         params.use_authority_key_identifier_extension = true;
         let issuer = rcgen::Issuer::new(ca_params(&ca_key)?, &ca_key);
         let certificate = params.signed_by(&key, &issuer).map_err(generate)?;
+        // `server.names` is the commit: gone while the others are rewritten, so a start
+        // after a crash in between makes them again rather than pair a new key with an
+        // old certificate.
+        match std::fs::remove_file(&names_path) {
+            Ok(()) => std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| file_error(dir, e))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(file_error(&names_path, error)),
+        }
         write_private(&server_key, key.serialize_pem().as_bytes())?;
         write_private(&server_pem, certificate.pem().as_bytes())?;
         write_private(
