@@ -652,16 +652,20 @@ impl Objects {
     }
 
     fn dataset(&self, labels: &ObjectLabels, bucket: &str) -> Dataset {
-        labels.buckets.get(bucket).cloned().unwrap_or_else(|| Dataset {
-            kind: policy::data::DatasetKind::Bucket,
-            name: bucket.to_string(),
-            labels: Labels {
-                classification: policy::data::Classification::Internal,
-                organisation: self.guard.node().organisation.clone(),
-                region: self.guard.node().region.clone(),
-                allowed_purposes: Vec::new(),
-            },
-        })
+        labels
+            .buckets
+            .get(bucket)
+            .cloned()
+            .unwrap_or_else(|| Dataset {
+                kind: policy::data::DatasetKind::Bucket,
+                name: bucket.to_string(),
+                labels: Labels {
+                    classification: policy::data::Classification::Internal,
+                    organisation: self.guard.node().organisation.clone(),
+                    region: self.guard.node().region.clone(),
+                    allowed_purposes: Vec::new(),
+                },
+            })
     }
 }
 

@@ -65,8 +65,12 @@ impl Default for S3Limits {
 pub trait ObjectGuard: Send + Sync {
     /// May `key` read (or write) `bucket`? Runs on a blocking thread; writes what belongs in
     /// the audit log before it answers. `Err` is the reason for refusing.
-    fn admit(&self, key: &crate::engine::AccessKey, bucket: &str, write: bool)
-    -> Result<(), String>;
+    fn admit(
+        &self,
+        key: &crate::engine::AccessKey,
+        bucket: &str,
+        write: bool,
+    ) -> Result<(), String>;
 }
 
 pub fn service(

@@ -411,8 +411,15 @@ fn a_store_key_cannot_reach_a_personal_bucket() {
     assert!(listed.status.success(), "internal: {}", text(&listed));
     let refused = crate::store::aws(&node, &key, &["s3", "mb", "s3://parking-permits"]);
     assert!(!refused.status.success(), "{}", text(&refused));
-    assert!(text(&refused).contains("AccessDenied"), "{}", text(&refused));
-    let denials = search(&node, &["--resource", "bucket/parking-permits", "--decision", "deny"]);
+    assert!(
+        text(&refused).contains("AccessDenied"),
+        "{}",
+        text(&refused)
+    );
+    let denials = search(
+        &node,
+        &["--resource", "bucket/parking-permits", "--decision", "deny"],
+    );
     assert!(
         denials.iter().any(|e| e["actor"]
             .as_str()
