@@ -256,9 +256,10 @@ impl TriggerGuard {
         (decision, true)
     }
 
-    fn shape(&self, events: &[Event]) -> Vec<Event> {
+    /// `None`: deliver as read.
+    fn shape(&self, events: &[Event]) -> Option<Vec<Event>> {
         if self.pseudonymise.is_empty() {
-            return events.to_vec();
+            return None;
         }
         let mut shaped = Vec::with_capacity(events.len());
         for event in events {
@@ -277,7 +278,7 @@ impl TriggerGuard {
                 ),
             }
         }
-        shaped
+        Some(shaped)
     }
 }
 
@@ -285,7 +286,7 @@ impl gateway::DeliveryGuard for TriggerGuard {
     fn admit<'a>(
         &'a self,
         events: &'a [Event],
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Event>, String>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<Event>>, String>> + Send + 'a>> {
         Box::pin(async move {
             let (decision, fresh) = self.decision();
             let personal = self.topic.is_personal();
@@ -523,7 +524,8 @@ struct ProducerState {
     generation: u64,
     /// `None` once the token was revoked or expired.
     principal: Option<Principal>,
-    topics: HashMap<String, Decision>,
+    /// Per topic name: the decision and the labelled topic it was made on.
+    topics: HashMap<String, (Decision, Arc<Dataset>)>,
 }
 
 impl events::Producer for Producer {
@@ -545,30 +547,40 @@ impl events::Producer for Producer {
             state.principal = self.shared.principal(&self.secret);
             state.topics.clear();
         }
-        let Some(principal) = state.principal.clone() else {
+        let Some(expires) = state.principal.as_ref().map(|p| p.expires_ms) else {
             return events::Admission::Denied("the token was revoked or has expired".into());
         };
-        if principal.expires_ms.is_some_and(|at| at <= now_ms()) {
+        if expires.is_some_and(|at| at <= now_ms()) {
             state.principal = None;
             return events::Admission::Denied("the token has expired".into());
         }
-        let Some(dataset) = self
-            .shared
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-            .cloned()
-        else {
-            // Open in the events crate but not (yet) labelled here: refuse rather than
-            // let data through undecided.
-            return events::Admission::Denied(format!(
-                "topic {topic} is not deployed (or is being deployed); try again"
-            ));
-        };
-        let (decision, fresh) = match state.topics.get(topic) {
-            Some(decision) => (decision.clone(), false),
+        // The common case, a topic this producer published to before: nothing allocated.
+        if let Some((decision, dataset)) = state.topics.get(topic) {
+            match (decision.allowed, dataset.is_personal()) {
+                (true, false) => return events::Admission::Allowed,
+                (false, _) => return events::Admission::Denied(decision.reason()),
+                (true, true) => {}
+            }
+        }
+        let principal = state.principal.clone().expect("checked above");
+        let (decision, dataset, fresh) = match state.topics.get(topic) {
+            Some((decision, dataset)) => (decision.clone(), dataset.clone(), false),
             None => {
+                let Some(dataset) = self
+                    .shared
+                    .topics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(topic)
+                    .cloned()
+                else {
+                    // Open in the events crate but not (yet) labelled here: refuse rather
+                    // than let data through undecided.
+                    return events::Admission::Denied(format!(
+                        "topic {topic} is not deployed (or is being deployed); try again"
+                    ));
+                };
+                let dataset = Arc::new(dataset);
                 let decision = guard.decide(
                     &Actor::Caller(&principal),
                     DataAction::TopicPublish,
@@ -577,8 +589,10 @@ impl events::Producer for Producer {
                 if state.topics.len() >= PRODUCER_TOPICS_MAX {
                     state.topics.clear();
                 }
-                state.topics.insert(topic.to_string(), decision.clone());
-                (decision, true)
+                state
+                    .topics
+                    .insert(topic.to_string(), (decision.clone(), dataset.clone()));
+                (decision, dataset, true)
             }
         };
         drop(state);

@@ -52,14 +52,14 @@ pub struct TriggerConfig {
 /// policy (whether the service may read the topic, the audit entry for personal data,
 /// pseudonymised fields).
 pub trait DeliveryGuard: Send + Sync {
-    /// The events to deliver instead of `events`: the same, changed (pseudonymised), or
-    /// fewer (the guard logs what it withholds). `Err` refuses the delivery for now (the
-    /// access is denied, or its audit entry cannot be written); nothing is committed and it
-    /// is asked again after a backoff.
+    /// `Ok(None)` delivers `events` as they are; `Ok(Some(other))` delivers those instead
+    /// (pseudonymised, or fewer: the guard logs what it withholds). `Err` refuses the
+    /// delivery for now (the access is denied, or its audit entry cannot be written);
+    /// nothing is committed and it is asked again after a backoff.
     fn admit<'a>(
         &'a self,
         events: &'a [Event],
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Event>, String>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<Event>>, String>> + Send + 'a>>;
 }
 
 struct Cancelled;
@@ -192,9 +192,10 @@ async fn deliver(
             let mut refusals: u32 = 0;
             loop {
                 let why = match guard.admit(events).await {
-                    Ok(events) => {
+                    Ok(None) => break events,
+                    Ok(Some(changed)) => {
                         break {
-                            admitted = events;
+                            admitted = changed;
                             &admitted[..]
                         };
                     }
