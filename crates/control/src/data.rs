@@ -20,8 +20,6 @@
 //! a refused publish does not flood the audit log.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use events::Event;
@@ -283,10 +281,7 @@ impl TriggerGuard {
 }
 
 impl gateway::DeliveryGuard for TriggerGuard {
-    fn admit<'a>(
-        &'a self,
-        events: &'a [Event],
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<Event>>, String>> + Send + 'a>> {
+    fn admit<'a>(&'a self, events: &'a [Event]) -> gateway::Admitted<'a> {
         Box::pin(async move {
             let (decision, fresh) = self.decision();
             let personal = self.topic.is_personal();

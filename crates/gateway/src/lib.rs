@@ -17,4 +17,4 @@ pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_families};
 pub use routes::{RouteKey, RouteTable};
 pub use server::{ConnectionLimits, Gateway, GatewayConfig, serve_connections};
 pub use service::{AnomalyRecord, Backend, Body, BoxError, Service, ServiceConfig, ServiceError};
-pub use trigger::{DeliveryGuard, TriggerConfig, rfc3339, run_trigger};
+pub use trigger::{Admitted, DeliveryGuard, TriggerConfig, rfc3339, run_trigger};

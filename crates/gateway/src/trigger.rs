@@ -48,6 +48,10 @@ pub struct TriggerConfig {
     pub guard: Option<Arc<dyn DeliveryGuard>>,
 }
 
+/// What [`DeliveryGuard::admit`] answers, when it has decided.
+pub type Admitted<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Vec<Event>>, String>> + Send + 'a>>;
+
 /// Decides on, records and shapes each delivery before it is made: the node's data
 /// policy (whether the service may read the topic, the audit entry for personal data,
 /// pseudonymised fields).
@@ -56,10 +60,7 @@ pub trait DeliveryGuard: Send + Sync {
     /// (pseudonymised, or fewer: the guard logs what it withholds). `Err` refuses the
     /// delivery for now (the access is denied, or its audit entry cannot be written);
     /// nothing is committed and it is asked again after a backoff.
-    fn admit<'a>(
-        &'a self,
-        events: &'a [Event],
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Vec<Event>>, String>> + Send + 'a>>;
+    fn admit<'a>(&'a self, events: &'a [Event]) -> Admitted<'a>;
 }
 
 struct Cancelled;
