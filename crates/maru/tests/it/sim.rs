@@ -198,7 +198,14 @@ fn replay_sends_the_trace_open_loop_and_reports_like_sim() {
     let node = crate::harness::Node::start();
     node.deploy(
         "m.toml",
-        &crate::harness::misbehave_manifest("replayed", "/r", "idle_timeout = \"2s\""),
+        // One instance at most: under a loaded machine (tests run in parallel) a slow first
+        // start would otherwise let the scaler start a second, and the count of cold starts
+        // below would depend on timing.
+        &crate::harness::misbehave_manifest(
+            "replayed",
+            "/r",
+            "idle_timeout = \"2s\"\ninstances = { min = 0, max = 1 }",
+        ),
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("tiny-per-second.txt");
