@@ -316,7 +316,9 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
     std::fs::write(
         &manifest,
         format!(
-            "[app]\nname = \"bench\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\ninstances = {{ min = 0, max = {} }}\nidle_timeout = \"60s\"\n\n[service.cold]\ncomponent = \"{}\"\nroutes = [\"/cold\"]\ninstances = {{ min = 0, max = 1 }}\nidle_timeout = \"1s\"\n",
+            "[app]\nname = \"bench\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\ninstances = {{ min = 0, max = {} }}\nidle_timeout = \"60s\"\n\n[service.isolated]\ncomponent = \"{}\"\nroutes = [\"/isolated\"]\ninstances = {{ min = 0, max = {} }}\nidle_timeout = \"60s\"\nisolation = \"request\"\n\n[service.cold]\ncomponent = \"{}\"\nroutes = [\"/cold\"]\ninstances = {{ min = 0, max = 1 }}\nidle_timeout = \"1s\"\n",
+            hello.display(),
+            connections.max(1),
             hello.display(),
             connections.max(1),
             hello.display()
@@ -366,6 +368,9 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
         );
 
         let maru_url = format!("http://{}/hello", node.gateway);
+        // The same component with a fresh instance for every request (`isolation =
+        // "request"`), as `wasmtime serve` gives: the like-for-like row.
+        let isolated_url = format!("http://{}/isolated", node.gateway);
         let tls_url = format!(
             "https://{}/hello",
             tls_node.as_ref().context("the TLS node")?.gateway
@@ -373,14 +378,17 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
         let wasmtime_url = format!("http://{wasmtime_address}/hello");
         println!("Warming up the servers…");
         wrk(&maru_url, 2, connections)?;
+        wrk(&isolated_url, 2, connections)?;
         wrk(&tls_url, 2, connections)?;
         wrk(&wasmtime_url, 2, connections)?;
         let mut maru_runs = Vec::new();
+        let mut isolated_runs = Vec::new();
         let mut tls_runs = Vec::new();
         let mut wasmtime_runs = Vec::new();
         for round in 1..=rounds {
             for (name, url, runs) in [
                 ("maru", &maru_url, &mut maru_runs),
+                ("maru isolated", &isolated_url, &mut isolated_runs),
                 ("maru TLS", &tls_url, &mut tls_runs),
                 ("wasmtime serve", &wasmtime_url, &mut wasmtime_runs),
             ] {
@@ -414,6 +422,20 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
             "  ratio maru / wasmtime serve: throughput {:.2}×, p99 {:.2}× (target: throughput ≥ 1.0, p99 ≤ 1.0)",
             m_rps / w_rps,
             m_p99 / w_p99
+        );
+        let (i_rps, i_p50, i_p99) = (
+            mean(&isolated_runs, |l| l.requests_per_second),
+            mean(&isolated_runs, |l| l.p50_ms),
+            mean(&isolated_runs, |l| l.p99_ms),
+        );
+        println!(
+            "  maru, a fresh instance per request (isolation = \"request\", like wasmtime serve)"
+        );
+        println!("                 {i_rps:>9.0} req/s  p50 {i_p50:>6.2} ms  p99 {i_p99:>6.2} ms");
+        println!(
+            "  ratio maru isolated / wasmtime serve: throughput {:.2}×, p99 {:.2}× (target: throughput ≥ 1.0, p99 ≤ 1.0)",
+            i_rps / w_rps,
+            i_p99 / w_p99
         );
         let (t_rps, t_p50, t_p99) = (
             mean(&tls_runs, |l| l.requests_per_second),

@@ -111,6 +111,8 @@ pub struct ServiceManifest {
     pub triggers: Vec<TriggerManifest>,
     /// What the service uses data for (`purposes = ["traffic-signal-control"]`).
     pub purposes: Vec<String>,
+    /// `isolation = "request"`: every request gets a fresh component instance.
+    pub fresh_instance_per_request: bool,
 }
 
 /// A durable event topic (`[topic."NAME"]`).
@@ -292,6 +294,11 @@ impl ServiceManifest {
         check("outbound", self.outbound != other.outbound);
         check("env", self.env != other.env);
         check("scaling", self.scaling != other.scaling);
+        check("purposes", self.purposes != other.purposes);
+        check(
+            "isolation",
+            self.fresh_instance_per_request != other.fresh_instance_per_request,
+        );
         changed
     }
 }
@@ -422,6 +429,7 @@ struct RawService {
     scaling: Option<Spanned<RawScaling>>,
     trigger: Option<Vec<Spanned<RawTrigger>>>,
     purposes: Option<Spanned<Vec<String>>>,
+    isolation: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1101,6 +1109,32 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
         let scaling = scaling(&mut parser, &at, service.scaling.as_ref())?;
         let purposes =
             parser.label_list(&at("purposes"), service.purposes.as_ref(), PURPOSES_MAX)?;
+        let fresh_instance_per_request = match &service.isolation {
+            None => false,
+            Some(value) => {
+                parser.note(&at("isolation"), value);
+                match (value.get_ref().as_str(), is_process) {
+                    ("instance", false) => false,
+                    ("request", false) => true,
+                    (_, true) => {
+                        return Err(parser.error(
+                            &at("isolation"),
+                            value.span(),
+                            "`isolation` applies to components; a process keeps its own state",
+                            None,
+                        ));
+                    }
+                    (other, false) => {
+                        return Err(parser.error(
+                            &at("isolation"),
+                            value.span(),
+                            format!("`{other}` is not an isolation"),
+                            Some("use \"instance\" (the default: an instance serves one request after another) or \"request\" (a fresh instance for every request)".into()),
+                        ));
+                    }
+                }
+            }
+        };
         let mut triggers = Vec::new();
         for trigger in service.trigger.iter().flatten() {
             let parsed = self::trigger(&mut parser, &at, trigger, &raw.topic, instances_max)?;
@@ -1126,6 +1160,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 scaling,
                 triggers,
                 purposes,
+                fresh_instance_per_request,
                 workload,
                 routes,
                 hosts,

@@ -730,6 +730,7 @@ impl Node {
             history: self.files.load_history(key),
             slo: manifest.scaling.slo,
             anomaly_warm_up: manifest.anomaly_warm_up,
+            fresh_instance_per_request: manifest.fresh_instance_per_request,
         };
         Ok(Service::start(
             config,
@@ -1582,6 +1583,22 @@ fn diff(
                 fields: Vec::new(),
             });
         }
+    }
+    // The app's own labels (its organisation, its buckets' labels) change what its
+    // services may reach.
+    let mut app_fields = Vec::new();
+    if old.organisation != next.organisation {
+        app_fields.push("organisation".to_string());
+    }
+    if old.buckets != next.buckets {
+        app_fields.push("bucket".to_string());
+    }
+    if !app_fields.is_empty() {
+        changes.push(ServiceChange {
+            service: "app".into(),
+            kind: "changed".into(),
+            fields: app_fields,
+        });
     }
     // Topics are reported as `topic NAME` beside the services.
     let names: std::collections::BTreeSet<&String> =

@@ -72,6 +72,9 @@ pub struct ServiceConfig {
     pub slo: Option<Duration>,
     /// Seconds of live signals the anomaly detectors learn from before judging.
     pub anomaly_warm_up: Duration,
+    /// Components: every request gets an instance no request has used (`isolation =
+    /// "request"`). The next instance is made after the answer, off the request's path.
+    pub fresh_instance_per_request: bool,
 }
 
 /// Why the service could not answer a request with a response from an instance.
@@ -825,6 +828,23 @@ impl Service {
                 })
                 .await;
             self.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
+            if outcome.is_ok() && self.config.fresh_instance_per_request {
+                // Nothing of this request may reach the next: a new store and instance.
+                // The slot stays busy meanwhile, so waiting work goes to ready instances.
+                drop(instance);
+                let replacement = tokio::select! {
+                    _ = stop.cancelled() => return End::Stopped,
+                    replacement = Instance::start(&self.runtime, component, spec, self.config.startup_timeout) => replacement,
+                };
+                instance = match replacement {
+                    Ok(instance) => instance,
+                    Err(error) => {
+                        let reason = format!("failed to start a fresh instance: {error:#}");
+                        self.log(&format!("instance {id} {reason}"));
+                        return End::Crashed(reason);
+                    }
+                };
+            }
             match outcome {
                 Ok(()) => self.set_state(
                     id,

@@ -666,3 +666,43 @@ fn steady_light_traffic_packs_onto_few_instances_so_the_rest_scale_down() {
         node.service("packed", "guest")["instances_ready"]
     );
 }
+
+/// `isolation = "request"`: every request meets an instance no request has used, so state a
+/// component keeps in memory never reaches the next request; with the default reuse it
+/// does. (The traffic component keeps each intersection's open minute in memory and reports
+/// it once a reading of a later minute arrives.)
+#[test]
+fn per_request_isolation_keeps_nothing_between_requests() {
+    let node = Node::start();
+    let component = crate::harness::component("traffic");
+    for (app, isolation) in [("reused", ""), ("isolated", "isolation = \"request\"\n")] {
+        node.deploy(
+            &format!("{app}.toml"),
+            &format!(
+                "[app]\nname = \"{app}\"\n\n[service.counts]\ncomponent = \"{}\"\nroutes = [\"/{app}\"]\ninstances = {{ min = 1, max = 1 }}\nenv = {{ CONGESTION_VEHICLES_PER_MINUTE = \"5\" }}\n{isolation}",
+                component.display()
+            ),
+        );
+    }
+    let reading = |at_ms: u64| format!("{{\"loop\":\"a\",\"vehicles\":10,\"at_ms\":{at_ms}}}");
+    let mut answers = Vec::new();
+    for app in ["reused", "isolated"] {
+        let first = node.request("POST", &format!("/{app}"), Some(reading(0).as_bytes()));
+        assert_eq!(first.status, 200, "{}", first.body);
+        let second = node.request("POST", &format!("/{app}"), Some(reading(60_000).as_bytes()));
+        assert_eq!(second.status, 200, "{}", second.body);
+        answers.push(second.body);
+    }
+    assert!(
+        answers[0].contains("congested"),
+        "a reused instance remembers the first minute: {:?}",
+        answers[0]
+    );
+    assert!(
+        answers[1].is_empty(),
+        "a fresh instance knows nothing of the first request: {:?}",
+        answers[1]
+    );
+    let ps = node.service("isolated", "counts");
+    assert_eq!(ps["failure"], serde_json::Value::Null, "{ps}");
+}
