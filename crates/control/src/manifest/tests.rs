@@ -78,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `store_bucket`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`, `purposes`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `store_bucket`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`, `purposes`, `isolation`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -683,4 +683,29 @@ pseudonymise = ["plate", "vehicle.id"]
         maru.toml:27:16: `service.signals.trigger.pseudonymise`: `vehicle.` is not a field name
           hint: name a JSON field of the events, or a dotted path into nested objects: "plate", "vehicle.id""#]]
     .assert_eq(&refused(r#""vehicle.id""#, r#""vehicle.""#));
+}
+
+#[test]
+fn isolation_is_instance_or_request_for_components_only() {
+    let with = |extra: &str| parse("maru.toml", &format!("{GOOD}{extra}"));
+    let base = with("").expect("parses");
+    assert!(!base.services.values().any(|s| s.fresh_instance_per_request));
+    let text =
+        "[app]\nname = \"a\"\n\n[service.s]\ncomponent = \"s.wasm\"\nisolation = \"request\"\n";
+    let app = parse("maru.toml", text).expect("parses");
+    assert!(app.services["s"].fresh_instance_per_request);
+    expect![[r#"
+        maru.toml:6:13: `service.s.isolation`: `none` is not an isolation
+          hint: use "instance" (the default: an instance serves one request after another) or "request" (a fresh instance for every request)"#]].assert_eq(
+        &parse("maru.toml", &text.replace("\"request\"", "\"none\""))
+            .expect_err("refused")
+            .to_string(),
+    );
+    let process =
+        "[app]\nname = \"a\"\n\n[service.s]\ncommand = [\"true\"]\nisolation = \"request\"\n";
+    expect!["maru.toml:6:13: `service.s.isolation`: `isolation` applies to components; a process keeps its own state"].assert_eq(
+        &parse("maru.toml", process)
+            .expect_err("refused")
+            .to_string(),
+    );
 }
