@@ -435,7 +435,13 @@ impl KvGuard {
 /// topic (see the module docs).
 pub struct Publishers {
     shared: Arc<Shared>,
+    /// Producers by their secret's BLAKE3, so HTTP requests (one producer each) reuse the
+    /// decisions made for earlier ones; at most [`PRODUCERS_CACHED_MAX`].
+    producers: Mutex<HashMap<[u8; 32], Arc<Producer>>>,
 }
+
+/// Producers whose decisions are kept between HTTP requests.
+const PRODUCERS_CACHED_MAX: usize = 1024;
 
 struct Shared {
     guard: Arc<DataGuard>,
@@ -461,6 +467,7 @@ impl Publishers {
                 ingest_token,
                 topics: Mutex::new(Arc::new(BTreeMap::new())),
             }),
+            producers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -494,16 +501,45 @@ impl Shared {
 
 impl events::Publishers for Publishers {
     fn authenticate(&self, secret: &str) -> Option<Arc<dyn events::Producer>> {
+        let id = *blake3::hash(secret.as_bytes()).as_bytes();
+        let generation = self.shared.guard.generation();
+        let known = self
+            .producers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let Some(producer) = known {
+            let current = {
+                let state = producer.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.generation == generation && state.principal.is_some()
+            };
+            // Tokens may have been revoked since: ask again before answering as before.
+            if current || self.shared.principal(secret).is_some() {
+                return Some(producer);
+            }
+            self.producers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return None;
+        }
         let principal = self.shared.principal(secret)?;
-        Some(Arc::new(Producer {
+        let producer = Arc::new(Producer {
             shared: self.shared.clone(),
             secret: secret.to_string(),
             state: Mutex::new(ProducerState {
-                generation: self.shared.guard.generation(),
+                generation,
                 principal: Some(principal),
                 topics: HashMap::new(),
             }),
-        }))
+        });
+        let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        if producers.len() >= PRODUCERS_CACHED_MAX {
+            producers.clear();
+        }
+        producers.insert(id, producer.clone());
+        Some(producer)
     }
 }
 
