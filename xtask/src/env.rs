@@ -95,16 +95,24 @@ pub fn ensure_pip_packages(check: &[&str], packages: &[&str]) -> anyhow::Result<
         return Ok(());
     }
     eprintln!("xtask: installing {} with pip", packages.join(" "));
-    run(Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(packages))
-    .with_context(|| {
+    pip_install(packages, None)
+}
+
+/// `pip install` these packages (pinned by the caller), into `target` if given (its
+/// executables then land in `target/bin`).
+pub fn pip_install(packages: &[&str], target: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut command = Command::new("python3");
+    command.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    if let Some(target) = target {
+        command.arg("--no-deps").arg("--target").arg(target);
+    }
+    run(command.args(packages)).with_context(|| {
         format!(
             "install {}; install them by hand and run again",
             packages.join(" ")

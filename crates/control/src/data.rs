@@ -185,6 +185,47 @@ struct Cached {
     decision: Decision,
 }
 
+/// Decisions by key, each valid while the guard's generation stands; at most `max` kept.
+struct Decisions<K> {
+    cached: Mutex<HashMap<K, Cached>>,
+    max: usize,
+}
+
+impl<K: std::hash::Hash + Eq> Decisions<K> {
+    fn new(max: usize) -> Decisions<K> {
+        Decisions {
+            cached: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    /// The cached decision for `key` at `generation`, or `decide`'s (then `true`: made
+    /// afresh, so a denial must be recorded).
+    fn get_or_decide(
+        &self,
+        key: K,
+        generation: u64,
+        decide: impl FnOnce() -> Decision,
+    ) -> (Decision, bool) {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached.get(&key).filter(|c| c.generation == generation) {
+            return (c.decision.clone(), false);
+        }
+        let decision = decide();
+        if cached.len() >= self.max {
+            cached.clear();
+        }
+        cached.insert(
+            key,
+            Cached {
+                generation,
+                decision: decision.clone(),
+            },
+        );
+        (decision, true)
+    }
+}
+
 /// Decides each delivery of one trigger (see the module docs).
 pub struct TriggerGuard {
     guard: Arc<DataGuard>,
@@ -339,7 +380,7 @@ pub struct KvGuard {
     guard: Arc<DataGuard>,
     service: ServicePrincipal,
     buckets: BTreeMap<String, Dataset>,
-    cached: Mutex<HashMap<(String, bool), Cached>>,
+    decisions: Decisions<(String, bool)>,
 }
 
 /// Why a key-value call was refused.
@@ -358,8 +399,8 @@ impl KvGuard {
         KvGuard {
             guard,
             service,
+            decisions: Decisions::new(2 * crate::manifest::KV_BUCKETS_MAX),
             buckets,
-            cached: Mutex::new(HashMap::new()),
         }
     }
 
@@ -374,26 +415,14 @@ impl KvGuard {
         } else {
             DataAction::KvRead
         };
-        let generation = self.guard.generation();
-        let (decision, fresh) = {
-            let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-            match cached.get(&(bucket.to_string(), write)) {
-                Some(c) if c.generation == generation => (c.decision.clone(), false),
-                _ => {
-                    let decision =
-                        self.guard
-                            .decide(&Actor::Service(&self.service), action, dataset);
-                    cached.insert(
-                        (bucket.to_string(), write),
-                        Cached {
-                            generation,
-                            decision: decision.clone(),
-                        },
-                    );
-                    (decision, true)
-                }
-            }
-        };
+        let (decision, fresh) = self.decisions.get_or_decide(
+            (bucket.to_string(), write),
+            self.guard.generation(),
+            || {
+                self.guard
+                    .decide(&Actor::Service(&self.service), action, dataset)
+            },
+        );
         if dataset.is_personal() || (!decision.allowed && fresh) {
             let mut details = serde_json::Map::new();
             if let Some(key) = key {
@@ -669,7 +698,7 @@ fn now_ms() -> u64 {
 pub struct Objects {
     guard: Arc<DataGuard>,
     state: Mutex<Arc<ObjectLabels>>,
-    cached: Mutex<HashMap<(String, String, bool), Cached>>,
+    decisions: Decisions<(String, String, bool)>,
 }
 
 /// What object decisions are made on, replaced after every reconcile.
@@ -687,7 +716,7 @@ impl Objects {
         Objects {
             guard,
             state: Mutex::new(Arc::default()),
-            cached: Mutex::new(HashMap::new()),
+            decisions: Decisions::new(OBJECT_DECISIONS_MAX),
         }
     }
 
@@ -743,28 +772,11 @@ impl store::s3::ObjectGuard for Objects {
         } else {
             DataAction::BucketRead
         };
-        let generation = self.guard.generation();
-        let cache_key = (key.id.clone(), bucket.to_string(), write);
-        let (decision, fresh) = {
-            let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-            match cached.get(&cache_key) {
-                Some(c) if c.generation == generation => (c.decision.clone(), false),
-                _ => {
-                    let decision = self.guard.decide(&actor, action, &dataset);
-                    if cached.len() >= OBJECT_DECISIONS_MAX {
-                        cached.clear();
-                    }
-                    cached.insert(
-                        cache_key,
-                        Cached {
-                            generation,
-                            decision: decision.clone(),
-                        },
-                    );
-                    (decision, true)
-                }
-            }
-        };
+        let (decision, fresh) = self.decisions.get_or_decide(
+            (key.id.clone(), bucket.to_string(), write),
+            self.guard.generation(),
+            || self.guard.decide(&actor, action, &dataset),
+        );
         if dataset.is_personal() || (!decision.allowed && fresh) {
             let mut details = serde_json::Map::new();
             details.insert("access_key".into(), key.id.clone().into());

@@ -41,7 +41,8 @@ fn machine_token(node: &Node, name: &str, role: &str) -> String {
     created["token"].as_str().expect("token").to_string()
 }
 
-fn group_offset(node: &Node, topic: &str, group: &str) -> u64 {
+/// The topic's entry in `maru events stats`.
+fn topic_stats(node: &Node, topic: &str) -> serde_json::Value {
     let stats: serde_json::Value =
         serde_json::from_str(&node.cli_ok(&["events", "stats", "--json"])).expect("JSON");
     stats
@@ -49,22 +50,22 @@ fn group_offset(node: &Node, topic: &str, group: &str) -> u64 {
         .expect("topics")
         .iter()
         .find(|t| t["name"] == topic)
-        .and_then(|t| t["groups"].as_array())
+        .cloned()
+        .unwrap_or_else(|| panic!("topic {topic} is not listed"))
+}
+
+fn group_offset(node: &Node, topic: &str, group: &str) -> u64 {
+    topic_stats(node, topic)["groups"]
+        .as_array()
         .and_then(|groups| groups.iter().find(|g| g["name"] == group))
         .and_then(|g| g["committed"].as_u64())
         .unwrap_or(0)
 }
 
 fn next_offset(node: &Node, topic: &str) -> u64 {
-    let stats: serde_json::Value =
-        serde_json::from_str(&node.cli_ok(&["events", "stats", "--json"])).expect("JSON");
-    stats
-        .as_array()
-        .expect("topics")
-        .iter()
-        .find(|t| t["name"] == topic)
-        .and_then(|t| t["next_offset"].as_u64())
-        .expect("the topic is listed")
+    topic_stats(node, topic)["next_offset"]
+        .as_u64()
+        .expect("the topic's next offset")
 }
 
 #[test]
