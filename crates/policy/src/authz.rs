@@ -357,18 +357,20 @@ fn validate(schema: &Schema, text: &str) -> Result<PolicySet, AuthzError> {
     Ok(set)
 }
 
+/// A principal with these roles and no token, for tests.
+#[cfg(test)]
+pub(crate) fn who(subject: &str, roles: &[&str]) -> Principal {
+    Principal {
+        subject: subject.into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        token_id: None,
+        expires_ms: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn who(subject: &str, roles: &[&str]) -> Principal {
-        Principal {
-            subject: subject.into(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            token_id: None,
-            expires_ms: None,
-        }
-    }
 
     #[test]
     fn the_default_policies_grant_roles_their_actions_and_deny_the_rest() {

@@ -466,14 +466,7 @@ mod tests {
         }
     }
 
-    fn caller(subject: &str, roles: &[&str]) -> Principal {
-        Principal {
-            subject: subject.into(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            token_id: None,
-            expires_ms: None,
-        }
-    }
+    use crate::authz::who as caller;
 
     #[test]
     fn the_default_policies_decide_by_classification_purpose_and_region() {
