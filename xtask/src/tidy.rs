@@ -14,7 +14,7 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("events", &["disk"]),
     ("store", &["disk"]),
     ("policy", &["disk"]),
-    ("gateway", &["runtime", "autopilot", "events"]),
+    ("gateway", &["runtime", "autopilot", "events", "disk"]),
     (
         "control",
         &[

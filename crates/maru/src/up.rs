@@ -809,7 +809,8 @@ fn node_tls(settings: &Settings) -> anyhow::Result<Option<gateway::tls::NodeTls>
             names: &settings.tls.names,
         },
     };
-    let tls = gateway::tls::node_tls(source).context("set up TLS (docs/node.md#tls)")?;
+    let tls = gateway::tls::node_tls(&disk::Env::os(), source)
+        .context("set up TLS (docs/node.md#tls)")?;
     for made in &tls.made {
         eprintln!("maru: made {made}");
     }
