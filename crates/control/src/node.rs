@@ -1370,8 +1370,12 @@ impl Node {
         }
         while retiring.join_next().await.is_some() {}
         self.events.close_all().await;
-        // Every instance has stopped and removed its own temporary directory.
+        // Every instance has stopped and removed its own temporary directory; what the
+        // node published there (the CA certificate) goes too.
         if let Some(sandbox) = &self.sandbox {
+            for published in &sandbox.readable {
+                _ = std::fs::remove_file(published);
+            }
             _ = std::fs::remove_dir(&sandbox.temporary_root);
         }
     }

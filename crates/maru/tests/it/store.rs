@@ -672,6 +672,14 @@ fn the_traffic_archive_keeps_each_hours_counts_as_an_object() {
         !keys.contains("service traffic/archive"),
         "revoked with the app: {keys}"
     );
+    // The instances' temporary root, where the CA copy was published, goes with the node.
+    let data = node.data.canonicalize().expect("data dir");
+    let tag = blake3::hash(data.as_os_str().as_encoded_bytes()).to_hex();
+    let root = std::env::temp_dir().join(format!("maru-instances-{}", &tag[..16]));
+    assert!(root.join("maru-ca.pem").exists(), "published while up");
+    let mut node = node;
+    node.stop();
+    assert!(!root.exists(), "{} is left behind", root.display());
 }
 
 /// Virtual-hosted-style requests through boto3 (the machine has no DNS for the test
