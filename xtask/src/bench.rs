@@ -180,6 +180,28 @@ struct Load {
     errors: u64,
 }
 
+impl Load {
+    /// The mean of each figure over `runs` (errors summed).
+    fn mean(runs: &[Load]) -> Load {
+        let n = runs.len().max(1) as f64;
+        let mean = |f: fn(&Load) -> f64| runs.iter().map(f).sum::<f64>() / n;
+        Load {
+            requests_per_second: mean(|l| l.requests_per_second),
+            p50_ms: mean(|l| l.p50_ms),
+            p99_ms: mean(|l| l.p99_ms),
+            errors: runs.iter().map(|l| l.errors).sum(),
+        }
+    }
+
+    /// `req/s  p50  p99` as the summary prints it.
+    fn row(&self) -> String {
+        format!(
+            "{:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            self.requests_per_second, self.p50_ms, self.p99_ms
+        )
+    }
+}
+
 fn wrk(url: &str, seconds: u32, connections: u32) -> anyhow::Result<Load> {
     let output = Command::new("wrk")
         .args([
@@ -400,53 +422,34 @@ fn gateway(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
                 runs.push(load);
             }
         }
-        let mean = |runs: &[Load], f: fn(&Load) -> f64| {
-            runs.iter().map(f).sum::<f64>() / runs.len() as f64
-        };
-        let (m_rps, w_rps) = (
-            mean(&maru_runs, |l| l.requests_per_second),
-            mean(&wasmtime_runs, |l| l.requests_per_second),
-        );
-        let (m_p99, w_p99) = (
-            mean(&maru_runs, |l| l.p99_ms),
-            mean(&wasmtime_runs, |l| l.p99_ms),
-        );
-        let (m_p50, w_p50) = (
-            mean(&maru_runs, |l| l.p50_ms),
-            mean(&wasmtime_runs, |l| l.p50_ms),
+        let (m, w, i, t) = (
+            Load::mean(&maru_runs),
+            Load::mean(&wasmtime_runs),
+            Load::mean(&isolated_runs),
+            Load::mean(&tls_runs),
         );
         println!("\nThroughput (wrk -t2 -c{connections} -d{seconds}s, mean of {rounds} rounds):");
-        println!("  maru           {m_rps:>9.0} req/s  p50 {m_p50:>6.2} ms  p99 {m_p99:>6.2} ms");
-        println!("  wasmtime serve {w_rps:>9.0} req/s  p50 {w_p50:>6.2} ms  p99 {w_p99:>6.2} ms");
+        println!("  maru           {}", m.row());
+        println!("  wasmtime serve {}", w.row());
         println!(
             "  ratio maru / wasmtime serve: throughput {:.2}×, p99 {:.2}× (target: throughput ≥ 1.0, p99 ≤ 1.0)",
-            m_rps / w_rps,
-            m_p99 / w_p99
-        );
-        let (i_rps, i_p50, i_p99) = (
-            mean(&isolated_runs, |l| l.requests_per_second),
-            mean(&isolated_runs, |l| l.p50_ms),
-            mean(&isolated_runs, |l| l.p99_ms),
+            m.requests_per_second / w.requests_per_second,
+            m.p99_ms / w.p99_ms
         );
         println!(
             "  maru, a fresh instance per request (isolation = \"request\", like wasmtime serve)"
         );
-        println!("                 {i_rps:>9.0} req/s  p50 {i_p50:>6.2} ms  p99 {i_p99:>6.2} ms");
+        println!("                 {}", i.row());
         println!(
             "  ratio maru isolated / wasmtime serve: throughput {:.2}×, p99 {:.2}× (target: throughput ≥ 1.0, p99 ≤ 1.0)",
-            i_rps / w_rps,
-            i_p99 / w_p99
+            i.requests_per_second / w.requests_per_second,
+            i.p99_ms / w.p99_ms
         );
-        let (t_rps, t_p50, t_p99) = (
-            mean(&tls_runs, |l| l.requests_per_second),
-            mean(&tls_runs, |l| l.p50_ms),
-            mean(&tls_runs, |l| l.p99_ms),
-        );
-        println!("  maru TLS       {t_rps:>9.0} req/s  p50 {t_p50:>6.2} ms  p99 {t_p99:>6.2} ms");
+        println!("  maru TLS       {}", t.row());
         println!(
             "  ratio maru TLS / maru plain: throughput {:.2}×, p99 {:.2}× (TLS 1.3 on wrk's kept-alive connections: the handshake once per connection, encryption on every request)",
-            t_rps / m_rps,
-            t_p99 / m_p99
+            t.requests_per_second / m.requests_per_second,
+            t.p99_ms / m.p99_ms
         );
         // The rest measures one node alone.
         if let Some(mut tls_node) = tls_node.take() {

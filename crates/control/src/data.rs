@@ -236,7 +236,7 @@ pub struct TriggerGuard {
     group: String,
     pseudonymise: Vec<String>,
     pseudonymiser: Pseudonymiser,
-    cached: Mutex<Option<Cached>>,
+    decision: Decisions<()>,
 }
 
 impl TriggerGuard {
@@ -257,42 +257,32 @@ impl TriggerGuard {
             group,
             pseudonymise,
             pseudonymiser,
-            cached: Mutex::new(None),
+            decision: Decisions::new(1),
         }
     }
 
     /// The decision for the whole trigger: reading its topic and writing its replies and
-    /// dead letters. `Some` when it was made afresh (a denial must then be recorded).
+    /// dead letters (the first refusal, else the permission to read). `true` when it was
+    /// made afresh (a denial must then be recorded).
     fn decision(&self) -> (Decision, bool) {
-        let generation = self.guard.generation();
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cached.as_ref().filter(|c| c.generation == generation) {
-            return (c.decision.clone(), false);
-        }
-        let actor = Actor::Service(&self.service);
-        let mut decision = self
-            .guard
-            .decide(&actor, DataAction::TopicConsume, &self.topic);
-        for published in &self.publishes {
-            if !decision.allowed {
-                break;
-            }
-            let publish = self
-                .guard
-                .decide(&actor, DataAction::TopicPublish, published);
-            if !publish.allowed {
-                decision = Decision {
-                    allowed: false,
-                    policies: publish.policies,
-                    errors: publish.errors,
-                };
-            }
-        }
-        *cached = Some(Cached {
-            generation,
-            decision: decision.clone(),
-        });
-        (decision, true)
+        self.decision
+            .get_or_decide((), self.guard.generation(), || {
+                let actor = Actor::Service(&self.service);
+                let consume = self
+                    .guard
+                    .decide(&actor, DataAction::TopicConsume, &self.topic);
+                if !consume.allowed {
+                    return consume;
+                }
+                self.publishes
+                    .iter()
+                    .map(|published| {
+                        self.guard
+                            .decide(&actor, DataAction::TopicPublish, published)
+                    })
+                    .find(|publish| !publish.allowed)
+                    .unwrap_or(consume)
+            })
     }
 
     /// `None`: deliver as read.

@@ -88,7 +88,7 @@ pub fn node_tls(env: &disk::Env, source: Source<'_>) -> Result<NodeTls, TlsError
 }
 
 /// A rustls server configuration: ring, TLS 1.2 and 1.3, HTTP/1.1 by ALPN when asked.
-pub fn server_config(
+fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -103,25 +103,8 @@ pub fn server_config(
     Ok(config)
 }
 
-/// A rustls client configuration trusting `ca` (PEM) only, for Maru's own clients.
-pub fn client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_slice_iter(ca_pem) {
-        let certificate = certificate.map_err(|e| TlsError::Config(e.to_string()))?;
-        roots
-            .add(certificate)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 /// The names a generated server certificate covers: loopback, the host name, and `extra`.
-pub fn certificate_names(extra: &[String]) -> Vec<String> {
+fn certificate_names(extra: &[String]) -> Vec<String> {
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
@@ -298,18 +281,37 @@ fn node_ca(
 mod tests {
     use super::*;
 
+    /// A rustls client configuration trusting `ca` (PEM) only: the CA is usable as a root.
+    fn client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(ca_pem) {
+            let certificate = certificate.map_err(|e| TlsError::Config(e.to_string()))?;
+            roots
+                .add(certificate)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
+
     #[test]
     fn the_node_ca_signs_a_server_certificate_a_client_trusting_it_accepts() {
         let dir = tempfile::tempdir().expect("temp dir");
         let env = disk::Env::os();
-        let tls = node_tls(
-            &env,
-            Source::NodeCa {
-                dir: dir.path(),
-                names: &["maru.city.example".to_string()],
-            },
-        )
-        .expect("made");
+        let make = |name: &str| {
+            node_tls(
+                &env,
+                Source::NodeCa {
+                    dir: dir.path(),
+                    names: &[name.to_string()],
+                },
+            )
+        };
+        let tls = make("maru.city.example").expect("made");
         assert_eq!(tls.made.len(), 2, "{:?}", tls.made);
         let ca = std::fs::read(dir.path().join("ca.pem")).expect("ca.pem");
         client_config(&ca).expect("a client trusting the CA");
@@ -323,23 +325,9 @@ mod tests {
         }
         // Again with the same names: nothing new. Another name: a new server certificate
         // from the same CA.
-        let again = node_tls(
-            &env,
-            Source::NodeCa {
-                dir: dir.path(),
-                names: &["maru.city.example".to_string()],
-            },
-        )
-        .expect("loaded");
+        let again = make("maru.city.example").expect("loaded");
         assert!(again.made.is_empty(), "{:?}", again.made);
-        let renamed = node_tls(
-            &env,
-            Source::NodeCa {
-                dir: dir.path(),
-                names: &["other.example".to_string()],
-            },
-        )
-        .expect("reissued");
+        let renamed = make("other.example").expect("reissued");
         assert_eq!(renamed.made.len(), 1, "{:?}", renamed.made);
         assert_eq!(std::fs::read(dir.path().join("ca.pem")).expect("ca"), ca);
     }

@@ -212,13 +212,7 @@ async fn deliver(
                         topic.name()
                     ));
                 }
-                let backoff = RETRY_FIRST
-                    .saturating_mul(1 << (refusals - 1).min(16))
-                    .min(RETRY_MAX);
-                tokio::select! {
-                    _ = cancel.cancelled() => return Err(Cancelled),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
+                back_off(refusals, cancel).await?;
             }
         }
     };
@@ -275,13 +269,18 @@ async fn deliver(
                 ));
             }
         }
-        let backoff = RETRY_FIRST
-            .saturating_mul(1 << (attempt - 1).min(16))
-            .min(RETRY_MAX);
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(Cancelled),
-            _ = tokio::time::sleep(backoff) => {}
-        }
+        back_off(attempt, cancel).await?;
+    }
+}
+
+/// Wait before try `tries + 1`: 200 ms doubling to 30 s, unless cancelled first.
+async fn back_off(tries: u32, cancel: &CancellationToken) -> Result<(), Cancelled> {
+    let backoff = RETRY_FIRST
+        .saturating_mul(1 << tries.saturating_sub(1).min(16))
+        .min(RETRY_MAX);
+    tokio::select! {
+        _ = cancel.cancelled() => Err(Cancelled),
+        _ = tokio::time::sleep(backoff) => Ok(()),
     }
 }
 
