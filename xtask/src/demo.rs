@@ -119,10 +119,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     report(&node, &args, &samples, &results, elapsed)?;
 
     replay_a_day(&node, &root)?;
+    let rush_over = Instant::now();
 
     traffic(&node)?;
 
     storage(&node)?;
+
+    after_the_rush(&node, rush_over)?;
 
     println!("\nExplore (in another terminal):");
     println!("  export MARU_DATA={}", data.display());
@@ -374,6 +377,51 @@ fn replay_a_day(node: &MaruNode, root: &std::path::Path) -> anyhow::Result<()> {
     ])?;
     print!("{out}");
     Ok(())
+}
+
+/// Capacity after the rush: with no more requests for reservations/api, its instances go
+/// back to zero once calm minutes outweigh the forecast errors of the stampede and the
+/// replayed day (five minutes of them at the normal caution), plus the hold and the idle
+/// timeout. Watched for at most ten minutes; printed every 15 s.
+fn after_the_rush(node: &MaruNode, rush_over: Instant) -> anyhow::Result<()> {
+    const PATIENCE: Duration = Duration::from_secs(600);
+    println!(
+        "\nAfter the rush: reservations/api has no more requests; its capacity should come back down within minutes (the error margin its stampede taught fades once five minutes of calm show the forecast right again)…"
+    );
+    let mut last_print: Option<Instant> = None;
+    loop {
+        let service = node.service("reservations", "api")?;
+        let ready = service["instances_ready"].as_u64().unwrap_or(0);
+        let starting = service["instances_starting"].as_u64().unwrap_or(0);
+        let since = rush_over.elapsed();
+        let back = ready + starting == 0;
+        if back || last_print.is_none_or(|at| at.elapsed() >= Duration::from_secs(15)) {
+            let forecast = service["forecast_requests_per_second"]
+                .as_f64()
+                .map_or("-".to_string(), |f| format!("{f:.1} req/s"));
+            println!(
+                "  {:>3.0} s after the last request: {ready} ready, {starting} starting (forecast {forecast})",
+                since.as_secs_f64()
+            );
+            last_print = Some(Instant::now());
+        }
+        if back {
+            println!(
+                "  back to zero instances {:.1} minutes after the rush (the stampede's errors stay in the policy's error window for half an hour; calm outweighed them sooner)",
+                since.as_secs_f64() / 60.0
+            );
+            return Ok(());
+        }
+        if since > PATIENCE {
+            bail!(
+                "reservations/api still holds {} instances {} minutes after its last request; see `maru ps` and {}",
+                ready + starting,
+                PATIENCE.as_secs() / 60,
+                node.data.join("../maru.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// The loop-detector pipeline: simulated sensors publish ten minutes of vehicle counts over

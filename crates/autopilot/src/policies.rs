@@ -398,7 +398,10 @@ impl Caution {
 /// The seasonal and model forecasts are rescaled by how the current level (Holt's) compares
 /// with what they expected for now, so a forecast fitted up to an hour ago follows a level
 /// shift. The provisioned rate is the champion's forecast times the `caution.quantile` of
-/// recent relative errors.
+/// recent relative errors (the last 2,000 samples), a margin that fades with evidence: it
+/// is never more than the largest error of the last [`Self::error_memory`] (enough calm
+/// samples that an error as large as the margin would almost surely have come again), so a
+/// one-off burst's errors stop counting minutes after it, not when they leave the window.
 #[derive(Debug, Clone)]
 pub struct Predictive {
     pub caution: Caution,
@@ -441,9 +444,11 @@ pub struct Predictive {
     /// Recent relative errors (actual / forecast), newest last.
     errors: VecDeque<f64>,
     /// Instances the forecast asked for, held `burst_hold` or `release_delay`.
-    forecast_asks: HeldMax,
+    forecast_asks: HeldMax<u32>,
     /// Instances the guard asked for, held two start-up times.
-    guard_asks: HeldMax,
+    guard_asks: HeldMax<u32>,
+    /// The largest recent relative error, over [`Self::error_memory`].
+    recent_errors: HeldMax<f64>,
     last_forecast: Option<f64>,
     /// Length in seconds of the last rate sample, the unit of Holt's steps.
     sample_seconds: f64,
@@ -487,6 +492,7 @@ impl Predictive {
             errors: VecDeque::new(),
             forecast_asks: HeldMax::default(),
             guard_asks: HeldMax::default(),
+            recent_errors: HeldMax::default(),
             last_forecast: None,
             sample_seconds: RateMeter::SAMPLE.as_secs_f64(),
             margin: None,
@@ -505,6 +511,27 @@ impl Predictive {
     const MARGIN_EVERY: u32 = 60;
     /// The guard asks for instances enough to serve waiting work within this once ready.
     const QUEUE_DRAIN: Duration = Duration::from_secs(1);
+
+    /// How long what the forecast asked for is held: `burst_hold` while the service's
+    /// bursts have been coming back within it, else `release_delay`.
+    fn hold(&self) -> Duration {
+        if self.bursts.return_within(self.burst_hold) {
+            self.burst_hold
+        } else {
+            self.release_delay
+        }
+    }
+
+    /// Calm samples that outweigh a burst's errors: enough that the caution's quantile of
+    /// errors would almost surely (95 %) have been exceeded among them if errors were still
+    /// as large: n = 3 / (1 − q), since q^n ≈ e^−3. 300 samples (five minutes of one-second
+    /// samples) at the normal caution's 0.99, 60 at the aggressive 0.95; at the conservative
+    /// 0.999 more than the error window keeps, so a conservative service forgets a burst
+    /// only as the window does.
+    fn error_memory(&self) -> Duration {
+        let samples = (3.0 / (1.0 - self.caution.quantile).max(1e-6)).ceil();
+        Duration::from_secs_f64(self.sample_seconds * samples).max(self.hold())
+    }
 
     /// Every candidate's forecast of the rate at `now + horizon`: the short-term one always,
     /// the seasonal one with a day of history, augurs' model once fitted.
@@ -645,7 +672,10 @@ impl Policy for Predictive {
                 // few requests at a near-zero forecast is not a thousandfold error.
                 let floor = self.per_instance_rate.per_instance(bounds);
                 if predicted > 0.5 || rate > 0.5 {
-                    self.errors.push_back((rate + floor) / (predicted + floor));
+                    let error = (rate + floor) / (predicted + floor);
+                    let memory = self.error_memory();
+                    self.recent_errors.record(now, error, memory);
+                    self.errors.push_back(error);
                     if self.errors.len() > Self::ERRORS_KEPT {
                         self.errors.pop_front();
                     }
@@ -672,7 +702,15 @@ impl Policy for Predictive {
             }
         }
         let forecast = self.last_forecast.unwrap_or(0.0);
-        let error_margin = self.margin.unwrap_or(2.0);
+        // The margin fades with evidence: errors no larger than some value throughout the
+        // error memory show the window's larger ones (a one-off burst's) are no longer what
+        // the forecast misses by. No error recorded in it (no traffic, none forecast): the
+        // forecast has been right.
+        let memory = self.error_memory();
+        let error_margin = self.margin.map_or(2.0, |margin| {
+            let recent = self.recent_errors.largest(now, memory).unwrap_or(1.0);
+            margin.min(recent).max(1.0)
+        });
         // The margin applies to errors on a floor of one instance's worth of demand.
         let per_instance = self.per_instance_rate.per_instance(bounds);
         let provisioned_rate = ((forecast + per_instance) * error_margin - per_instance).max(0.0);
@@ -712,11 +750,7 @@ impl Policy for Predictive {
         // within it, else for `release_delay`; what the guard wanted (work already here,
         // a rise going on) for two start-up times, since an instance released now cannot be
         // back sooner: with a 1 s start-up a burst's instances go once it has passed.
-        let hold = if self.bursts.return_within(self.burst_hold) {
-            self.burst_hold
-        } else {
-            self.release_delay
-        };
+        let hold = self.hold();
         let held_forecast = self.forecast_asks.record(now, forecast_instances, hold);
         let held_guard = self.guard_asks.record(now, guard, lead * 2);
         // Bursts that start at the same minutes of every hour or half hour (scheduled
@@ -739,21 +773,35 @@ impl Policy for Predictive {
 /// values not overshadowed by a later, larger one are kept (a monotonic queue). The hold may
 /// change between calls (a measured start-up time longer than configured lengthens it);
 /// values are kept for the longest hold asked so far.
-#[derive(Debug, Clone, Default)]
-struct HeldMax {
+#[derive(Debug, Clone)]
+struct HeldMax<T> {
     /// (when, value), times increasing and values strictly decreasing from front to back.
-    kept: VecDeque<(Duration, u32)>,
+    kept: VecDeque<(Duration, T)>,
     longest: Duration,
 }
 
-impl HeldMax {
+impl<T> Default for HeldMax<T> {
+    fn default() -> Self {
+        HeldMax {
+            kept: VecDeque::new(),
+            longest: Duration::ZERO,
+        }
+    }
+}
+
+impl<T: PartialOrd + Copy> HeldMax<T> {
     /// Record `value` at `now` and return the largest value recorded within `hold` of now.
-    fn record(&mut self, now: Duration, value: u32, hold: Duration) -> u32 {
-        self.longest = self.longest.max(hold);
+    fn record(&mut self, now: Duration, value: T, hold: Duration) -> T {
         while self.kept.back().is_some_and(|&(_, kept)| kept <= value) {
             self.kept.pop_back();
         }
         self.kept.push_back((now, value));
+        self.largest(now, hold).unwrap_or(value)
+    }
+
+    /// The largest value recorded within `hold` of `now`, if any was.
+    fn largest(&mut self, now: Duration, hold: Duration) -> Option<T> {
+        self.longest = self.longest.max(hold);
         while self
             .kept
             .front()
@@ -765,7 +813,7 @@ impl HeldMax {
         self.kept
             .iter()
             .find(|&&(at, _)| now.saturating_sub(at) <= hold)
-            .map_or(value, |&(_, largest)| largest)
+            .map(|&(_, largest)| largest)
     }
 }
 
