@@ -1,6 +1,13 @@
 //! A service's metrics history: one sample a second for the last hour, and one-minute
 //! averages for 14 days. Bounded, and encoded as text with a checksum for persistence by
 //! the caller.
+//!
+//! Held compactly, because a node keeps one for every deployed service and most are idle
+//! most of the time: consecutive samples with the same values (an idle stretch: nothing
+//! arriving, no instances) are kept as one run, so an idle service's history stays a few
+//! hundred bytes however long it idles, where one sample a second would grow to 250 KiB in
+//! an hour and 1.4 MiB of minutes in 14 days. The minute being filled is kept as running
+//! sums, not as its samples.
 
 use std::collections::VecDeque;
 
@@ -59,12 +66,116 @@ impl Sample {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Samples at consecutive times one `step` apart, all with the same values: the first
+/// sample and how many there are.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Run {
+    first: Sample,
+    count: u32,
+}
+
+impl Run {
+    fn last_unix_s(&self, step: u64) -> u64 {
+        self.first.unix_s + u64::from(self.count - 1) * step
+    }
+}
+
+/// A bounded series of samples `step` seconds apart (or further, where samples are
+/// missing), in time order, kept as runs of equal samples.
+#[derive(Debug, Clone, PartialEq)]
+struct Series {
+    runs: VecDeque<Run>,
+    /// Samples in all runs.
+    len: usize,
+    kept: usize,
+    step: u64,
+}
+
+impl Series {
+    fn new(kept: usize, step: u64) -> Series {
+        Series {
+            runs: VecDeque::new(),
+            len: 0,
+            kept,
+            step,
+        }
+    }
+
+    fn last_unix_s(&self) -> Option<u64> {
+        self.runs.back().map(|run| run.last_unix_s(self.step))
+    }
+
+    /// Append `sample`, later than every sample kept, and drop the oldest beyond `kept`.
+    fn push(&mut self, sample: Sample) {
+        debug_assert!(self.last_unix_s().is_none_or(|last| sample.unix_s > last));
+        match self.runs.back_mut() {
+            Some(run)
+                if run.count < u32::MAX
+                    && sample.unix_s == run.last_unix_s(self.step) + self.step
+                    && sample.values() == run.first.values() =>
+            {
+                run.count += 1;
+            }
+            _ => self.runs.push_back(Run {
+                first: sample,
+                count: 1,
+            }),
+        }
+        self.len += 1;
+        while self.len > self.kept {
+            let front = self.runs.front_mut().expect("len counts the runs' samples");
+            if front.count == 1 {
+                self.runs.pop_front();
+            } else {
+                front.count -= 1;
+                front.first.unix_s += self.step;
+            }
+            self.len -= 1;
+        }
+        assert_eq!(
+            self.len,
+            self.runs
+                .iter()
+                .map(|run| run.count as usize)
+                .sum::<usize>(),
+            "a series' length is its runs' samples"
+        );
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Sample> + '_ {
+        let step = self.step;
+        self.runs.iter().flat_map(move |run| {
+            (0..u64::from(run.count)).map(move |i| Sample {
+                unix_s: run.first.unix_s + i * step,
+                ..run.first
+            })
+        })
+    }
+}
+
+/// The minute being filled: its first sample's time, how many samples, and their sums.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Partial {
+    unix_s: u64,
+    count: u32,
+    sums: [f64; VALUES],
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct History {
-    seconds: VecDeque<Sample>,
-    minutes: VecDeque<Sample>,
-    /// Samples of the minute being filled.
-    partial: Vec<Sample>,
+    seconds: Series,
+    minutes: Series,
+    partial: Option<Partial>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            seconds: Series::new(Self::SECONDS_KEPT, 1),
+            minutes: Series::new(Self::MINUTES_KEPT, 60),
+            partial: None,
+        }
+    }
 }
 
 impl History {
@@ -74,49 +185,57 @@ impl History {
     pub fn record(&mut self, sample: Sample) {
         if self
             .seconds
-            .back()
-            .is_some_and(|last| sample.unix_s <= last.unix_s)
+            .last_unix_s()
+            .is_some_and(|last| sample.unix_s <= last)
         {
             return; // a clock step backwards or a repeat: the first sample for a second stands
         }
         if self
             .partial
-            .first()
-            .is_some_and(|first| first.unix_s / 60 != sample.unix_s / 60)
+            .is_some_and(|partial| partial.unix_s / 60 != sample.unix_s / 60)
         {
             self.close_minute();
         }
-        self.partial.push(sample);
-        self.seconds.push_back(sample);
-        if self.seconds.len() > Self::SECONDS_KEPT {
-            self.seconds.pop_front();
+        let partial = self.partial.get_or_insert(Partial {
+            unix_s: sample.unix_s,
+            count: 0,
+            sums: [0.0; VALUES],
+        });
+        partial.count += 1;
+        for (sum, value) in partial.sums.iter_mut().zip(sample.values()) {
+            *sum += value;
         }
+        self.seconds.push(sample);
+    }
+
+    /// The mean of the minute being filled so far, unless a minute for the same time is
+    /// kept already (one decoded from a file written during this minute, before a restart:
+    /// that one stands).
+    fn partial_minute(&self) -> Option<Sample> {
+        let partial = self.partial?;
+        let n = f64::from(partial.count.max(1));
+        let minute = Sample::from_values(partial.unix_s / 60 * 60, partial.sums.map(|s| s / n));
+        self.minutes
+            .last_unix_s()
+            .is_none_or(|last| minute.unix_s > last)
+            .then_some(minute)
     }
 
     fn close_minute(&mut self) {
-        let Some(first) = self.partial.first() else {
-            return;
-        };
-        let n = self.partial.len() as f64;
-        let mut sums = [0.0; VALUES];
-        for sample in &self.partial {
-            for (sum, value) in sums.iter_mut().zip(sample.values()) {
-                *sum += value;
-            }
+        if let Some(minute) = self.partial_minute() {
+            self.minutes.push(minute);
         }
-        let minute = Sample::from_values(first.unix_s / 60 * 60, sums.map(|s| s / n));
-        self.partial.clear();
-        self.minutes.push_back(minute);
-        if self.minutes.len() > Self::MINUTES_KEPT {
-            self.minutes.pop_front();
-        }
+        self.partial = None;
     }
 
-    pub fn seconds(&self) -> impl Iterator<Item = &Sample> {
+    /// The last hour's samples, one a second (fewer where the node was not running),
+    /// oldest first.
+    pub fn seconds(&self) -> impl Iterator<Item = Sample> + '_ {
         self.seconds.iter()
     }
 
-    pub fn minutes(&self) -> impl Iterator<Item = &Sample> {
+    /// The last 14 days' one-minute means, oldest first.
+    pub fn minutes(&self) -> impl Iterator<Item = Sample> + '_ {
         self.minutes.iter()
     }
 
@@ -128,21 +247,23 @@ impl History {
     /// Text: a version line, then one line per sample, `s` (second) or `m` (minute), the
     /// unix time and the eight values, then `end` and a checksum of everything before that
     /// line (the first 8 bytes of its BLAKE3 hash, in hex), so that a file cut short or
-    /// with a flipped bit does not decode. The minute being filled is closed first.
-    pub fn encode(&mut self) -> String {
-        self.close_minute();
+    /// with a flipped bit does not decode. The minute being filled is written as a minute
+    /// of the samples so far (and goes on being filled).
+    pub fn encode(&self) -> String {
         let mut out = format!("{}\n", Self::VERSION);
-        for (kind, series) in [("m", &self.minutes), ("s", &self.seconds)] {
-            for sample in series {
-                out.push_str(kind);
+        let minutes = self.minutes.iter().chain(self.partial_minute());
+        let samples = minutes
+            .map(|sample| ("m", sample))
+            .chain(self.seconds.iter().map(|sample| ("s", sample)));
+        for (kind, sample) in samples {
+            out.push_str(kind);
+            out.push(' ');
+            out.push_str(&sample.unix_s.to_string());
+            for value in sample.values() {
                 out.push(' ');
-                out.push_str(&sample.unix_s.to_string());
-                for value in sample.values() {
-                    out.push(' ');
-                    out.push_str(&value.to_string());
-                }
-                out.push('\n');
+                out.push_str(&value.to_string());
             }
+            out.push('\n');
         }
         let sum = checksum(&out);
         out.push_str("end ");
@@ -208,16 +329,10 @@ impl History {
                 "m" => &mut history.minutes,
                 _ => return Err(bad()),
             };
-            if series.back().is_some_and(|last| unix_s <= last.unix_s) {
+            if series.last_unix_s().is_some_and(|last| unix_s <= last) {
                 return Err(format!("line {}: samples must be in time order", index + 2));
             }
-            series.push_back(sample);
-        }
-        while history.seconds.len() > Self::SECONDS_KEPT {
-            history.seconds.pop_front();
-        }
-        while history.minutes.len() > Self::MINUTES_KEPT {
-            history.minutes.pop_front();
+            series.push(sample);
         }
         Ok(history)
     }
@@ -248,7 +363,7 @@ mod tests {
             history.record(sample(1_000_020 + s, (s % 60) as f64));
         }
         assert_eq!(history.seconds().count(), History::SECONDS_KEPT);
-        let minutes: Vec<&Sample> = history.minutes().collect();
+        let minutes: Vec<Sample> = history.minutes().collect();
         // The first minute (from 1_000_020, unix minute boundary at 1_000_020 / 60 * 60) is
         // partial; later ones are whole.
         assert_eq!(minutes[0].unix_s % 60, 0);
@@ -263,6 +378,69 @@ mod tests {
             Some(((History::SECONDS_KEPT as u64 + 119) % 60) as f64),
             "an old sample is ignored"
         );
+    }
+
+    #[test]
+    fn saving_in_the_middle_of_a_minute_keeps_every_later_save_readable() {
+        // Saved every few minutes at any second: each save reads back, and the minute saved
+        // half-filled is kept once (as saved), not twice.
+        let mut history = History::default();
+        let mut saves = Vec::new();
+        for s in 0..400u64 {
+            history.record(sample(6_000 + s, (s % 7) as f64));
+            if s % 130 == 29 {
+                saves.push(history.encode());
+            }
+        }
+        saves.push(history.encode());
+        for (i, text) in saves.iter().enumerate() {
+            let back = History::decode(text).unwrap_or_else(|e| panic!("save {i}: {e}"));
+            assert!(back.minutes().count() >= 1, "save {i}");
+        }
+        // Restarted from a save made mid-minute, then recording on in that minute: the saved
+        // minute stands, the next save reads back.
+        let mut restarted = History::decode(&saves[0]).expect("first save");
+        let saved_minute = restarted.minutes().last().expect("a minute");
+        for s in 30..200u64 {
+            restarted.record(sample(6_000 + s, 1.0));
+        }
+        let again = History::decode(&restarted.encode()).expect("after the restart");
+        assert_eq!(
+            again.minutes().find(|m| m.unix_s == saved_minute.unix_s),
+            Some(saved_minute)
+        );
+    }
+
+    #[test]
+    fn an_idle_stretch_is_kept_as_one_run() {
+        // Two hours idle then a busy minute: every second and minute reads back as recorded,
+        // bounded as before, while the idle stretch is held as one run of each series.
+        let mut history = History::default();
+        let mut recorded = Vec::new();
+        for s in 0..7_260u64 {
+            let busy = s >= 7_200;
+            let sample = Sample {
+                unix_s: 60_000 + s,
+                arrivals: if busy { (s % 5) as f64 } else { 0.0 },
+                startup_ms: 12.5,
+                ..Sample::default()
+            };
+            history.record(sample);
+            recorded.push(sample);
+        }
+        let seconds: Vec<Sample> = history.seconds().collect();
+        assert_eq!(seconds, recorded[recorded.len() - History::SECONDS_KEPT..]);
+        assert_eq!(history.minutes().count(), 120);
+        assert!(
+            history.seconds.runs.len() <= 61,
+            "{}",
+            history.seconds.runs.len()
+        );
+        assert_eq!(history.minutes.runs.len(), 1);
+        let back = History::decode(&history.encode()).expect("decode");
+        assert_eq!(back.seconds().collect::<Vec<_>>(), seconds);
+        // The idle minutes, and the busy minute saved half-filled.
+        assert_eq!(back.minutes.runs.len(), 2, "decoded runs are compact too");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! (bounded by the request timeout), then stops every instance and waits for them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,10 +137,14 @@ impl Pool {
 pub struct Service {
     pub config: ServiceConfig,
     runtime: Arc<Runtime>,
-    /// Jobs are boxed: a bounded channel allocates all its slots at once, and a
-    /// service's 1,000 slots of a whole request each would cost an idle service ~300 KiB.
+    /// The request queue. Unbounded as a channel, bounded by `queued` to `queue_max`: a
+    /// bounded channel allocates all its slots at once (16 KiB for the default 1,000 boxed
+    /// jobs, in every idle service), an unbounded one in blocks as requests come.
     jobs_tx: async_channel::Sender<Box<Job>>,
     jobs_rx: async_channel::Receiver<Box<Job>>,
+    /// Jobs admitted to the queue and not yet taken: at most `queue_max`. Taken only
+    /// through [`Service::take_job`], which counts them out.
+    queued: AtomicUsize,
     pool: Mutex<Pool>,
     /// Requests the ready instances could take right now; mirrors `pool` so the hot path
     /// need not lock.
@@ -210,7 +214,7 @@ impl Service {
         runtime: Arc<Runtime>,
         mut policy: Box<dyn Policy>,
     ) -> Arc<Self> {
-        let (jobs_tx, jobs_rx) = async_channel::bounded(config.queue_max.max(1));
+        let (jobs_tx, jobs_rx) = async_channel::unbounded();
         let history = std::mem::take(&mut config.history);
         policy.learn(&past_rates(&history, unix_now()));
         let slo = config.slo;
@@ -220,6 +224,7 @@ impl Service {
             runtime,
             jobs_tx,
             jobs_rx,
+            queued: AtomicUsize::new(0),
             pool: Mutex::new(Pool::default()),
             free_capacity: AtomicU64::new(0),
             wake: Notify::new(),
@@ -274,16 +279,25 @@ impl Service {
         }
         let deadline = arrival + self.config.timeout;
         let (respond, response) = oneshot::channel();
-        match self.jobs_tx.try_send(Box::new(Job {
+        let queue_max = self.config.queue_max.max(1);
+        if self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued < queue_max).then_some(queued + 1)
+            })
+            .is_err()
+        {
+            return Err(ServiceError::QueueFull(self.config.queue_max));
+        }
+        let job = Box::new(Job {
             request,
             deadline,
             respond,
-        })) {
-            Ok(()) => {}
-            Err(async_channel::TrySendError::Full(_)) => {
-                return Err(ServiceError::QueueFull(self.config.queue_max));
-            }
-            Err(async_channel::TrySendError::Closed(_)) => return Err(ServiceError::Unavailable),
+        });
+        if self.jobs_tx.try_send(job).is_err() {
+            // Closed: the service is stopping.
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ServiceError::Unavailable);
         }
         if !self.wake_an_idle_instance() && self.free_capacity.load(Ordering::Acquire) == 0 {
             self.wake.notify_one();
@@ -304,7 +318,7 @@ impl Service {
     pub fn gauges(&self) -> Gauges {
         let pool = self.lock_pool();
         Gauges {
-            queued: self.jobs_tx.len() as u64,
+            queued: self.queued.load(Ordering::Acquire) as u64,
             ready: pool.count(|s| matches!(s, SlotState::Ready { .. })),
             starting: pool.count(|s| matches!(s, SlotState::Starting)),
         }
@@ -341,10 +355,7 @@ impl Service {
     /// (the last hour by second, 14 days by minute).
     pub fn history(&self) -> (Vec<Sample>, Vec<Sample>) {
         let history = self.history.lock().expect("history lock is never poisoned");
-        (
-            history.seconds().copied().collect(),
-            history.minutes().copied().collect(),
-        )
+        (history.seconds().collect(), history.minutes().collect())
     }
 
     pub fn anomalies(&self) -> Vec<AnomalyRecord> {
@@ -458,11 +469,15 @@ impl Service {
         let mut every_second = tokio::time::interval(Duration::from_secs(1));
         every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            // A service with no instances and nothing queued is looked at once a second (a
+            // request wakes it at once): thousands of idle services would otherwise wake
+            // five times as often for nothing.
+            let idle = instances.is_empty() && self.queued.load(Ordering::Acquire) == 0;
             tokio::select! {
                 _ = self.intake_closed.cancelled() => break,
                 _ = every_second.tick() => self.watch(&mut watch, policy.forecast()),
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(SCALE_TICK) => {}
+                _ = tokio::time::sleep(SCALE_TICK), if !idle => {}
                 Some(joined) = instances.join_next(), if !instances.is_empty() => {
                     if let Err(error) = joined {
                         tracing::error!(service = %self.id(), %error, "instance task failed");
@@ -481,7 +496,7 @@ impl Service {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.jobs_rx.close();
-        while let Ok(job) = self.jobs_rx.try_recv() {
+        while let Ok(job) = self.take_job() {
             drop(job); // its requester sees `Unavailable`
         }
         for slot in self.lock_pool().slots.values() {
@@ -497,10 +512,10 @@ impl Service {
 
     fn reconcile(self: &Arc<Self>, policy: &mut dyn Policy, instances: &mut JoinSet<()>) {
         let now = Instant::now();
-        let queued = self.jobs_tx.len() as u32;
+        let queued = self.queued.load(Ordering::Acquire) as u32;
         let mut pool = self.lock_pool();
         if pool.failed.is_some() {
-            while let Ok(job) = self.jobs_rx.try_recv() {
+            while let Ok(job) = self.take_job() {
                 drop(job); // its requester sees the failure
             }
             return;
@@ -674,7 +689,7 @@ impl Service {
     async fn next_job(&self, id: u64, stop: &CancellationToken) -> Option<(Job, Instant)> {
         let waker = Arc::new(Notify::new());
         loop {
-            let job = match self.jobs_rx.try_recv() {
+            let job = match self.take_job() {
                 Ok(job) => job,
                 Err(async_channel::TryRecvError::Closed) => return None,
                 Err(async_channel::TryRecvError::Empty) => {
@@ -702,7 +717,7 @@ impl Service {
             .push((id, waker.clone()));
         loop {
             // Checked after registering, so a request queued just before is not missed.
-            match self.jobs_rx.try_recv() {
+            match self.take_job() {
                 Ok(job) => {
                     if !self.leave_waiters(id) {
                         // Woken for another request while taking this one: pass that on.
@@ -728,7 +743,7 @@ impl Service {
                 }
                 _ = waker.notified() => {
                     // Taken off the stack to be woken: back on top unless a job is there.
-                    match self.jobs_rx.try_recv() {
+                    match self.take_job() {
                         Ok(job) => return Some(job),
                         Err(async_channel::TryRecvError::Closed) => return None,
                         Err(async_channel::TryRecvError::Empty) => {
@@ -740,6 +755,14 @@ impl Service {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+    }
+
+    /// Take the next queued job, counting it out of the queue's bound.
+    fn take_job(&self) -> Result<Box<Job>, async_channel::TryRecvError> {
+        let job = self.jobs_rx.try_recv()?;
+        let before = self.queued.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "a job taken was counted in");
+        Ok(job)
     }
 
     /// Leave the waiters; false if someone already took this instance off to wake it.
