@@ -76,11 +76,16 @@ pub enum Which {
         rounds: u32,
     },
     /// Resident memory per deployed idle service and per warm instance, deploy time per app
-    /// and the time to cold-start them all, for N copies of examples/hello.
+    /// and the time to cold-start them all, for N copies of examples/hello, and for process
+    /// services.
     Density {
         /// Counts of apps to deploy, comma-separated (a fresh node for each).
         #[arg(long, default_value = "1000,5000")]
         apps: String,
+        /// Process services (a small Python HTTP server each) for the process row; 0 skips
+        /// it.
+        #[arg(long, default_value_t = 100)]
+        process_apps: usize,
     },
     /// Object PUT and GET through the S3 API against the disk's raw sequential bandwidth,
     /// and the per-core speed of erasure coding, encryption and hashing.
@@ -109,7 +114,7 @@ pub enum Which {
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Store { clients } => crate::bench_store::store(clients),
-        Which::Density { apps } => crate::bench_density::density(&apps),
+        Which::Density { apps, process_apps } => crate::bench_density::density(&apps, process_apps),
         Which::Control {
             seconds,
             clients,

@@ -6,6 +6,9 @@
 //! (the component uploaded once; each deploy is a `POST /v1/apps`, as `maru deploy` sends
 //! it); resident memory again (per idle service); then one request to each app, which cold
 //! starts its instance (time for all); resident memory once more (per warm instance).
+//! The same for process services (a small Python HTTP server each, at most 100 by default):
+//! their warm instances are processes of their own, so that row reads the proportional set
+//! size (PSS) of maru and all its descendants, shared pages counted once.
 //! Results go to stdout and `target/bench/density.json`.
 
 use std::path::Path;
@@ -28,18 +31,104 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
-/// Resident memory after `settle`, the least of a few readings (allocator caches return).
-fn settled_rss(pid: u32, settle: Duration) -> anyhow::Result<u64> {
+/// Memory after `settle`, the least of a few readings (allocator caches return): maru's
+/// resident memory for components, the proportional set size of maru and its descendants
+/// for process services.
+fn settled(pid: u32, settle: Duration, kind: Kind) -> anyhow::Result<u64> {
     std::thread::sleep(settle);
     let mut least = u64::MAX;
     for _ in 0..5 {
-        least = least.min(rss(pid)?);
+        least = least.min(match kind {
+            Kind::Component => rss(pid)?,
+            Kind::Process => pss_with_descendants(pid)?,
+        });
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(least)
 }
 
+/// Proportional set size of `pid` (its resident memory, with each page shared with other
+/// processes counted as its share), bytes.
+fn pss(pid: u32) -> anyhow::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let kib: u64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no Pss in /proc/PID/smaps_rollup")?;
+    Ok(kib * 1024)
+}
+
+/// Proportional set size of `pid` and every process descended from it, bytes: what the
+/// node and its process services hold together, shared pages (the Python interpreter's
+/// code) counted once.
+fn pss_with_descendants(pid: u32) -> anyhow::Result<u64> {
+    let mut parents = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue; // exited meanwhile
+        };
+        // After the command name in parentheses: state, then the parent's pid.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(parent) = parent {
+            parents.insert(child, parent);
+        }
+    }
+    let descends = |mut process: u32| {
+        for _ in 0..64 {
+            if process == pid {
+                return true;
+            }
+            match parents.get(&process) {
+                Some(&parent) if parent != 0 => process = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let mut total = 0;
+    for &process in parents.keys() {
+        if descends(process) {
+            total += pss(process).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// What each deployed app runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Component,
+    Process,
+}
+
+/// A small HTTP server in Python, as a process service runs it (its port in PORT).
+const PROCESS_SERVER: &str = r#"import http.server, os
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"Hello from a process\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Hello).serve_forever()
+"#;
+
 struct Row {
+    kind: Kind,
     apps: usize,
     base_rss: u64,
     idle_rss: u64,
@@ -48,7 +137,7 @@ struct Row {
     cold_start_seconds: f64,
 }
 
-fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result<Row> {
+fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize, kind: Kind) -> anyhow::Result<Row> {
     std::fs::create_dir_all(dir)?;
     let config = dir.join("node.toml");
     std::fs::write(&config, format!("[node]\ninstances_total_max = {apps}\n"))?;
@@ -61,7 +150,10 @@ fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result
         &["--config", config.to_str().context("utf-8 path")?],
     )?;
     let pid = node.pid().context("maru is running")?;
-    let base_rss = settled_rss(pid, Duration::from_secs(3))?;
+    let base_rss = settled(pid, Duration::from_secs(3), kind)?;
+    let workdir = dir.join("app");
+    std::fs::create_dir_all(&workdir)?;
+    std::fs::write(workdir.join("server.py"), PROCESS_SERVER)?;
     let token = std::fs::read_to_string(node.data.join("token"))?
         .trim()
         .to_string();
@@ -81,14 +173,28 @@ fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result
     }
     let started = Instant::now();
     for i in 0..apps {
+        let workload = match kind {
+            Kind::Component => "component = \"hello.wasm\"".to_string(),
+            Kind::Process => {
+                "command = [\"python3\", \"server.py\"]\nworkdir = \".\"\nready = { http = \"/\", timeout = \"30s\" }\nmemory = \"256MiB\"".to_string()
+            }
+        };
         let manifest = format!(
-            "[app]\nname = \"a{i}\"\n\n[service.hello]\ncomponent = \"hello.wasm\"\nroutes = [\"/a{i}\"]\ninstances = {{ min = 0, max = 1 }}\nidle_timeout = \"1h\"\n"
+            "[app]\nname = \"a{i}\"\n\n[service.hello]\n{workload}\nroutes = [\"/a{i}\"]\ninstances = {{ min = 0, max = 1 }}\nidle_timeout = \"1h\"\n"
         );
-        let request = serde_json::json!({
-            "manifest_path": format!("a{i}.toml"),
-            "manifest": manifest,
-            "components": { "hello.wasm": hash },
-        });
+        let request = match kind {
+            Kind::Component => serde_json::json!({
+                "manifest_path": format!("a{i}.toml"),
+                "manifest": manifest,
+                "components": { "hello.wasm": hash },
+            }),
+            Kind::Process => serde_json::json!({
+                "manifest_path": format!("a{i}.toml"),
+                "manifest_dir": workdir.to_str().context("utf-8 path")?,
+                "manifest": manifest,
+                "components": {},
+            }),
+        };
         let mut response = agent
             .post(format!("{control}/v1/apps"))
             .header("Authorization", format!("Bearer {token}"))
@@ -108,7 +214,7 @@ fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result
         }
     }
     let deploy_seconds = started.elapsed().as_secs_f64();
-    let idle_rss = settled_rss(pid, Duration::from_secs(5))?;
+    let idle_rss = settled(pid, Duration::from_secs(5), kind)?;
     let started = Instant::now();
     for i in 0..apps {
         let (_, response) = crate::bench::first_byte(&node.gateway, &format!("/a{i}"))?;
@@ -120,9 +226,10 @@ fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result
         }
     }
     let cold_start_seconds = started.elapsed().as_secs_f64();
-    let warm_rss = settled_rss(pid, Duration::from_secs(5))?;
+    let warm_rss = settled(pid, Duration::from_secs(5), kind)?;
     node.stop()?;
     Ok(Row {
+        kind,
         apps,
         base_rss,
         idle_rss,
@@ -132,9 +239,10 @@ fn measure(maru: &Path, hello: &Path, dir: &Path, apps: usize) -> anyhow::Result
     })
 }
 
-pub fn density(counts: &str) -> anyhow::Result<()> {
+pub fn density(counts: &str, process_apps: usize) -> anyhow::Result<()> {
     let counts: Vec<usize> = counts
         .split(',')
+        .filter(|c| !c.trim().is_empty())
         .map(|c| {
             c.trim()
                 .parse()
@@ -154,21 +262,38 @@ pub fn density(counts: &str) -> anyhow::Result<()> {
             &hello,
             &bench_dir.join(format!("n{apps}")),
             apps,
+            Kind::Component,
+        )?);
+    }
+    if process_apps > 0 {
+        println!(
+            "xtask: {process_apps} apps each a process service (python3, a small HTTP server) at zero instances"
+        );
+        rows.push(measure(
+            &maru,
+            &hello,
+            &bench_dir.join(format!("p{process_apps}")),
+            process_apps,
+            Kind::Process,
         )?);
     }
     let kib = |b: f64| b / 1024.0;
     println!();
     println!(
-        "| deployed apps | RSS empty | RSS idle | per idle service | RSS warm | per warm instance | deploy per app | cold-start all |"
+        "| service | deployed apps | RSS empty | RSS idle | per idle service | RSS warm | per warm instance | deploy per app | cold-start all |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut json = Vec::new();
     for row in &rows {
         let n = row.apps as f64;
         let per_idle = (row.idle_rss.saturating_sub(row.base_rss)) as f64 / n;
         let per_warm = (row.warm_rss.saturating_sub(row.idle_rss)) as f64 / n;
         println!(
-            "| {} | {:.0} MiB | {:.0} MiB | {:.0} KiB | {:.0} MiB | {:.0} KiB | {:.1} ms | {:.2} s |",
+            "| {} | {} | {:.0} MiB | {:.0} MiB | {:.0} KiB | {:.0} MiB | {:.0} KiB | {:.1} ms | {:.2} s |",
+            match row.kind {
+                Kind::Component => "component",
+                Kind::Process => "process (PSS, + its processes)",
+            },
             row.apps,
             row.base_rss as f64 / 1048576.0,
             row.idle_rss as f64 / 1048576.0,
@@ -179,6 +304,10 @@ pub fn density(counts: &str) -> anyhow::Result<()> {
             row.cold_start_seconds
         );
         json.push(serde_json::json!({
+            "kind": match row.kind {
+                Kind::Component => "component",
+                Kind::Process => "process",
+            },
             "apps": row.apps,
             "rss_empty_bytes": row.base_rss,
             "rss_idle_bytes": row.idle_rss,

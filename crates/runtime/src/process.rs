@@ -458,21 +458,17 @@ impl ProcessInstance {
             parts.uri = format!("http://127.0.0.1:{port}{path}")
                 .parse()
                 .map_err(|e| format!("build upstream URI: {e}"))?;
-            for hop in [
-                "connection",
-                "keep-alive",
-                "proxy-connection",
-                "te",
-                "trailer",
-                "transfer-encoding",
-                "upgrade",
-            ] {
-                parts.headers.remove(hop);
-            }
-            client
+            remove_hop_by_hop(&mut parts.headers);
+            let mut response = client
                 .request(http::Request::from_parts(parts, body))
                 .await
-                .map_err(|e| format!("the process did not answer: {e}"))
+                .map_err(|e| format!("the process did not answer: {e}"))?;
+            // The answer is the gateway's to the client, on the client's connection: not an
+            // HTTP/1.0 status line or a `Connection: close` because the process (Python's
+            // http.server, say) speaks HTTP/1.0 to the gateway.
+            *response.version_mut() = http::Version::HTTP_11;
+            remove_hop_by_hop(response.headers_mut());
+            Ok(response)
         }
     }
 
@@ -504,6 +500,33 @@ impl Drop for ProcessInstance {
             _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
         _ = std::fs::remove_file(&self.record);
+    }
+}
+
+/// Remove the headers that belong to one connection (RFC 9110 section 7.6.1), including
+/// those the `Connection` header names, so they are not passed from one connection to the
+/// other.
+fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for hop in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(hop);
     }
 }
 
@@ -604,6 +627,19 @@ mod tests {
     use std::os::unix::process::CommandExt as _;
 
     use super::*;
+
+    #[test]
+    fn headers_of_one_connection_are_not_passed_on() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("connection", "close, x-private".parse().expect("value"));
+        headers.insert("x-private", "1".parse().expect("value"));
+        headers.insert("keep-alive", "timeout=5".parse().expect("value"));
+        headers.insert("transfer-encoding", "chunked".parse().expect("value"));
+        headers.insert("content-type", "text/plain".parse().expect("value"));
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+    }
 
     fn alive(pid: u32) -> bool {
         // Not reaped and not a zombie.
