@@ -13,6 +13,8 @@
 //!   that time. Losing the connection to NATS is not the node dying: the node keeps serving
 //!   what it runs and announces itself again once the connection returns.
 
+pub mod shared;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,9 +31,9 @@ pub const NODE_TTL: Duration = Duration::from_secs(8);
 /// The key-value bucket of node records.
 pub const NODES_BUCKET: &str = "maru-nodes";
 /// How long joining waits for JetStream to be able to serve the node bucket.
-const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const JOIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long any one call to NATS may take before it counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -163,6 +165,7 @@ pub trait Announce: Send + Sync + 'static {
 
 /// This node's membership: its heartbeat task and the last list of nodes seen.
 pub struct Membership {
+    jetstream: async_nats::jetstream::Context,
     nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -234,6 +237,7 @@ impl Membership {
         refresh(&bucket, &nodes).await?;
         let task = tokio::spawn(heartbeat(bucket, announce, nodes.clone(), stop.clone()));
         Ok(Membership {
+            jetstream,
             nodes,
             stop,
             task: Mutex::new(Some(task)),
@@ -249,6 +253,11 @@ impl Membership {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// The JetStream context the node joined through.
+    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
+        &self.jetstream
     }
 
     /// This node's name in the cluster.

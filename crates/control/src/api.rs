@@ -518,6 +518,12 @@ impl IntoResponse for ControlError {
                 &message,
                 Some("free space on the data directory's disk or fix its errors; maru's log says what failed (after a failed sync, restart the machine)".into()),
             ),
+            ControlError::ClusterUnavailable(message) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                &message,
+                Some("the change was not made; try again once the NATS servers answer (`maru nodes` lists the nodes that do)".into()),
+            ),
             ControlError::State(StateError::NotFound(app)) => error(
                 StatusCode::NOT_FOUND,
                 "not_found",

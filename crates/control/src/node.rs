@@ -25,7 +25,7 @@ use crate::manifest::{
     self, AppManifest, CautionLevel, ManifestError, Scaling, ScalingPolicy, ServiceManifest,
     TopicManifest, TriggerManifest, Workload,
 };
-use crate::state::{RevisionRecord, StateError};
+use crate::state::{AppRecord, RevisionRecord, SharedApp, StateError};
 use policy::data::{Actor, Classification, DataGuard, Dataset, NodeLabels, ServicePrincipal};
 
 /// Errors of control operations, shaped for the API to map to statuses.
@@ -52,6 +52,10 @@ pub enum ControlError {
     /// The audit log cannot take the entry the change needs.
     #[error("{0}")]
     AuditUnavailable(String),
+    /// The cluster's shared state cannot take the change now (NATS unreachable, JetStream
+    /// electing a leader, or changed by another node too often meanwhile).
+    #[error("{0}")]
+    ClusterUnavailable(String),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{0}")]
@@ -145,6 +149,38 @@ pub struct Node {
     datasets: Mutex<Arc<BTreeMap<String, Dataset>>>,
     /// The nodes `GET /v1/nodes` lists: this one alone, or the cluster's; set once at start.
     directory: std::sync::OnceLock<Arc<dyn Directory>>,
+    /// In a cluster: where deploys, rollbacks and removals are made; set once at start.
+    shared: std::sync::OnceLock<Arc<dyn SharedState>>,
+}
+
+/// A future a [`SharedState`] returns.
+pub type Pending<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// A shared app before and after a change ([`SharedState::update`]).
+pub type Updated<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<(Option<SharedApp>, Option<SharedApp>), ControlError>,
+            > + Send
+            + 'a,
+    >,
+>;
+
+/// What a change makes of an app as the cluster shares it: its new value (`None`: removed),
+/// or the reason it cannot be made.
+pub type SharedChange<'a> =
+    dyn Fn(Option<&SharedApp>) -> Result<Option<SharedApp>, ControlError> + Send + Sync + 'a;
+
+/// Desired state shared by a cluster's nodes (JetStream key-value in `cluster`): deploys,
+/// rollbacks and removals are made there, by compare-and-set, and every node applies what
+/// it reads back ([`Node::apply_shared`]).
+pub trait SharedState: Send + Sync + 'static {
+    /// Apply `change` to the app's shared value if nobody changed it meanwhile, trying again
+    /// on a conflict; returns (before, after). A refusal by `change` is returned as it is.
+    fn update<'a>(&'a self, app: &'a str, change: &'a SharedChange<'a>) -> Updated<'a>;
+    /// Make a component (by its BLAKE3 hash) available to every node.
+    fn put_component<'a>(&'a self, hash: &'a ComponentHash, bytes: Vec<u8>) -> Pending<'a, ()>;
 }
 
 /// Where the list of nodes comes from: this node alone, or the cluster's membership.
@@ -186,7 +222,49 @@ impl Node {
             objects: data.objects,
             datasets: Mutex::new(Arc::new(BTreeMap::new())),
             directory: std::sync::OnceLock::new(),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Make changes through the cluster's shared state from now on (once, at start).
+    pub fn set_shared(&self, shared: Arc<dyn SharedState>) {
+        _ = self.shared.set(shared);
+    }
+
+    /// Apply an app as the cluster shares it (read back from JetStream): its record and
+    /// revisions replace this node's, then the node reconciles. Nothing happens if this node
+    /// already has exactly that record (it made the change itself).
+    pub async fn apply_shared(&self, app: &str, shared: &SharedApp) -> Result<(), ControlError> {
+        let _change = self.change.lock().await;
+        if self.files.state.app(app).ok().as_ref() == Some(&shared.record) {
+            return Ok(());
+        }
+        self.files.state.replace(app, shared)?;
+        self.reconcile().await
+    }
+
+    /// Apply an app's removal read back from the cluster.
+    pub async fn apply_removed(&self, app: &str) -> Result<(), ControlError> {
+        let _change = self.change.lock().await;
+        match self.files.state.app(app) {
+            Ok(_) => self.remove_here(app).await.map(drop),
+            Err(StateError::NotFound(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The components (by hash) an app's revisions use, which this node does not have.
+    pub fn missing_components(&self, shared: &SharedApp) -> Vec<ComponentHash> {
+        let mut missing: Vec<ComponentHash> = shared
+            .revisions
+            .iter()
+            .flat_map(|r| r.components.values())
+            .filter_map(|hash| ComponentHash::parse(hash).ok())
+            .filter(|hash| !self.files.cache.has_component(hash))
+            .collect();
+        missing.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        missing.dedup_by(|a, b| a.as_str() == b.as_str());
+        missing
     }
 
     /// Say where the list of nodes comes from (once, at start; later calls are ignored).
@@ -819,13 +897,48 @@ impl Node {
                 changes,
             });
         }
-        let revision = self.files.state.deploy(
-            &parsed.name,
-            &request.manifest_path,
-            request.manifest_dir.as_deref(),
-            &request.manifest,
-            components,
-        )?;
+        let revision = match self.shared.get() {
+            None => self.files.state.deploy(
+                &parsed.name,
+                &request.manifest_path,
+                request.manifest_dir.as_deref(),
+                &request.manifest,
+                components,
+            )?,
+            Some(shared) => {
+                for hash in components.values() {
+                    let hash = ComponentHash::parse(hash)
+                        .map_err(|e| ControlError::Internal(e.to_string()))?;
+                    let bytes = self.files.cache.read_component(&hash).map_err(|e| {
+                        ControlError::Internal(format!("read component {hash}: {e}"))
+                    })?;
+                    shared
+                        .put_component(&hash, bytes)
+                        .await
+                        .map_err(ControlError::ClusterUnavailable)?;
+                }
+                let created_unix_ms = self.files.env().clock.now_ms();
+                let change = |current: Option<&SharedApp>| {
+                    let (record, number) = AppRecord::deployed(current.map(|c| &c.record));
+                    let mut known = current.map(|c| c.revisions.clone()).unwrap_or_default();
+                    known.push(RevisionRecord {
+                        number,
+                        manifest_path: request.manifest_path.clone(),
+                        manifest_dir: request.manifest_dir.clone(),
+                        manifest: request.manifest.clone(),
+                        components: components.clone(),
+                        created_unix_ms,
+                    });
+                    SharedApp::new(record, &known)
+                        .map(Some)
+                        .map_err(ControlError::Internal)
+                };
+                let (_, after) = shared.update(&parsed.name, &change).await?;
+                let after = after.expect("a deploy leaves the app deployed");
+                self.files.state.replace(&parsed.name, &after)?;
+                after.record.current
+            }
+        };
         self.reconcile().await?;
         Ok(DeployResponse {
             app: parsed.name,
@@ -1108,13 +1221,43 @@ impl Node {
 
     pub async fn rollback(&self, app: &str) -> Result<(u64, u64), ControlError> {
         let _change = self.change.lock().await;
-        let moved = self.files.state.rollback(app)?;
+        let moved = match self.shared.get() {
+            None => self.files.state.rollback(app)?,
+            Some(shared) => {
+                let change = |current: Option<&SharedApp>| {
+                    let current = current.ok_or_else(|| StateError::NotFound(app.to_string()))?;
+                    let (record, _) = current.record.rolled_back(app)?;
+                    SharedApp::new(record, &current.revisions)
+                        .map(Some)
+                        .map_err(ControlError::Internal)
+                };
+                let (before, after) = shared.update(app, &change).await?;
+                let (before, after) = (
+                    before.expect("a rollback needs the app"),
+                    after.expect("a rollback leaves the app deployed"),
+                );
+                self.files.state.replace(app, &after)?;
+                (before.record.current, after.record.current)
+            }
+        };
         self.reconcile().await?;
         Ok(moved)
     }
 
     pub async fn remove(&self, app: &str) -> Result<Vec<String>, ControlError> {
         let _change = self.change.lock().await;
+        if let Some(shared) = self.shared.get() {
+            let change = |current: Option<&SharedApp>| match current {
+                Some(_) => Ok(None),
+                None => Err(StateError::NotFound(app.to_string()).into()),
+            };
+            shared.update(app, &change).await?;
+        }
+        self.remove_here(app).await
+    }
+
+    /// Remove an app from this node: its state, services, keys, logs and history.
+    async fn remove_here(&self, app: &str) -> Result<Vec<String>, ControlError> {
         let record = self.files.state.app(app)?;
         let revision = self.files.state.revision(app, record.current)?;
         self.files.state.remove(app)?;

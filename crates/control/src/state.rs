@@ -37,6 +37,110 @@ pub struct RevisionRecord {
     pub created_unix_ms: u64,
 }
 
+impl AppRecord {
+    /// The record after a new revision is deployed (to `previous`, or as a new app), and
+    /// the new revision's number.
+    pub fn deployed(previous: Option<&AppRecord>) -> (AppRecord, u64) {
+        let mut record = previous.cloned().unwrap_or(AppRecord {
+            current: 0,
+            history: Vec::new(),
+            next_revision: 1,
+        });
+        let number = record.next_revision;
+        record.next_revision += 1;
+        record.current = number;
+        record.history.push(number);
+        (record, number)
+    }
+
+    /// The record after a rollback to the revision that served before the current one, and
+    /// `(from, to)`.
+    pub fn rolled_back(&self, app: &str) -> Result<(AppRecord, (u64, u64)), StateError> {
+        if self.history.len() < 2 {
+            return Err(StateError::NothingToRollBack(app.to_string()));
+        }
+        let mut record = self.clone();
+        let from = record
+            .history
+            .pop()
+            .expect("history has at least two entries");
+        let to = *record
+            .history
+            .last()
+            .expect("history has at least one entry left");
+        record.current = to;
+        Ok((record, (from, to)))
+    }
+}
+
+/// An app as a cluster shares it (in JetStream, docs/cluster.md): its record and the
+/// revisions its history names, at most [`SharedApp::REVISIONS_KEPT`] of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedApp {
+    pub record: AppRecord,
+    pub revisions: Vec<RevisionRecord>,
+}
+
+impl SharedApp {
+    /// Revisions a shared app keeps (the oldest in its history are dropped beyond it), so
+    /// one app's record stays well under a JetStream message's size limit.
+    pub const REVISIONS_KEPT: usize = 20;
+
+    /// `record` with the revisions it names, taken from `known`; the history beyond
+    /// [`Self::REVISIONS_KEPT`] is dropped.
+    pub fn new(mut record: AppRecord, known: &[RevisionRecord]) -> Result<SharedApp, String> {
+        let excess = record.history.len().saturating_sub(Self::REVISIONS_KEPT);
+        record.history.drain(..excess);
+        let revisions = record
+            .history
+            .iter()
+            .map(|number| {
+                known
+                    .iter()
+                    .find(|r| r.number == *number)
+                    .cloned()
+                    .ok_or_else(|| format!("revision {number} is in the history but not known"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = SharedApp { record, revisions };
+        shared.check()?;
+        Ok(shared)
+    }
+
+    /// The invariants: the current revision is the last of the history, every revision of
+    /// the history is present once, and none is numbered at or past `next_revision`.
+    pub fn check(&self) -> Result<(), String> {
+        let record = &self.record;
+        if record.history.last() != Some(&record.current) {
+            return Err(format!(
+                "current revision {} is not the last of the history {:?}",
+                record.current, record.history
+            ));
+        }
+        if record.history.len() > Self::REVISIONS_KEPT {
+            return Err(format!("history of {} revisions", record.history.len()));
+        }
+        let mut numbers: Vec<u64> = self.revisions.iter().map(|r| r.number).collect();
+        numbers.sort_unstable();
+        let mut expected = record.history.clone();
+        expected.sort_unstable();
+        expected.dedup();
+        if numbers != expected {
+            return Err(format!(
+                "revisions {numbers:?} are not those of the history {:?}",
+                record.history
+            ));
+        }
+        if numbers.last().is_some_and(|n| *n >= record.next_revision) {
+            return Err(format!(
+                "a revision is numbered at or past next_revision {}",
+                record.next_revision
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("no app named `{0}` is deployed")]
@@ -150,18 +254,11 @@ impl State {
         let txn = self.db.begin_write().map_err(storage)?;
         let number = {
             let mut apps = txn.open_table(APPS).map_err(storage)?;
-            let mut record = match apps.get(app).map_err(storage)? {
-                Some(existing) => decode::<AppRecord>(existing.value())?,
-                None => AppRecord {
-                    current: 0,
-                    history: Vec::new(),
-                    next_revision: 1,
-                },
+            let previous = match apps.get(app).map_err(storage)? {
+                Some(existing) => Some(decode::<AppRecord>(existing.value())?),
+                None => None,
             };
-            let number = record.next_revision;
-            record.next_revision += 1;
-            record.current = number;
-            record.history.push(number);
+            let (record, number) = AppRecord::deployed(previous.as_ref());
             apps.insert(app, encode(&record).as_slice())
                 .map_err(storage)?;
             let revision = RevisionRecord {
@@ -188,28 +285,46 @@ impl State {
         let txn = self.db.begin_write().map_err(storage)?;
         let moved = {
             let mut apps = txn.open_table(APPS).map_err(storage)?;
-            let mut record: AppRecord = match apps.get(app).map_err(storage)? {
+            let record: AppRecord = match apps.get(app).map_err(storage)? {
                 Some(existing) => decode(existing.value())?,
                 None => return Err(StateError::NotFound(app.to_string())),
             };
-            if record.history.len() < 2 {
-                return Err(StateError::NothingToRollBack(app.to_string()));
-            }
-            let from = record
-                .history
-                .pop()
-                .expect("history has at least two entries");
-            let to = *record
-                .history
-                .last()
-                .expect("history has at least one entry left");
-            record.current = to;
+            let (record, moved) = record.rolled_back(app)?;
             apps.insert(app, encode(&record).as_slice())
                 .map_err(storage)?;
-            (from, to)
+            moved
         };
         txn.commit().map_err(storage)?;
         Ok(moved)
+    }
+
+    /// Make the app exactly as the cluster shares it: its record, and the shared revisions
+    /// written (revisions are immutable: one already here is kept as it is). Revisions here
+    /// that the cluster no longer keeps stay, unreferenced.
+    pub fn replace(&self, app: &str, shared: &SharedApp) -> Result<(), StateError> {
+        shared
+            .check()
+            .map_err(|why| StateError::Corrupt(format!("shared app `{app}`: {why}")))?;
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut apps = txn.open_table(APPS).map_err(storage)?;
+            let mut revisions = txn.open_table(REVISIONS).map_err(storage)?;
+            for revision in &shared.revisions {
+                if revisions
+                    .get((app, revision.number))
+                    .map_err(storage)?
+                    .is_none()
+                {
+                    revisions
+                        .insert((app, revision.number), encode(revision).as_slice())
+                        .map_err(storage)?;
+                }
+            }
+            apps.insert(app, encode(&shared.record).as_slice())
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
     }
 
     /// Delete an app and all its revisions.
@@ -233,6 +348,51 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn revision(number: u64) -> RevisionRecord {
+        RevisionRecord {
+            number,
+            manifest_path: "m.toml".into(),
+            manifest_dir: None,
+            manifest: format!("v{number}"),
+            components: BTreeMap::new(),
+            created_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_shared_app_keeps_its_last_revisions_and_replaces_the_local_record() {
+        let mut record = None;
+        let mut known = Vec::new();
+        for _ in 0..25 {
+            let (next, number) = AppRecord::deployed(record.as_ref());
+            known.push(revision(number));
+            record = Some(next);
+        }
+        let shared = SharedApp::new(record.expect("deployed"), &known).expect("valid");
+        assert_eq!(shared.revisions.len(), SharedApp::REVISIONS_KEPT);
+        assert_eq!(shared.record.history.first(), Some(&6));
+        assert_eq!(shared.record.current, 25);
+        let (back, moved) = shared.record.rolled_back("a").expect("rollback");
+        assert_eq!(moved, (25, 24));
+        let rolled = SharedApp::new(back, &known).expect("valid");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = State::open(&Env::os(), &dir.path().join("state.redb")).expect("open");
+        state.replace("a", &rolled).expect("replace");
+        assert_eq!(state.app("a").expect("a"), rolled.record);
+        assert_eq!(state.revision("a", 24).expect("24").manifest, "v24");
+        // A deploy on this node continues the shared numbering.
+        assert_eq!(
+            state
+                .deploy("a", "m.toml", None, "v26", BTreeMap::new())
+                .expect("deploy"),
+            26
+        );
+        let mut broken = rolled.clone();
+        broken.revisions.pop();
+        assert!(state.replace("a", &broken).is_err(), "a revision missing");
+    }
 
     #[test]
     fn deploy_rollback_remove_survive_reopen() {

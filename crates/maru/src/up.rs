@@ -793,7 +793,18 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             tracing::info!(name = %settings.identity.name, nodes = membership.nodes().len(), "cluster: joined");
             let membership = Arc::new(membership);
             node.set_directory(Arc::new(ClusterDirectory(membership.clone())));
-            Some(membership)
+            // Desired state from now on is the cluster's: apps deployed anywhere run here.
+            let shared = Arc::new(
+                cluster::shared::Shared::open(membership.jetstream(), sync.cluster_size)
+                    .await
+                    .context("open the cluster's shared apps")?,
+            );
+            node.set_shared(shared.clone());
+            shared
+                .follow(node.clone())
+                .await
+                .context("read the cluster's apps")?;
+            Some((membership, shared))
         }
         _ => {
             node.set_directory(Arc::new(LocalDirectory(local.clone())));
@@ -902,7 +913,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         Some(joined) = servers.join_next() => failed = Some(joined.map_err(anyhow::Error::from).and_then(|r| r).err().unwrap_or_else(|| anyhow::anyhow!("a server stopped unexpectedly"))),
     }
     shutdown.cancel();
-    if let Some(membership) = &membership {
+    if let Some((membership, shared)) = &membership {
+        shared.stop();
         membership.leave().await;
     }
     while let Some(joined) = servers.join_next().await {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{MARU, Node};
+use crate::harness::{MARU, Node, hello_manifest};
 
 /// The pinned nats-server xtask installs.
 const NATS_VERSION: &str = "2.14.6";
@@ -301,4 +301,58 @@ fn a_node_refuses_a_jetstream_that_does_not_sync_every_write() {
     let stderr = String::from_utf8_lossy(&partial.stderr);
     assert!(!partial.status.success(), "{stderr}");
     assert!(stderr.contains("has 3 servers but only 1"), "{stderr}");
+}
+
+#[test]
+fn an_app_deployed_on_any_node_runs_on_every_node_and_follows_rollback_and_removal() {
+    let nats = Nats::start(3, true);
+    let n1 = Node::start_with_config(&nats.node_config("n1", "zone-a"));
+    let n2 = Node::start_with_config(&nats.node_config("n2", "zone-b"));
+    let greets = |node: &Node, greeting: &str| {
+        let response = node.get("/hello");
+        response.status == 200 && response.body.contains(greeting)
+    };
+    n1.deploy("hello.toml", &hello_manifest("Hello from one"));
+    n2.wait_for(
+        "n2 to serve what n1 deployed",
+        Duration::from_secs(20),
+        || greets(&n2, "Hello from one"),
+    );
+    // The component came through the cluster's object store: n2 never had it uploaded.
+    n2.deploy("hello.toml", &hello_manifest("Hello from two"));
+    n1.wait_for("n1 to follow n2's deploy", Duration::from_secs(20), || {
+        greets(&n1, "Hello from two")
+    });
+    let apps: serde_json::Value =
+        serde_json::from_str(&n1.cli_ok(&["apps", "--json"])).expect("apps as JSON");
+    assert_eq!(
+        apps[0]["revision"], 2,
+        "one numbering for the cluster: {apps}"
+    );
+    n1.cli_ok(&["rollback", "hello"]);
+    n2.wait_for("n2 to follow the rollback", Duration::from_secs(20), || {
+        greets(&n2, "Hello from one")
+    });
+    // A node that joins later starts with the cluster's apps.
+    let n3 = Node::start_with_config(&nats.node_config("n3", "zone-c"));
+    n3.wait_for(
+        "n3 to serve the cluster's app",
+        Duration::from_secs(20),
+        || greets(&n3, "Hello from one"),
+    );
+    n3.cli_ok(&["rm", "hello"]);
+    for node in [&n1, &n2] {
+        node.wait_for(
+            "the removal to reach every node",
+            Duration::from_secs(20),
+            || node.get("/hello").status == 404,
+        );
+    }
+    let apps = n2.cli_ok(&["apps", "--json"]);
+    assert_eq!(apps.trim(), "[]", "{apps}");
+    // Deployed again after the removal: a fresh app everywhere.
+    n2.deploy("hello.toml", &hello_manifest("Hello again"));
+    n1.wait_for("n1 to serve it again", Duration::from_secs(20), || {
+        greets(&n1, "Hello again")
+    });
 }
