@@ -770,12 +770,6 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .filter(|l| acceptor(*l).is_some())
         .map(Listener::name)
         .collect();
-    write_node_file(
-        &node.files,
-        [gateway_address, control_address, mqtt_address, s3_address],
-        &tls_listeners,
-        tls.as_ref().and_then(|t| t.ca.as_deref()),
-    )?;
     let local = Arc::new(LocalStatus {
         node: node.clone(),
         identity: settings.identity.clone(),
@@ -811,6 +805,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
+    // Written once the node serves what it should (in a cluster: the cluster's apps), so
+    // whoever waits for it finds the node ready.
+    write_node_file(
+        &node.files,
+        [gateway_address, control_address, mqtt_address, s3_address],
+        &tls_listeners,
+        tls.as_ref().and_then(|t| t.ca.as_deref()),
+    )?;
     tracing::info!(gateway = %gateway_address, control = %control_address, mqtt = %mqtt_address, s3 = %s3_address, data = %settings.data.display(), "maru is up");
 
     let shutdown = CancellationToken::new();
