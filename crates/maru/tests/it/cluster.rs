@@ -40,6 +40,8 @@ fn free_port() -> u16 {
 /// NATS servers on loopback, clustered when there are several; stopped when dropped.
 struct Nats {
     servers: Vec<Child>,
+    /// Each server's config file, to start it again.
+    configs: Vec<PathBuf>,
     /// Client URLs, and monitoring URLs.
     urls: Vec<String>,
     monitors: Vec<String>,
@@ -57,6 +59,7 @@ impl Nats {
             .map(|(_, cluster, _)| format!("\"nats-route://127.0.0.1:{cluster}\""))
             .collect();
         let mut servers = Vec::new();
+        let mut configs = Vec::new();
         for (i, (client, cluster, http)) in ports.iter().enumerate() {
             let store = dir.path().join(format!("s{i}"));
             let sync = if sync_always {
@@ -81,20 +84,12 @@ impl Nats {
                 ),
             )
             .expect("write nats config");
-            let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
-            servers.push(
-                Command::new(nats_server())
-                    .arg("-c")
-                    .arg(&config)
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().expect("log"))
-                    .stderr(log)
-                    .spawn()
-                    .expect("start nats-server"),
-            );
+            servers.push(spawn_nats(&config));
+            configs.push(config);
         }
         let nats = Nats {
             servers,
+            configs,
             urls: ports
                 .iter()
                 .map(|(client, _, _)| format!("nats://127.0.0.1:{client}"))
@@ -107,6 +102,20 @@ impl Nats {
         };
         nats.wait_for_jetstream(count);
         nats
+    }
+
+    /// Stop every server (SIGKILL): the nodes lose NATS altogether.
+    fn kill_all(&mut self) {
+        for server in &mut self.servers {
+            _ = server.kill();
+            _ = server.wait();
+        }
+    }
+
+    /// Start every server again, on its ports and files.
+    fn restart_all(&mut self) {
+        self.servers = self.configs.iter().map(|c| spawn_nats(c)).collect();
+        self.wait_for_jetstream(self.configs.len());
     }
 
     /// Until every server's JetStream is up and, clustered, has a meta leader.
@@ -151,6 +160,22 @@ impl Nats {
             list(&self.monitors)
         )
     }
+}
+
+fn spawn_nats(config: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("log"))
+        .expect("nats log");
+    Command::new(nats_server())
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start nats-server")
 }
 
 impl Drop for Nats {
@@ -353,5 +378,53 @@ fn an_app_deployed_on_any_node_runs_on_every_node_and_follows_rollback_and_remov
     n2.deploy("hello.toml", &hello_manifest("Hello again"));
     n1.wait_for("n1 to serve it again", Duration::from_secs(20), || {
         greets(&n1, "Hello again")
+    });
+}
+
+#[test]
+fn nodes_cut_off_from_nats_keep_serving_refuse_changes_and_carry_on_when_it_returns() {
+    let mut nats = Nats::start(3, true);
+    let n1 = Node::start_with_config(&nats.node_config("n1", "zone-a"));
+    let n2 = Node::start_with_config(&nats.node_config("n2", "zone-b"));
+    let greets = |node: &Node, greeting: &str| {
+        let response = node.get("/hello");
+        response.status == 200 && response.body.contains(greeting)
+    };
+    n1.deploy("hello.toml", &hello_manifest("Before the outage"));
+    n2.wait_for("n2 to serve it", Duration::from_secs(20), || {
+        greets(&n2, "Before the outage")
+    });
+    nats.kill_all();
+    // Losing NATS is not dying: both nodes keep serving what they run.
+    for _ in 0..20 {
+        assert!(greets(&n1, "Before the outage") && greets(&n2, "Before the outage"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A change cannot reach the cluster: refused with the reason, nothing half-made.
+    let path = n2.manifest("hello.toml", &hello_manifest("During the outage"));
+    let refused = n2.cli(&["deploy", path.to_str().expect("utf-8 path")]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("cluster"), "{stderr}");
+    assert!(
+        greets(&n2, "Before the outage"),
+        "the refused deploy changed n2"
+    );
+    nats.restart_all();
+    // Back: the nodes reconnect, announce themselves and take changes again.
+    n1.wait_for("both nodes listed again", Duration::from_secs(20), || {
+        node_names(&n1) == ["n1".to_string(), "n2".to_string()]
+    });
+    n2.wait_for(
+        "a deploy to be taken again",
+        Duration::from_secs(30),
+        || {
+            n2.cli(&["deploy", path.to_str().expect("utf-8 path")])
+                .status
+                .success()
+        },
+    );
+    n1.wait_for("n1 to follow it", Duration::from_secs(20), || {
+        greets(&n1, "During the outage")
     });
 }
