@@ -27,7 +27,7 @@ pub struct DemoArgs {
     work_ms: u32,
 }
 
-fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());

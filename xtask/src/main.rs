@@ -7,6 +7,7 @@
 //! - `cargo xtask bench autoscale`: every scaling policy on every shared trace (simulator).
 //! - `cargo xtask bench replay`: a trace replayed live, compared with `maru sim`.
 //! - `cargo xtask bench store`: S3 PUT and GET against the disk's raw bandwidth.
+//! - `cargo xtask cluster [--nodes 3]`: NATS servers and Maru nodes joined on loopback.
 //! - `cargo xtask build-examples`: the example components, for wasm32-wasip2.
 //! - `cargo xtask tidy`: the tidy checks alone.
 
@@ -16,6 +17,7 @@ mod bench_density;
 mod bench_events;
 mod bench_replay;
 mod bench_store;
+mod cluster;
 mod demo;
 mod env;
 mod node;
@@ -41,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Start NATS servers and Maru nodes joined as a cluster on loopback, to try it.
+    Cluster(cluster::ClusterArgs),
     /// Build the example components for wasm32-wasip2.
     BuildExamples,
     /// Check source hygiene and crate boundaries.
@@ -51,6 +55,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Test => test(),
         Command::Demo(args) => demo::run(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Bench { which } => bench::run(which),
         Command::BuildExamples => env::build_examples().map(drop),
         Command::Tidy => tidy::check_all(&env::root()).map(|()| println!("tidy: ok")),

@@ -30,8 +30,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const NODE_TTL: Duration = Duration::from_secs(8);
 /// The key-value bucket of node records.
 pub const NODES_BUCKET: &str = "maru-nodes";
-/// How long joining waits for JetStream to be able to serve the node bucket.
-pub(crate) const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+/// How long joining waits for NATS to answer and for JetStream to be able to serve the node bucket.
+pub const JOIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long any one call to NATS may take before it counts as failed.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -108,8 +108,26 @@ struct VarzMeta {
 
 /// Check that every JetStream server of the cluster syncs every write: each monitoring
 /// endpoint's `/varz` must show JetStream with `sync_always`, and as many endpoints must be
-/// given as the JetStream meta group has servers. Blocking (plain HTTP requests).
-pub fn check_sync(monitors: &[String]) -> Result<SyncReport, ClusterError> {
+/// given as the JetStream meta group has servers. A server that does not answer yet, or
+/// whose JetStream is not up yet, is asked again for up to `patience` (NATS starting beside
+/// the node); a server that answers that it does not sync is refused at once. Blocking
+/// (plain HTTP requests).
+pub fn check_sync(monitors: &[String], patience: Duration) -> Result<SyncReport, ClusterError> {
+    let started = std::time::Instant::now();
+    loop {
+        match check_sync_once(monitors) {
+            Err(error @ (ClusterError::Monitor { .. } | ClusterError::NoJetStream { .. }))
+                if started.elapsed() < patience =>
+            {
+                tracing::info!(%error, "cluster: NATS is not ready yet; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn check_sync_once(monitors: &[String]) -> Result<SyncReport, ClusterError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(CALL_TIMEOUT))
         .build()
@@ -383,10 +401,11 @@ mod tests {
 
     #[test]
     fn a_monitor_that_does_not_answer_is_a_clear_error() {
-        let error = check_sync(&["http://127.0.0.1:1".to_string()]).expect_err("nothing there");
+        let error = check_sync(&["http://127.0.0.1:1".to_string()], Duration::ZERO)
+            .expect_err("nothing there");
         assert!(matches!(error, ClusterError::Monitor { .. }), "{error}");
         assert!(error.to_string().contains("--cluster-monitor"), "{error}");
-        let none = check_sync(&[]).expect_err("none given");
+        let none = check_sync(&[], Duration::ZERO).expect_err("none given");
         assert!(matches!(none, ClusterError::Unchecked { .. }), "{none}");
     }
 }

@@ -623,9 +623,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let sync = match &settings.cluster {
         Some(cluster) => {
             let monitors = cluster.monitors.clone();
-            let report = tokio::task::spawn_blocking(move || cluster::check_sync(&monitors))
-                .await?
-                .context("cluster mode refused")?;
+            let report = tokio::task::spawn_blocking(move || {
+                cluster::check_sync(&monitors, cluster::JOIN_PATIENCE)
+            })
+            .await?
+            .context("cluster mode refused")?;
             tracing::info!(
                 servers = report.servers.len(),
                 cluster_size = report.cluster_size,

@@ -1,0 +1,203 @@
+//! `cargo xtask cluster`: a cluster on loopback to try: N NATS servers (a JetStream cluster
+//! that syncs every write; nats-server from PyPI, pinned) and N Maru nodes joined to it,
+//! examples/hello deployed on the first and served by every gateway. Serves until Ctrl-C
+//! (or `--duration`), then stops everything. Files under target/cluster.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::env;
+use crate::node::MaruNode;
+
+#[derive(clap::Args)]
+pub struct ClusterArgs {
+    /// Nodes (and NATS servers): one NATS server and one Maru node each.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Stop after this long (e.g. 60s, 2m) instead of serving until Ctrl-C.
+    #[arg(long)]
+    duration: Option<String>,
+}
+
+/// NATS servers, killed when dropped.
+struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for server in &mut self.0 {
+            _ = server.kill();
+            _ = server.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    if !(1..=9).contains(&args.nodes) {
+        bail!("--nodes {} is out of range: use 1 to 9", args.nodes);
+    }
+    let duration = args
+        .duration
+        .as_deref()
+        .map(crate::demo::parse_duration)
+        .transpose()?;
+    let nats = crate::bench_events::nats_syncing_server()?;
+    let components = env::build_examples()?;
+    let maru = env::build_maru_release()?;
+    let dir = env::root().join("target/cluster");
+    _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+
+    let ports: Vec<(u16, u16, u16)> = (0..args.nodes)
+        .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, route, _)| format!("\"nats-route://127.0.0.1:{route}\""))
+        .collect();
+    let mut servers = Servers(Vec::new());
+    for (i, (client, route, http)) in ports.iter().enumerate() {
+        let clustering = if args.nodes > 1 {
+            format!(
+                "cluster {{ name: maru-dev, listen: \"127.0.0.1:{route}\", routes: [{}] }}",
+                routes.join(", ")
+            )
+        } else {
+            String::new()
+        };
+        let config = dir.join(format!("nats-{i}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: s{i}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{http}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n{clustering}\n",
+                dir.join(format!("nats-{i}")).display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join(format!("nats-{i}.log")))?;
+        servers.0.push(
+            Command::new(&nats)
+                .arg("-c")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("start nats-server")?,
+        );
+    }
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|(client, _, _)| format!("nats://127.0.0.1:{client}"))
+        .collect();
+    let monitors: Vec<String> = ports
+        .iter()
+        .map(|(_, _, http)| format!("http://127.0.0.1:{http}"))
+        .collect();
+    println!(
+        "xtask: {} NATS servers (JetStream, sync_interval: always) at {}",
+        args.nodes,
+        urls.join(", ")
+    );
+    let (urls, monitors) = (urls.join(","), monitors.join(","));
+    let mut nodes = Vec::new();
+    for i in 1..=args.nodes {
+        let name = format!("n{i}");
+        let any = "127.0.0.1:0";
+        let started = Instant::now();
+        let node = MaruNode::start_with(
+            &maru,
+            &dir.join(format!("{name}/data")),
+            [any, any, any, any],
+            &dir.join(format!("{name}.log")),
+            &[
+                "--name",
+                &name,
+                "--cluster",
+                &urls,
+                "--cluster-monitor",
+                &monitors,
+            ],
+        )
+        .with_context(|| format!("start node {name} (log: target/cluster/{name}.log)"))?;
+        println!(
+            "xtask: node {name} up in {:.1} s: gateway http://{}, control http://{}",
+            started.elapsed().as_secs_f64(),
+            node.gateway,
+            node.control
+        );
+        nodes.push(node);
+    }
+    let hello = dir.join("hello.toml");
+    std::fs::write(
+        &hello,
+        format!(
+            "[app]\nname = \"hello\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\n",
+            components.join("hello.wasm").display()
+        ),
+    )?;
+    print!(
+        "{}",
+        nodes[0].cli(&["deploy", hello.to_str().context("utf-8 path")?])?
+    );
+    for node in &nodes {
+        let started = Instant::now();
+        loop {
+            let answer = ureq::get(&format!("http://{}/hello", node.gateway))
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok());
+            if let Some(body) = answer {
+                println!(
+                    "xtask: GET http://{}/hello -> {} (deployed on n1)",
+                    node.gateway,
+                    body.trim()
+                );
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("{} did not serve /hello within 30 s", node.gateway);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Each node's list is as of its last heartbeat (every 2 s).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let listed: serde_json::Value =
+            serde_json::from_str(&nodes[0].cli(&["nodes", "--json"])?)?;
+        if listed.as_array().is_some_and(|all| all.len() == nodes.len()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    print!("{}", nodes[0].cli(&["nodes"])?);
+    println!("\nTry (in another terminal):");
+    println!(
+        "  MARU_DATA={} target/release/maru nodes",
+        dir.join("n2/data").display()
+    );
+    println!(
+        "  MARU_DATA={} target/release/maru rm hello   # removed from every node",
+        dir.join("n2/data").display()
+    );
+    match duration {
+        Some(limit) => std::thread::sleep(limit),
+        None => {
+            println!("\nServing until Ctrl-C.");
+            nodes[0].wait()?;
+        }
+    }
+    for node in &mut nodes {
+        _ = node.stop();
+    }
+    drop(servers);
+    println!("xtask: cluster stopped");
+    Ok(())
+}
