@@ -170,9 +170,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     // Each node's list is as of its last heartbeat (every 2 s).
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
-        let listed: serde_json::Value =
-            serde_json::from_str(&nodes[0].cli(&["nodes", "--json"])?)?;
-        if listed.as_array().is_some_and(|all| all.len() == nodes.len()) {
+        let listed: serde_json::Value = serde_json::from_str(&nodes[0].cli(&["nodes", "--json"])?)?;
+        if listed
+            .as_array()
+            .is_some_and(|all| all.len() == nodes.len())
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
