@@ -250,9 +250,23 @@ impl Membership {
         let name = announce.status().name;
         let nodes = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = CancellationToken::new();
-        // Announce once before returning, so the node is listed as soon as it has joined.
-        announce_once(&bucket, announce.as_ref()).await?;
-        refresh(&bucket, &nodes).await?;
+        // Announce once before returning, so the node is listed as soon as it has joined. A
+        // bucket just made may not take writes on every server yet (its stream is still
+        // being placed): tried again within the same patience.
+        loop {
+            let first = match announce_once(&bucket, announce.as_ref()).await {
+                Ok(()) => refresh(&bucket, &nodes).await,
+                Err(error) => Err(error),
+            };
+            match first {
+                Ok(()) => break,
+                Err(error) if started.elapsed() < JOIN_PATIENCE => {
+                    tracing::info!(%error, "cluster: cannot announce this node yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let task = tokio::spawn(heartbeat(bucket, announce, nodes.clone(), stop.clone()));
         Ok(Membership {
             jetstream,
