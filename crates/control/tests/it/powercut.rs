@@ -5,7 +5,9 @@
 //! A schedule runs up to six lifetimes of a node. Each one opens the node's files (the
 //! first open is a node's first start: the data directory and everything in it are created
 //! under the same rule), then deploys, rolls back and removes apps (a component stored,
-//! then a revision committed, as `Node::deploy` does) and saves metrics histories. Faults
+//! then a revision committed, as `Node::deploy` does), applies apps as a cluster shares
+//! them (a revision deployed on another node: its component fetched, then the app's record
+//! replaced, as `Node::apply_shared` does) and saves metrics histories. Faults
 //! come at random: the power goes after a random number of disk operations (during the
 //! open too, so recovery itself is interrupted), a sync fails, the process is killed (the
 //! page cache survives), and between lifetimes a bit flips in a stored component or
@@ -65,6 +67,12 @@ enum Step {
     },
     Rollback(String),
     Remove(String),
+    /// A revision deployed on another node of a cluster, applied here.
+    ApplyShared {
+        app: String,
+        manifest: String,
+        component: Vec<u8>,
+    },
     SaveHistory {
         key: (String, String),
         text: String,
@@ -77,6 +85,7 @@ impl Step {
             Step::Deploy { app, .. } => format!("deploy {app}"),
             Step::Rollback(app) => format!("rollback {app}"),
             Step::Remove(app) => format!("remove {app}"),
+            Step::ApplyShared { app, .. } => format!("apply shared {app}"),
             Step::SaveHistory { key, .. } => format!("save history {}.{}", key.0, key.1),
         }
     }
@@ -88,6 +97,11 @@ impl Model {
         let mut next = self.clone();
         match step {
             Step::Deploy {
+                app,
+                manifest,
+                component,
+            }
+            | Step::ApplyShared {
                 app,
                 manifest,
                 component,
@@ -106,6 +120,14 @@ impl Model {
                     number,
                     (manifest.clone(), ComponentHash::of(component).to_string()),
                 );
+                if matches!(step, Step::ApplyShared { .. }) {
+                    // A shared app names its last revisions only; older ones stay stored.
+                    let excess = record
+                        .history
+                        .len()
+                        .saturating_sub(control::state::SharedApp::REVISIONS_KEPT);
+                    record.history.drain(..excess);
+                }
             }
             Step::Rollback(app) => {
                 if let Some(record) = next.apps.get_mut(app)
@@ -153,6 +175,34 @@ fn step(files: &NodeFiles, step: &Step) -> Result<(), String> {
             Ok(()) | Err(StateError::NotFound(_)) => Ok(()),
             Err(error) => Err(error.to_string()),
         },
+        Step::ApplyShared {
+            app,
+            manifest,
+            component,
+        } => {
+            let hash = ComponentHash::of(component);
+            files
+                .cache
+                .put_component(&hash, component)
+                .map_err(|e| e.to_string())?;
+            let previous = match files.state.app(app) {
+                Ok(record) => Some(record),
+                Err(StateError::NotFound(_)) => None,
+                Err(error) => return Err(error.to_string()),
+            };
+            let mut known = files.state.revisions(app).map_err(|e| e.to_string())?;
+            let (record, number) = control::state::AppRecord::deployed(previous.as_ref());
+            known.push(control::state::RevisionRecord {
+                number,
+                manifest_path: "maru.toml".into(),
+                manifest_dir: None,
+                manifest: manifest.clone(),
+                components: BTreeMap::from([("app.wasm".to_string(), hash.to_string())]),
+                created_unix_ms: 0,
+            });
+            let shared = control::state::SharedApp::new(record, &known)?;
+            files.state.replace(app, &shared).map_err(|e| e.to_string())
+        }
         Step::SaveHistory { key, text } => files.save_history(key, text).map_err(|e| e.to_string()),
     }
 }
@@ -325,6 +375,13 @@ fn random_step(rng: &mut Rng, sequence: &mut u64) -> Step {
         },
         8..=10 => Step::Rollback(app),
         11..=12 => Step::Remove(app),
+        13..=14 => Step::ApplyShared {
+            manifest: format!("[app]\nname = \"{app}\"\n# shared {sequence}\n"),
+            component: format!("shared-in component {app} {sequence} ")
+                .repeat(30 + rng.below(60) as usize)
+                .into_bytes(),
+            app,
+        },
         _ => {
             let service = SERVICES[rng.below(2) as usize].to_string();
             let mut history = autopilot::history::History::default();
