@@ -12,6 +12,13 @@
 //!   node that stops announcing (killed, cut off) drops out of every node's list within
 //!   that time. Losing the connection to NATS is not the node dying: the node keeps serving
 //!   what it runs and announces itself again once the connection returns.
+//! - The scheduler lease ([`Lease`]): one node at a time holds the key `scheduler` in the
+//!   bucket `maru-leases`, whose records expire [`LEASE_TTL`] after they were written. The
+//!   holder renews it every heartbeat by compare-and-set on the revision it wrote; the others
+//!   try to create it. The holder counts on its lease only until [`LEASE_TTL`] −
+//!   [`LEASE_MARGIN`] after it sent its last successful renewal, so a holder cut off stops
+//!   acting as scheduler before anyone else can take the key. (Nothing acts as scheduler
+//!   yet: placement is the next step, docs/cluster.md.)
 
 pub mod shared;
 
@@ -30,6 +37,13 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const NODE_TTL: Duration = Duration::from_secs(8);
 /// The key-value bucket of node records.
 pub const NODES_BUCKET: &str = "maru-nodes";
+/// The key-value bucket of leases.
+pub const LEASES_BUCKET: &str = "maru-leases";
+/// How long a lease stands after it was last renewed.
+pub const LEASE_TTL: Duration = Duration::from_secs(8);
+/// A holder stops counting on its lease this long before others may take it, for the time
+/// its renewal took to reach the servers and for clocks running at different rates.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(3);
 /// How long joining waits for NATS to answer and for JetStream to be able to serve the node bucket.
 pub const JOIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long any one call to NATS may take before it counts as failed.
@@ -184,6 +198,8 @@ pub trait Announce: Send + Sync + 'static {
 /// This node's membership: its heartbeat task and the last list of nodes seen.
 pub struct Membership {
     jetstream: async_nats::jetstream::Context,
+    /// Whether this node holds the scheduler lease now.
+    scheduler: Arc<std::sync::atomic::AtomicBool>,
     nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -247,14 +263,41 @@ impl Membership {
                 }
             }
         };
+        let leases = loop {
+            let made = jetstream
+                .create_key_value(async_nats::jetstream::kv::Config {
+                    bucket: LEASES_BUCKET.to_string(),
+                    description: "Maru leases: one holder each, expiring unless renewed"
+                        .to_string(),
+                    history: 1,
+                    max_age: LEASE_TTL,
+                    num_replicas: replicas.clamp(1, 3),
+                    ..Default::default()
+                })
+                .await;
+            match made {
+                Ok(bucket) => break bucket,
+                Err(error) if started.elapsed() < JOIN_PATIENCE => {
+                    tracing::info!(%error, "cluster: the lease bucket is not available yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    return Err(ClusterError::JetStream(format!(
+                        "open bucket {LEASES_BUCKET}: {error}"
+                    )));
+                }
+            }
+        };
         let name = announce.status().name;
+        let scheduler = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lease = Lease::new(leases, "scheduler", &name);
         let nodes = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = CancellationToken::new();
         // Announce once before returning, so the node is listed as soon as it has joined. A
         // bucket just made may not take writes on every server yet (its stream is still
         // being placed): tried again within the same patience.
         loop {
-            let first = match announce_once(&bucket, announce.as_ref()).await {
+            let first = match announce_once(&bucket, announce.as_ref(), false).await {
                 Ok(()) => refresh(&bucket, &nodes).await,
                 Err(error) => Err(error),
             };
@@ -267,9 +310,17 @@ impl Membership {
                 Err(error) => return Err(error),
             }
         }
-        let task = tokio::spawn(heartbeat(bucket, announce, nodes.clone(), stop.clone()));
+        let task = tokio::spawn(heartbeat(
+            bucket,
+            announce,
+            nodes.clone(),
+            lease,
+            scheduler.clone(),
+            stop.clone(),
+        ));
         Ok(Membership {
             jetstream,
+            scheduler,
             nodes,
             stop,
             task: Mutex::new(Some(task)),
@@ -290,6 +341,11 @@ impl Membership {
     /// The JetStream context the node joined through.
     pub fn jetstream(&self) -> &async_nats::jetstream::Context {
         &self.jetstream
+    }
+
+    /// Whether this node holds the scheduler lease now.
+    pub fn is_scheduler(&self) -> bool {
+        self.scheduler.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// This node's name in the cluster.
@@ -319,8 +375,10 @@ pub fn valid_name(name: &str) -> bool {
 async fn announce_once(
     bucket: &async_nats::jetstream::kv::Store,
     announce: &dyn Announce,
+    scheduler: bool,
 ) -> Result<(), ClusterError> {
-    let status = announce.status();
+    let mut status = announce.status();
+    status.scheduler = scheduler;
     assert!(valid_name(&status.name), "node names are checked at start");
     let value = serde_json::to_vec(&status).expect("a node status serialises");
     tokio::time::timeout(CALL_TIMEOUT, bucket.put(&status.name, value.into()))
@@ -370,6 +428,8 @@ async fn heartbeat(
     bucket: async_nats::jetstream::kv::Store,
     announce: Arc<dyn Announce>,
     nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
+    mut lease: Lease,
+    scheduler: Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,
 ) {
     let mut every = tokio::time::interval(HEARTBEAT);
@@ -380,7 +440,18 @@ async fn heartbeat(
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        let result = match announce_once(&bucket, announce.as_ref()).await {
+        let was = lease.holds();
+        lease.renew().await;
+        let holds = lease.holds();
+        scheduler.store(holds, std::sync::atomic::Ordering::Release);
+        if holds != was {
+            tracing::info!(
+                scheduler = holds,
+                "cluster: this node {} the scheduler lease",
+                if holds { "holds" } else { "no longer holds" }
+            );
+        }
+        let result = match announce_once(&bucket, announce.as_ref(), holds).await {
             Ok(()) => refresh(&bucket, &nodes).await,
             Err(error) => Err(error),
         };
@@ -396,6 +467,63 @@ async fn heartbeat(
             }
             Err(_) => {}
         }
+    }
+}
+
+/// A lease: a key one node at a time writes (module docs).
+pub struct Lease {
+    bucket: async_nats::jetstream::kv::Store,
+    key: String,
+    holder: String,
+    /// The revision this node last wrote, and until when it counts on the lease.
+    held: Option<(u64, tokio::time::Instant)>,
+}
+
+impl Lease {
+    pub fn new(bucket: async_nats::jetstream::kv::Store, key: &str, holder: &str) -> Lease {
+        Lease {
+            bucket,
+            key: key.to_string(),
+            holder: holder.to_string(),
+            held: None,
+        }
+    }
+
+    /// Renew the lease if held, else try to take it; false if this node does not hold it
+    /// afterwards.
+    pub async fn renew(&mut self) -> bool {
+        let sent = tokio::time::Instant::now();
+        let value = bytes::Bytes::from(self.holder.clone());
+        let written = match self.held {
+            Some((revision, _)) => {
+                tokio::time::timeout(CALL_TIMEOUT, self.bucket.update(&self.key, value, revision))
+                    .await
+                    .map_err(|_| "timed out".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+            None => tokio::time::timeout(CALL_TIMEOUT, self.bucket.create(&self.key, value))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+        };
+        match written {
+            Ok(revision) => {
+                self.held = Some((revision, sent + LEASE_TTL - LEASE_MARGIN));
+                true
+            }
+            Err(_) => {
+                // Held by another, or not known to be ours: a lost acknowledgement leaves
+                // the key to expire and be taken again, never two holders.
+                self.held = None;
+                false
+            }
+        }
+    }
+
+    /// Whether this node holds the lease now (and may act on it).
+    pub fn holds(&self) -> bool {
+        self.held
+            .is_some_and(|(_, until)| tokio::time::Instant::now() < until)
     }
 }
 

@@ -512,4 +512,8 @@ pub struct NodeStatus {
     pub health: String,
     /// The Maru version it runs.
     pub version: String,
+    /// In a cluster: this node holds the scheduler lease (one node at a time; another takes
+    /// it within seconds of the holder's loss). False for a node alone.
+    #[serde(default)]
+    pub scheduler: bool,
 }

@@ -377,7 +377,7 @@ pub fn nodes(target: &Target) -> anyhow::Result<()> {
         return print_json(&nodes);
     }
     println!(
-        "{:<20} {:<12} {:<12} {:<5} {:>5} {:>9} {:>9} {:>10} {:<8} {:<28}",
+        "{:<20} {:<12} {:<12} {:<5} {:>5} {:>9} {:>9} {:>10} {:<8} {:<10} {:<28}",
         "NODE",
         "REGION",
         "ZONE",
@@ -387,11 +387,12 @@ pub fn nodes(target: &Target) -> anyhow::Result<()> {
         "SERVICES",
         "INSTANCES",
         "HEALTH",
+        "ROLE",
         "GATEWAY"
     );
     for n in nodes {
         println!(
-            "{:<20} {:<12} {:<12} {:<5} {:>5} {:>9} {:>9} {:>10} {:<8} {:<28}",
+            "{:<20} {:<12} {:<12} {:<5} {:>5} {:>9} {:>9} {:>10} {:<8} {:<10} {:<28}",
             n.name,
             n.region,
             n.zone,
@@ -401,6 +402,7 @@ pub fn nodes(target: &Target) -> anyhow::Result<()> {
             n.services,
             n.instances,
             n.health,
+            if n.scheduler { "scheduler" } else { "-" },
             n.gateway
         );
     }

@@ -988,6 +988,7 @@ impl cluster::Announce for LocalStatus {
             seen_unix_ms: unix_ms(),
             health: "up".into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            scheduler: false,
         }
     }
 }

@@ -187,6 +187,19 @@ impl Drop for Nats {
     }
 }
 
+/// The nodes that list themselves as holding the scheduler lease, as `node` sees them.
+fn schedulers(node: &Node) -> Vec<String> {
+    let listed: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["nodes", "--json"])).expect("nodes as JSON");
+    listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|n| n["scheduler"] == true)
+        .map(|n| n["name"].as_str().expect("a name").to_string())
+        .collect()
+}
+
 fn node_names(node: &Node) -> Vec<String> {
     let output = node.cli(&["nodes", "--json"]);
     assert!(
@@ -238,6 +251,12 @@ fn nodes_of_a_cluster_list_each_other_and_a_killed_node_drops_out() {
         "{table}"
     );
 
+    // One node holds the scheduler lease.
+    nodes[0].wait_for("one scheduler", Duration::from_secs(15), || {
+        schedulers(&nodes[0]).len() == 1
+    });
+    let holder = schedulers(&nodes[0]).remove(0);
+
     // SIGKILL: no goodbye. Its record expires (8 s) and the others stop listing it.
     let killed = Instant::now();
     nodes[1].kill();
@@ -258,6 +277,25 @@ fn nodes_of_a_cluster_list_each_other_and_a_killed_node_drops_out() {
     nodes[0].wait_for("n2 to rejoin", Duration::from_secs(15), || {
         node_names(&nodes[0]) == all
     });
+    // The scheduler killed: another node takes the lease once it expires, and only one
+    // holds it.
+    let index = all.iter().position(|n| *n == holder).expect("a node");
+    let observer = (index + 1) % 3;
+    let killed = Instant::now();
+    nodes[index].kill();
+    nodes[observer].wait_for("another scheduler", Duration::from_secs(20), || {
+        let now = schedulers(&nodes[observer]);
+        now.len() == 1 && now[0] != holder
+    });
+    let took = killed.elapsed();
+    eprintln!("scheduler {holder} killed; another held the lease after {took:?}");
+    nodes[observer].wait_for(
+        "the killed scheduler to drop out",
+        Duration::from_secs(15),
+        || !node_names(&nodes[observer]).contains(&holder),
+    );
+    assert_eq!(schedulers(&nodes[observer]).len(), 1);
+    nodes[index].restart();
     for node in &mut nodes {
         node.stop();
     }
