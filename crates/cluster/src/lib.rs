@@ -248,46 +248,22 @@ impl Membership {
         // JetStream may still be electing its leaders (a cluster just started, a server
         // just lost): tried again for up to JOIN_PATIENCE.
         let started = tokio::time::Instant::now();
-        let bucket = loop {
-            match jetstream.create_key_value(config.clone()).await {
-                Ok(bucket) => break bucket,
-                Err(error) if started.elapsed() < JOIN_PATIENCE => {
-                    tracing::info!(%error, "cluster: the node bucket is not available yet; trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(error) => {
-                    return Err(ClusterError::JetStream(format!(
-                        "open bucket {NODES_BUCKET} (tried for {} s): {error}",
-                        JOIN_PATIENCE.as_secs()
-                    )));
-                }
-            }
+        let bucket = patiently("open the node bucket", started, || {
+            jetstream.create_key_value(config.clone())
+        })
+        .await?;
+        let leases_config = async_nats::jetstream::kv::Config {
+            bucket: LEASES_BUCKET.to_string(),
+            description: "Maru leases: one holder each, expiring unless renewed".to_string(),
+            history: 1,
+            max_age: LEASE_TTL,
+            num_replicas: replicas.clamp(1, 3),
+            ..Default::default()
         };
-        let leases = loop {
-            let made = jetstream
-                .create_key_value(async_nats::jetstream::kv::Config {
-                    bucket: LEASES_BUCKET.to_string(),
-                    description: "Maru leases: one holder each, expiring unless renewed"
-                        .to_string(),
-                    history: 1,
-                    max_age: LEASE_TTL,
-                    num_replicas: replicas.clamp(1, 3),
-                    ..Default::default()
-                })
-                .await;
-            match made {
-                Ok(bucket) => break bucket,
-                Err(error) if started.elapsed() < JOIN_PATIENCE => {
-                    tracing::info!(%error, "cluster: the lease bucket is not available yet; trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(error) => {
-                    return Err(ClusterError::JetStream(format!(
-                        "open bucket {LEASES_BUCKET}: {error}"
-                    )));
-                }
-            }
-        };
+        let leases = patiently("open the lease bucket", started, || {
+            jetstream.create_key_value(leases_config.clone())
+        })
+        .await?;
         let name = announce.status().name;
         let scheduler = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lease = Lease::new(leases, "scheduler", &name);
@@ -296,20 +272,11 @@ impl Membership {
         // Announce once before returning, so the node is listed as soon as it has joined. A
         // bucket just made may not take writes on every server yet (its stream is still
         // being placed): tried again within the same patience.
-        loop {
-            let first = match announce_once(&bucket, announce.as_ref(), false).await {
-                Ok(()) => refresh(&bucket, &nodes).await,
-                Err(error) => Err(error),
-            };
-            match first {
-                Ok(()) => break,
-                Err(error) if started.elapsed() < JOIN_PATIENCE => {
-                    tracing::info!(%error, "cluster: cannot announce this node yet; trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        patiently("announce this node", started, || async {
+            announce_once(&bucket, announce.as_ref(), false).await?;
+            refresh(&bucket, &nodes).await
+        })
+        .await?;
         let task = tokio::spawn(heartbeat(
             bucket,
             announce,
@@ -359,6 +326,34 @@ impl Membership {
         let task = self.task.lock().expect("never poisoned").take();
         if let Some(task) = task {
             _ = task.await;
+        }
+    }
+}
+
+/// `attempt` until it succeeds, every 500 ms while JetStream cannot yet (electing leaders,
+/// placing a new stream), until [`JOIN_PATIENCE`] after `started`; then its last error.
+pub(crate) async fn patiently<T, E, F>(
+    what: &str,
+    started: tokio::time::Instant,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, ClusterError>
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match attempt().await {
+            Ok(made) => return Ok(made),
+            Err(error) if started.elapsed() < JOIN_PATIENCE => {
+                tracing::info!(%error, "cluster: cannot {what} yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => {
+                return Err(ClusterError::JetStream(format!(
+                    "{what} (tried for {} s): {error}",
+                    JOIN_PATIENCE.as_secs()
+                )));
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use runtime::ComponentHash;
 use tokio::io::AsyncReadExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE};
+use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, patiently};
 
 pub const APPS_BUCKET: &str = "maru-apps";
 pub const COMPONENTS_BUCKET: &str = "maru-components";
@@ -43,53 +43,33 @@ impl Shared {
     ) -> Result<Shared, ClusterError> {
         let replicas = replicas.clamp(1, 3);
         let started = tokio::time::Instant::now();
-        loop {
-            let apps = jetstream
-                .create_key_value(async_nats::jetstream::kv::Config {
-                    bucket: APPS_BUCKET.to_string(),
-                    description: "Maru apps: record and revisions, changed by compare-and-set"
-                        .to_string(),
-                    history: 1,
-                    num_replicas: replicas,
-                    max_value_size: i32::try_from(APP_BYTES_MAX).unwrap_or(i32::MAX),
-                    ..Default::default()
-                })
-                .await;
-            let components = jetstream
-                .create_object_store(async_nats::jetstream::object_store::Config {
-                    bucket: COMPONENTS_BUCKET.to_string(),
-                    description: Some("Maru components by BLAKE3 hash".to_string()),
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await;
-            match (apps, components) {
-                (Ok(apps), Ok(components)) => {
-                    return Ok(Shared {
-                        apps,
-                        components,
-                        stop: CancellationToken::new(),
-                    });
-                }
-                (Err(error), _) if started.elapsed() < JOIN_PATIENCE => {
-                    tracing::info!(%error, "cluster: the apps bucket is not available yet; trying again");
-                }
-                (_, Err(error)) if started.elapsed() < JOIN_PATIENCE => {
-                    tracing::info!(%error, "cluster: the components bucket is not available yet; trying again");
-                }
-                (Err(error), _) => {
-                    return Err(ClusterError::JetStream(format!(
-                        "open {APPS_BUCKET}: {error}"
-                    )));
-                }
-                (_, Err(error)) => {
-                    return Err(ClusterError::JetStream(format!(
-                        "open {COMPONENTS_BUCKET}: {error}"
-                    )));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let apps_config = async_nats::jetstream::kv::Config {
+            bucket: APPS_BUCKET.to_string(),
+            description: "Maru apps: record and revisions, changed by compare-and-set".to_string(),
+            history: 1,
+            num_replicas: replicas,
+            max_value_size: i32::try_from(APP_BYTES_MAX).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        let apps = patiently("open the apps bucket", started, || {
+            jetstream.create_key_value(apps_config.clone())
+        })
+        .await?;
+        let components_config = async_nats::jetstream::object_store::Config {
+            bucket: COMPONENTS_BUCKET.to_string(),
+            description: Some("Maru components by BLAKE3 hash".to_string()),
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let components = patiently("open the components store", started, || {
+            jetstream.create_object_store(components_config.clone())
+        })
+        .await?;
+        Ok(Shared {
+            apps,
+            components,
+            stop: CancellationToken::new(),
+        })
     }
 
     /// Watch the apps bucket and apply every app's latest value to `node`, until stopped.

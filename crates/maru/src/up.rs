@@ -686,6 +686,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|t| t.ca.clone())
         .filter(|_| !settings.tls.plain.contains(&Listener::S3));
+    // Removed however `serve` ends: a start that fails after this (the cluster refusing,
+    // a port taken) left it in the system's temporary directory.
+    let mut _sandbox_root = None;
     let sandbox = match settings.process_isolation {
         ProcessIsolation::Landlock => {
             let launcher = std::env::current_exe().context("find maru's own binary")?;
@@ -695,6 +698,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 &settings.store.volumes,
             )
             .context("prepare the sandbox for process services")?;
+            _sandbox_root = Some(RemovedAtExit(sandbox.temporary_root.clone()));
             if let (Some(pem), Some(_)) = (&ca_pem, &ca_for_processes) {
                 // The data directory is hidden from them; the CA is public.
                 ca_for_processes = Some(
@@ -938,6 +942,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 pub const NODE_FILE: &str = "node.json";
+
+/// A directory removed with everything in it when this is dropped.
+struct RemovedAtExit(PathBuf);
+
+impl Drop for RemovedAtExit {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(path = %self.0.display(), %error, "could not remove the instances' temporary root")
+            }
+        }
+    }
+}
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
