@@ -33,10 +33,12 @@ impl Drop for Servers {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `count` distinct free loopback ports (all held until every one is chosen).
+fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -55,9 +57,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
-    let ports: Vec<(u16, u16, u16)> = (0..args.nodes)
-        .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
-        .collect::<anyhow::Result<_>>()?;
+    let ports: Vec<(u16, u16, u16)> = free_ports(3 * args.nodes)?
+        .chunks(3)
+        .map(|p| (p[0], p[1], p[2]))
+        .collect();
     let routes: Vec<String> = ports
         .iter()
         .map(|(_, route, _)| format!("\"nats-route://127.0.0.1:{route}\""))

@@ -30,11 +30,15 @@ fn nats_server() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// `count` distinct free loopback ports: all held open until every one is chosen, so none
+/// is handed out twice.
+fn free_ports(count: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("bound").port())
+        .collect()
 }
 
 /// NATS servers on loopback, clustered when there are several; stopped when dropped.
@@ -51,8 +55,9 @@ struct Nats {
 impl Nats {
     fn start(count: usize, sync_always: bool) -> Nats {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<(u16, u16, u16)> = (0..count)
-            .map(|_| (free_port(), free_port(), free_port()))
+        let ports: Vec<(u16, u16, u16)> = free_ports(3 * count)
+            .chunks(3)
+            .map(|p| (p[0], p[1], p[2]))
             .collect();
         let routes: Vec<String> = ports
             .iter()
@@ -136,10 +141,23 @@ impl Nats {
                 if ready {
                     break;
                 }
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "nats-server's JetStream at {monitor} did not come up in 30 s"
-                );
+                if started.elapsed() > Duration::from_secs(90) {
+                    let logs: String = self
+                        .configs
+                        .iter()
+                        .map(|c| {
+                            let log = std::fs::read_to_string(c.with_extension("log"))
+                                .unwrap_or_default();
+                            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                            format!(
+                                "--- {}:\n{}\n",
+                                c.display(),
+                                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                            )
+                        })
+                        .collect();
+                    panic!("nats-server's JetStream at {monitor} did not come up in 90 s:\n{logs}");
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
