@@ -1422,6 +1422,25 @@ impl Node {
             "maru_unrouted_requests_total {}\n",
             self.gateway.unrouted()
         ));
+        // The nodes as this node knows them (`maru nodes`); names and labels are checked at
+        // start to be plain words, so they need no escaping.
+        let nodes = self.nodes();
+        out.push_str("# HELP maru_cluster_nodes Nodes whose announcement stands (1 for a node alone).\n# TYPE maru_cluster_nodes gauge\n");
+        out.push_str(&format!("maru_cluster_nodes {}\n", nodes.len()));
+        out.push_str("# HELP maru_node_info A node's labels and role; always 1.\n# TYPE maru_node_info gauge\n");
+        for n in &nodes {
+            out.push_str(&format!(
+                "maru_node_info{{node=\"{}\",region=\"{}\",zone=\"{}\",edge=\"{}\",scheduler=\"{}\"}} 1\n",
+                n.name, n.region, n.zone, n.edge, n.scheduler
+            ));
+        }
+        out.push_str("# HELP maru_node_instances Instances ready or starting on a node, as it last announced.\n# TYPE maru_node_instances gauge\n");
+        for n in &nodes {
+            out.push_str(&format!(
+                "maru_node_instances{{node=\"{}\"}} {}\n",
+                n.name, n.instances
+            ));
+        }
         // Each family's samples together, as the exposition format asks.
         let topics = self.topics();
         type Family = (

@@ -269,6 +269,21 @@ fn nodes_of_a_cluster_list_each_other_and_a_killed_node_drops_out() {
         "{table}"
     );
 
+    // Per-node and cluster metrics.
+    let metrics = nodes[0].control_api("GET", "/metrics", Some(&nodes[0].token), None);
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("maru_cluster_nodes 3\n"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains(
+            "maru_node_info{node=\"n3\",region=\"local\",zone=\"zone-c\",edge=\"false\","
+        ),
+        "{}",
+        metrics.body
+    );
     // One node holds the scheduler lease.
     nodes[0].wait_for("one scheduler", Duration::from_secs(15), || {
         schedulers(&nodes[0]).len() == 1
@@ -329,6 +344,12 @@ fn a_node_alone_lists_itself() {
     assert_eq!(only[0]["name"], "solo");
     assert_eq!(only[0]["zone"], "basement");
     assert_eq!(only[0]["edge"], true);
+    let metrics = node.control_api("GET", "/metrics", Some(&node.token), None);
+    assert!(
+        metrics.body.contains("maru_cluster_nodes 1\n"),
+        "{}",
+        metrics.body
+    );
 }
 
 #[test]
