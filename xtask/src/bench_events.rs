@@ -353,7 +353,29 @@ fn nats_publish(producer: &mut NatsProducer, payload: &[u8]) -> anyhow::Result<(
     Ok(())
 }
 
-struct NatsServer(Child);
+/// A running nats-server, killed when dropped.
+pub struct NatsServer(Child);
+
+impl NatsServer {
+    /// Start `binary` with `config`, its output to `log`.
+    pub fn spawn(
+        binary: &std::path::Path,
+        config: &std::path::Path,
+        log: &std::path::Path,
+    ) -> anyhow::Result<NatsServer> {
+        let log = std::fs::File::create(log)?;
+        Ok(NatsServer(
+            Command::new(binary)
+                .arg("-c")
+                .arg(config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("start {}", binary.display()))?,
+        ))
+    }
+}
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
@@ -409,17 +431,7 @@ fn start_nats(
             }
         ),
     )?;
-    let log = std::fs::File::create(dir.join("nats.log"))?;
-    let server = NatsServer(
-        Command::new(binary)
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {}", binary.display()))?,
-    );
+    let server = NatsServer::spawn(binary, &config, &dir.join("nats.log"))?;
     let started = Instant::now();
     let mut setup = loop {
         match nats_connect(&address, 9999) {

@@ -3,7 +3,6 @@
 //! examples/hello deployed on the first and served by every gateway. Serves until Ctrl-C
 //! (or `--duration`), then stops everything. Files under target/cluster.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -19,18 +18,6 @@ pub struct ClusterArgs {
     /// Stop after this long (e.g. 60s, 2m) instead of serving until Ctrl-C.
     #[arg(long)]
     duration: Option<String>,
-}
-
-/// NATS servers, killed when dropped.
-struct Servers(Vec<Child>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for server in &mut self.0 {
-            _ = server.kill();
-            _ = server.wait();
-        }
-    }
 }
 
 /// `count` distinct free loopback ports (all held until every one is chosen).
@@ -65,7 +52,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(_, route, _)| format!("\"nats-route://127.0.0.1:{route}\""))
         .collect();
-    let mut servers = Servers(Vec::new());
+    let mut servers = Vec::new();
     for (i, (client, route, http)) in ports.iter().enumerate() {
         let clustering = if args.nodes > 1 {
             format!(
@@ -83,17 +70,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 dir.join(format!("nats-{i}")).display()
             ),
         )?;
-        let log = std::fs::File::create(dir.join(format!("nats-{i}.log")))?;
-        servers.0.push(
-            Command::new(&nats)
-                .arg("-c")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("start nats-server")?,
-        );
+        servers.push(crate::bench_events::NatsServer::spawn(
+            &nats,
+            &config,
+            &dir.join(format!("nats-{i}.log")),
+        )?);
     }
     let urls: Vec<String> = ports
         .iter()

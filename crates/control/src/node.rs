@@ -852,11 +852,13 @@ impl Node {
         // command must exist, before the revision is committed; compiling here is what lets
         // scaling never compile.
         let mut components = BTreeMap::new();
+        let mut checked = Vec::new();
         for (name, service) in &parsed.services {
             match &service.workload {
                 Workload::Component { path } => {
                     let hash = self.check_component(&parsed, name, path, &request)?;
                     components.insert(path.clone(), hash.to_string());
+                    checked.push(hash);
                 }
                 Workload::Process(process) => {
                     let workdir =
@@ -906,14 +908,12 @@ impl Node {
                 components,
             )?,
             Some(shared) => {
-                for hash in components.values() {
-                    let hash = ComponentHash::parse(hash)
-                        .map_err(|e| ControlError::Internal(e.to_string()))?;
-                    let bytes = self.files.cache.read_component(&hash).map_err(|e| {
+                for hash in &checked {
+                    let bytes = self.files.cache.read_component(hash).map_err(|e| {
                         ControlError::Internal(format!("read component {hash}: {e}"))
                     })?;
                     shared
-                        .put_component(&hash, bytes)
+                        .put_component(hash, bytes)
                         .await
                         .map_err(ControlError::ClusterUnavailable)?;
                 }

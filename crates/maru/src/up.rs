@@ -783,6 +783,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         gateway: format!("{}://{gateway_address}", scheme(Listener::Gateway)),
         control: format!("{}://{control_address}", scheme(Listener::Control)),
         started_unix_ms: unix_ms(),
+        memory_bytes: memory_bytes(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     });
     let membership = match (&settings.cluster, &sync) {
         (Some(cluster), Some(sync)) => {
@@ -984,6 +986,9 @@ struct LocalStatus {
     gateway: String,
     control: String,
     started_unix_ms: u64,
+    /// The machine's, read once at start.
+    memory_bytes: u64,
+    cpus: u32,
 }
 
 impl cluster::Announce for LocalStatus {
@@ -994,8 +999,8 @@ impl cluster::Announce for LocalStatus {
             region: self.region.clone(),
             zone: self.identity.zone.clone(),
             edge: self.identity.edge,
-            memory_bytes: memory_bytes(),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_bytes: self.memory_bytes,
+            cpus: self.cpus,
             gateway: self.gateway.clone(),
             control: self.control.clone(),
             services: services.len() as u32,

@@ -148,6 +148,19 @@ impl Model {
     }
 }
 
+/// Store a component in the cache, as a deploy does first; its revision's component map.
+fn store_component(
+    files: &NodeFiles,
+    component: &[u8],
+) -> Result<BTreeMap<String, String>, String> {
+    let hash = ComponentHash::of(component);
+    files
+        .cache
+        .put_component(&hash, component)
+        .map_err(|e| e.to_string())?;
+    Ok(BTreeMap::from([("app.wasm".to_string(), hash.to_string())]))
+}
+
 fn step(files: &NodeFiles, step: &Step) -> Result<(), String> {
     match step {
         Step::Deploy {
@@ -155,12 +168,7 @@ fn step(files: &NodeFiles, step: &Step) -> Result<(), String> {
             manifest,
             component,
         } => {
-            let hash = ComponentHash::of(component);
-            files
-                .cache
-                .put_component(&hash, component)
-                .map_err(|e| e.to_string())?;
-            let components = BTreeMap::from([("app.wasm".to_string(), hash.to_string())]);
+            let components = store_component(files, component)?;
             files
                 .state
                 .deploy(app, "maru.toml", None, manifest, components)
@@ -180,11 +188,7 @@ fn step(files: &NodeFiles, step: &Step) -> Result<(), String> {
             manifest,
             component,
         } => {
-            let hash = ComponentHash::of(component);
-            files
-                .cache
-                .put_component(&hash, component)
-                .map_err(|e| e.to_string())?;
+            let components = store_component(files, component)?;
             let previous = match files.state.app(app) {
                 Ok(record) => Some(record),
                 Err(StateError::NotFound(_)) => None,
@@ -197,7 +201,7 @@ fn step(files: &NodeFiles, step: &Step) -> Result<(), String> {
                 manifest_path: "maru.toml".into(),
                 manifest_dir: None,
                 manifest: manifest.clone(),
-                components: BTreeMap::from([("app.wasm".to_string(), hash.to_string())]),
+                components,
                 created_unix_ms: 0,
             });
             let shared = control::state::SharedApp::new(record, &known)?;
