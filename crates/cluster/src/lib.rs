@@ -20,6 +20,7 @@
 //!   acting as scheduler before anyone else can take the key. (Nothing acts as scheduler
 //!   yet: placement is the next step, docs/cluster.md.)
 
+pub mod placement;
 pub mod shared;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,8 @@ pub const NODE_TTL: Duration = Duration::from_secs(8);
 pub const NODES_BUCKET: &str = "maru-nodes";
 /// The key-value bucket of leases.
 pub const LEASES_BUCKET: &str = "maru-leases";
+/// The key-value bucket of drained nodes (one key per node being drained).
+pub const DRAINS_BUCKET: &str = "maru-drains";
 /// How long a lease stands after it was last renewed.
 pub const LEASE_TTL: Duration = Duration::from_secs(8);
 /// A holder stops counting on its lease this long before others may take it, for the time
@@ -198,6 +201,9 @@ pub trait Announce: Send + Sync + 'static {
 /// This node's membership: its heartbeat task and the last list of nodes seen.
 pub struct Membership {
     jetstream: async_nats::jetstream::Context,
+    drains: async_nats::jetstream::kv::Store,
+    /// Wakes the heartbeat for an announcement now.
+    nudge: Arc<tokio::sync::Notify>,
     /// Whether this node holds the scheduler lease now.
     scheduler: Arc<std::sync::atomic::AtomicBool>,
     nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
@@ -264,6 +270,17 @@ impl Membership {
             jetstream.create_key_value(leases_config.clone())
         })
         .await?;
+        let drains_config = async_nats::jetstream::kv::Config {
+            bucket: DRAINS_BUCKET.to_string(),
+            description: "Maru nodes being drained (maru drain)".to_string(),
+            history: 1,
+            num_replicas: replicas.clamp(1, 3),
+            ..Default::default()
+        };
+        let drains = patiently("open the drain bucket", started, || {
+            jetstream.create_key_value(drains_config.clone())
+        })
+        .await?;
         let name = announce.status().name;
         let scheduler = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lease = Lease::new(leases, "scheduler", &name);
@@ -274,19 +291,24 @@ impl Membership {
         // being placed): tried again within the same patience.
         patiently("announce this node", started, || async {
             announce_once(&bucket, announce.as_ref(), false).await?;
-            refresh(&bucket, &nodes).await
+            refresh(&bucket, &drains, &nodes).await
         })
         .await?;
-        let task = tokio::spawn(heartbeat(
+        let nudge = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(heartbeat(Heartbeat {
+            nudge: nudge.clone(),
             bucket,
+            drains: drains.clone(),
             announce,
-            nodes.clone(),
+            nodes: nodes.clone(),
             lease,
-            scheduler.clone(),
-            stop.clone(),
-        ));
+            scheduler: scheduler.clone(),
+            stop: stop.clone(),
+        }));
         Ok(Membership {
             jetstream,
+            drains,
+            nudge,
             scheduler,
             nodes,
             stop,
@@ -318,6 +340,45 @@ impl Membership {
     /// This node's name in the cluster.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Drain `node` (the scheduler moves its instances to other nodes and places nothing
+    /// more on it), or stop draining it.
+    pub async fn set_draining(&self, node: &str, drain: bool) -> Result<(), ClusterError> {
+        if !valid_name(node) {
+            return Err(ClusterError::JetStream(format!(
+                "`{node}` is not a node name"
+            )));
+        }
+        let written = if drain {
+            let since = serde_json::json!({ "since_unix_ms": unix_ms() }).to_string();
+            tokio::time::timeout(CALL_TIMEOUT, self.drains.put(node, since.into()))
+                .await
+                .map(|r| r.map(drop).map_err(|e| e.to_string()))
+        } else {
+            tokio::time::timeout(CALL_TIMEOUT, self.drains.delete(node))
+                .await
+                .map(|r| r.map_err(|e| e.to_string()))
+        };
+        written
+            .map_err(|_| ClusterError::JetStream("changing the drain timed out".into()))?
+            .map_err(|e| ClusterError::JetStream(format!("change the drain of {node}: {e}")))?;
+        // Seen in the node list at once, not a heartbeat later.
+        if let Some(status) = self.nodes.lock().expect("never poisoned").get_mut(node) {
+            status.draining = drain;
+        }
+        Ok(())
+    }
+
+    /// Announce this node now rather than at the next heartbeat (its state changed: it
+    /// started serving).
+    pub fn announce_now(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Whether [`Membership::leave`] was called.
+    pub fn stopped(&self) -> bool {
+        self.stop.is_cancelled()
     }
 
     /// Stop announcing (the record expires within [`NODE_TTL`]).
@@ -383,9 +444,16 @@ async fn announce_once(
     Ok(())
 }
 
-/// Read every standing node record into `nodes`.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Read every standing node record into `nodes`, each marked if it is being drained.
 async fn refresh(
     bucket: &async_nats::jetstream::kv::Store,
+    drains: &async_nats::jetstream::kv::Store,
     nodes: &Mutex<BTreeMap<String, NodeStatus>>,
 ) -> Result<(), ClusterError> {
     let read = async {
@@ -410,6 +478,17 @@ async fn refresh(
                 })?;
             seen.insert(key, status);
         }
+        let mut drained = drains
+            .keys()
+            .await
+            .map_err(|e| ClusterError::JetStream(format!("list drained nodes: {e}")))?;
+        while let Some(key) = drained.next().await {
+            let key =
+                key.map_err(|e| ClusterError::JetStream(format!("list drained nodes: {e}")))?;
+            if let Some(status) = seen.get_mut(&key) {
+                status.draining = true;
+            }
+        }
         Ok::<_, ClusterError>(seen)
     };
     let seen = tokio::time::timeout(CALL_TIMEOUT, read)
@@ -419,14 +498,29 @@ async fn refresh(
     Ok(())
 }
 
-async fn heartbeat(
+/// What the heartbeat task works with.
+struct Heartbeat {
+    nudge: Arc<tokio::sync::Notify>,
     bucket: async_nats::jetstream::kv::Store,
+    drains: async_nats::jetstream::kv::Store,
     announce: Arc<dyn Announce>,
     nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
-    mut lease: Lease,
+    lease: Lease,
     scheduler: Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,
-) {
+}
+
+async fn heartbeat(beat: Heartbeat) {
+    let Heartbeat {
+        nudge,
+        bucket,
+        drains,
+        announce,
+        nodes,
+        mut lease,
+        scheduler,
+        stop,
+    } = beat;
     let mut every = tokio::time::interval(HEARTBEAT);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -434,6 +528,7 @@ async fn heartbeat(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
+            _ = nudge.notified() => {}
         }
         let was = lease.holds();
         lease.renew().await;
@@ -447,7 +542,7 @@ async fn heartbeat(
             );
         }
         let result = match announce_once(&bucket, announce.as_ref(), holds).await {
-            Ok(()) => refresh(&bucket, &nodes).await,
+            Ok(()) => refresh(&bucket, &drains, &nodes).await,
             Err(error) => Err(error),
         };
         match result {

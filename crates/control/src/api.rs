@@ -52,6 +52,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/apps/{app}/rollback",
     "/v1/services",
     "/v1/nodes",
+    "/v1/nodes/{node}/drain",
     "/v1/anomalies",
     "/v1/logs/{app}/{service}",
     "/v1/history/{app}/{service}",
@@ -86,6 +87,16 @@ fn handlers(path: &str) -> MethodRouter<Ctx> {
         "/v1/apps/{app}/rollback" => post(rollback),
         "/v1/services" => get(list_services),
         "/v1/nodes" => get(|State(ctx): State<Ctx>| async move { json(&ctx.node.nodes()) }),
+        "/v1/nodes/{node}/drain" => put(
+            |State(ctx): State<Ctx>, Path(node): Path<String>| async move {
+                ctx.node.drain(&node, true).await.map(|()| StatusCode::NO_CONTENT)
+            },
+        )
+        .delete(
+            |State(ctx): State<Ctx>, Path(node): Path<String>| async move {
+                ctx.node.drain(&node, false).await.map(|()| StatusCode::NO_CONTENT)
+            },
+        ),
         "/v1/anomalies" => get(|State(ctx): State<Ctx>| async move { json(&ctx.node.anomalies()) }),
         "/v1/logs/{app}/{service}" => get(logs),
         "/v1/history/{app}/{service}" => get(history),

@@ -37,6 +37,10 @@ pub fn action(method: &Method, route: Option<&str>, params: &[(String, String)])
         ("POST", "/v1/apps/{app}/rollback") => ("apps.rollback", format!("app/{}", param("app"))),
         ("GET", "/v1/services") => ("services.list", "node".into()),
         ("GET", "/v1/nodes") => ("nodes.list", "node".into()),
+        ("PUT", "/v1/nodes/{node}/drain") => ("nodes.drain", format!("node/{}", param("node"))),
+        ("DELETE", "/v1/nodes/{node}/drain") => {
+            ("nodes.undrain", format!("node/{}", param("node")))
+        }
         ("GET", "/v1/anomalies") => ("anomalies.list", "node".into()),
         ("GET", "/v1/logs/{app}/{service}") => (
             "logs.read",
@@ -223,6 +227,7 @@ mod tests {
             ("topic".to_string(), "loops".to_string()),
             ("id".to_string(), "MARUKEY".to_string()),
             ("hash".to_string(), "abc".to_string()),
+            ("node".to_string(), "n2".to_string()),
         ];
         for route in crate::api::ROUTES {
             for method in [

@@ -14,6 +14,7 @@ pub mod kv;
 pub mod listener;
 pub mod manifest;
 pub mod node;
+pub mod placement;
 pub mod state;
 pub mod store_api;
 pub mod token;

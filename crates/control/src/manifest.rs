@@ -113,6 +113,39 @@ pub struct ServiceManifest {
     pub purposes: Vec<String>,
     /// `isolation = "request"`: every request gets a fresh component instance.
     pub fresh_instance_per_request: bool,
+    /// Where the service's instances may run in a cluster (a node alone runs them all).
+    pub placement: Placement,
+}
+
+/// Where a service's instances may run in a cluster (`placement = { ... }`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    /// Only nodes of this region (`[node] region`); `None`: any region.
+    pub region: Option<String>,
+    pub spread: Spread,
+    pub edge: EdgeRule,
+}
+
+/// How a service's instances are spread over the nodes allowed to run them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Spread {
+    /// Over as many zones (failure domains) as possible, then over nodes.
+    #[default]
+    Zone,
+    /// Over nodes, whatever their zone.
+    Node,
+}
+
+/// Whether a service may run on edge nodes (`[node] edge = true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EdgeRule {
+    /// On any node.
+    #[default]
+    Allowed,
+    /// Only on edge nodes (near sensors and signals).
+    Only,
+    /// Never on edge nodes (they may lose their link to the cluster).
+    Never,
 }
 
 /// A durable event topic (`[topic."NAME"]`).
@@ -299,6 +332,7 @@ impl ServiceManifest {
             "isolation",
             self.fresh_instance_per_request != other.fresh_instance_per_request,
         );
+        check("placement", self.placement != other.placement);
         changed
     }
 }
@@ -430,6 +464,15 @@ struct RawService {
     trigger: Option<Vec<Spanned<RawTrigger>>>,
     purposes: Option<Spanned<Vec<String>>>,
     isolation: Option<Spanned<String>>,
+    placement: Option<Spanned<RawPlacement>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    region: Option<Spanned<String>>,
+    spread: Option<Spanned<String>>,
+    edge: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1135,6 +1178,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 }
             }
         };
+        let placement = placement(&mut parser, &at, service.placement.as_ref())?;
         let mut triggers = Vec::new();
         for trigger in service.trigger.iter().flatten() {
             let parsed = self::trigger(&mut parser, &at, trigger, &raw.topic, instances_max)?;
@@ -1161,6 +1205,7 @@ pub fn parse(file: &str, text: &str) -> Result<AppManifest, ManifestError> {
                 triggers,
                 purposes,
                 fresh_instance_per_request,
+                placement,
                 workload,
                 routes,
                 hosts,
@@ -1383,6 +1428,71 @@ fn trigger(
         dead_letter,
         reply_to,
         pseudonymise,
+    })
+}
+
+/// `placement = { region = "...", spread = "zone", edge = "never" }`.
+fn placement(
+    parser: &mut Parser<'_>,
+    at: &dyn Fn(&str) -> String,
+    raw: Option<&Spanned<RawPlacement>>,
+) -> Result<Placement, ManifestError> {
+    let Some(raw) = raw else {
+        return Ok(Placement::default());
+    };
+    parser.note(&at("placement"), raw);
+    let RawPlacement {
+        region,
+        spread,
+        edge,
+    } = raw.get_ref();
+    let region = match region {
+        None => None,
+        Some(value) => {
+            parser.note(&at("placement.region"), value);
+            policy::data::check_label(value.get_ref()).map_err(|why| {
+                parser.error(
+                    &at("placement.region"),
+                    value.span(),
+                    why,
+                    Some(
+                        "a region is a name such as \"seoul\", as in the nodes' `[node] region`"
+                            .into(),
+                    ),
+                )
+            })?;
+            Some(value.get_ref().clone())
+        }
+    };
+    let spread = match spread.as_ref().map(|v| (v, v.get_ref().as_str())) {
+        None | Some((_, "zone")) => Spread::Zone,
+        Some((_, "node")) => Spread::Node,
+        Some((value, other)) => {
+            return Err(parser.error(
+                &at("placement.spread"),
+                value.span(),
+                format!("`{other}` is not a spread"),
+                Some("use \"zone\" (the default: over zones, then nodes) or \"node\"".into()),
+            ));
+        }
+    };
+    let edge = match edge.as_ref().map(|v| (v, v.get_ref().as_str())) {
+        None | Some((_, "allowed")) => EdgeRule::Allowed,
+        Some((_, "only")) => EdgeRule::Only,
+        Some((_, "never")) => EdgeRule::Never,
+        Some((value, other)) => {
+            return Err(parser.error(
+                &at("placement.edge"),
+                value.span(),
+                format!("`{other}` is not an edge rule"),
+                Some("use \"allowed\" (the default), \"only\" or \"never\"".into()),
+            ));
+        }
+    };
+    Ok(Placement {
+        region,
+        spread,
+        edge,
     })
 }
 

@@ -20,6 +20,10 @@ use runtime::{
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod cluster;
+
+pub use cluster::PLACEMENT_WAIT;
+
 use crate::files::NodeFiles;
 use crate::manifest::{
     self, AppManifest, CautionLevel, ManifestError, Scaling, ScalingPolicy, ServiceManifest,
@@ -151,6 +155,12 @@ pub struct Node {
     directory: std::sync::OnceLock<Arc<dyn Directory>>,
     /// In a cluster: where deploys, rollbacks and removals are made; set once at start.
     shared: std::sync::OnceLock<Arc<dyn SharedState>>,
+    /// In a cluster: its name, shared apps and their placement (`None` alone).
+    cluster: Mutex<Option<cluster::ClusterView>>,
+    /// Told when a placement arrives.
+    placed: tokio::sync::Notify,
+    /// Reconciles wait while the node catches up with the cluster at start.
+    reconcile_held: std::sync::atomic::AtomicBool,
 }
 
 /// A future a [`SharedState`] returns.
@@ -186,6 +196,8 @@ pub trait SharedState: Send + Sync + 'static {
 /// Where the list of nodes comes from: this node alone, or the cluster's membership.
 pub trait Directory: Send + Sync + 'static {
     fn nodes(&self) -> Vec<maru_api::NodeStatus>;
+    /// Drain a node of the cluster (`drain`), or stop draining it.
+    fn drain<'a>(&'a self, node: &'a str, drain: bool) -> Pending<'a, ()>;
 }
 
 impl Node {
@@ -223,6 +235,9 @@ impl Node {
             datasets: Mutex::new(Arc::new(BTreeMap::new())),
             directory: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
+            cluster: Mutex::new(None),
+            placed: tokio::sync::Notify::new(),
+            reconcile_held: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -236,6 +251,7 @@ impl Node {
     /// already has exactly that record (it made the change itself).
     pub async fn apply_shared(&self, app: &str, shared: &SharedApp) -> Result<(), ControlError> {
         let _change = self.change.lock().await;
+        self.mark_shared(app, true);
         if self.files.state.app(app).ok().as_ref() == Some(&shared.record) {
             return Ok(());
         }
@@ -246,6 +262,7 @@ impl Node {
     /// Apply an app's removal read back from the cluster.
     pub async fn apply_removed(&self, app: &str) -> Result<(), ControlError> {
         let _change = self.change.lock().await;
+        self.mark_shared(app, false);
         match self.files.state.app(app) {
             Ok(_) => self.remove_here(app).await.map(drop),
             Err(StateError::NotFound(_)) => Ok(()),
@@ -419,6 +436,12 @@ impl Node {
     /// every change. A service that cannot be started is reported and skipped, so one
     /// broken app never keeps the others from serving.
     pub async fn reconcile(&self) -> Result<(), ControlError> {
+        if self
+            .reconcile_held
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(());
+        }
         let deployed = self.deployed()?;
         // Labels first: a topic is never open without them.
         let node = self.data.node().clone();
@@ -502,6 +525,8 @@ impl Node {
             RouteTable::new(routes)
         };
         self.gateway.install(table);
+        // Apps that became shared since their services started now run as placed.
+        self.apply_localities();
         self.reconcile_triggers(topics_changed).await;
         let mut retiring = self.retiring.lock().await;
         while retiring.try_join_next().is_some() {}
@@ -659,6 +684,7 @@ impl Node {
                     max_attempts: trigger.max_attempts,
                     dead_letter,
                     reply_to,
+                    peers: self.gateway.peers().clone(),
                 };
                 tasks.spawn(gateway::run_trigger(
                     topic,
@@ -827,6 +853,7 @@ impl Node {
             slo: manifest.scaling.slo,
             anomaly_warm_up: manifest.anomaly_warm_up,
             fresh_instance_per_request: manifest.fresh_instance_per_request,
+            locality: self.locality(key),
         };
         Ok(Service::start(
             config,
@@ -936,10 +963,17 @@ impl Node {
                 let (_, after) = shared.update(&parsed.name, &change).await?;
                 let after = after.expect("a deploy leaves the app deployed");
                 self.files.state.replace(&parsed.name, &after)?;
+                self.mark_shared(&parsed.name, true);
                 after.record.current
             }
         };
         self.reconcile().await?;
+        if self.shared.get().is_some() {
+            let services: Vec<String> = parsed.services.keys().cloned().collect();
+            if !self.wait_placed(&parsed.name, &services).await {
+                tracing::warn!(app = %parsed.name, "deployed, but the cluster's scheduler has not placed every service within {} s; they are served once it does", PLACEMENT_WAIT.as_secs());
+            }
+        }
         Ok(DeployResponse {
             app: parsed.name,
             revision,
@@ -1252,6 +1286,7 @@ impl Node {
                 None => Err(StateError::NotFound(app.to_string()).into()),
             };
             shared.update(app, &change).await?;
+            self.mark_shared(app, false);
         }
         self.remove_here(app).await
     }
@@ -1338,6 +1373,14 @@ impl Node {
                     instances_starting: gauges.starting,
                     instances_min: manifest.instances_min,
                     instances_max: manifest.instances_max,
+                    placement: match running.service.locality() {
+                        gateway::Locality::Alone => None,
+                        gateway::Locality::Here { min, max } => Some(format!("here {min}..{max}")),
+                        gateway::Locality::Elsewhere(nodes) => {
+                            Some(format!("on {}", nodes.join(", ")))
+                        }
+                        gateway::Locality::Unplaced(why) => Some(format!("unplaced: {why}")),
+                    },
                     in_flight: running
                         .service
                         .metrics

@@ -7,6 +7,7 @@
 
 mod ingest;
 mod metrics;
+pub mod peers;
 mod routes;
 mod server;
 mod service;
@@ -16,5 +17,7 @@ mod trigger;
 pub use metrics::{Gauges, MetricsSnapshot, ServiceMetrics, render_families};
 pub use routes::{RouteKey, RouteTable};
 pub use server::{ConnectionLimits, Gateway, GatewayConfig, serve_connections};
-pub use service::{AnomalyRecord, Backend, Body, BoxError, Service, ServiceConfig, ServiceError};
+pub use service::{
+    AnomalyRecord, Backend, Body, BoxError, Locality, Service, ServiceConfig, ServiceError,
+};
 pub use trigger::{Admitted, DeliveryGuard, TriggerConfig, rfc3339, run_trigger};

@@ -18,8 +18,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Ingest;
+use crate::peers::Peers;
 use crate::routes::RouteTable;
-use crate::service::{Body, BoxError, Service, ServiceError};
+use crate::service::{Body, BoxError, Locality, Service, ServiceError};
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -64,6 +65,7 @@ pub struct Gateway {
     unrouted: AtomicU64,
     ingest: std::sync::OnceLock<Ingest>,
     bodies: BodyBudget,
+    peers: Arc<Peers>,
 }
 
 /// The node-wide budget for buffered request bodies, in KiB (a semaphore's permits).
@@ -136,7 +138,13 @@ impl Gateway {
             unrouted: AtomicU64::new(0),
             ingest: std::sync::OnceLock::new(),
             bodies,
+            peers: Arc::new(Peers::default()),
         })
+    }
+
+    /// Other nodes' gateways, for services placed elsewhere (in a cluster).
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
     }
 
     /// Replace the routing table in one step.
@@ -278,10 +286,16 @@ impl Gateway {
         {
             Ok(response) => response,
             Err((status, code, message)) => {
-                if status.is_server_error() {
+                if status.is_server_error() && code != crate::peers::NOT_PLACED_HERE {
                     service.log(&format!("request {request_id}: {status} {message}"));
                 }
-                error_response(status, code, &message, &request_id)
+                let mut response = error_response(status, code, &message, &request_id);
+                if code == crate::peers::NOT_PLACED_HERE {
+                    response
+                        .headers_mut()
+                        .insert(crate::peers::NOT_PLACED_HERE, HeaderValue::from_static("1"));
+                }
+                response
             }
         };
         set_request_id(&mut response, &request_id);
@@ -343,12 +357,51 @@ impl Gateway {
         let trusted = self.config.trusted_proxies.contains(&peer.ip());
         set_forwarded(&mut parts.headers, peer.ip(), trusted);
         let request = Request::from_parts(parts, Full::new(body));
+        let forwarded = request.headers().contains_key(crate::peers::FORWARDED);
+        match service.locality() {
+            Locality::Alone | Locality::Here { .. } => {}
+            Locality::Elsewhere(nodes) if !forwarded => {
+                let deadline = arrival + service.config.timeout;
+                return self
+                    .peers
+                    .forward(&nodes, request, deadline)
+                    .await
+                    .map_err(|error| crate::peers::failure(&error));
+            }
+            // Sent here by a node whose placement is older or newer than this one's: the
+            // sender tries another node (this one did nothing).
+            Locality::Elsewhere(_) | Locality::Unplaced(_) if forwarded => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::peers::NOT_PLACED_HERE,
+                    "this node does not run the service now".into(),
+                ));
+            }
+            Locality::Elsewhere(_) | Locality::Unplaced(_) => {
+                let why = match service.locality() {
+                    Locality::Unplaced(why) => why,
+                    _ => "its nodes are not known yet".into(),
+                };
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unplaced",
+                    format!("no node of the cluster runs the service: {why}; retry shortly"),
+                ));
+            }
+        }
         match service.handle(request, arrival).await {
             Ok(response) => Ok(response),
             Err(error @ ServiceError::QueueFull(_)) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue_full",
                 error.to_string(),
+            )),
+            // Sent by another node: it tries the next one, since nothing was done here
+            // (this node is stopping, or the revision is being replaced).
+            Err(ServiceError::Unavailable) if forwarded => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::peers::NOT_PLACED_HERE,
+                "this node is stopping or replacing the service".into(),
             )),
             Err(error @ ServiceError::Unavailable) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,

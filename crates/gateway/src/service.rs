@@ -75,6 +75,8 @@ pub struct ServiceConfig {
     /// Components: every request gets an instance no request has used (`isolation =
     /// "request"`). The next instance is made after the answer, off the request's path.
     pub fresh_instance_per_request: bool,
+    /// Where the instances run at start ([`Service::set_locality`] changes it).
+    pub locality: Locality,
 }
 
 /// Why the service could not answer a request with a response from an instance.
@@ -159,6 +161,21 @@ pub struct Service {
     history: Mutex<History>,
     /// Idle instances waiting for work, the most recently idle last.
     idle_waiters: Mutex<Vec<(u64, Arc<Notify>)>>,
+    locality: Mutex<Locality>,
+}
+
+/// Where a service's instances run, as this node's gateway sees it (set by the control
+/// plane from the cluster's placement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locality {
+    /// A node alone: every instance here, within the manifest's bounds.
+    Alone,
+    /// Placed on this node with this share of the service's instances.
+    Here { min: u32, max: u32 },
+    /// Placed on these other nodes only: requests are forwarded to them.
+    Elsewhere(Vec<String>),
+    /// No node runs it (not placed yet, or none may): why.
+    Unplaced(String),
 }
 
 /// An anomaly found in one of a service's signals.
@@ -218,6 +235,7 @@ impl Service {
         let history = std::mem::take(&mut config.history);
         policy.learn(&past_rates(&history, unix_now()));
         let slo = config.slo;
+        let locality = config.locality.clone();
         let now = Instant::now();
         let service = Arc::new(Service {
             config,
@@ -235,6 +253,7 @@ impl Service {
             anomalies: Mutex::new(VecDeque::new()),
             history: Mutex::new(history),
             idle_waiters: Mutex::new(Vec::new()),
+            locality: Mutex::new(locality),
         });
         let scaler = tokio::spawn(service.clone().scale_loop(policy));
         *service
@@ -261,6 +280,37 @@ impl Service {
 
     fn concurrency(&self) -> u32 {
         self.config.bounds.concurrency.max(1)
+    }
+
+    /// Where the service's instances run; the scaler keeps this node's within its share.
+    pub fn set_locality(&self, locality: Locality) {
+        let mut current = self.locality.lock().expect("never poisoned");
+        if *current != locality {
+            *current = locality;
+            drop(current);
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn locality(&self) -> Locality {
+        self.locality.lock().expect("never poisoned").clone()
+    }
+
+    /// The bounds the scaler keeps to: the manifest's alone, this node's share in a cluster.
+    fn bounds(&self) -> ScalingBounds {
+        let mut bounds = self.config.bounds;
+        match &*self.locality.lock().expect("never poisoned") {
+            Locality::Alone => {}
+            Locality::Here { min, max } => {
+                bounds.instances_min = *min;
+                bounds.instances_max = *max;
+            }
+            Locality::Elsewhere(_) | Locality::Unplaced(_) => {
+                bounds.instances_min = 0;
+                bounds.instances_max = 0;
+            }
+        }
+        bounds
     }
 
     /// Why the service no longer starts instances, if it has failed.
@@ -542,7 +592,13 @@ impl Service {
             startup_last: self.metrics.startup_last(),
         };
         let current = observation.starting + observation.ready.len() as u32;
-        let desired = policy.desired(&self.config.bounds, &observation);
+        let bounds = self.bounds();
+        let mut desired = policy.desired(&bounds, &observation);
+        if bounds.instances_max == 0 && queued > 0 {
+            // Placed elsewhere meanwhile (drained, moved): the instances it has finish what
+            // was queued here before they stop; new requests go to the other nodes.
+            desired = desired.max(observation.starting + observation.ready.len() as u32);
+        }
         self.metrics
             .set_forecast(policy.forecast(), policy.forecaster());
         if desired > current {

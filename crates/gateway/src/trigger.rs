@@ -46,6 +46,8 @@ pub struct TriggerConfig {
     pub reply_to: Option<Arc<Topic>>,
     /// Asked before every delivery (the node's data policy); `None` delivers as read.
     pub guard: Option<Arc<dyn DeliveryGuard>>,
+    /// In a cluster, deliveries to a service placed on other nodes go to them.
+    pub peers: Arc<crate::peers::Peers>,
 }
 
 /// What [`DeliveryGuard::admit`] answers, when it has decided.
@@ -290,10 +292,23 @@ async fn attempt_once(
     request: Request<Full<Bytes>>,
     events: &[Event],
 ) -> Result<(), String> {
-    let response = service
-        .handle(request, Instant::now())
-        .await
-        .map_err(|e| e.to_string())?;
+    let response = match service.locality() {
+        crate::Locality::Elsewhere(nodes) => {
+            let deadline = Instant::now() + service.config.timeout;
+            config
+                .peers
+                .forward(&nodes, request, deadline)
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        crate::Locality::Unplaced(why) => {
+            return Err(format!("no node of the cluster runs the service: {why}"));
+        }
+        crate::Locality::Alone | crate::Locality::Here { .. } => service
+            .handle(request, Instant::now())
+            .await
+            .map_err(|e| e.to_string())?,
+    };
     let status = response.status();
     if !status.is_success() {
         return Err(format!("the service answered {status}"));

@@ -88,6 +88,10 @@ pub struct ServiceStatus {
     pub instances_starting: u64,
     pub instances_min: u32,
     pub instances_max: u32,
+    /// In a cluster, where the service runs: `here 0..2` (this node's share of its
+    /// instances), `on n2, n3` (forwarded there), or `unplaced: why`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
     pub in_flight: u64,
     pub queued: u64,
     pub requests_total: u64,
@@ -516,4 +520,12 @@ pub struct NodeStatus {
     /// it within seconds of the holder's loss). False for a node alone.
     #[serde(default)]
     pub scheduler: bool,
+    /// Being drained (`maru drain`): the scheduler places nothing on it and moves what it
+    /// runs to other nodes.
+    #[serde(default)]
+    pub draining: bool,
+    /// The PEM of the CA that signed the gateway's TLS certificate, for other nodes'
+    /// gateways forwarding to it (none if the gateway speaks plain HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }

@@ -401,12 +401,71 @@ pub fn nodes(target: &Target) -> anyhow::Result<()> {
             format!("{:.1} GiB", n.memory_bytes as f64 / f64::from(1u32 << 30)),
             n.services,
             n.instances,
-            n.health,
+            if n.draining { "draining" } else { &n.health },
             if n.scheduler { "scheduler" } else { "-" },
             n.gateway
         );
     }
     Ok(())
+}
+
+/// How long `maru drain` waits for a node's instances to move.
+const DRAIN_WAIT: Duration = Duration::from_secs(120);
+
+pub fn drain(target: &Target, node: &str, undo: bool, no_wait: bool) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let path = format!("/v1/nodes/{node}/drain");
+    let auth = client.auth();
+    let response = if undo {
+        (client.agent.delete(client.url(&path)))
+            .header("Authorization", &auth)
+            .call()
+    } else {
+        (client.agent.put(client.url(&path)))
+            .header("Authorization", &auth)
+            .send_empty()
+    };
+    client.finish_text(
+        if undo {
+            "stop draining the node"
+        } else {
+            "drain the node"
+        },
+        response,
+    )?;
+    if undo {
+        println!("{node}: no longer draining; the scheduler may place instances on it again");
+        return Ok(());
+    }
+    println!("{node}: draining; the scheduler moves its instances to other nodes");
+    if no_wait {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut last = None;
+    loop {
+        let nodes: Vec<maru_api::NodeStatus> = client.get("list nodes", "/v1/nodes")?;
+        let Some(status) = nodes.iter().find(|n| n.name == node) else {
+            println!("{node}: no longer listed (stopped, or its announcement expired)");
+            return Ok(());
+        };
+        if last != Some(status.instances) {
+            println!("{node}: {} instances left", status.instances);
+            last = Some(status.instances);
+        }
+        if status.instances == 0 {
+            println!("{node}: drained");
+            return Ok(());
+        }
+        if started.elapsed() > DRAIN_WAIT {
+            anyhow::bail!(
+                "{node} still runs {} instances after {} s: they are busy with long requests, or belong to apps deployed on it before it joined the cluster (those stay); `maru ps` on it shows which",
+                status.instances,
+                DRAIN_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 pub fn ps(target: &Target) -> anyhow::Result<()> {
@@ -463,6 +522,9 @@ pub fn ps(target: &Target) -> anyhow::Result<()> {
         );
         if let Some(failure) = &s.failure {
             println!("  FAILED: {failure}");
+        }
+        if let Some(placement) = &s.placement {
+            println!("  placement: {placement}");
         }
     }
     Ok(())

@@ -75,6 +75,22 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Drain a node of the cluster: the scheduler moves its instances to other nodes (new
+    /// ones start there while it finishes what it has) and places nothing more on it, until
+    /// `maru drain NODE --undo`. Waits until the node runs no instances of the cluster's
+    /// apps, showing how many are left.
+    Drain {
+        /// The node's name, as `maru nodes` lists it.
+        node: String,
+        /// Stop draining it: the scheduler may place instances on it again.
+        #[arg(long)]
+        undo: bool,
+        /// Return once the drain is recorded, without waiting for the instances to move.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// List anomalies found in services' traffic, latency and error rate.
     Anomalies {
         #[command(flatten)]
@@ -412,6 +428,12 @@ fn main() -> std::process::ExitCode {
         Command::Apps { target } => client::apps(&target),
         Command::Ps { target } => client::ps(&target),
         Command::Nodes { target } => client::nodes(&target),
+        Command::Drain {
+            node,
+            undo,
+            no_wait,
+            target,
+        } => client::drain(&target, &node, undo, no_wait),
         Command::Logs {
             service,
             follow,

@@ -769,13 +769,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ca_for_processes,
     );
     // After the listeners are bound: process services are told where the S3 API is, and
-    // requests that arrive while the apps start wait in the listeners' backlogs.
-    node.reconcile().await.context("start the deployed apps")?;
+    // requests that arrive while the apps start wait in the listeners' backlogs. In a
+    // cluster, the apps start once the cluster's apps and placement have been read, so a
+    // node never runs what the cluster placed elsewhere, not even for a moment.
+    if settings.cluster.is_some() {
+        node.join_cluster(&settings.identity.name);
+        node.hold_reconcile(true);
+    } else {
+        node.reconcile().await.context("start the deployed apps")?;
+    }
     let tls_listeners: Vec<&str> = Listener::ALL
         .into_iter()
         .filter(|l| acceptor(*l).is_some())
         .map(Listener::name)
         .collect();
+    let gateway_tls = acceptor(Listener::Gateway).is_some();
     let local = Arc::new(LocalStatus {
         node: node.clone(),
         identity: settings.identity.clone(),
@@ -785,6 +793,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         started_unix_ms: unix_ms(),
         memory_bytes: memory_bytes(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        ca_pem: ca_pem
+            .as_ref()
+            .filter(|_| gateway_tls)
+            .map(|pem| String::from_utf8_lossy(pem).into_owned()),
+        serving: std::sync::atomic::AtomicBool::new(false),
     });
     let membership = match (&settings.cluster, &sync) {
         (Some(cluster), Some(sync)) => {
@@ -795,18 +808,46 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             tracing::info!(name = %settings.identity.name, nodes = membership.nodes().len(), "cluster: joined");
             let membership = Arc::new(membership);
             node.set_directory(Arc::new(ClusterDirectory(membership.clone())));
-            // Desired state from now on is the cluster's: apps deployed anywhere run here.
+            // Desired state from now on is the cluster's: apps deployed anywhere run here,
+            // where the scheduler places them.
             let shared = Arc::new(
                 cluster::shared::Shared::open(membership.jetstream(), sync.cluster_size)
                     .await
                     .context("open the cluster's shared apps")?,
+            );
+            let placements = Arc::new(
+                cluster::placement::Placements::open(membership.jetstream(), sync.cluster_size)
+                    .await
+                    .context("open the cluster's placement")?,
             );
             node.set_shared(shared.clone());
             shared
                 .follow(node.clone())
                 .await
                 .context("read the cluster's apps")?;
-            Some((membership, shared))
+            placements
+                .follow(node.clone())
+                .await
+                .context("read the cluster's placement")?;
+            node.hold_reconcile(false);
+            node.reconcile().await.context("start the deployed apps")?;
+            placements.schedule(node.clone(), membership.clone());
+            let (peers, watched, name) = (
+                gateway.peers().clone(),
+                membership.clone(),
+                settings.identity.name.clone(),
+            );
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(cluster::HEARTBEAT);
+                loop {
+                    every.tick().await;
+                    peers.set(&name, cluster_peers(&watched.nodes()));
+                    if watched.stopped() {
+                        return;
+                    }
+                }
+            });
+            Some((membership, shared, placements))
         }
         _ => {
             node.set_directory(Arc::new(LocalDirectory(local.clone())));
@@ -830,6 +871,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         acceptor(Listener::Gateway),
         shutdown.clone(),
     ));
+    local
+        .serving
+        .store(true, std::sync::atomic::Ordering::Release);
+    if let Some((membership, ..)) = &membership {
+        membership.announce_now();
+    }
     let mqtt_config = events::mqtt::MqttConfig {
         gate,
         connections_max: settings.mqtt_connections_max,
@@ -923,7 +970,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         Some(joined) = servers.join_next() => failed = Some(joined.map_err(anyhow::Error::from).and_then(|r| r).err().unwrap_or_else(|| anyhow::anyhow!("a server stopped unexpectedly"))),
     }
     shutdown.cancel();
-    if let Some((membership, shared)) = &membership {
+    if let Some((membership, shared, placements)) = &membership {
+        placements.stop();
         shared.stop();
         membership.leave().await;
     }
@@ -989,6 +1037,10 @@ struct LocalStatus {
     /// The machine's, read once at start.
     memory_bytes: u64,
     cpus: u32,
+    /// The CA that signed the gateway's certificate (if it speaks TLS).
+    ca_pem: Option<String>,
+    /// Set once the node serves what it should.
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl cluster::Announce for LocalStatus {
@@ -1010,9 +1062,16 @@ impl cluster::Announce for LocalStatus {
                 .sum(),
             started_unix_ms: self.started_unix_ms,
             seen_unix_ms: unix_ms(),
-            health: "up".into(),
+            // `starting` until the node serves: the scheduler places nothing on it before.
+            health: if self.serving.load(std::sync::atomic::Ordering::Acquire) {
+                "up".into()
+            } else {
+                "starting".into()
+            },
             version: env!("CARGO_PKG_VERSION").into(),
             scheduler: false,
+            draining: false,
+            ca_pem: self.ca_pem.clone(),
         }
     }
 }
@@ -1024,6 +1083,28 @@ impl control::node::Directory for LocalDirectory {
     fn nodes(&self) -> Vec<maru_api::NodeStatus> {
         vec![cluster::Announce::status(self.0.as_ref())]
     }
+
+    fn drain<'a>(&'a self, _node: &'a str, _drain: bool) -> control::node::Pending<'a, ()> {
+        Box::pin(async { Err("this node is not in a cluster".to_string()) })
+    }
+}
+
+/// Where the other nodes' gateways are, as they announce them.
+fn cluster_peers(
+    nodes: &[maru_api::NodeStatus],
+) -> std::collections::BTreeMap<String, gateway::peers::PeerAddress> {
+    nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                gateway::peers::PeerAddress {
+                    url: n.gateway.clone(),
+                    ca_pem: n.ca_pem.clone(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// The node list of a cluster member: every node whose announcement stands.
@@ -1032,6 +1113,15 @@ struct ClusterDirectory(Arc<cluster::Membership>);
 impl control::node::Directory for ClusterDirectory {
     fn nodes(&self) -> Vec<maru_api::NodeStatus> {
         self.0.nodes()
+    }
+
+    fn drain<'a>(&'a self, node: &'a str, drain: bool) -> control::node::Pending<'a, ()> {
+        Box::pin(async move {
+            self.0
+                .set_draining(node, drain)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

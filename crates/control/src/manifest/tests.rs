@@ -78,7 +78,7 @@ fn unknown_field_names_line_and_field() {
     check(
         &GOOD.replace("concurrency = 1", "concurency = 1"),
         expect![[r#"
-            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `store_bucket`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`, `purposes`, `isolation`
+            maru.toml:9:1: `service.hello.concurency`: unknown field `concurency`, expected one of `component`, `routes`, `hosts`, `instances`, `concurrency`, `idle_timeout`, `anomaly_warm_up`, `memory`, `timeout`, `startup_timeout`, `queue`, `body_limit`, `outbound`, `env`, `command`, `workdir`, `writable`, `user`, `store_bucket`, `ready`, `liveness`, `stop_signal`, `stop_timeout`, `cpu_time`, `scaling`, `trigger`, `purposes`, `isolation`, `placement`
               hint: remove the field or fix its spelling; docs/manifest.md lists every field"#]],
     );
 }
@@ -707,5 +707,53 @@ fn isolation_is_instance_or_request_for_components_only() {
         &parse("maru.toml", process)
             .expect_err("refused")
             .to_string(),
+    );
+}
+
+#[test]
+fn placement_names_a_region_a_spread_and_an_edge_rule() {
+    let text = |placement: &str| {
+        format!("[app]\nname = \"a\"\n\n[service.s]\ncomponent = \"s.wasm\"\n{placement}")
+    };
+    let plain = parse("maru.toml", &text("")).expect("parses");
+    assert_eq!(plain.services["s"].placement, Placement::default());
+    assert_eq!(plain.services["s"].placement.spread, Spread::Zone);
+    assert_eq!(plain.services["s"].placement.edge, EdgeRule::Allowed);
+    let app = parse(
+        "maru.toml",
+        &text("placement = { region = \"seoul\", spread = \"node\", edge = \"never\" }\n"),
+    )
+    .expect("parses");
+    assert_eq!(
+        app.services["s"].placement,
+        Placement {
+            region: Some("seoul".into()),
+            spread: Spread::Node,
+            edge: EdgeRule::Never,
+        }
+    );
+    let only = parse("maru.toml", &text("placement = { edge = \"only\" }\n")).expect("parses");
+    assert_eq!(only.services["s"].placement.edge, EdgeRule::Only);
+    assert_eq!(
+        only.services["s"].changed_fields(&plain.services["s"]),
+        vec!["placement"]
+    );
+    let refused = |placement: &str| {
+        parse("maru.toml", &text(placement))
+            .expect_err("refused")
+            .to_string()
+    };
+    expect![[r#"
+        maru.toml:6:24: `service.s.placement.spread`: `rack` is not a spread
+          hint: use "zone" (the default: over zones, then nodes) or "node""#]]
+    .assert_eq(&refused("placement = { spread = \"rack\" }\n"));
+    expect![[r#"
+        maru.toml:6:22: `service.s.placement.edge`: `sometimes` is not an edge rule
+          hint: use "allowed" (the default), "only" or "never""#]]
+    .assert_eq(&refused("placement = { edge = \"sometimes\" }\n"));
+    assert!(
+        refused("placement = { zone = \"a\" }\n").contains("unknown field `zone`"),
+        "{}",
+        refused("placement = { zone = \"a\" }\n")
     );
 }

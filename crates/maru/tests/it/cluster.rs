@@ -505,3 +505,327 @@ fn nodes_cut_off_from_nats_keep_serving_refuse_changes_and_carry_on_when_it_retu
         greets(&n1, "During the outage")
     });
 }
+
+/// Instances (ready and starting) of `app/service` on `node`, and where it runs there.
+fn instances_on(node: &Node, app: &str, service: &str) -> (u64, String) {
+    node.ps()
+        .as_array()
+        .expect("ps is a list")
+        .iter()
+        .find(|s| s["app"] == app && s["service"] == service)
+        .map_or((0, String::new()), |s| {
+            (
+                s["instances_ready"].as_u64().unwrap_or(0)
+                    + s["instances_starting"].as_u64().unwrap_or(0),
+                s["placement"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+/// Requests through every gateway while something happens: the longest time a gateway gave
+/// no successful answer (from the start of the first failed request of a run to the end
+/// of the next success), and how many failed of how many asked. Stops when `done` is set.
+fn keep_asking(
+    gateways: Vec<String>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Duration, u64, u64)> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let (mut longest, mut failed, mut asked) = (Duration::ZERO, 0u64, 0u64);
+        let mut failing_since: Vec<Option<Instant>> = vec![None; gateways.len()];
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            for (i, gateway) in gateways.iter().enumerate() {
+                asked += 1;
+                let started = Instant::now();
+                let ok = agent
+                    .get(format!("http://{gateway}/hello"))
+                    .call()
+                    .is_ok_and(|r| r.status() == 200);
+                match (ok, failing_since[i]) {
+                    (true, Some(since)) => {
+                        longest = longest.max(since.elapsed());
+                        failing_since[i] = None;
+                    }
+                    (false, None) => {
+                        failed += 1;
+                        failing_since[i] = Some(started);
+                    }
+                    (false, Some(_)) => failed += 1,
+                    (true, None) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for since in failing_since.into_iter().flatten() {
+            longest = longest.max(since.elapsed());
+        }
+        (longest, failed, asked)
+    })
+}
+
+#[test]
+fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and_drained_nodes() {
+    let nats = Nats::start(3, true);
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(["zone-a", "zone-b", "zone-c"])
+        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
+        .collect();
+    let names = ["n1", "n2", "n3"];
+    let manifest = format!(
+        "{}instances = {{ min = 2, max = 2 }}\n",
+        hello_manifest("Placed")
+    );
+    nodes[0].deploy("hello.toml", &manifest);
+    // Two nodes run one instance each; the third runs none and forwards.
+    let census = |nodes: &[&Node]| -> Vec<(u64, String)> {
+        nodes
+            .iter()
+            .map(|n| instances_on(n, "hello", "hello"))
+            .collect()
+    };
+    let all: Vec<&Node> = nodes.iter().collect();
+    nodes[0].wait_for(
+        "two instances on two nodes",
+        Duration::from_secs(20),
+        || {
+            let now = census(&all);
+            now.iter().map(|(n, _)| n).sum::<u64>() == 2 && now.iter().all(|(n, _)| *n <= 1)
+        },
+    );
+    let placed: Vec<usize> = (0..3)
+        .filter(|i| census(&all)[*i].1 == "here 1..1")
+        .collect();
+    assert_eq!(placed.len(), 2, "{:?}", census(&all));
+    let spare = (0..3)
+        .find(|i| !placed.contains(i))
+        .expect("one node runs none");
+    let forwards_to = &census(&all)[spare].1;
+    assert!(forwards_to.starts_with("on "), "{forwards_to}");
+    for node in &nodes {
+        let response = node.get("/hello");
+        assert_eq!(response.status, 200, "{}: {}", node.gateway, response.body);
+        assert!(response.body.contains("Placed"), "{}", response.body);
+    }
+
+    // A placed node killed: its share starts on the spare node, and requests through the
+    // surviving gateways keep being answered meanwhile.
+    let victim = placed[1];
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = keep_asking(
+        survivors
+            .iter()
+            .map(|i| nodes[*i].gateway.clone())
+            .collect(),
+        done.clone(),
+    );
+    let killed = Instant::now();
+    nodes[victim].kill();
+    let mut most = 0;
+    let moved = loop {
+        let now: Vec<u64> = survivors
+            .iter()
+            .map(|i| instances_on(&nodes[*i], "hello", "hello").0)
+            .collect();
+        let total: u64 = now.iter().sum();
+        most = most.max(total);
+        if now.iter().all(|n| *n == 1) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "{} s after {} was killed, the survivors run {now:?}:\n{}",
+            killed.elapsed().as_secs(),
+            names[victim],
+            nodes[spare].log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (window, failed, asked) = asking.join().expect("asking thread");
+    eprintln!(
+        "node {} killed: its instance ran on another node after {moved:?}; requests through the survivors: {failed} of {asked} failed, longest failure window {window:?}",
+        names[victim]
+    );
+    assert!(
+        most <= 2,
+        "the survivors ran {most} instances, over the maximum of 2"
+    );
+    assert!(
+        moved <= Duration::from_secs(15),
+        "the dead node's instance started elsewhere only after {moved:?}"
+    );
+    assert!(
+        window <= Duration::from_secs(10),
+        "requests failed for {window:?} in a row"
+    );
+
+    // It comes back: nothing moves back to it.
+    nodes[victim].restart();
+    nodes[survivors[0]].wait_for("the node to rejoin", Duration::from_secs(20), || {
+        node_names(&nodes[survivors[0]]).len() == 3
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert_eq!(census(&all)[victim].0, 0, "{:?}", census(&all));
+
+    // Drained: the node's instance moves without a failed request, and `maru drain` waits
+    // for it.
+    let drained = survivors[0];
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = keep_asking(
+        nodes.iter().map(|n| n.gateway.clone()).collect(),
+        done.clone(),
+    );
+    let output = nodes[victim].cli_ok(&["drain", names[drained]]);
+    assert!(output.contains("drained"), "{output}");
+    let listed = nodes[victim].cli_ok(&["nodes"]);
+    assert!(listed.contains("draining"), "{listed}");
+    nodes[victim].wait_for(
+        "the share to start elsewhere",
+        Duration::from_secs(20),
+        || {
+            let now = census(&all);
+            now[drained].0 == 0 && now.iter().map(|(n, _)| n).sum::<u64>() == 2
+        },
+    );
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (window, failed, asked) = asking.join().expect("asking thread");
+    eprintln!(
+        "node {} drained: {failed} of {asked} requests failed (longest window {window:?})",
+        names[drained]
+    );
+    assert_eq!(failed, 0, "requests failed while draining");
+    nodes[victim].cli_ok(&["drain", names[drained], "--undo"]);
+    let listed = nodes[victim].cli_ok(&["nodes"]);
+    assert!(!listed.contains("draining"), "{listed}");
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+#[test]
+fn a_paused_node_and_a_rolling_restart_keep_requests_answered_within_the_maximum() {
+    let nats = Nats::start(3, true);
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(["zone-a", "zone-b", "zone-c"])
+        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
+        .collect();
+    // A 2 s deadline: a request sent to a paused node fails after 2 s, not 10.
+    let manifest = format!(
+        "{}instances = {{ min = 2, max = 2 }}\ntimeout = \"2s\"\n",
+        hello_manifest("Paused")
+    );
+    nodes[0].deploy("hello.toml", &manifest);
+    let total = |nodes: &[&Node]| -> u64 {
+        nodes
+            .iter()
+            .map(|n| instances_on(n, "hello", "hello").0)
+            .sum()
+    };
+    let all: Vec<&Node> = nodes.iter().collect();
+    nodes[0].wait_for(
+        "two instances on two nodes",
+        Duration::from_secs(20),
+        || total(&all) == 2 && all.iter().all(|n| instances_on(n, "hello", "hello").0 <= 1),
+    );
+    let paused = (0..3)
+        .find(|i| instances_on(&nodes[*i], "hello", "hello").0 == 1)
+        .expect("a placed node");
+    let others: Vec<usize> = (0..3).filter(|i| *i != paused).collect();
+
+    // SIGSTOP for 10 s: the node is neither dead nor answering. Its record expires, its
+    // share moves; it keeps its instance (the documented allowance), then gives it up when
+    // it runs again.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = keep_asking(
+        others.iter().map(|i| nodes[*i].gateway.clone()).collect(),
+        done.clone(),
+    );
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &nodes[paused].pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    let mut most_elsewhere = 0;
+    while stopped.elapsed() < Duration::from_secs(10) {
+        let elsewhere: u64 = others
+            .iter()
+            .map(|i| instances_on(&nodes[*i], "hello", "hello").0)
+            .sum();
+        most_elsewhere = most_elsewhere.max(elsewhere);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    signal("-CONT");
+    let all: Vec<&Node> = nodes.iter().collect();
+    nodes[0].wait_for(
+        "two instances again once the paused node runs",
+        Duration::from_secs(20),
+        || total(&all) == 2,
+    );
+    let settled = stopped.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (window, failed, asked) = asking.join().expect("asking thread");
+    eprintln!(
+        "node {} paused 10 s: the others ran at most {most_elsewhere} instances meanwhile; two in all {settled:?} after the pause began; through the other gateways {failed} of {asked} requests failed, longest window {window:?}",
+        paused + 1
+    );
+    assert!(
+        most_elsewhere <= 2,
+        "the other nodes ran {most_elsewhere} instances: over the maximum"
+    );
+    assert!(
+        window <= Duration::from_secs(10),
+        "no answer for {window:?} through a gateway"
+    );
+
+    // Rolling restart: each node in turn stopped (SIGTERM) and started again, requests
+    // through the two others meanwhile.
+    for i in 0..3 {
+        let rest: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asking = keep_asking(
+            rest.iter().map(|j| nodes[*j].gateway.clone()).collect(),
+            done.clone(),
+        );
+        nodes[i].stop();
+        nodes[i].restart();
+        let observer = rest[0];
+        nodes[observer].wait_for("the node to be up again", Duration::from_secs(30), || {
+            let listed: serde_json::Value =
+                serde_json::from_str(&nodes[observer].cli_ok(&["nodes", "--json"])).expect("JSON");
+            listed
+                .as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().all(|n| n["health"] == "up"))
+        });
+        let all: Vec<&Node> = nodes.iter().collect();
+        nodes[observer].wait_for("two instances", Duration::from_secs(20), || {
+            total(&all) == 2
+        });
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (window, failed, asked) = asking.join().expect("asking thread");
+        eprintln!(
+            "rolling restart of n{}: {failed} of {asked} requests through the others failed, longest window {window:?}",
+            i + 1
+        );
+        assert!(
+            window <= Duration::from_secs(10),
+            "no answer for {window:?} through a gateway while n{} restarted",
+            i + 1
+        );
+    }
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -247,6 +247,11 @@ impl Node {
         }
     }
 
+    /// The running maru's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node is running").id()
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("node is running");

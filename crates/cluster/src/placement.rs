@@ -1,0 +1,262 @@
+//! The cluster's placement: which nodes run each service ([`control::placement`] decides),
+//! stored in the JetStream key-value bucket `maru-placement`, one key per app, written only
+//! by the node holding the scheduler lease and read by every node.
+//!
+//! The scheduler looks again every [`SCHEDULE_EVERY`]: at the apps the cluster shares (as
+//! its own node has applied them) and at the nodes whose announcements stand. It writes
+//! only what changed, and checks before every write that it still holds the lease (a
+//! holder counts on it for less time than others wait before taking it over, so a
+//! scheduler cut off stops writing before another starts).
+//!
+//! Timing: a node that dies stops announcing; its record expires within [`NODE_TTL`], the
+//! scheduler's node list is refreshed every [`crate::HEARTBEAT`] and the scheduler looks
+//! every [`SCHEDULE_EVERY`], so its share is given to others within about 11 s, and started
+//! there at once for services with a minimum (on the first request otherwise).
+//!
+//! [`NODE_TTL`]: crate::NODE_TTL
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{Operation, Store};
+use control::Node;
+use control::placement::{AppPlacement, Candidate, ServicePlacement};
+use futures_util::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, Membership, patiently};
+
+pub const PLACEMENT_BUCKET: &str = "maru-placement";
+/// How often the scheduler looks at the apps and nodes.
+pub const SCHEDULE_EVERY: Duration = Duration::from_secs(1);
+
+/// The placement bucket, what was last read from it, and the tasks reading and writing it.
+pub struct Placements {
+    bucket: Store,
+    current: Mutex<BTreeMap<String, AppPlacement>>,
+    stop: CancellationToken,
+}
+
+impl Placements {
+    /// Open (or create) the bucket, replicated on up to three servers.
+    pub async fn open(
+        jetstream: &async_nats::jetstream::Context,
+        replicas: usize,
+    ) -> Result<Placements, ClusterError> {
+        let config = async_nats::jetstream::kv::Config {
+            bucket: PLACEMENT_BUCKET.to_string(),
+            description: "Maru placement: each app's services' nodes and shares".to_string(),
+            history: 1,
+            num_replicas: replicas.clamp(1, 3),
+            ..Default::default()
+        };
+        let started = tokio::time::Instant::now();
+        let bucket = patiently("open the placement bucket", started, || {
+            jetstream.create_key_value(config.clone())
+        })
+        .await?;
+        Ok(Placements {
+            bucket,
+            current: Mutex::new(BTreeMap::new()),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Watch the bucket and give `node` every app's placement, until stopped. Returns once
+    /// the placements standing now have been applied, then goes on in the background.
+    pub async fn follow(self: &Arc<Self>, node: Arc<Node>) -> Result<(), ClusterError> {
+        let (caught_up, mut caught_up_rx) = tokio::sync::watch::channel(false);
+        let placements = self.clone();
+        tokio::spawn(async move {
+            let mut caught_up = Some(caught_up);
+            loop {
+                if let Err(error) = placements.watch(&node, &mut caught_up).await {
+                    tracing::warn!(%error, "cluster: watching the placement failed; watching again in 1 s");
+                }
+                tokio::select! {
+                    _ = placements.stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        tokio::time::timeout(JOIN_PATIENCE, caught_up_rx.wait_for(|done| *done))
+            .await
+            .map_err(|_| {
+                ClusterError::JetStream(format!(
+                    "the placement was not read within {} s",
+                    JOIN_PATIENCE.as_secs()
+                ))
+            })?
+            .map_err(|_| ClusterError::JetStream("the placement watcher stopped".into()))?;
+        Ok(())
+    }
+
+    async fn watch(
+        &self,
+        node: &Node,
+        caught_up: &mut Option<tokio::sync::watch::Sender<bool>>,
+    ) -> Result<(), String> {
+        let mut entries = self
+            .bucket
+            .watch_with_history(">")
+            .await
+            .map_err(|e| e.to_string())?;
+        if self
+            .bucket
+            .status()
+            .await
+            .map_err(|e| e.to_string())?
+            .values()
+            == 0
+            && let Some(done) = caught_up.take()
+        {
+            _ = done.send(true);
+        }
+        loop {
+            let entry = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                entry = entries.next() => entry,
+            };
+            let Some(entry) = entry else {
+                return Err("the watch ended".into());
+            };
+            let entry = entry.map_err(|e| e.to_string())?;
+            let app = entry.key.clone();
+            let placement = match entry.operation {
+                Operation::Put => match serde_json::from_slice::<AppPlacement>(&entry.value) {
+                    Ok(placement) => Some(placement),
+                    Err(error) => {
+                        tracing::error!(%app, %error, "cluster: an app's placement does not decode; ignored");
+                        continue;
+                    }
+                },
+                Operation::Delete | Operation::Purge => None,
+            };
+            {
+                let mut current = self.current.lock().expect("never poisoned");
+                match &placement {
+                    Some(placement) => current.insert(app.clone(), placement.clone()),
+                    None => current.remove(&app),
+                };
+            }
+            node.set_placement(&app, placement);
+            if entry.delta == 0
+                && let Some(done) = caught_up.take()
+            {
+                _ = done.send(true);
+            }
+        }
+    }
+
+    /// Place the cluster's services whenever this node holds the scheduler lease.
+    pub fn schedule(self: &Arc<Self>, node: Arc<Node>, membership: Arc<Membership>) {
+        let placements = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SCHEDULE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = placements.stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if !membership.is_scheduler() {
+                    continue;
+                }
+                match placements.schedule_once(&node, &membership).await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("cluster: placing services again");
+                    }
+                    Ok(()) => {}
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, "cluster: cannot write the placement; trying again every second");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    async fn schedule_once(&self, node: &Node, membership: &Membership) -> Result<(), String> {
+        let wants = node.placement_wants().map_err(|e| e.to_string())?;
+        let candidates: Vec<Candidate> = membership
+            .nodes()
+            .into_iter()
+            // A node still starting (catching up with the cluster) gets work once it serves.
+            .filter(|n| n.health == "up")
+            .map(|n| Candidate {
+                name: n.name,
+                region: n.region,
+                zone: n.zone,
+                edge: n.edge,
+                memory_bytes: n.memory_bytes,
+                draining: n.draining,
+            })
+            .collect();
+        let current = self.current.lock().expect("never poisoned").clone();
+        let previous: BTreeMap<(String, String), ServicePlacement> = current
+            .iter()
+            .flat_map(|(app, services)| {
+                services
+                    .iter()
+                    .map(move |(service, p)| ((app.clone(), service.clone()), p.clone()))
+            })
+            .collect();
+        let mut wanted: BTreeMap<String, AppPlacement> = BTreeMap::new();
+        for ((app, service), placed) in control::placement::place(&wants, &candidates, &previous) {
+            wanted.entry(app).or_default().insert(service, placed);
+        }
+        for (app, placement) in &wanted {
+            if current.get(app) == Some(placement) {
+                continue;
+            }
+            if !membership.is_scheduler() {
+                return Ok(()); // the lease ran out meanwhile: the next holder places
+            }
+            let value = serde_json::to_vec(placement).expect("a placement serialises");
+            tokio::time::timeout(CALL_TIMEOUT, self.bucket.put(app, value.into()))
+                .await
+                .map_err(|_| format!("writing app {app}'s placement timed out"))?
+                .map_err(|e| format!("write app {app}'s placement: {e}"))?;
+            tracing::info!(%app, placement = %describe(placement), "cluster: placed");
+        }
+        for app in current.keys().filter(|app| !wanted.contains_key(*app)) {
+            if !membership.is_scheduler() {
+                return Ok(());
+            }
+            tokio::time::timeout(CALL_TIMEOUT, self.bucket.delete(app))
+                .await
+                .map_err(|_| format!("removing app {app}'s placement timed out"))?
+                .map_err(|e| format!("remove app {app}'s placement: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// `service: n1 ×2, n2 ×1; other: nowhere (why)`, for the log.
+fn describe(placement: &AppPlacement) -> String {
+    placement
+        .iter()
+        .map(|(service, placed)| {
+            let nodes = if placed.nodes.is_empty() {
+                format!("nowhere ({})", placed.unplaced.as_deref().unwrap_or(""))
+            } else {
+                placed
+                    .nodes
+                    .iter()
+                    .map(|(node, share)| format!("{node} {}..{}", share.min, share.max))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!("{service}: {nodes}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,268 @@
+//! A node's part in a cluster's placement: which services it runs and how many instances
+//! of each (its share), which it forwards to other nodes, and what it tells the scheduler
+//! to place. The placement itself is computed in [`crate::placement`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use gateway::Locality;
+
+use super::{ControlError, Node, ServiceKey};
+use crate::placement::{AppPlacement, Want};
+
+/// How long a deploy waits for the scheduler to place a new service before it answers.
+pub const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
+
+/// What a node in a cluster knows of placement.
+#[derive(Debug, Default)]
+pub(super) struct ClusterView {
+    /// This node's name.
+    name: String,
+    /// Apps the cluster shares (read back from it); other apps in this node's state were
+    /// deployed before it joined and run here alone.
+    shared: BTreeSet<String>,
+    /// The placement of each shared app, as last read.
+    placements: BTreeMap<String, AppPlacement>,
+}
+
+impl ClusterView {
+    pub(super) fn locality(&self, (app, service): &ServiceKey) -> Locality {
+        if !self.shared.contains(app) {
+            return Locality::Alone;
+        }
+        let Some(placed) = self.placements.get(app).and_then(|a| a.get(service)) else {
+            return Locality::Unplaced("the cluster's scheduler has not placed it yet".into());
+        };
+        if placed.nodes.is_empty() {
+            return Locality::Unplaced(
+                placed
+                    .unplaced
+                    .clone()
+                    .unwrap_or_else(|| "no node may run it".into()),
+            );
+        }
+        match placed.nodes.get(&self.name) {
+            Some(share) => Locality::Here {
+                min: share.min,
+                max: share.max,
+            },
+            None => Locality::Elsewhere(placed.nodes.keys().cloned().collect()),
+        }
+    }
+}
+
+impl Node {
+    /// This node is `name` in a cluster from now on (once, at start, before the first
+    /// reconcile): services of the cluster's apps run only where the scheduler places them.
+    pub fn join_cluster(&self, name: &str) {
+        let mut cluster = self.cluster.lock().expect("never poisoned");
+        if cluster.is_none() {
+            *cluster = Some(ClusterView {
+                name: name.to_string(),
+                ..ClusterView::default()
+            });
+        }
+    }
+
+    /// The app is (`true`) or is no longer (`false`) one the cluster shares.
+    pub(super) fn mark_shared(&self, app: &str, shared: bool) {
+        if let Some(cluster) = self.cluster.lock().expect("never poisoned").as_mut() {
+            if shared {
+                cluster.shared.insert(app.to_string());
+            } else {
+                cluster.shared.remove(app);
+                cluster.placements.remove(app);
+            }
+        }
+    }
+
+    /// The placement of an app as the cluster's scheduler wrote it (`None`: none).
+    pub fn set_placement(&self, app: &str, placement: Option<AppPlacement>) {
+        {
+            let mut cluster = self.cluster.lock().expect("never poisoned");
+            let Some(cluster) = cluster.as_mut() else {
+                return;
+            };
+            match placement {
+                Some(placement) => {
+                    cluster.placements.insert(app.to_string(), placement);
+                }
+                None => {
+                    cluster.placements.remove(app);
+                }
+            }
+        }
+        self.apply_localities();
+        self.placed.notify_waiters();
+    }
+
+    /// Where a service's instances run, as this node knows it.
+    pub(super) fn locality(&self, key: &ServiceKey) -> Locality {
+        match self.cluster.lock().expect("never poisoned").as_ref() {
+            None => Locality::Alone,
+            Some(cluster) => cluster.locality(key),
+        }
+    }
+
+    /// Tell every running service where it runs now.
+    pub(super) fn apply_localities(&self) {
+        let running = self.running.lock().expect("running lock is never poisoned");
+        for (key, running) in running.iter() {
+            running.service.set_locality(self.locality(key));
+        }
+    }
+
+    /// Wait (at most [`PLACEMENT_WAIT`]) until every service of `app` is placed, so a deploy
+    /// answers once its services can be reached; false if the wait ran out.
+    pub(super) async fn wait_placed(&self, app: &str, services: &[String]) -> bool {
+        let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+        loop {
+            let placed = self.placed.notified();
+            let done = match self.cluster.lock().expect("never poisoned").as_ref() {
+                None => true,
+                Some(cluster) => services.iter().all(|service| {
+                    cluster
+                        .placements
+                        .get(app)
+                        .is_some_and(|p| p.contains_key(service))
+                }),
+            };
+            if done {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, placed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// What the scheduler places: every service of the apps the cluster shares.
+    pub fn placement_wants(&self) -> Result<Vec<Want>, ControlError> {
+        let shared = match self.cluster.lock().expect("never poisoned").as_ref() {
+            None => return Ok(Vec::new()),
+            Some(cluster) => cluster.shared.clone(),
+        };
+        let mut wants = Vec::new();
+        for deployed in self.deployed()? {
+            if !shared.contains(&deployed.app) {
+                continue;
+            }
+            for (name, service) in &deployed.manifest.services {
+                wants.push(Want {
+                    app: deployed.app.clone(),
+                    service: name.clone(),
+                    instances_min: service.instances_min,
+                    instances_max: service.instances_max,
+                    memory_bytes: service.memory_bytes,
+                    rule: service.placement.clone(),
+                });
+            }
+        }
+        Ok(wants)
+    }
+
+    /// The apps the cluster shares, as this node has applied them.
+    pub fn shared_apps(&self) -> BTreeSet<String> {
+        self.cluster
+            .lock()
+            .expect("never poisoned")
+            .as_ref()
+            .map(|c| c.shared.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drain a node of the cluster (`drain`: its instances move to other nodes, nothing more
+    /// is placed on it), or stop draining it.
+    pub async fn drain(&self, node: &str, drain: bool) -> Result<(), ControlError> {
+        if self.shared.get().is_none() {
+            return Err(ControlError::BadRequest {
+                message: "this node is not in a cluster: there is nowhere to move its instances"
+                    .into(),
+                hint: Some(
+                    "stop a node alone with SIGTERM: it finishes the requests it has".into(),
+                ),
+            });
+        }
+        if drain && !self.nodes().iter().any(|n| n.name == node) {
+            return Err(ControlError::BadRequest {
+                message: format!("no node {node} is in the cluster"),
+                hint: Some("`maru nodes` lists them".into()),
+            });
+        }
+        let directory = self
+            .directory
+            .get()
+            .ok_or_else(|| ControlError::Internal("the node list is not set up yet".into()))?;
+        directory
+            .drain(node, drain)
+            .await
+            .map_err(ControlError::ClusterUnavailable)
+    }
+
+    /// While held, changes read from the cluster update the state but start nothing: a node
+    /// catching up at start reconciles once, after it has read every app and placement.
+    pub fn hold_reconcile(&self, held: bool) {
+        self.reconcile_held
+            .store(held, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{ServicePlacement, Share};
+
+    #[test]
+    fn a_service_runs_here_elsewhere_alone_or_nowhere_as_placed() {
+        let mut view = ClusterView {
+            name: "n1".into(),
+            ..ClusterView::default()
+        };
+        let key = |app: &str, service: &str| (app.to_string(), service.to_string());
+        assert_eq!(view.locality(&key("local", "s")), Locality::Alone);
+        view.shared.insert("a".into());
+        assert!(matches!(
+            view.locality(&key("a", "s")),
+            Locality::Unplaced(_)
+        ));
+        let mut app = AppPlacement::new();
+        app.insert(
+            "here".into(),
+            ServicePlacement {
+                nodes: [
+                    ("n1".to_string(), Share { min: 1, max: 2 }),
+                    ("n2".to_string(), Share { min: 0, max: 1 }),
+                ]
+                .into(),
+                unplaced: None,
+            },
+        );
+        app.insert(
+            "there".into(),
+            ServicePlacement {
+                nodes: [("n2".to_string(), Share { min: 1, max: 1 })].into(),
+                unplaced: None,
+            },
+        );
+        app.insert(
+            "nowhere".into(),
+            ServicePlacement {
+                nodes: BTreeMap::new(),
+                unplaced: Some("every node is draining".into()),
+            },
+        );
+        view.placements.insert("a".into(), app);
+        assert_eq!(
+            view.locality(&key("a", "here")),
+            Locality::Here { min: 1, max: 2 }
+        );
+        assert_eq!(
+            view.locality(&key("a", "there")),
+            Locality::Elsewhere(vec!["n2".into()])
+        );
+        assert_eq!(
+            view.locality(&key("a", "nowhere")),
+            Locality::Unplaced("every node is draining".into())
+        );
+    }
+}

@@ -1,0 +1,420 @@
+//! Placement: which nodes of a cluster run each service's instances, and how many each may
+//! run. The scheduler (the node holding the scheduler lease) computes it with [`place`] from
+//! the deployed services and the nodes whose announcements stand, and writes it to the
+//! cluster; every node applies its share ([`crate::node::Node::set_placement`]).
+//!
+//! The rules, in order:
+//! 1. A node may run a service only if it is not draining, is in the service's region (if
+//!    the manifest names one) and matches its edge rule (`only` / `never`).
+//! 2. A service runs on as many of those nodes as its `instances.max` allows (one instance
+//!    per node at least), so losing a node loses as little of it as possible.
+//! 3. Nodes already running the service keep it (a placement moves instances only when a
+//!    node leaves, drains or stops matching), then new ones are chosen: with `spread =
+//!    "zone"` from the zones holding fewest of the service's nodes first, then the least
+//!    loaded node (instances' memory over the node's memory), then by name.
+//! 4. `instances.min` and `instances.max` are divided over the chosen nodes, the remainder
+//!    going to the first by name: the sum of the nodes' maxima is exactly the service's
+//!    maximum, so the cluster never runs more instances than the manifest allows (but for
+//!    a node cut off from the cluster, which keeps what it runs: docs/cluster.md).
+//!
+//! Demand is not yet part of placement: each node scales its share by the demand its
+//! gateway sees, and gateways that do not run a service forward to nodes that do.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{EdgeRule, Placement, Spread};
+
+/// Memory counted for an instance whose manifest sets none (processes).
+pub const DEFAULT_INSTANCE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How many instances one node may run of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Where one service runs: its nodes and their shares, or why it runs nowhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePlacement {
+    pub nodes: BTreeMap<String, Share>,
+    /// Set when no node may run the service (`nodes` is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unplaced: Option<String>,
+}
+
+/// One app's placement, by service name: the value the cluster stores per app.
+pub type AppPlacement = BTreeMap<String, ServicePlacement>;
+
+/// A service to place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub app: String,
+    pub service: String,
+    pub instances_min: u32,
+    pub instances_max: u32,
+    /// Per instance; `None` counts as [`DEFAULT_INSTANCE_BYTES`].
+    pub memory_bytes: Option<u64>,
+    pub rule: Placement,
+}
+
+/// A node that may be given instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub region: String,
+    pub zone: String,
+    pub edge: bool,
+    pub memory_bytes: u64,
+    pub draining: bool,
+}
+
+impl Candidate {
+    fn allows(&self, rule: &Placement) -> bool {
+        !self.draining
+            && rule
+                .region
+                .as_ref()
+                .is_none_or(|region| *region == self.region)
+            && match rule.edge {
+                EdgeRule::Allowed => true,
+                EdgeRule::Only => self.edge,
+                EdgeRule::Never => !self.edge,
+            }
+    }
+}
+
+/// Why no node may run a service, for `maru ps` and the gateway's answer.
+fn unplaced_reason(rule: &Placement, nodes: &[Candidate]) -> String {
+    if nodes.is_empty() {
+        return "no node is up".into();
+    }
+    if nodes.iter().all(|n| n.draining) {
+        return "every node is draining".into();
+    }
+    let mut wants = Vec::new();
+    if let Some(region) = &rule.region {
+        wants.push(format!("in region {region}"));
+    }
+    match rule.edge {
+        EdgeRule::Allowed => {}
+        EdgeRule::Only => wants.push("an edge node".into()),
+        EdgeRule::Never => wants.push("not an edge node".into()),
+    }
+    format!(
+        "no node that is not draining matches its placement ({})",
+        wants.join(", ")
+    )
+}
+
+/// Place every service (module docs). `previous` is the placement standing now, by (app,
+/// service); the result has an entry for every want. Deterministic for its inputs.
+pub fn place(
+    wants: &[Want],
+    nodes: &[Candidate],
+    previous: &BTreeMap<(String, String), ServicePlacement>,
+) -> BTreeMap<(String, String), ServicePlacement> {
+    // Memory planned on each node so far, in bytes.
+    let mut planned: BTreeMap<&str, u128> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
+    let mut wants: Vec<&Want> = wants.iter().collect();
+    wants.sort_by(|a, b| (&a.app, &a.service).cmp(&(&b.app, &b.service)));
+    let mut placed = BTreeMap::new();
+    for want in wants {
+        let key = (want.app.clone(), want.service.clone());
+        let eligible: Vec<&Candidate> = nodes.iter().filter(|n| n.allows(&want.rule)).collect();
+        let count = (want.instances_max as usize).min(eligible.len());
+        if count == 0 {
+            let unplaced = if want.instances_max == 0 {
+                "its instances.max is 0".to_string()
+            } else {
+                unplaced_reason(&want.rule, nodes)
+            };
+            placed.insert(
+                key,
+                ServicePlacement {
+                    nodes: BTreeMap::new(),
+                    unplaced: Some(unplaced),
+                },
+            );
+            continue;
+        }
+        let instance_bytes = u128::from(want.memory_bytes.unwrap_or(DEFAULT_INSTANCE_BYTES));
+        // Keep the nodes that run it now, as long as they may.
+        let mut chosen: Vec<&Candidate> = match previous.get(&key) {
+            Some(before) => eligible
+                .iter()
+                .filter(|n| before.nodes.contains_key(&n.name))
+                .take(count)
+                .copied()
+                .collect(),
+            None => Vec::new(),
+        };
+        while chosen.len() < count {
+            let load = |n: &Candidate| {
+                // Fraction of the node's memory planned, compared without floats:
+                // planned / memory, as planned * 2^20 / memory.
+                let memory = u128::from(n.memory_bytes.max(1));
+                (planned[n.name.as_str()] << 20) / memory
+            };
+            let zone_use = |n: &Candidate| match want.rule.spread {
+                Spread::Zone => chosen.iter().filter(|c| c.zone == n.zone).count(),
+                Spread::Node => 0,
+            };
+            let next = eligible
+                .iter()
+                .filter(|n| !chosen.iter().any(|c| c.name == n.name))
+                .min_by(|a, b| {
+                    (zone_use(a), load(a), &a.name).cmp(&(zone_use(b), load(b), &b.name))
+                })
+                .copied();
+            let Some(next) = next else { break };
+            chosen.push(next);
+        }
+        chosen.sort_by(|a, b| a.name.cmp(&b.name));
+        let k = chosen.len() as u32;
+        assert!(
+            (1..=want.instances_max).contains(&k),
+            "one instance per node at least"
+        );
+        let mut shares = BTreeMap::new();
+        for (i, node) in chosen.iter().enumerate() {
+            let i = i as u32;
+            let max = want.instances_max / k + u32::from(i < want.instances_max % k);
+            let min = want.instances_min.min(want.instances_max) / k
+                + u32::from(i < want.instances_min.min(want.instances_max) % k);
+            assert!(min <= max && max >= 1, "a share is at least one instance");
+            *planned
+                .get_mut(node.name.as_str())
+                .expect("every node is planned") += u128::from(max) * instance_bytes;
+            shares.insert(node.name.clone(), Share { min, max });
+        }
+        assert_eq!(
+            shares.values().map(|s| s.max).sum::<u32>(),
+            want.instances_max,
+            "the shares add up to the service's maximum"
+        );
+        placed.insert(
+            key,
+            ServicePlacement {
+                nodes: shares,
+                unplaced: None,
+            },
+        );
+    }
+    placed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, zone: &str) -> Candidate {
+        Candidate {
+            name: name.into(),
+            region: "seoul".into(),
+            zone: zone.into(),
+            edge: false,
+            memory_bytes: 8 << 30,
+            draining: false,
+        }
+    }
+
+    fn want(service: &str, min: u32, max: u32) -> Want {
+        Want {
+            app: "a".into(),
+            service: service.into(),
+            instances_min: min,
+            instances_max: max,
+            memory_bytes: None,
+            rule: Placement::default(),
+        }
+    }
+
+    fn shares(placed: &ServicePlacement) -> Vec<(String, u32, u32)> {
+        placed
+            .nodes
+            .iter()
+            .map(|(n, s)| (n.clone(), s.min, s.max))
+            .collect()
+    }
+
+    fn key(service: &str) -> (String, String) {
+        ("a".into(), service.into())
+    }
+
+    #[test]
+    fn a_service_is_spread_over_as_many_nodes_as_its_maximum_allows() {
+        let nodes = [node("n1", "a"), node("n2", "b"), node("n3", "c")];
+        let placed = place(
+            &[want("wide", 1, 10), want("one", 0, 1), want("two", 2, 2)],
+            &nodes,
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            shares(&placed[&key("wide")]),
+            [
+                ("n1".into(), 1, 4),
+                ("n2".into(), 0, 3),
+                ("n3".into(), 0, 3)
+            ]
+        );
+        assert_eq!(placed[&key("one")].nodes.len(), 1);
+        let two = shares(&placed[&key("two")]);
+        assert_eq!(two.len(), 2);
+        assert!(two.iter().all(|(_, min, max)| (*min, *max) == (1, 1)));
+        // The single-instance services went to different nodes (load).
+        let one = placed[&key("one")].nodes.keys().next().expect("placed");
+        assert!(!two.iter().any(|(n, ..)| n == one), "{one} {two:?}");
+    }
+
+    #[test]
+    fn zones_are_spread_over_before_nodes() {
+        let nodes = [
+            node("n1", "a"),
+            node("n2", "a"),
+            node("n3", "a"),
+            node("n4", "b"),
+        ];
+        let placed = place(&[want("s", 2, 2)], &nodes, &BTreeMap::new());
+        let zones: Vec<&str> = placed[&key("s")]
+            .nodes
+            .keys()
+            .map(|name| {
+                nodes
+                    .iter()
+                    .find(|n| n.name == *name)
+                    .map_or("", |n| &n.zone)
+            })
+            .collect();
+        assert_eq!(zones, ["a", "b"]);
+        let mut by_node = want("s", 2, 2);
+        by_node.rule.spread = Spread::Node;
+        let placed = place(&[by_node], &nodes, &BTreeMap::new());
+        assert_eq!(
+            placed[&key("s")].nodes.keys().collect::<Vec<_>>(),
+            ["n1", "n2"]
+        );
+    }
+
+    #[test]
+    fn region_and_edge_rules_choose_the_nodes_and_say_why_when_none_fits() {
+        let mut edge = node("e1", "street");
+        edge.edge = true;
+        let mut busan = node("b1", "x");
+        busan.region = "busan".into();
+        let nodes = [node("n1", "a"), edge, busan];
+        let mut only = want("signals", 1, 3);
+        only.rule.edge = EdgeRule::Only;
+        let mut never = want("records", 1, 3);
+        never.rule.edge = EdgeRule::Never;
+        let mut busan_only = want("port", 1, 3);
+        busan_only.rule.region = Some("busan".into());
+        let mut nowhere = want("lost", 1, 3);
+        nowhere.rule.region = Some("jeju".into());
+        let placed = place(
+            &[only, never, busan_only, nowhere],
+            &nodes,
+            &BTreeMap::new(),
+        );
+        assert_eq!(shares(&placed[&key("signals")]), [("e1".into(), 1, 3)]);
+        assert_eq!(
+            placed[&key("records")].nodes.keys().collect::<Vec<_>>(),
+            ["b1", "n1"]
+        );
+        assert_eq!(shares(&placed[&key("port")]), [("b1".into(), 1, 3)]);
+        assert!(placed[&key("lost")].nodes.is_empty());
+        assert_eq!(
+            placed[&key("lost")].unplaced.as_deref(),
+            Some("no node that is not draining matches its placement (in region jeju)")
+        );
+    }
+
+    #[test]
+    fn a_lost_or_draining_node_s_share_moves_and_the_others_stay() {
+        let nodes = [node("n1", "a"), node("n2", "b"), node("n3", "c")];
+        let before = place(&[want("s", 2, 2)], &nodes, &BTreeMap::new());
+        let held: Vec<String> = before[&key("s")].nodes.keys().cloned().collect();
+        assert_eq!(held, ["n1", "n2"]);
+        // n1 dies: n2 keeps its share, n3 takes n1's.
+        let after = place(&[want("s", 2, 2)], &nodes[1..], &before);
+        assert_eq!(
+            shares(&after[&key("s")]),
+            [("n2".into(), 1, 1), ("n3".into(), 1, 1)]
+        );
+        // n1 comes back: nothing moves.
+        assert_eq!(place(&[want("s", 2, 2)], &nodes, &after), after);
+        // n2 drains.
+        let mut draining = nodes.clone();
+        draining[1].draining = true;
+        let drained = place(&[want("s", 2, 2)], &draining, &after);
+        assert_eq!(
+            drained[&key("s")].nodes.keys().collect::<Vec<_>>(),
+            ["n1", "n3"]
+        );
+        let everyone = nodes.iter().cloned().map(|mut n| {
+            n.draining = true;
+            n
+        });
+        let none = place(&[want("s", 2, 2)], &everyone.collect::<Vec<_>>(), &after);
+        assert_eq!(
+            none[&key("s")].unplaced.as_deref(),
+            Some("every node is draining")
+        );
+        assert_eq!(
+            place(&[want("s", 2, 2)], &[], &after)[&key("s")]
+                .unplaced
+                .as_deref(),
+            Some("no node is up")
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the nodes and services, the shares add up to each maximum, no node
+        /// gets a service it may not run, and minima never exceed maxima.
+        #[test]
+        fn shares_add_up_and_respect_the_rules(
+            nodes in proptest::collection::vec((0u8..3, 0u8..3, proptest::bool::ANY, proptest::bool::ANY, 1u64..64), 0..8),
+            wants in proptest::collection::vec((0u32..6, 0u32..12, 0u8..4, 0u8..3), 1..12),
+        ) {
+            let nodes: Vec<Candidate> = nodes.iter().enumerate().map(|(i, (region, zone, edge, draining, gib))| Candidate {
+                name: format!("n{i}"),
+                region: format!("r{region}"),
+                zone: format!("z{zone}"),
+                edge: *edge,
+                memory_bytes: gib << 30,
+                draining: *draining,
+            }).collect();
+            let wants: Vec<Want> = wants.iter().enumerate().map(|(i, (min, max, region, edge))| Want {
+                app: "a".into(),
+                service: format!("s{i}"),
+                instances_min: (*min).min(*max),
+                instances_max: *max,
+                memory_bytes: Some(u64::from(*max + 1) << 24),
+                rule: Placement {
+                    region: (*region < 3).then(|| format!("r{region}")),
+                    spread: if i % 2 == 0 { Spread::Zone } else { Spread::Node },
+                    edge: [EdgeRule::Allowed, EdgeRule::Only, EdgeRule::Never][*edge as usize],
+                },
+            }).collect();
+            let placed = place(&wants, &nodes, &BTreeMap::new());
+            let again = place(&wants, &nodes, &placed);
+            proptest::prop_assert_eq!(&again, &placed, "placing again moves nothing");
+            for want in &wants {
+                let p = &placed[&(want.app.clone(), want.service.clone())];
+                if p.nodes.is_empty() {
+                    proptest::prop_assert!(p.unplaced.is_some());
+                    continue;
+                }
+                proptest::prop_assert_eq!(p.nodes.values().map(|s| s.max).sum::<u32>(), want.instances_max);
+                proptest::prop_assert_eq!(p.nodes.values().map(|s| s.min).sum::<u32>(), want.instances_min);
+                for (name, share) in &p.nodes {
+                    let node = nodes.iter().find(|n| &n.name == name).expect("a real node");
+                    proptest::prop_assert!(node.allows(&want.rule));
+                    proptest::prop_assert!(share.min <= share.max && share.max >= 1);
+                }
+            }
+        }
+    }
+}

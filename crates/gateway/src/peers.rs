@@ -1,0 +1,358 @@
+//! Forwarding to other nodes' gateways, for services placed elsewhere in a cluster.
+//!
+//! The node tells its gateway where the other nodes' gateways are ([`Peers::set`], after
+//! every heartbeat) and, for each service, which nodes run it
+//! ([`crate::Service::set_locality`]). A request for a service that runs only elsewhere is
+//! sent whole (its body was read within the service's limit) to one of those nodes, in
+//! turn, marked with [`FORWARDED`] so that the receiving node serves it itself or refuses
+//! it (`503 not_placed_here`, when placement moved meanwhile), never forwards it again.
+//!
+//! Failures: a node that cannot be connected to (dead, cut off), or that refuses with
+//! `not_placed_here`, had nothing done: the next node is tried, until the request's one
+//! deadline. A connection that breaks after the request was sent may have been served:
+//! retried on another node only for idempotent methods (RFC 9110 §9.2.2), else answered
+//! `502` saying so. A node that failed is tried after the others for [`SUSPECT_FOR`]: a
+//! paused node accepts connections (the kernel does) but never answers, and only the
+//! request's deadline tells.
+//!
+//! Connections: HTTP/1.1, kept open and reused (at most [`IDLE_PER_PEER`] idle per peer);
+//! TLS when the peer's gateway speaks it, trusting the CA certificates the nodes announce
+//! to the cluster (and nothing else).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::service::{Body, BoxError};
+
+/// The header marking a request forwarded by another node's gateway (its name).
+pub const FORWARDED: &str = "maru-forwarded-by";
+/// The error code a node answers a forwarded request with when it does not run the service.
+pub const NOT_PLACED_HERE: &str = "not_placed_here";
+/// Idle connections kept per peer.
+pub const IDLE_PER_PEER: usize = 32;
+/// How long a peer that failed (no connection, broken, no answer by the deadline) is tried
+/// only after the others.
+pub const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long connecting to a peer may take (TCP and TLS) before the next one is tried: a
+/// node cut off by a partition does not refuse, it just never answers.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Another node's gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddress {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub url: String,
+    /// The PEM of the CA that signed its TLS certificate, if it speaks TLS.
+    pub ca_pem: Option<String>,
+}
+
+/// Why a forwarded request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no node that runs the service can be reached ({0})")]
+    NoPeer(String),
+    #[error(
+        "node {node} failed while handling the request ({reason}); not retried elsewhere because {method} is not idempotent"
+    )]
+    BrokenMidway {
+        node: String,
+        method: String,
+        reason: String,
+    },
+    #[error("the request did not complete within the service's timeout")]
+    Timeout,
+}
+
+#[derive(Default)]
+struct Book {
+    peers: BTreeMap<String, PeerAddress>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The other nodes' gateways, and kept-open connections to them.
+#[derive(Default)]
+pub struct Peers {
+    this: RwLock<String>,
+    book: RwLock<Arc<Book>>,
+    idle: Mutex<BTreeMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    next: AtomicUsize,
+    /// Peers that failed recently, until when they are tried last.
+    suspect: Mutex<BTreeMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    /// This node's name and the other nodes' gateways, replacing what was known. Connections
+    /// to nodes no longer listed are dropped.
+    pub fn set(&self, this: &str, peers: BTreeMap<String, PeerAddress>) {
+        this.clone_into(&mut self.this.write().expect("never poisoned"));
+        let current = self.book.read().expect("never poisoned").clone();
+        if current.peers == peers {
+            return;
+        }
+        let cas: Vec<&str> = peers.values().filter_map(|p| p.ca_pem.as_deref()).collect();
+        let tls = if cas.is_empty() {
+            None
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            for pem in cas {
+                for certificate in CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
+                    if let Err(error) = roots.add(certificate) {
+                        tracing::warn!(%error, "cluster: a node's announced CA certificate is not usable");
+                    }
+                }
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            match rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+            {
+                Ok(builder) => Some(Arc::new(
+                    builder.with_root_certificates(roots).with_no_client_auth(),
+                )),
+                Err(error) => {
+                    tracing::error!(%error, "cluster: no TLS client for forwarding");
+                    None
+                }
+            }
+        };
+        self.idle
+            .lock()
+            .expect("never poisoned")
+            .retain(|name, _| peers.get(name) == current.peers.get(name));
+        *self.book.write().expect("never poisoned") = Arc::new(Book { peers, tls });
+    }
+
+    /// This node's name in the cluster (empty alone).
+    pub fn this(&self) -> String {
+        self.this.read().expect("never poisoned").clone()
+    }
+
+    /// Send `request` to one of `nodes` (module docs), before `deadline`.
+    pub async fn forward(
+        &self,
+        nodes: &[String],
+        request: Request<Full<Bytes>>,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ForwardError> {
+        let book = self.book.read().expect("never poisoned").clone();
+        let this = self.this();
+        let mut reachable: Vec<(&String, &PeerAddress)> = nodes
+            .iter()
+            .filter(|n| **n != this)
+            .filter_map(|n| book.peers.get(n).map(|p| (n, p)))
+            .collect();
+        if reachable.is_empty() {
+            return Err(ForwardError::NoPeer(format!(
+                "it runs on {}, none of which is up",
+                nodes.join(", ")
+            )));
+        }
+        let idempotent = matches!(
+            *request.method(),
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::PUT
+                | http::Method::DELETE
+                | http::Method::TRACE
+        );
+        let (mut parts, body) = request.into_parts();
+        if let Ok(value) = HeaderValue::from_str(&this) {
+            parts.headers.insert(FORWARDED, value);
+        }
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        // In turn, those that failed recently last.
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % reachable.len();
+        reachable.rotate_left(start);
+        let now = Instant::now();
+        {
+            let mut suspect = self.suspect.lock().expect("never poisoned");
+            suspect.retain(|_, until| *until > now);
+            reachable.sort_by_key(|(name, _)| suspect.contains_key(*name));
+        }
+        let mut failures = Vec::new();
+        for (name, peer) in reachable {
+            let mut attempt = Request::from_parts(parts.clone(), Full::new(body.clone()));
+            let Ok(uri) = format!(
+                "{}{}",
+                peer.url.trim_end_matches('/'),
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            )
+            .parse::<http::Uri>() else {
+                failures.push(format!("{name}: bad address {}", peer.url));
+                continue;
+            };
+            // HTTP/1.1 on the wire: the request line carries the path, Host the route's host.
+            *attempt.uri_mut() = uri.path_and_query().map_or_else(
+                || http::Uri::from_static("/"),
+                |p| p.as_str().parse().unwrap_or_default(),
+            );
+            let connect_by = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+            let connected =
+                tokio::time::timeout_at(connect_by.into(), self.connection(name, &uri, &book))
+                    .await;
+            let mut sender = match connected {
+                Err(_) if Instant::now() >= deadline => {
+                    self.suspect(name);
+                    return Err(ForwardError::Timeout);
+                }
+                Err(_) => {
+                    self.suspect(name);
+                    failures.push(format!("{name}: no connection within {CONNECT_TIMEOUT:?}"));
+                    continue; // nothing was sent
+                }
+                Ok(Err(reason)) => {
+                    self.suspect(name);
+                    failures.push(format!("{name}: {reason}"));
+                    continue; // nothing was sent
+                }
+                Ok(Ok(sender)) => sender,
+            };
+            let sent = tokio::time::timeout_at(deadline.into(), sender.send_request(attempt)).await;
+            match sent {
+                Err(_) => {
+                    // No answer by the deadline: paused, overloaded or cut off mid-way.
+                    self.suspect(name);
+                    return Err(ForwardError::Timeout);
+                }
+                Ok(Ok(response)) => {
+                    let refused = response.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && response.headers().get(NOT_PLACED_HERE).is_some();
+                    self.keep(name, sender);
+                    if refused {
+                        failures.push(format!("{name}: does not run it now"));
+                        continue; // it did nothing
+                    }
+                    return Ok(response.map(|body| {
+                        body.map_err(|error| -> BoxError { Box::new(error) })
+                            .boxed_unsync()
+                    }));
+                }
+                Ok(Err(error)) if idempotent => {
+                    self.suspect(name);
+                    failures.push(format!("{name}: {error}"));
+                }
+                Ok(Err(error)) => {
+                    self.suspect(name);
+                    return Err(ForwardError::BrokenMidway {
+                        node: name.clone(),
+                        method: parts.method.to_string(),
+                        reason: error.to_string(),
+                    });
+                }
+            }
+        }
+        Err(ForwardError::NoPeer(failures.join("; ")))
+    }
+
+    /// An idle kept-open connection to `name`, or a new one.
+    async fn connection(
+        &self,
+        name: &str,
+        uri: &http::Uri,
+        book: &Book,
+    ) -> Result<SendRequest<Full<Bytes>>, String> {
+        loop {
+            let idle = self
+                .idle
+                .lock()
+                .expect("never poisoned")
+                .get_mut(name)
+                .and_then(Vec::pop);
+            match idle {
+                Some(sender) if sender.is_ready() => return Ok(sender),
+                Some(_) => continue, // closed or still busy with a body: dropped
+                None => break,
+            }
+        }
+        let host = uri.host().ok_or("the address has no host")?.to_string();
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let stream = tokio::net::TcpStream::connect((bare.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        _ = stream.set_nodelay(true);
+        if https {
+            let config = book
+                .tls
+                .clone()
+                .ok_or("it speaks TLS but announced no CA certificate")?;
+            let server_name = ServerName::try_from(bare.clone())
+                .map_err(|e| format!("{host} is not a TLS server name: {e}"))?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, stream)
+                .await
+                .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+            handshake(TokioIo::new(stream)).await
+        } else {
+            handshake(TokioIo::new(stream)).await
+        }
+    }
+
+    fn suspect(&self, name: &str) {
+        let mut suspect = self.suspect.lock().expect("never poisoned");
+        // Bounded by the peers known: names come from the node list, not from clients.
+        suspect.insert(name.to_string(), Instant::now() + SUSPECT_FOR);
+    }
+
+    fn keep(&self, name: &str, sender: SendRequest<Full<Bytes>>) {
+        let mut idle = self.idle.lock().expect("never poisoned");
+        let kept = idle.entry(name.to_string()).or_default();
+        if kept.len() < IDLE_PER_PEER {
+            kept.push(sender);
+        }
+    }
+}
+
+async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "cluster: a forwarding connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// How a forwarding failure is answered.
+pub(crate) fn failure(error: &ForwardError) -> (StatusCode, &'static str, String) {
+    match error {
+        ForwardError::NoPeer(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_node",
+            error.to_string(),
+        ),
+        ForwardError::BrokenMidway { .. } => {
+            (StatusCode::BAD_GATEWAY, "node_failed", error.to_string())
+        }
+        ForwardError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", error.to_string()),
+    }
+}
