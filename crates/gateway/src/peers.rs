@@ -8,8 +8,8 @@
 //! it (`503 not_placed_here`, when placement moved meanwhile), never forwards it again.
 //!
 //! Failures: a node that cannot be connected to (dead, cut off), or that refuses with
-//! `not_placed_here`, had nothing done: the next node is tried, until the request's one
-//! deadline. A connection that breaks after the request was sent may have been served:
+//! `not_placed_here`, had nothing done: the next node is tried; when all have failed so,
+//! the request waits [`RETRY_PAUSE`] and tries them again, until its one deadline. A connection that breaks after the request was sent may have been served:
 //! retried on another node only for idempotent methods (RFC 9110 §9.2.2), else answered
 //! `502` saying so. A node that failed is tried after the others for [`SUSPECT_FOR`]: a
 //! paused node accepts connections (the kernel does) but never answers, and only the
@@ -38,6 +38,8 @@ use crate::service::{Body, BoxError};
 pub const FORWARDED: &str = "maru-forwarded-by";
 /// The error code a node answers a forwarded request with when it does not run the service.
 pub const NOT_PLACED_HERE: &str = "not_placed_here";
+/// The pause between rounds when every node failed without doing anything.
+pub const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Idle connections kept per peer.
 pub const IDLE_PER_PEER: usize = 32;
 /// How long a peer that failed (no connection, broken, no answer by the deadline) is tried
@@ -71,6 +73,14 @@ pub enum ForwardError {
     },
     #[error("the request did not complete within the service's timeout")]
     Timeout,
+}
+
+/// How one round of tries ended without an answer.
+enum Round {
+    /// Every node refused or could not be reached: nothing was done, trying again is safe.
+    NothingDone(String),
+    /// The request may have been served, or its deadline passed: answered as it is.
+    Failed(ForwardError),
 }
 
 #[derive(Default)]
@@ -142,26 +152,15 @@ impl Peers {
         self.this.read().expect("never poisoned").clone()
     }
 
-    /// Send `request` to one of `nodes` (module docs), before `deadline`.
+    /// Send `request` to one of `nodes` (module docs), before `deadline`. While every one of
+    /// them fails without having done anything (restarting, not yet known at its new
+    /// address, placement moving), the request waits and tries again, until its deadline.
     pub async fn forward(
         &self,
         nodes: &[String],
         request: Request<Full<Bytes>>,
         deadline: Instant,
     ) -> Result<Response<Body>, ForwardError> {
-        let book = self.book.read().expect("never poisoned").clone();
-        let this = self.this();
-        let mut reachable: Vec<(&String, &PeerAddress)> = nodes
-            .iter()
-            .filter(|n| **n != this)
-            .filter_map(|n| book.peers.get(n).map(|p| (n, p)))
-            .collect();
-        if reachable.is_empty() {
-            return Err(ForwardError::NoPeer(format!(
-                "it runs on {}, none of which is up",
-                nodes.join(", ")
-            )));
-        }
         let idempotent = matches!(
             *request.method(),
             http::Method::GET
@@ -172,7 +171,7 @@ impl Peers {
                 | http::Method::TRACE
         );
         let (mut parts, body) = request.into_parts();
-        if let Ok(value) = HeaderValue::from_str(&this) {
+        if let Ok(value) = HeaderValue::from_str(&self.this()) {
             parts.headers.insert(FORWARDED, value);
         }
         let body = body
@@ -180,6 +179,41 @@ impl Peers {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        loop {
+            let failures = match self.round(nodes, &parts, &body, idempotent, deadline).await {
+                Ok(response) => return Ok(response),
+                Err(Round::Failed(error)) => return Err(error),
+                Err(Round::NothingDone(failures)) => failures,
+            };
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(ForwardError::NoPeer(failures));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// One try of each node that runs the service, in turn.
+    async fn round(
+        &self,
+        nodes: &[String],
+        parts: &http::request::Parts,
+        body: &Bytes,
+        idempotent: bool,
+        deadline: Instant,
+    ) -> Result<Response<Body>, Round> {
+        let book = self.book.read().expect("never poisoned").clone();
+        let this = self.this();
+        let mut reachable: Vec<(&String, &PeerAddress)> = nodes
+            .iter()
+            .filter(|n| **n != this)
+            .filter_map(|n| book.peers.get(n).map(|p| (n, p)))
+            .collect();
+        if reachable.is_empty() {
+            return Err(Round::NothingDone(format!(
+                "it runs on {}, none of which is up",
+                nodes.join(", ")
+            )));
+        }
         // In turn, those that failed recently last.
         let start = self.next.fetch_add(1, Ordering::Relaxed) % reachable.len();
         reachable.rotate_left(start);
@@ -213,7 +247,7 @@ impl Peers {
             let mut sender = match connected {
                 Err(_) if Instant::now() >= deadline => {
                     self.suspect(name);
-                    return Err(ForwardError::Timeout);
+                    return Err(Round::Failed(ForwardError::Timeout));
                 }
                 Err(_) => {
                     self.suspect(name);
@@ -232,7 +266,7 @@ impl Peers {
                 Err(_) => {
                     // No answer by the deadline: paused, overloaded or cut off mid-way.
                     self.suspect(name);
-                    return Err(ForwardError::Timeout);
+                    return Err(Round::Failed(ForwardError::Timeout));
                 }
                 Ok(Ok(response)) => {
                     let refused = response.status() == StatusCode::SERVICE_UNAVAILABLE
@@ -253,15 +287,15 @@ impl Peers {
                 }
                 Ok(Err(error)) => {
                     self.suspect(name);
-                    return Err(ForwardError::BrokenMidway {
+                    return Err(Round::Failed(ForwardError::BrokenMidway {
                         node: name.clone(),
                         method: parts.method.to_string(),
                         reason: error.to_string(),
-                    });
+                    }));
                 }
             }
         }
-        Err(ForwardError::NoPeer(failures.join("; ")))
+        Err(Round::NothingDone(failures.join("; ")))
     }
 
     /// An idle kept-open connection to `name`, or a new one.

@@ -837,8 +837,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 membership.clone(),
                 settings.identity.name.clone(),
             );
+            // The node list is read every heartbeat; looked at four times as often, so a
+            // node that came back on a new address is reached within a heartbeat of it.
             tokio::spawn(async move {
-                let mut every = tokio::time::interval(cluster::HEARTBEAT);
+                let mut every = tokio::time::interval(cluster::HEARTBEAT / 4);
                 loop {
                     every.tick().await;
                     peers.set(&name, cluster_peers(&watched.nodes()));

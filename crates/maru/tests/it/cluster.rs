@@ -117,6 +117,17 @@ impl Nats {
         }
     }
 
+    /// SIGKILL one server.
+    fn kill(&mut self, i: usize) {
+        _ = self.servers[i].kill();
+        _ = self.servers[i].wait();
+    }
+
+    /// Start one killed server again, on its ports and files.
+    fn restart(&mut self, i: usize) {
+        self.servers[i] = spawn_nats(&self.configs[i]);
+    }
+
     /// Start every server again, on its ports and files.
     fn restart_all(&mut self) {
         self.servers = self.configs.iter().map(|c| spawn_nats(c)).collect();
@@ -541,10 +552,20 @@ fn keep_asking(
             for (i, gateway) in gateways.iter().enumerate() {
                 asked += 1;
                 let started = Instant::now();
-                let ok = agent
-                    .get(format!("http://{gateway}/hello"))
-                    .call()
-                    .is_ok_and(|r| r.status() == 200);
+                let answer = agent.get(format!("http://{gateway}/hello")).call();
+                let ok = answer.as_ref().is_ok_and(|r| r.status() == 200);
+                if !ok && failed < 5 {
+                    // The first few failures, for whoever reads the test's output.
+                    let what = match answer {
+                        Ok(mut r) => format!(
+                            "{} {}",
+                            r.status(),
+                            r.body_mut().read_to_string().unwrap_or_default()
+                        ),
+                        Err(e) => e.to_string(),
+                    };
+                    eprintln!("request through {gateway} failed: {what}");
+                }
                 match (ok, failing_since[i]) {
                     (true, Some(since)) => {
                         longest = longest.max(since.elapsed());
@@ -711,7 +732,7 @@ fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and
 }
 
 #[test]
-fn a_paused_node_and_a_rolling_restart_keep_requests_answered_within_the_maximum() {
+fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_answered() {
     let nats = Nats::start(3, true);
     let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
         .iter()
@@ -813,6 +834,7 @@ fn a_paused_node_and_a_rolling_restart_keep_requests_answered_within_the_maximum
         nodes[observer].wait_for("two instances", Duration::from_secs(20), || {
             total(&all) == 2
         });
+        std::thread::sleep(Duration::from_secs(2));
         done.store(true, std::sync::atomic::Ordering::Release);
         let (window, failed, asked) = asking.join().expect("asking thread");
         eprintln!(
@@ -825,6 +847,89 @@ fn a_paused_node_and_a_rolling_restart_keep_requests_answered_within_the_maximum
             i + 1
         );
     }
+
+    // kill -9 of the scheduler's node together with its NATS server: the two other
+    // servers keep JetStream's quorum, another node takes the lease, and the dead node's
+    // share starts elsewhere while the others keep answering.
+    nodes[0].wait_for("one scheduler", Duration::from_secs(20), || {
+        schedulers(&nodes[0]).len() == 1
+    });
+    let holder = schedulers(&nodes[0]);
+    let dead = ["n1", "n2", "n3"]
+        .iter()
+        .position(|n| *n == holder[0])
+        .expect("a node");
+    let rest: Vec<usize> = (0..3).filter(|j| *j != dead).collect();
+    let held_before = instances_on(&nodes[dead], "hello", "hello").0;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = keep_asking(
+        rest.iter().map(|j| nodes[*j].gateway.clone()).collect(),
+        done.clone(),
+    );
+    let killed = Instant::now();
+    nodes[dead].kill();
+    let mut nats = nats;
+    nats.kill(dead);
+    let mut most = 0;
+    let (mut new_scheduler, mut moved) = (None, None);
+    while (new_scheduler.is_none() || moved.is_none()) && killed.elapsed() < Duration::from_secs(40)
+    {
+        let counts: Vec<u64> = rest
+            .iter()
+            .map(|j| instances_on(&nodes[*j], "hello", "hello").0)
+            .collect();
+        most = most.max(counts.iter().sum::<u64>());
+        if moved.is_none() && counts.iter().sum::<u64>() == 2 && counts.iter().all(|c| *c == 1) {
+            moved = Some(killed.elapsed());
+        }
+        if new_scheduler.is_none() {
+            let now = nodes[rest[0]].cli(&["nodes", "--json"]).stdout;
+            if let Ok(listed) = serde_json::from_slice::<serde_json::Value>(&now)
+                && listed.as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|n| n["scheduler"] == true && n["name"] != holder[0].as_str())
+                })
+            {
+                new_scheduler = Some(killed.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (window, failed, asked) = asking.join().expect("asking thread");
+    eprintln!(
+        "scheduler {} and its NATS server killed (it ran {held_before} instance): another scheduler after {new_scheduler:?}, two instances on the others after {moved:?}; through the survivors {failed} of {asked} requests failed, longest window {window:?}",
+        holder[0]
+    );
+    let moved = moved.unwrap_or_else(|| {
+        panic!(
+            "the dead node's share never moved:\n{}",
+            nodes[rest[0]].log()
+        )
+    });
+    assert!(
+        new_scheduler.is_some(),
+        "no other node took the scheduler lease"
+    );
+    assert!(
+        most <= 2,
+        "the survivors ran {most} instances: over the maximum"
+    );
+    assert!(
+        moved <= Duration::from_secs(15),
+        "the dead node's share started elsewhere only after {moved:?}"
+    );
+    assert!(
+        window <= Duration::from_secs(10),
+        "no answer for {window:?} through a surviving gateway"
+    );
+    // Both back: the node rejoins through its own server.
+    nats.restart(dead);
+    nodes[dead].restart();
+    nodes[rest[0]].wait_for("the node to rejoin", Duration::from_secs(30), || {
+        node_names(&nodes[rest[0]]).len() == 3
+    });
     for node in &mut nodes {
         node.stop();
     }
