@@ -94,6 +94,16 @@ pub enum Which {
         #[arg(long, default_value_t = 4)]
         clients: u32,
     },
+    /// Requests per second through three cluster nodes (with three NATS servers) against
+    /// one node alone, and forwarded between gateways against served directly.
+    Cluster {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// Every scaling policy on every shared trace, each tuned on the first 70 % to the
     /// cheapest setting holding 99.9 % availability, reported on the last 30 %, for several
     /// instance start-up times. Prints a Markdown table for BENCHMARKS.md.
@@ -114,6 +124,11 @@ pub enum Which {
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Store { clients } => crate::bench_store::store(clients),
+        Which::Cluster {
+            seconds,
+            connections,
+            rounds,
+        } => crate::bench_cluster::cluster(seconds, connections, rounds),
         Which::Density { apps, process_apps } => crate::bench_density::density(&apps, process_apps),
         Which::Control {
             seconds,
@@ -178,16 +193,16 @@ fn wasmtime_cli() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-struct Load {
-    requests_per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
+pub(crate) struct Load {
+    pub(crate) requests_per_second: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) errors: u64,
 }
 
 impl Load {
     /// The mean of each figure over `runs` (errors summed).
-    fn mean(runs: &[Load]) -> Load {
+    pub(crate) fn mean(runs: &[Load]) -> Load {
         let n = runs.len().max(1) as f64;
         let mean = |f: fn(&Load) -> f64| runs.iter().map(f).sum::<f64>() / n;
         Load {
@@ -199,7 +214,7 @@ impl Load {
     }
 
     /// `req/s  p50  p99` as the summary prints it.
-    fn row(&self) -> String {
+    pub(crate) fn row(&self) -> String {
         format!(
             "{:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
             self.requests_per_second, self.p50_ms, self.p99_ms
@@ -207,7 +222,7 @@ impl Load {
     }
 }
 
-fn wrk(url: &str, seconds: u32, connections: u32) -> anyhow::Result<Load> {
+pub(crate) fn wrk(url: &str, seconds: u32, connections: u32) -> anyhow::Result<Load> {
     let output = Command::new("wrk")
         .args([
             "-t2",

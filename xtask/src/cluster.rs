@@ -28,23 +28,21 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
     held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
-pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    if !(1..=9).contains(&args.nodes) {
-        bail!("--nodes {} is out of range: use 1 to 9", args.nodes);
-    }
-    let duration = args
-        .duration
-        .as_deref()
-        .map(crate::demo::parse_duration)
-        .transpose()?;
-    let nats = crate::bench_events::nats_syncing_server()?;
-    let components = env::build_examples()?;
-    let maru = env::build_maru_release()?;
-    let dir = env::root().join("target/cluster");
-    _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+/// A cluster on loopback: its NATS servers and Maru nodes (stopped when dropped).
+pub struct DevCluster {
+    pub nodes: Vec<MaruNode>,
+    pub servers: Vec<crate::bench_events::NatsServer>,
+}
 
-    let ports: Vec<(u16, u16, u16)> = free_ports(3 * args.nodes)?
+/// Start `count` NATS servers (a JetStream cluster that syncs every write) and as many
+/// Maru nodes (`n1`, `n2`, …) joined to it, with their files under `dir`.
+pub fn start(
+    count: usize,
+    dir: &std::path::Path,
+    maru: &std::path::Path,
+    nats: &std::path::Path,
+) -> anyhow::Result<DevCluster> {
+    let ports: Vec<(u16, u16, u16)> = free_ports(3 * count)?
         .chunks(3)
         .map(|p| (p[0], p[1], p[2]))
         .collect();
@@ -54,7 +52,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         .collect();
     let mut servers = Vec::new();
     for (i, (client, route, http)) in ports.iter().enumerate() {
-        let clustering = if args.nodes > 1 {
+        let clustering = if count > 1 {
             format!(
                 "cluster {{ name: maru-dev, listen: \"127.0.0.1:{route}\", routes: [{}] }}",
                 routes.join(", ")
@@ -71,7 +69,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             ),
         )?;
         servers.push(crate::bench_events::NatsServer::spawn(
-            &nats,
+            nats,
             &config,
             &dir.join(format!("nats-{i}.log")),
         )?);
@@ -86,17 +84,17 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         .collect();
     println!(
         "xtask: {} NATS servers (JetStream, sync_interval: always) at {}",
-        args.nodes,
+        count,
         urls.join(", ")
     );
     let (urls, monitors) = (urls.join(","), monitors.join(","));
     let mut nodes = Vec::new();
-    for i in 1..=args.nodes {
+    for i in 1..=count {
         let name = format!("n{i}");
         let any = "127.0.0.1:0";
         let started = Instant::now();
         let node = MaruNode::start_with(
-            &maru,
+            maru,
             &dir.join(format!("{name}/data")),
             [any, any, any, any],
             &dir.join(format!("{name}.log")),
@@ -109,7 +107,12 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 &monitors,
             ],
         )
-        .with_context(|| format!("start node {name} (log: target/cluster/{name}.log)"))?;
+        .with_context(|| {
+            format!(
+                "start node {name} (log: {})",
+                dir.join(format!("{name}.log")).display()
+            )
+        })?;
         println!(
             "xtask: node {name} up in {:.1} s: gateway http://{}, control http://{}",
             started.elapsed().as_secs_f64(),
@@ -118,6 +121,26 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         );
         nodes.push(node);
     }
+    Ok(DevCluster { nodes, servers })
+}
+
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    if !(1..=9).contains(&args.nodes) {
+        bail!("--nodes {} is out of range: use 1 to 9", args.nodes);
+    }
+    let duration = args
+        .duration
+        .as_deref()
+        .map(crate::demo::parse_duration)
+        .transpose()?;
+    let nats = crate::bench_events::nats_syncing_server()?;
+    let components = env::build_examples()?;
+    let maru = env::build_maru_release()?;
+    let dir = env::root().join("target/cluster");
+    _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+
+    let DevCluster { mut nodes, servers } = start(args.nodes, &dir, &maru, &nats)?;
     let hello = dir.join("hello.toml");
     std::fs::write(
         &hello,

@@ -12,6 +12,7 @@
 //! - `cargo xtask tidy`: the tidy checks alone.
 
 mod bench;
+mod bench_cluster;
 mod bench_control;
 mod bench_density;
 mod bench_events;

@@ -17,8 +17,15 @@
 //!   holder renews it every heartbeat by compare-and-set on the revision it wrote; the others
 //!   try to create it. The holder counts on its lease only until [`LEASE_TTL`] −
 //!   [`LEASE_MARGIN`] after it sent its last successful renewal, so a holder cut off stops
-//!   acting as scheduler before anyone else can take the key. (Nothing acts as scheduler
-//!   yet: placement is the next step, docs/cluster.md.)
+//!   acting as scheduler before anyone else can take the key; the scheduler
+//!   ([`placement`]) checks the time left before every write and bounds the write by it. A
+//!   node takes the lease only once it serves (not while it is still catching up).
+//!
+//! Timing: the constants below are chosen so that a node killed together with its NATS
+//! server has its work placed elsewhere well within 15 s. JetStream itself needs up to about
+//! 9 s to elect a new leader for a bucket whose leader was on the lost server (its RAFT
+//! election timeout is 4 to 9 s); the node record and the lease expire within 5 s, and a
+//! node looks every second.
 
 pub mod placement;
 pub mod shared;
@@ -32,10 +39,10 @@ use maru_api::NodeStatus;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-/// How often a node announces itself.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// How long a node's announcement stands: three missed heartbeats and a margin.
-pub const NODE_TTL: Duration = Duration::from_secs(8);
+/// How often a node announces itself (and renews or tries to take the scheduler lease).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a node's announcement stands: four missed heartbeats and a margin.
+pub const NODE_TTL: Duration = Duration::from_secs(5);
 /// The key-value bucket of node records.
 pub const NODES_BUCKET: &str = "maru-nodes";
 /// The key-value bucket of leases.
@@ -43,14 +50,30 @@ pub const LEASES_BUCKET: &str = "maru-leases";
 /// The key-value bucket of drained nodes (one key per node being drained).
 pub const DRAINS_BUCKET: &str = "maru-drains";
 /// How long a lease stands after it was last renewed.
-pub const LEASE_TTL: Duration = Duration::from_secs(8);
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// A holder stops counting on its lease this long before others may take it, for the time
-/// its renewal took to reach the servers and for clocks running at different rates.
-pub const LEASE_MARGIN: Duration = Duration::from_secs(3);
+/// its renewal took to reach the servers and for clocks running at different rates. The
+/// holder renews every [`HEARTBEAT`], so a renewal may take up to
+/// `LEASE_TTL - LEASE_MARGIN - HEARTBEAT` (2 s) before the holder pauses scheduling.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// The key-value bucket of cluster-wide settings: the forwarding key.
+pub const CLUSTER_BUCKET: &str = "maru-cluster";
 /// How long joining waits for NATS to answer and for JetStream to be able to serve the node bucket.
 pub const JOIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long any one call to NATS may take before it counts as failed.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The bound on each JetStream call that announces this node (lease, announcement), so
+/// that a slow call delays the next announcement by little: a live node whose JetStream
+/// answers announces itself at least every few seconds, well within [`NODE_TTL`].
+const BEAT_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long this node's own announcements must have succeeded without a break before, as
+/// scheduler, it reads a node's missing record as that node gone
+/// ([`Membership::trusted_nodes`]). When JetStream was
+/// unavailable to everyone (electing a leader after a server died), every record may have
+/// expired at once; the live nodes announce again within a heartbeat or two of its return,
+/// and until then the scheduler changes nothing (it would otherwise give a live node's
+/// share to another and run more than a service's maximum).
+pub const STEADY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -204,9 +227,13 @@ pub struct Membership {
     drains: async_nats::jetstream::kv::Store,
     /// Wakes the heartbeat for an announcement now.
     nudge: Arc<tokio::sync::Notify>,
-    /// Whether this node holds the scheduler lease now.
-    scheduler: Arc<std::sync::atomic::AtomicBool>,
-    nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
+    /// Until when this node counts on the scheduler lease, if it holds it.
+    lease_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// Since when this node's heartbeats have succeeded without a break.
+    steady_since: Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// Notified when this node takes the scheduler lease.
+    took_lease: Arc<tokio::sync::Notify>,
+    listed: Arc<Mutex<Listed>>,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     name: String,
@@ -282,16 +309,18 @@ impl Membership {
         })
         .await?;
         let name = announce.status().name;
-        let scheduler = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lease_until = Arc::new(Mutex::new(None));
+        let steady_since = Arc::new(Mutex::new(Some(tokio::time::Instant::now())));
+        let took_lease = Arc::new(tokio::sync::Notify::new());
         let lease = Lease::new(leases, "scheduler", &name);
-        let nodes = Arc::new(Mutex::new(BTreeMap::new()));
+        let listed = Arc::new(Mutex::new(Listed::default()));
         let stop = CancellationToken::new();
         // Announce once before returning, so the node is listed as soon as it has joined. A
         // bucket just made may not take writes on every server yet (its stream is still
         // being placed): tried again within the same patience.
         patiently("announce this node", started, || async {
             announce_once(&bucket, announce.as_ref(), false).await?;
-            refresh(&bucket, &drains, &nodes).await
+            refresh(&bucket, &drains, &listed).await
         })
         .await?;
         let nudge = Arc::new(tokio::sync::Notify::new());
@@ -300,31 +329,42 @@ impl Membership {
             bucket,
             drains: drains.clone(),
             announce,
-            nodes: nodes.clone(),
+            listed: listed.clone(),
             lease,
-            scheduler: scheduler.clone(),
+            lease_until: lease_until.clone(),
+            steady_since: steady_since.clone(),
+            took_lease: took_lease.clone(),
             stop: stop.clone(),
         }));
         Ok(Membership {
             jetstream,
             drains,
             nudge,
-            scheduler,
-            nodes,
+            lease_until,
+            steady_since,
+            took_lease,
+            listed,
             stop,
             task: Mutex::new(Some(task)),
             name,
         })
     }
 
-    /// The nodes whose announcements stand, as last read (at most a heartbeat ago).
+    /// The nodes whose announcements stand, as last read (normally a heartbeat ago).
     pub fn nodes(&self) -> Vec<NodeStatus> {
-        self.nodes
-            .lock()
-            .expect("never poisoned")
-            .values()
-            .cloned()
-            .collect()
+        let listed = self.listed.lock().expect("never poisoned");
+        listed.nodes.values().cloned().collect()
+    }
+
+    /// The nodes whose announcements stand, if the list may be trusted to have lost only
+    /// nodes that are gone: it was read after this node's own announcements had succeeded
+    /// for [`STEADY`] without a break (a list read soon after JetStream was unavailable may
+    /// lack live nodes whose records expired meanwhile).
+    pub fn trusted_nodes(&self) -> Option<Vec<NodeStatus>> {
+        let since = (*self.steady_since.lock().expect("never poisoned"))?;
+        let listed = self.listed.lock().expect("never poisoned");
+        let read_at = listed.read_at?;
+        (read_at >= since + STEADY).then(|| listed.nodes.values().cloned().collect())
     }
 
     /// The JetStream context the node joined through.
@@ -334,7 +374,19 @@ impl Membership {
 
     /// Whether this node holds the scheduler lease now.
     pub fn is_scheduler(&self) -> bool {
-        self.scheduler.load(std::sync::atomic::Ordering::Acquire)
+        self.lease_left().is_some()
+    }
+
+    /// How long this node may still act on the scheduler lease, if it holds it now.
+    pub fn lease_left(&self) -> Option<Duration> {
+        let until = (*self.lease_until.lock().expect("never poisoned"))?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Wait until this node takes the scheduler lease (from not holding it).
+    pub async fn took_lease(&self) {
+        self.took_lease.notified().await;
     }
 
     /// This node's name in the cluster.
@@ -364,7 +416,13 @@ impl Membership {
             .map_err(|_| ClusterError::JetStream("changing the drain timed out".into()))?
             .map_err(|e| ClusterError::JetStream(format!("change the drain of {node}: {e}")))?;
         // Seen in the node list at once, not a heartbeat later.
-        if let Some(status) = self.nodes.lock().expect("never poisoned").get_mut(node) {
+        if let Some(status) = self
+            .listed
+            .lock()
+            .expect("never poisoned")
+            .nodes
+            .get_mut(node)
+        {
             status.draining = drain;
         }
         Ok(())
@@ -389,6 +447,48 @@ impl Membership {
             _ = task.await;
         }
     }
+}
+
+/// The cluster's forwarding key, which every request one node's gateway forwards to another
+/// carries (gateway::peers): made by the first node that asks (256 random bits), read by
+/// the others. Only the cluster's nodes read it (the control API never shows it).
+pub async fn forward_key(
+    jetstream: &async_nats::jetstream::Context,
+    replicas: usize,
+) -> Result<String, ClusterError> {
+    const KEY: &str = "forward-key";
+    let config = async_nats::jetstream::kv::Config {
+        bucket: CLUSTER_BUCKET.to_string(),
+        description: "Maru cluster-wide settings".to_string(),
+        history: 1,
+        num_replicas: replicas.clamp(1, 3),
+        ..Default::default()
+    };
+    let started = tokio::time::Instant::now();
+    let bucket = patiently("open the cluster bucket", started, || {
+        jetstream.create_key_value(config.clone())
+    })
+    .await?;
+    let mut made = [0u8; 32];
+    getrandom::fill(&mut made)
+        .map_err(|e| ClusterError::JetStream(format!("no randomness: {e}")))?;
+    let made: String = made.iter().map(|b| format!("{b:02x}")).collect();
+    patiently("read the forwarding key", started, || async {
+        if let Some(key) = bucket.get(KEY).await.map_err(|e| e.to_string())? {
+            let key = String::from_utf8(key.to_vec()).map_err(|e| e.to_string())?;
+            if key.len() < 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("the forwarding key in {CLUSTER_BUCKET} is damaged"));
+            }
+            return Ok(key);
+        }
+        // Two nodes starting at once: one creates it, the other reads it on the next try.
+        bucket
+            .create(KEY, made.clone().into())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(made.clone())
+    })
+    .await
 }
 
 /// `attempt` until it succeeds, every 500 ms while JetStream cannot yet (electing leaders,
@@ -437,7 +537,7 @@ async fn announce_once(
     status.scheduler = scheduler;
     assert!(valid_name(&status.name), "node names are checked at start");
     let value = serde_json::to_vec(&status).expect("a node status serialises");
-    tokio::time::timeout(CALL_TIMEOUT, bucket.put(&status.name, value.into()))
+    tokio::time::timeout(BEAT_CALL_TIMEOUT, bucket.put(&status.name, value.into()))
         .await
         .map_err(|_| ClusterError::JetStream("announcing this node timed out".into()))?
         .map_err(|e| ClusterError::JetStream(format!("announce this node: {e}")))?;
@@ -450,42 +550,96 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Read every standing node record into `nodes`, each marked if it is being drained.
+/// The nodes whose records stood when last read, and when that read began.
+#[derive(Default)]
+struct Listed {
+    nodes: BTreeMap<String, NodeStatus>,
+    read_at: Option<tokio::time::Instant>,
+}
+
+/// At most this many keys are read from a membership bucket (nodes, drains): far more
+/// nodes than a cluster has; more is an error, not an unbounded list.
+const KEYS_MAX: usize = 10_000;
+
+/// The keys of `bucket` that hold a message now (an expired record is gone; a deleted key
+/// still holds its delete marker, so callers read each key). Asked of the bucket's stream
+/// (its information with its subjects), not through a consumer: creating a consumer needs
+/// JetStream's meta leader, which is elected anew for seconds when a server dies, while
+/// announcements go on.
+async fn standing_keys(bucket: &async_nats::jetstream::kv::Store) -> Result<Vec<String>, String> {
+    let prefix = bucket.prefix.clone();
+    let mut subjects = bucket
+        .stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.map_err(|e| e.to_string())?;
+        if let Some(key) = subject.strip_prefix(prefix.as_str()) {
+            keys.push(key.to_string());
+        }
+        if keys.len() > KEYS_MAX {
+            return Err(format!("more than {KEYS_MAX} keys"));
+        }
+    }
+    Ok(keys)
+}
+
+/// Read every standing node record into `listed`, each marked if it is being drained.
 async fn refresh(
     bucket: &async_nats::jetstream::kv::Store,
     drains: &async_nats::jetstream::kv::Store,
-    nodes: &Mutex<BTreeMap<String, NodeStatus>>,
+    listed: &Mutex<Listed>,
 ) -> Result<(), ClusterError> {
+    let started = tokio::time::Instant::now();
     let read = async {
-        let mut keys = bucket
-            .keys()
+        let mut names = standing_keys(bucket)
             .await
             .map_err(|e| ClusterError::JetStream(format!("list nodes: {e}")))?;
+        // A node listed before is read by name too: a node seen once counts as gone only
+        // when its record is.
+        for name in listed.lock().expect("never poisoned").nodes.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
         let mut seen = BTreeMap::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| ClusterError::JetStream(format!("list nodes: {e}")))?;
+        for name in names {
             let Some(value) = bucket
-                .get(&key)
+                .get(&name)
                 .await
-                .map_err(|e| ClusterError::JetStream(format!("read node {key}: {e}")))?
+                .map_err(|e| ClusterError::JetStream(format!("read node {name}: {e}")))?
             else {
                 continue; // expired meanwhile
             };
             let status: NodeStatus =
                 serde_json::from_slice(&value).map_err(|e| ClusterError::Record {
                     bucket: NODES_BUCKET,
-                    reason: format!("{key}: {e}"),
+                    reason: format!("{name}: {e}"),
                 })?;
-            seen.insert(key, status);
+            if status.name != name {
+                return Err(ClusterError::Record {
+                    bucket: NODES_BUCKET,
+                    reason: format!("the record under {name} is {}'s", status.name),
+                });
+            }
+            seen.insert(name, status);
         }
-        let mut drained = drains
-            .keys()
+        let drained = standing_keys(drains)
             .await
             .map_err(|e| ClusterError::JetStream(format!("list drained nodes: {e}")))?;
-        while let Some(key) = drained.next().await {
-            let key =
-                key.map_err(|e| ClusterError::JetStream(format!("list drained nodes: {e}")))?;
-            if let Some(status) = seen.get_mut(&key) {
+        for name in drained {
+            if !seen.contains_key(&name) {
+                continue;
+            }
+            let marked = drains
+                .get(&name)
+                .await
+                .map_err(|e| ClusterError::JetStream(format!("read the drain of {name}: {e}")))?;
+            if marked.is_some()
+                && let Some(status) = seen.get_mut(&name)
+            {
                 status.draining = true;
             }
         }
@@ -494,7 +648,10 @@ async fn refresh(
     let seen = tokio::time::timeout(CALL_TIMEOUT, read)
         .await
         .map_err(|_| ClusterError::JetStream("listing nodes timed out".into()))??;
-    *nodes.lock().expect("never poisoned") = seen;
+    *listed.lock().expect("never poisoned") = Listed {
+        nodes: seen,
+        read_at: Some(started),
+    };
     Ok(())
 }
 
@@ -504,60 +661,102 @@ struct Heartbeat {
     bucket: async_nats::jetstream::kv::Store,
     drains: async_nats::jetstream::kv::Store,
     announce: Arc<dyn Announce>,
-    nodes: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
+    listed: Arc<Mutex<Listed>>,
     lease: Lease,
-    scheduler: Arc<std::sync::atomic::AtomicBool>,
+    lease_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    steady_since: Arc<Mutex<Option<tokio::time::Instant>>>,
+    took_lease: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 }
 
+/// Announce this node (and renew or take the lease) every heartbeat, and list the nodes
+/// every heartbeat, each in its own loop: a slow listing never delays an announcement.
 async fn heartbeat(beat: Heartbeat) {
     let Heartbeat {
         nudge,
         bucket,
         drains,
         announce,
-        nodes,
+        listed,
         mut lease,
-        scheduler,
+        lease_until,
+        steady_since,
+        took_lease,
         stop,
     } = beat;
-    let mut every = tokio::time::interval(HEARTBEAT);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = every.tick() => {}
-            _ = nudge.notified() => {}
-        }
-        let was = lease.holds();
-        lease.renew().await;
-        let holds = lease.holds();
-        scheduler.store(holds, std::sync::atomic::Ordering::Release);
-        if holds != was {
-            tracing::info!(
-                scheduler = holds,
-                "cluster: this node {} the scheduler lease",
-                if holds { "holds" } else { "no longer holds" }
-            );
-        }
-        let result = match announce_once(&bucket, announce.as_ref(), holds).await {
-            Ok(()) => refresh(&bucket, &drains, &nodes).await,
-            Err(error) => Err(error),
-        };
-        match result {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!("cluster: announcing this node again");
+    let announcing = async {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+                _ = nudge.notified() => {}
             }
-            Ok(()) => {}
-            Err(error) if !failing => {
-                failing = true;
-                tracing::warn!(%error, "cluster: cannot announce this node; it keeps serving what it runs and tries again every heartbeat");
+            let was = lease.holds();
+            // A node still catching up (not serving yet) does not take the lease.
+            let serving = announce.status().health == "up";
+            lease.renew(was || serving).await;
+            let holds = lease.holds();
+            *lease_until.lock().expect("never poisoned") = lease.until();
+            if holds != was {
+                tracing::info!(
+                    scheduler = holds,
+                    "cluster: this node {} the scheduler lease",
+                    if holds { "holds" } else { "no longer holds" }
+                );
+                if holds {
+                    took_lease.notify_waiters();
+                }
             }
-            Err(_) => {}
+            let result = announce_once(&bucket, announce.as_ref(), holds).await;
+            {
+                let mut since = steady_since.lock().expect("never poisoned");
+                match (&result, *since) {
+                    (Ok(()), None) => *since = Some(tokio::time::Instant::now()),
+                    (Err(_), Some(_)) => *since = None,
+                    _ => {}
+                }
+            }
+            match result {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("cluster: announcing this node again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "cluster: cannot announce this node; it keeps serving what it runs and tries again every heartbeat");
+                }
+                Err(_) => {}
+            }
         }
-    }
+    };
+    let listing = async {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            match refresh(&bucket, &drains, &listed).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("cluster: listing the nodes again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "cluster: cannot list the nodes; going on with the last list");
+                }
+                Err(_) => {}
+            }
+        }
+    };
+    tokio::join!(announcing, listing);
 }
 
 /// A lease: a key one node at a time writes (module docs).
@@ -579,19 +778,21 @@ impl Lease {
         }
     }
 
-    /// Renew the lease if held, else try to take it; false if this node does not hold it
-    /// afterwards.
-    pub async fn renew(&mut self) -> bool {
+    /// Renew the lease if held, else try to take it if `take`; whether it was written (see
+    /// [`Lease::holds`] for whether this node may act on it).
+    pub async fn renew(&mut self, take: bool) -> bool {
         let sent = tokio::time::Instant::now();
         let value = bytes::Bytes::from(self.holder.clone());
         let written = match self.held {
-            Some((revision, _)) => {
-                tokio::time::timeout(CALL_TIMEOUT, self.bucket.update(&self.key, value, revision))
-                    .await
-                    .map_err(|_| "timed out".to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-            }
-            None => tokio::time::timeout(CALL_TIMEOUT, self.bucket.create(&self.key, value))
+            None if !take => return false,
+            Some((revision, _)) => tokio::time::timeout(
+                BEAT_CALL_TIMEOUT,
+                self.bucket.update(&self.key, value, revision),
+            )
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+            None => tokio::time::timeout(BEAT_CALL_TIMEOUT, self.bucket.create(&self.key, value))
                 .await
                 .map_err(|_| "timed out".to_string())
                 .and_then(|r| r.map_err(|e| e.to_string())),
@@ -602,9 +803,14 @@ impl Lease {
                 true
             }
             Err(_) => {
-                // Held by another, or not known to be ours: a lost acknowledgement leaves
-                // the key to expire and be taken again, never two holders.
-                self.held = None;
+                // Not renewed (JetStream electing a leader, or another holds it): the holder
+                // keeps its revision for a later compare-and-set but does not extend the
+                // time it counts on; once that has passed, it tries to take the key afresh.
+                // A lost acknowledgement leaves the key to expire and be taken again, never
+                // two holders.
+                if self.until().is_none() {
+                    self.held = None;
+                }
                 false
             }
         }
@@ -612,8 +818,14 @@ impl Lease {
 
     /// Whether this node holds the lease now (and may act on it).
     pub fn holds(&self) -> bool {
+        self.until().is_some()
+    }
+
+    /// Until when this node may act on the lease, if it holds it now.
+    pub fn until(&self) -> Option<tokio::time::Instant> {
         self.held
-            .is_some_and(|(_, until)| tokio::time::Instant::now() < until)
+            .map(|(_, until)| until)
+            .filter(|until| tokio::time::Instant::now() < *until)
     }
 }
 

@@ -2,18 +2,27 @@
 //! stored in the JetStream key-value bucket `maru-placement`, one key per app, written only
 //! by the node holding the scheduler lease and read by every node.
 //!
-//! The scheduler looks again every [`SCHEDULE_EVERY`]: at the apps the cluster shares (as
-//! its own node has applied them) and at the nodes whose announcements stand. It writes
-//! only what changed, and checks before every write that it still holds the lease (a
-//! holder counts on it for less time than others wait before taking it over, so a
-//! scheduler cut off stops writing before another starts).
+//! The scheduler looks again every [`SCHEDULE_EVERY`], and at once when it takes the lease:
+//! at the apps the cluster shares (as its own node has applied them) and at the nodes whose
+//! announcements stand. It writes only what changed, each write a compare-and-set on the
+//! revision it last read, so a write based on an old view (a scheduler that lost its lease
+//! while writing, a placement changed meanwhile) fails instead of overwriting. Before every
+//! write it checks the time left on its lease and bounds the write by it.
+//!
+//! The scheduler places nothing until its list of nodes was read after its own
+//! announcements had succeeded for [`STEADY`] without a break
+//! ([`Membership::trusted_nodes`]): after JetStream was unavailable, every node's record may
+//! have expired together, and a missing record says nothing until the live nodes have had
+//! time to announce themselves again.
 //!
 //! Timing: a node that dies stops announcing; its record expires within [`NODE_TTL`], the
 //! scheduler's node list is refreshed every [`crate::HEARTBEAT`] and the scheduler looks
-//! every [`SCHEDULE_EVERY`], so its share is given to others within about 11 s, and started
-//! there at once for services with a minimum (on the first request otherwise).
+//! every [`SCHEDULE_EVERY`], so its share is given to others within about 7 s (plus
+//! JetStream's own election, up to about 9 s, when the node's NATS server went with it), and
+//! started there at once for services with a minimum (on the first request otherwise).
 //!
 //! [`NODE_TTL`]: crate::NODE_TTL
+//! [`STEADY`]: crate::STEADY
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -29,12 +38,13 @@ use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, Membership, patiently};
 
 pub const PLACEMENT_BUCKET: &str = "maru-placement";
 /// How often the scheduler looks at the apps and nodes.
-pub const SCHEDULE_EVERY: Duration = Duration::from_secs(1);
+pub const SCHEDULE_EVERY: Duration = Duration::from_millis(500);
 
 /// The placement bucket, what was last read from it, and the tasks reading and writing it.
 pub struct Placements {
     bucket: Store,
-    current: Mutex<BTreeMap<String, AppPlacement>>,
+    /// Each app's placement as last read or written, and its revision in the bucket.
+    current: Mutex<BTreeMap<String, (u64, AppPlacement)>>,
     stop: CancellationToken,
 }
 
@@ -133,14 +143,25 @@ impl Placements {
                 },
                 Operation::Delete | Operation::Purge => None,
             };
-            {
+            // Never back to an older revision: this node's own write (as scheduler) was
+            // recorded and applied before the watch delivers it.
+            let newer = {
                 let mut current = self.current.lock().expect("never poisoned");
+                let newer = current.get(&app).is_none_or(|(r, _)| *r < entry.revision);
                 match &placement {
-                    Some(placement) => current.insert(app.clone(), placement.clone()),
-                    None => current.remove(&app),
-                };
+                    Some(placement) if newer => {
+                        current.insert(app.clone(), (entry.revision, placement.clone()));
+                    }
+                    None if newer => {
+                        current.remove(&app);
+                    }
+                    _ => {}
+                }
+                newer
+            };
+            if newer {
+                node.set_placement(&app, placement);
             }
-            node.set_placement(&app, placement);
             if entry.delta == 0
                 && let Some(done) = caught_up.take()
             {
@@ -160,6 +181,7 @@ impl Placements {
                 tokio::select! {
                     _ = placements.stop.cancelled() => return,
                     _ = every.tick() => {}
+                    _ = membership.took_lease() => {}
                 }
                 if !membership.is_scheduler() {
                     continue;
@@ -182,8 +204,11 @@ impl Placements {
 
     async fn schedule_once(&self, node: &Node, membership: &Membership) -> Result<(), String> {
         let wants = node.placement_wants().map_err(|e| e.to_string())?;
-        let candidates: Vec<Candidate> = membership
-            .nodes()
+        // Not while this node's list of nodes may lack live ones (`STEADY`).
+        let Some(nodes) = membership.trusted_nodes() else {
+            return Ok(());
+        };
+        let candidates: Vec<Candidate> = nodes
             .into_iter()
             // A node still starting (catching up with the cluster) gets work once it serves.
             .filter(|n| n.health == "up")
@@ -199,7 +224,7 @@ impl Placements {
         let current = self.current.lock().expect("never poisoned").clone();
         let previous: BTreeMap<(String, String), ServicePlacement> = current
             .iter()
-            .flat_map(|(app, services)| {
+            .flat_map(|(app, (_, services))| {
                 services
                     .iter()
                     .map(move |(service, p)| ((app.clone(), service.clone()), p.clone()))
@@ -210,27 +235,53 @@ impl Placements {
             wanted.entry(app).or_default().insert(service, placed);
         }
         for (app, placement) in &wanted {
-            if current.get(app) == Some(placement) {
-                continue;
-            }
-            if !membership.is_scheduler() {
-                return Ok(()); // the lease ran out meanwhile: the next holder places
-            }
+            let revision = match current.get(app) {
+                Some((_, now)) if now == placement => continue,
+                Some((revision, _)) => Some(*revision),
+                None => None,
+            };
+            // The lease ran out meanwhile: the next holder places.
+            let Some(left) = membership.lease_left() else {
+                return Ok(());
+            };
             let value = serde_json::to_vec(placement).expect("a placement serialises");
-            tokio::time::timeout(CALL_TIMEOUT, self.bucket.put(app, value.into()))
+            let write = async {
+                match revision {
+                    Some(revision) => self
+                        .bucket
+                        .update(app, value.into(), revision)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => self
+                        .bucket
+                        .create(app, value.into())
+                        .await
+                        .map_err(|e| e.to_string()),
+                }
+            };
+            let written = tokio::time::timeout(left.min(CALL_TIMEOUT), write)
                 .await
                 .map_err(|_| format!("writing app {app}'s placement timed out"))?
                 .map_err(|e| format!("write app {app}'s placement: {e}"))?;
+            self.current
+                .lock()
+                .expect("never poisoned")
+                .insert(app.clone(), (written, placement.clone()));
+            // Applied here at once; the other nodes read it from their watch.
+            node.set_placement(app, Some(placement.clone()));
             tracing::info!(%app, placement = %describe(placement), "cluster: placed");
         }
-        for app in current.keys().filter(|app| !wanted.contains_key(*app)) {
-            if !membership.is_scheduler() {
+        for (app, (revision, _)) in current.iter().filter(|(app, _)| !wanted.contains_key(*app)) {
+            let Some(left) = membership.lease_left() else {
                 return Ok(());
-            }
-            tokio::time::timeout(CALL_TIMEOUT, self.bucket.delete(app))
+            };
+            let delete = self.bucket.delete_expect_revision(app, Some(*revision));
+            tokio::time::timeout(left.min(CALL_TIMEOUT), delete)
                 .await
                 .map_err(|_| format!("removing app {app}'s placement timed out"))?
                 .map_err(|e| format!("remove app {app}'s placement: {e}"))?;
+            self.current.lock().expect("never poisoned").remove(app);
+            node.set_placement(app, None);
         }
         Ok(())
     }

@@ -522,7 +522,9 @@ impl Node {
                     routes.push((key, running.service.clone()));
                 }
             }
-            RouteTable::new(routes)
+            RouteTable::new(routes).with_named(running.iter().map(|((app, service), running)| {
+                (format!("{app}/{service}"), running.service.clone())
+            }))
         };
         self.gateway.install(table);
         // Apps that became shared since their services started now run as placed.

@@ -4,8 +4,17 @@
 //! every heartbeat) and, for each service, which nodes run it
 //! ([`crate::Service::set_locality`]). A request for a service that runs only elsewhere is
 //! sent whole (its body was read within the service's limit) to one of those nodes, in
-//! turn, marked with [`FORWARDED`] so that the receiving node serves it itself or refuses
-//! it (`503 not_placed_here`, when placement moved meanwhile), never forwards it again.
+//! turn, marked with [`FORWARDED`] (the sending node), [`FORWARD_SERVICE`] (`app/service`)
+//! and [`FORWARD_KEY`] (the cluster's forwarding key, shared through JetStream). The
+//! receiving node checks the key ([`Peers::accept`]); with it, it dispatches by the service
+//! named (not by Host and path, which may route elsewhere there, or nowhere for a trigger's
+//! delivery), trusts the sender's `X-Forwarded-For`, and serves the request itself or
+//! refuses it (`503` with the header [`NOT_PLACED_HERE`], when placement moved meanwhile),
+//! never forwards it again. Without a valid key the three headers are removed and the
+//! request is an ordinary client's: a client cannot pass for a node, and the key never
+//! reaches a service. A service's own answer never carries [`NOT_PLACED_HERE`] out of its
+//! gateway (removed there), so a refusal is always a gateway's, and a service cannot make
+//! its caller's node send a request twice.
 //!
 //! Failures: a node that cannot be connected to (dead, cut off), or that refuses with
 //! `not_placed_here`, had nothing done: the next node is tried; when all have failed so,
@@ -36,6 +45,10 @@ use crate::service::{Body, BoxError};
 
 /// The header marking a request forwarded by another node's gateway (its name).
 pub const FORWARDED: &str = "maru-forwarded-by";
+/// The header naming the service (`app/service`) a forwarded request is for.
+pub const FORWARD_SERVICE: &str = "maru-forward-service";
+/// The header carrying the cluster's forwarding key, which only nodes know.
+pub const FORWARD_KEY: &str = "maru-forward-key";
 /// The error code a node answers a forwarded request with when it does not run the service.
 pub const NOT_PLACED_HERE: &str = "not_placed_here";
 /// The pause between rounds when every node failed without doing anything.
@@ -89,10 +102,21 @@ struct Book {
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// A request another node forwarded, with the cluster's key ([`Peers::accept`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The node that sent it.
+    pub by: String,
+    /// The service it is for: `app/service`.
+    pub service: String,
+}
+
 /// The other nodes' gateways, and kept-open connections to them.
 #[derive(Default)]
 pub struct Peers {
     this: RwLock<String>,
+    /// The cluster's forwarding key; none alone (then no request counts as forwarded).
+    key: RwLock<Option<Arc<str>>>,
     book: RwLock<Arc<Book>>,
     idle: Mutex<BTreeMap<String, Vec<SendRequest<Full<Bytes>>>>>,
     next: AtomicUsize,
@@ -152,12 +176,36 @@ impl Peers {
         self.this.read().expect("never poisoned").clone()
     }
 
+    /// The cluster's forwarding key: sent with every forwarded request, and required of
+    /// every request that claims to be forwarded.
+    pub fn set_key(&self, key: &str) {
+        assert!(key.len() >= 32, "a forwarding key has at least 128 bits");
+        *self.key.write().expect("never poisoned") = Some(Arc::from(key));
+    }
+
+    /// Remove the forwarding headers from a request arriving at this gateway, and say whether
+    /// another node sent it: only if it carries the cluster's key and names a service.
+    pub fn accept(&self, headers: &mut http::HeaderMap) -> Option<Forwarded> {
+        let by = headers.remove(FORWARDED);
+        let service = headers.remove(FORWARD_SERVICE);
+        let given = headers.remove(FORWARD_KEY)?;
+        let key = self.key.read().expect("never poisoned").clone()?;
+        if !same(given.as_bytes(), key.as_bytes()) {
+            return None;
+        }
+        Some(Forwarded {
+            by: by?.to_str().ok()?.to_string(),
+            service: service?.to_str().ok()?.to_string(),
+        })
+    }
+
     /// Send `request` to one of `nodes` (module docs), before `deadline`. While every one of
     /// them fails without having done anything (restarting, not yet known at its new
     /// address, placement moving), the request waits and tries again, until its deadline.
     pub async fn forward(
         &self,
         nodes: &[String],
+        service: &str,
         request: Request<Full<Bytes>>,
         deadline: Instant,
     ) -> Result<Response<Body>, ForwardError> {
@@ -171,8 +219,21 @@ impl Peers {
                 | http::Method::TRACE
         );
         let (mut parts, body) = request.into_parts();
-        if let Ok(value) = HeaderValue::from_str(&self.this()) {
-            parts.headers.insert(FORWARDED, value);
+        let key = self.key.read().expect("never poisoned").clone();
+        let Some(key) = key else {
+            return Err(ForwardError::NoPeer(
+                "this node has no forwarding key (it is not in a cluster)".into(),
+            ));
+        };
+        for (name, value) in [
+            (FORWARDED, &*self.this()),
+            (FORWARD_SERVICE, service),
+            (FORWARD_KEY, &*key),
+        ] {
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                ForwardError::NoPeer(format!("`{value}` cannot be sent in the {name} header"))
+            })?;
+            parts.headers.insert(name, value);
         }
         let body = body
             .collect()
@@ -225,7 +286,8 @@ impl Peers {
         }
         let mut failures = Vec::new();
         for (name, peer) in reachable {
-            let mut attempt = Request::from_parts(parts.clone(), Full::new(body.clone()));
+            let mut attempt: Request<Full<Bytes>> =
+                Request::from_parts(parts.clone(), Full::new(body.clone()));
             let Ok(uri) = format!(
                 "{}{}",
                 peer.url.trim_end_matches('/'),
@@ -240,35 +302,51 @@ impl Peers {
                 || http::Uri::from_static("/"),
                 |p| p.as_str().parse().unwrap_or_default(),
             );
-            let connect_by = deadline.min(Instant::now() + CONNECT_TIMEOUT);
-            let connected =
-                tokio::time::timeout_at(connect_by.into(), self.connection(name, &uri, &book))
-                    .await;
-            let mut sender = match connected {
-                Err(_) if Instant::now() >= deadline => {
-                    self.suspect(name);
-                    return Err(Round::Failed(ForwardError::Timeout));
+            // A kept-open connection the peer closed meanwhile hands the request back
+            // unsent: tried once more on a new connection.
+            let mut fresh = false;
+            let sent = loop {
+                let connect_by = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+                let connected = tokio::time::timeout_at(
+                    connect_by.into(),
+                    self.connection(name, &uri, &book, fresh),
+                )
+                .await;
+                let mut sender = match connected {
+                    Err(_) if Instant::now() >= deadline => break Sent::TimedOut,
+                    Err(_) => {
+                        break Sent::Unsent(format!("no connection within {CONNECT_TIMEOUT:?}"));
+                    }
+                    Ok(Err(reason)) => break Sent::Unsent(reason),
+                    Ok(Ok(sender)) => sender,
+                };
+                let answer =
+                    tokio::time::timeout_at(deadline.into(), sender.try_send_request(attempt))
+                        .await;
+                match answer {
+                    Err(_) => break Sent::TimedOut,
+                    Ok(Ok(response)) => break Sent::Answered(sender, response),
+                    Ok(Err(mut error)) => match error.take_message() {
+                        Some(unsent) if !fresh => {
+                            attempt = unsent;
+                            fresh = true;
+                        }
+                        Some(_) => break Sent::Unsent(error.into_error().to_string()),
+                        None => break Sent::Broken(error.into_error().to_string()),
+                    },
                 }
-                Err(_) => {
-                    self.suspect(name);
-                    failures.push(format!("{name}: no connection within {CONNECT_TIMEOUT:?}"));
-                    continue; // nothing was sent
-                }
-                Ok(Err(reason)) => {
-                    self.suspect(name);
-                    failures.push(format!("{name}: {reason}"));
-                    continue; // nothing was sent
-                }
-                Ok(Ok(sender)) => sender,
             };
-            let sent = tokio::time::timeout_at(deadline.into(), sender.send_request(attempt)).await;
             match sent {
-                Err(_) => {
+                Sent::TimedOut => {
                     // No answer by the deadline: paused, overloaded or cut off mid-way.
                     self.suspect(name);
                     return Err(Round::Failed(ForwardError::Timeout));
                 }
-                Ok(Ok(response)) => {
+                Sent::Unsent(reason) => {
+                    self.suspect(name);
+                    failures.push(format!("{name}: {reason}"));
+                }
+                Sent::Answered(sender, response) => {
                     let refused = response.status() == StatusCode::SERVICE_UNAVAILABLE
                         && response.headers().get(NOT_PLACED_HERE).is_some();
                     self.keep(name, sender);
@@ -276,21 +354,23 @@ impl Peers {
                         failures.push(format!("{name}: does not run it now"));
                         continue; // it did nothing
                     }
-                    return Ok(response.map(|body| {
-                        body.map_err(|error| -> BoxError { Box::new(error) })
-                            .boxed_unsync()
-                    }));
+                    let (parts, body) = response.into_parts();
+                    let body = Deadlined {
+                        body,
+                        deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+                    };
+                    return Ok(Response::from_parts(parts, body.boxed_unsync()));
                 }
-                Ok(Err(error)) if idempotent => {
+                Sent::Broken(reason) if idempotent => {
                     self.suspect(name);
-                    failures.push(format!("{name}: {error}"));
+                    failures.push(format!("{name}: {reason}"));
                 }
-                Ok(Err(error)) => {
+                Sent::Broken(reason) => {
                     self.suspect(name);
                     return Err(Round::Failed(ForwardError::BrokenMidway {
                         node: name.clone(),
                         method: parts.method.to_string(),
-                        reason: error.to_string(),
+                        reason,
                     }));
                 }
             }
@@ -298,24 +378,27 @@ impl Peers {
         Err(Round::NothingDone(failures.join("; ")))
     }
 
-    /// An idle kept-open connection to `name`, or a new one.
+    /// An idle kept-open connection to `name` (unless `fresh`), or a new one.
     async fn connection(
         &self,
         name: &str,
         uri: &http::Uri,
         book: &Book,
+        fresh: bool,
     ) -> Result<SendRequest<Full<Bytes>>, String> {
-        loop {
-            let idle = self
-                .idle
-                .lock()
-                .expect("never poisoned")
-                .get_mut(name)
-                .and_then(Vec::pop);
-            match idle {
-                Some(sender) if sender.is_ready() => return Ok(sender),
-                Some(_) => continue, // closed or still busy with a body: dropped
-                None => break,
+        if !fresh {
+            loop {
+                let idle = self
+                    .idle
+                    .lock()
+                    .expect("never poisoned")
+                    .get_mut(name)
+                    .and_then(Vec::pop);
+                match idle {
+                    Some(sender) if sender.is_ready() => return Ok(sender),
+                    Some(_) => {} // closed or still busy with a body: dropped
+                    None => break,
+                }
             }
         }
         let host = uri.host().ok_or("the address has no host")?.to_string();
@@ -361,6 +444,60 @@ impl Peers {
     }
 }
 
+/// How sending a request to one peer went.
+enum Sent {
+    /// Nothing was sent: no connection, or the connection handed the request back.
+    Unsent(String),
+    /// No answer by the request's deadline.
+    TimedOut,
+    Answered(SendRequest<Full<Bytes>>, Response<hyper::body::Incoming>),
+    /// The connection broke after the request was (perhaps) sent.
+    Broken(String),
+}
+
+/// A peer's answer body, cut off at the request's deadline: a peer that stops sending
+/// midway does not hold the client (or a trigger) beyond it.
+struct Deadlined {
+    body: hyper::body::Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Deadlined {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(|e| -> BoxError { Box::new(e) })));
+        }
+        match this.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(
+                "the node's answer did not complete within the service's timeout".into(),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Whether `a` and `b` are equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<Full<Bytes>>, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -388,5 +525,97 @@ pub(crate) fn failure(error: &ForwardError) -> (StatusCode, &'static str, String
             (StatusCode::BAD_GATEWAY, "node_failed", error.to_string())
         }
         ForwardError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn forwarded_headers(key: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(FORWARDED, HeaderValue::from_static("node-b"));
+        headers.insert(FORWARD_SERVICE, HeaderValue::from_static("shop/web"));
+        headers.insert(
+            FORWARD_KEY,
+            HeaderValue::from_str(key).expect("a key is a header value"),
+        );
+        headers.insert("x-other", HeaderValue::from_static("kept"));
+        headers
+    }
+
+    fn stripped(headers: &http::HeaderMap) -> bool {
+        [FORWARDED, FORWARD_SERVICE, FORWARD_KEY]
+            .iter()
+            .all(|name| headers.get(*name).is_none())
+            && headers.get("x-other").is_some()
+    }
+
+    #[test]
+    fn a_request_with_the_key_is_forwarded_and_loses_the_headers() {
+        let peers = Peers::default();
+        peers.set_key(KEY);
+        let mut headers = forwarded_headers(KEY);
+        assert_eq!(
+            peers.accept(&mut headers),
+            Some(Forwarded {
+                by: "node-b".into(),
+                service: "shop/web".into()
+            })
+        );
+        assert!(stripped(&headers));
+    }
+
+    #[test]
+    fn a_client_cannot_pass_for_a_node() {
+        let peers = Peers::default();
+        peers.set_key(KEY);
+        // A wrong key, a key of another length, none at all: an ordinary client's request,
+        // with the claims removed before the service sees them.
+        let wrong = KEY.replace('0', "1");
+        for key in [wrong.as_str(), "0123", ""] {
+            let mut headers = forwarded_headers(key);
+            assert_eq!(peers.accept(&mut headers), None, "key {key:?}");
+            assert!(stripped(&headers));
+        }
+        let mut headers = forwarded_headers(KEY);
+        headers.remove(FORWARD_KEY);
+        assert_eq!(peers.accept(&mut headers), None);
+        assert!(stripped(&headers));
+        // The right key without naming a service is not a forwarded request either.
+        let mut headers = forwarded_headers(KEY);
+        headers.remove(FORWARD_SERVICE);
+        assert_eq!(peers.accept(&mut headers), None);
+        assert!(stripped(&headers));
+    }
+
+    #[test]
+    fn a_node_alone_accepts_no_forwarded_request() {
+        let peers = Peers::default();
+        let mut headers = forwarded_headers(KEY);
+        assert_eq!(peers.accept(&mut headers), None);
+        assert!(stripped(&headers));
+    }
+
+    #[tokio::test]
+    async fn a_node_without_the_key_forwards_nothing() {
+        let peers = Peers::default();
+        let request = Request::new(Full::new(Bytes::new()));
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        let result = peers
+            .forward(&["node-b".to_string()], "shop/web", request, deadline)
+            .await;
+        let error = result.err();
+        assert!(matches!(error, Some(ForwardError::NoPeer(_))), "{error:?}");
+    }
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+        assert!(same(b"", b""));
     }
 }

@@ -39,11 +39,17 @@ pub struct RouteTable<S> {
     /// Sorted so that the first match is the best one: host routes before hostless, then
     /// longer prefixes first.
     routes: Vec<(RouteKey, Arc<S>)>,
+    /// Every running service by `app/service`, routed or not: for requests another node of a
+    /// cluster forwarded, which name their service (trigger deliveries have no route).
+    named: std::collections::BTreeMap<String, Arc<S>>,
 }
 
 impl<S> Default for RouteTable<S> {
     fn default() -> Self {
-        RouteTable { routes: Vec::new() }
+        RouteTable {
+            routes: Vec::new(),
+            named: std::collections::BTreeMap::new(),
+        }
     }
 }
 
@@ -56,7 +62,22 @@ impl<S> RouteTable<S> {
                 .then(b.prefix.len().cmp(&a.prefix.len()))
                 .then(a.cmp(b))
         });
-        RouteTable { routes }
+        RouteTable {
+            routes,
+            named: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The same table, also naming every running service (`app/service`).
+    #[must_use]
+    pub fn with_named(mut self, named: impl IntoIterator<Item = (String, Arc<S>)>) -> Self {
+        self.named = named.into_iter().collect();
+        self
+    }
+
+    /// The running service named `app/service`.
+    pub fn named(&self, name: &str) -> Option<&Arc<S>> {
+        self.named.get(name)
     }
 
     /// The service for a request's `Host` (port stripped, any case) and path.

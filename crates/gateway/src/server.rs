@@ -215,8 +215,11 @@ impl Gateway {
         )
     }
 
-    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let arrival = Instant::now();
+        // Forwarded by another node (with the cluster's key), or a client's: the forwarding
+        // headers are removed either way (gateway::peers).
+        let forwarded = self.peers.accept(request.headers_mut());
         let request_id = self.request_id(&request);
         let hosts = request.headers().get_all(HOST).iter().count();
         if hosts > 1 {
@@ -237,6 +240,21 @@ impl Gateway {
             .and_then(|h| h.to_str().ok())
             .or(request.uri().host())
             .map(str::to_string);
+        if let Some(forwarded) = forwarded {
+            // Dispatched by the service the sending node named, whatever Host and path say.
+            let named = self.routes().named(&forwarded.service).cloned();
+            let mut response = match named {
+                Some(service) => {
+                    let answer = self
+                        .forward(&service, request, host, peer, &request_id, arrival, true)
+                        .await;
+                    self.answer(&service, answer, &request_id, arrival)
+                }
+                None => refuse_forwarded(&request_id, "this node does not run the service"),
+            };
+            set_request_id(&mut response, &request_id);
+            return response;
+        }
         let path = request.uri().path();
         if path == "/events" || path.starts_with("/events/") {
             let mut response = match self.ingest.get() {
@@ -280,25 +298,39 @@ impl Gateway {
             return response;
         };
         drop(routes);
-        let mut response = match self
-            .forward(&service, request, host, peer, &request_id, arrival)
-            .await
-        {
-            Ok(response) => response,
-            Err((status, code, message)) => {
-                if status.is_server_error() && code != crate::peers::NOT_PLACED_HERE {
-                    service.log(&format!("request {request_id}: {status} {message}"));
-                }
-                let mut response = error_response(status, code, &message, &request_id);
-                if code == crate::peers::NOT_PLACED_HERE {
-                    response
-                        .headers_mut()
-                        .insert(crate::peers::NOT_PLACED_HERE, HeaderValue::from_static("1"));
-                }
+        let answer = self
+            .forward(&service, request, host, peer, &request_id, arrival, false)
+            .await;
+        let mut response = self.answer(&service, answer, &request_id, arrival);
+        set_request_id(&mut response, &request_id);
+        response
+    }
+
+    /// The response to a routed request, recorded in the service's metrics.
+    fn answer(
+        &self,
+        service: &Service,
+        answer: Result<Response<Body>, (StatusCode, &'static str, String)>,
+        request_id: &str,
+        arrival: Instant,
+    ) -> Response<Body> {
+        let response = match answer {
+            Ok(mut response) => {
+                // Only a gateway refuses a forwarded request; a service's answer never
+                // carries the mark out (else it could make a node send a request twice).
+                response.headers_mut().remove(crate::peers::NOT_PLACED_HERE);
                 response
             }
+            Err((_, code, message)) if code == crate::peers::NOT_PLACED_HERE => {
+                refuse_forwarded(request_id, &message)
+            }
+            Err((status, code, message)) => {
+                if status.is_server_error() {
+                    service.log(&format!("request {request_id}: {status} {message}"));
+                }
+                error_response(status, code, &message, request_id)
+            }
         };
-        set_request_id(&mut response, &request_id);
         service.metrics.record(
             Instant::now(),
             response.status().as_u16(),
@@ -307,6 +339,9 @@ impl Gateway {
         response
     }
 
+    /// Read the request's body, then serve it here or forward it to the nodes that run the
+    /// service. `forwarded`: another node sent it (with the cluster's key).
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         service: &Service,
@@ -315,6 +350,7 @@ impl Gateway {
         peer: SocketAddr,
         request_id: &str,
         arrival: Instant,
+        forwarded: bool,
     ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
         let limit = service.config.body_bytes_max;
         let too_large = || {
@@ -354,17 +390,21 @@ impl Gateway {
             parts.headers.insert(REQUEST_ID, value);
         }
         strip_hop_by_hop(&mut parts.headers);
-        let trusted = self.config.trusted_proxies.contains(&peer.ip());
-        set_forwarded(&mut parts.headers, peer.ip(), trusted);
+        // A node that forwarded the request already named the client (with its own
+        // trusted proxies); its addition is kept as it is.
+        if !forwarded {
+            let trusted = self.config.trusted_proxies.contains(&peer.ip());
+            set_forwarded(&mut parts.headers, peer.ip(), trusted);
+        }
         let request = Request::from_parts(parts, Full::new(body));
-        let forwarded = request.headers().contains_key(crate::peers::FORWARDED);
         match service.locality() {
             Locality::Alone | Locality::Here { .. } => {}
             Locality::Elsewhere(nodes) if !forwarded => {
                 let deadline = arrival + service.config.timeout;
+                let name = format!("{}/{}", service.config.app, service.config.name);
                 return self
                     .peers
-                    .forward(&nodes, request, deadline)
+                    .forward(&nodes, &name, request, deadline)
                     .await
                     .map_err(|error| crate::peers::failure(&error));
             }
@@ -569,6 +609,21 @@ pub async fn serve_connections<S, B>(
         tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace period; closing them");
     }
     connections.shutdown().await;
+}
+
+/// A forwarded request this node does not serve: the sending node tries another (nothing
+/// was done here).
+fn refuse_forwarded(request_id: &str, message: &str) -> Response<Body> {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        crate::peers::NOT_PLACED_HERE,
+        message,
+        request_id,
+    );
+    response
+        .headers_mut()
+        .insert(crate::peers::NOT_PLACED_HERE, HeaderValue::from_static("1"));
+    response
 }
 
 /// Headers that concern one connection only (RFC 9110 §7.6.1): never forwarded to a service.

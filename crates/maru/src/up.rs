@@ -820,6 +820,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                     .await
                     .context("open the cluster's placement")?,
             );
+            // Requests forwarded between nodes carry the cluster's key (gateway::peers).
+            let key = cluster::forward_key(membership.jetstream(), sync.cluster_size)
+                .await
+                .context("read the cluster's forwarding key")?;
+            gateway.peers().set_key(&key);
             node.set_shared(shared.clone());
             shared
                 .follow(node.clone())

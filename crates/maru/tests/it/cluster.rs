@@ -632,6 +632,23 @@ fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and
         assert_eq!(response.status, 200, "{}: {}", node.gateway, response.body);
         assert!(response.body.contains("Placed"), "{}", response.body);
     }
+    // A client claiming to be a node (without the cluster's key) is an ordinary client:
+    // the node that runs no instance forwards its request instead of refusing it.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut forged = agent
+        .get(format!("http://{}/hello", nodes[spare].gateway))
+        .header("maru-forwarded-by", names[placed[0]])
+        .header("maru-forward-service", "hello/hello")
+        .header("maru-forward-key", "0".repeat(64))
+        .call()
+        .expect("forged request answered");
+    let body = forged.body_mut().read_to_string().unwrap_or_default();
+    assert_eq!(forged.status(), 200, "{body}");
+    assert!(body.contains("Placed"), "{body}");
 
     // A placed node killed: its share starts on the spare node, and requests through the
     // surviving gateways keep being answered meanwhile.
@@ -779,15 +796,23 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
     };
     signal("-STOP");
     let stopped = Instant::now();
-    let mut most_elsewhere = 0;
-    while stopped.elapsed() < Duration::from_secs(10) {
+    let (mut most_elsewhere, mut moved) = (0, None);
+    // At least 10 s; longer (up to 15 s) if the share has not moved by then, so that a slow
+    // move is measured rather than cut short by the node running again.
+    while stopped.elapsed() < Duration::from_secs(10)
+        || (moved.is_none() && stopped.elapsed() < Duration::from_secs(15))
+    {
         let elsewhere: u64 = others
             .iter()
             .map(|i| instances_on(&nodes[*i], "hello", "hello").0)
             .sum();
         most_elsewhere = most_elsewhere.max(elsewhere);
+        if moved.is_none() && elsewhere == 2 {
+            moved = Some(stopped.elapsed());
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
+    let paused_for = stopped.elapsed();
     signal("-CONT");
     let all: Vec<&Node> = nodes.iter().collect();
     nodes[0].wait_for(
@@ -799,12 +824,23 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
     done.store(true, std::sync::atomic::Ordering::Release);
     let (window, failed, asked) = asking.join().expect("asking thread");
     eprintln!(
-        "node {} paused 10 s: the others ran at most {most_elsewhere} instances meanwhile; two in all {settled:?} after the pause began; through the other gateways {failed} of {asked} requests failed, longest window {window:?}",
+        "node {} paused {paused_for:?}: its share ran on the others after {moved:?}, at most {most_elsewhere} instances there meanwhile; two in all {settled:?} after the pause began; through the other gateways {failed} of {asked} requests failed, longest window {window:?}",
         paused + 1
     );
     assert!(
         most_elsewhere <= 2,
         "the other nodes ran {most_elsewhere} instances: over the maximum"
+    );
+    let moved = moved.expect("the paused node's share never started on the others within 15 s");
+    assert!(
+        moved <= Duration::from_secs(15),
+        "the paused node's share started elsewhere only after {moved:?}"
+    );
+    // Each gateway loses at most one request to the paused node per SUSPECT_FOR (5 s) until
+    // its share moves (within 15 s): three per gateway.
+    assert!(
+        failed <= 6,
+        "{failed} of {asked} requests failed through the other gateways while a node was paused"
     );
     assert!(
         window <= Duration::from_secs(10),
@@ -860,7 +896,28 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
         .position(|n| *n == holder[0])
         .expect("a node");
     let rest: Vec<usize> = (0..3).filter(|j| *j != dead).collect();
+    if instances_on(&nodes[dead], "hello", "hello").0 == 0 {
+        // The scheduler's node runs nothing of the service: drain one that does, so its
+        // share moves to the scheduler's node (the only other with room), then undo the
+        // drain (nothing moves back), so that the kill below takes an instance with it.
+        let busy = *rest
+            .iter()
+            .find(|j| instances_on(&nodes[**j], "hello", "hello").0 == 1)
+            .expect("a node running the service");
+        let name = ["n1", "n2", "n3"][busy];
+        nodes[dead].cli_ok(&["drain", name]);
+        nodes[dead].wait_for(
+            "the drained share to start on the scheduler's node",
+            Duration::from_secs(20),
+            || instances_on(&nodes[dead], "hello", "hello").0 == 1,
+        );
+        nodes[dead].cli_ok(&["drain", name, "--undo"]);
+    }
     let held_before = instances_on(&nodes[dead], "hello", "hello").0;
+    assert_eq!(
+        held_before, 1,
+        "the scheduler's node should run one of the two instances before it is killed"
+    );
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let asking = keep_asking(
         rest.iter().map(|j| nodes[*j].gateway.clone()).collect(),

@@ -1,0 +1,205 @@
+//! `cargo xtask bench cluster`: requests per second through three cluster nodes (three NATS
+//! servers, JetStream syncing every write) against one node alone, on examples/hello with
+//! the same cluster-wide maximum of instances, in alternating rounds of one run; and what
+//! forwarding between gateways costs: a service placed on one node, loaded through a node
+//! that does not run it, against the same load sent to the node that does.
+//!
+//! On one machine the three nodes share its cores, so the first ratio measures what the
+//! cluster costs (placement, heartbeats, NATS beside the nodes), not what more machines
+//! would add. Events per second in cluster mode wait for topics in JetStream (not built:
+//! docs/cluster.md).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::bench::{Load, wrk};
+use crate::env;
+use crate::node::MaruNode;
+
+fn write_manifest(
+    dir: &Path,
+    components: &Path,
+    name: &str,
+    route: &str,
+    max: u32,
+) -> anyhow::Result<String> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[app]\nname = \"{name}\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"{route}\"]\ninstances = {{ min = 1, max = {max} }}\n",
+            components.join("hello.wasm").display()
+        ),
+    )?;
+    Ok(path.to_str().context("utf-8 path")?.to_string())
+}
+
+/// Until `GET http://{gateway}{path}` answers 200.
+fn wait_served(gateway: &str, path: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let ok = ureq::get(&format!("http://{gateway}{path}"))
+            .call()
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("{gateway} did not serve {path} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Where `app`'s service runs as `node` says: `here …`, `on …` or `unplaced: …`.
+fn placement(node: &MaruNode, app: &str) -> anyhow::Result<String> {
+    let services: serde_json::Value = serde_json::from_str(&node.cli(&["ps", "--json"])?)?;
+    Ok(services
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["app"] == app))
+        .and_then(|s| s["placement"].as_str())
+        .unwrap_or("")
+        .to_string())
+}
+
+/// wrk against every gateway at once, `connections` split between them; requests per
+/// second summed, latencies the mean of the gateways'.
+fn wrk_all(urls: &[String], seconds: u32, connections: u32) -> anyhow::Result<Load> {
+    let each = (connections / urls.len() as u32).max(1);
+    let runs = std::thread::scope(|scope| {
+        let handles: Vec<_> = urls
+            .iter()
+            .map(|url| scope.spawn(move || wrk(url, seconds, each)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a wrk thread panicked")))
+            .collect::<anyhow::Result<Vec<Load>>>()
+    })?;
+    let mut load = Load::mean(&runs);
+    load.requests_per_second = runs.iter().map(|l| l.requests_per_second).sum();
+    Ok(load)
+}
+
+pub fn cluster(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
+    let nats = crate::bench_events::nats_syncing_server()?;
+    let components = env::build_examples()?;
+    let maru = env::build_maru_release()?;
+    let dir = env::root().join("target/bench-cluster");
+    _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let any = "127.0.0.1:0";
+
+    println!("xtask: one node alone");
+    let single = MaruNode::start_with(
+        &maru,
+        &dir.join("single/data"),
+        [any, any, any, any],
+        &dir.join("single.log"),
+        &[],
+    )?;
+    single.cli(&[
+        "deploy",
+        &write_manifest(&dir, &components, "hello", "/hello", 4)?,
+    ])?;
+    wait_served(&single.gateway, "/hello")?;
+
+    println!("xtask: three nodes and three NATS servers");
+    let cluster_dir = dir.join("cluster");
+    std::fs::create_dir_all(&cluster_dir)?;
+    let cluster = crate::cluster::start(3, &cluster_dir, &maru, &nats)?;
+    let nodes = &cluster.nodes;
+    nodes[0].cli(&[
+        "deploy",
+        &write_manifest(&dir, &components, "hello", "/hello", 4)?,
+    ])?;
+    // One instance at most: placed on one node, forwarded to by the others.
+    nodes[0].cli(&[
+        "deploy",
+        &write_manifest(&dir, &components, "solo", "/solo", 1)?,
+    ])?;
+    for node in nodes {
+        wait_served(&node.gateway, "/hello")?;
+        wait_served(&node.gateway, "/solo")?;
+    }
+    let mut here = None;
+    let mut elsewhere = None;
+    let started = Instant::now();
+    while here.is_none() || elsewhere.is_none() {
+        for node in nodes {
+            let placed = placement(node, "solo")?;
+            if placed.starts_with("here") {
+                here = Some(node);
+            } else if placed.starts_with("on ") {
+                elsewhere = Some(node);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("solo was not placed on one node within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (here, elsewhere) = (here.context("placed")?, elsewhere.context("forwarding")?);
+    println!(
+        "xtask: hello on every node (max 4 in all), solo placed on {} and forwarded to from {}",
+        here.gateway, elsewhere.gateway
+    );
+
+    let gateways: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("http://{}/hello", n.gateway))
+        .collect();
+    let (mut alone, mut three, mut direct, mut forwarded) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let a = wrk(
+            &format!("http://{}/hello", single.gateway),
+            seconds,
+            connections,
+        )?;
+        println!("round {round}: one node       {}", a.row());
+        let t = wrk_all(&gateways, seconds, connections)?;
+        println!("round {round}: three nodes    {}", t.row());
+        let d = wrk(
+            &format!("http://{}/solo", here.gateway),
+            seconds,
+            connections,
+        )?;
+        println!("round {round}: solo, direct   {}", d.row());
+        let f = wrk(
+            &format!("http://{}/solo", elsewhere.gateway),
+            seconds,
+            connections,
+        )?;
+        println!("round {round}: solo, forwarded {}", f.row());
+        alone.push(a);
+        three.push(t);
+        direct.push(d);
+        forwarded.push(f);
+    }
+    let (alone, three, direct, forwarded) = (
+        Load::mean(&alone),
+        Load::mean(&three),
+        Load::mean(&direct),
+        Load::mean(&forwarded),
+    );
+    let errors = alone.errors + three.errors + direct.errors + forwarded.errors;
+    println!("\nmean of {rounds} rounds, {seconds} s each, {connections} connections:");
+    println!("  one node alone             {}", alone.row());
+    println!("  three nodes (every gateway) {}", three.row());
+    println!("  solo through its own node  {}", direct.row());
+    println!("  solo forwarded             {}", forwarded.row());
+    println!(
+        "three nodes / one node: {:.2}x requests/s (same machine: the cluster's cost, not scale-out); forwarded / direct: {:.2}x requests/s, p50 {:.2}x, p99 {:.2}x; non-2xx or socket errors: {errors}",
+        three.requests_per_second / alone.requests_per_second,
+        forwarded.requests_per_second / direct.requests_per_second,
+        forwarded.p50_ms / direct.p50_ms,
+        forwarded.p99_ms / direct.p99_ms,
+    );
+    println!("events/s in cluster mode: not measured (topics in JetStream are not built yet)");
+    drop(single);
+    drop(cluster);
+    Ok(())
+}
