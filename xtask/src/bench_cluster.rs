@@ -84,6 +84,7 @@ fn wrk_all(urls: &[String], seconds: u32, connections: u32) -> anyhow::Result<Lo
 }
 
 pub fn cluster(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
+    env::ensure_debian_package("wrk", "wrk")?;
     let nats = crate::bench_events::nats_syncing_server()?;
     let components = env::build_examples()?;
     let maru = env::build_maru_release()?;

@@ -64,7 +64,7 @@ pub fn start(
         std::fs::write(
             &config,
             format!(
-                "server_name: s{i}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{http}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n{clustering}\n",
+                "server_name: s{i}\nping_interval: \"1s\"\nping_max: 3\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{http}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n{clustering}\n",
                 dir.join(format!("nats-{i}")).display()
             ),
         )?;

@@ -46,6 +46,8 @@ pub struct Placements {
     /// Each app's placement as last read or written, and its revision in the bucket.
     current: Mutex<BTreeMap<String, (u64, AppPlacement)>>,
     stop: CancellationToken,
+    /// Whether the watch is up (else the placements are read by name every second).
+    watching: std::sync::atomic::AtomicBool,
 }
 
 impl Placements {
@@ -70,6 +72,7 @@ impl Placements {
             bucket,
             current: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
+            watching: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -77,11 +80,39 @@ impl Placements {
     /// the placements standing now have been applied, then goes on in the background.
     pub async fn follow(self: &Arc<Self>, node: Arc<Node>) -> Result<(), ClusterError> {
         let (caught_up, mut caught_up_rx) = tokio::sync::watch::channel(false);
+        // While the watch is down (its consumer lost with a server; making another waits
+        // for JetStream's meta leader, seconds after a server dies or is cut off), each app's
+        // placement is read by name every second, so a share moved meanwhile is still
+        // taken up at once.
+        let polling = self.clone();
+        let polled = node.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = polling.stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if polling.watching.load(std::sync::atomic::Ordering::Acquire) {
+                    continue;
+                }
+                for app in polled.shared_apps() {
+                    let read = tokio::time::timeout(CALL_TIMEOUT, polling.bucket.entry(&app)).await;
+                    let Ok(Ok(Some(entry))) = read else { continue };
+                    polling.apply(&polled, &entry);
+                }
+            }
+        });
         let placements = self.clone();
         tokio::spawn(async move {
             let mut caught_up = Some(caught_up);
             loop {
-                if let Err(error) = placements.watch(&node, &mut caught_up).await {
+                let result = placements.watch(&node, &mut caught_up).await;
+                placements
+                    .watching
+                    .store(false, std::sync::atomic::Ordering::Release);
+                if let Err(error) = result {
                     tracing::warn!(%error, "cluster: watching the placement failed; watching again in 1 s");
                 }
                 tokio::select! {
@@ -112,6 +143,8 @@ impl Placements {
             .watch_with_history(">")
             .await
             .map_err(|e| e.to_string())?;
+        self.watching
+            .store(true, std::sync::atomic::Ordering::Release);
         if self
             .bucket
             .status()
@@ -132,41 +165,47 @@ impl Placements {
                 return Err("the watch ended".into());
             };
             let entry = entry.map_err(|e| e.to_string())?;
-            let app = entry.key.clone();
-            let placement = match entry.operation {
-                Operation::Put => match serde_json::from_slice::<AppPlacement>(&entry.value) {
-                    Ok(placement) => Some(placement),
-                    Err(error) => {
-                        tracing::error!(%app, %error, "cluster: an app's placement does not decode; ignored");
-                        continue;
-                    }
-                },
-                Operation::Delete | Operation::Purge => None,
-            };
-            // Never back to an older revision: this node's own write (as scheduler) was
-            // recorded and applied before the watch delivers it.
-            let newer = {
-                let mut current = self.current.lock().expect("never poisoned");
-                let newer = current.get(&app).is_none_or(|(r, _)| *r < entry.revision);
-                match &placement {
-                    Some(placement) if newer => {
-                        current.insert(app.clone(), (entry.revision, placement.clone()));
-                    }
-                    None if newer => {
-                        current.remove(&app);
-                    }
-                    _ => {}
-                }
-                newer
-            };
-            if newer {
-                node.set_placement(&app, placement);
-            }
+            self.apply(node, &entry);
             if entry.delta == 0
                 && let Some(done) = caught_up.take()
             {
                 _ = done.send(true);
             }
+        }
+    }
+
+    /// Give `node` an app's placement read from the bucket, unless what it has is as new.
+    fn apply(&self, node: &Node, entry: &async_nats::jetstream::kv::Entry) {
+        let app = entry.key.clone();
+        let placement = match entry.operation {
+            Operation::Put => match serde_json::from_slice::<AppPlacement>(&entry.value) {
+                Ok(placement) => Some(placement),
+                Err(error) => {
+                    tracing::error!(%app, %error, "cluster: an app's placement does not decode; ignored");
+                    return;
+                }
+            },
+            Operation::Delete | Operation::Purge => None,
+        };
+        // Never back to an older revision: this node's own write (as scheduler) was recorded
+        // and applied before the watch delivers it, and a read by name may return what the
+        // watch delivered already.
+        let newer = {
+            let mut current = self.current.lock().expect("never poisoned");
+            let newer = current.get(&app).is_none_or(|(r, _)| *r < entry.revision);
+            match &placement {
+                Some(placement) if newer => {
+                    current.insert(app.clone(), (entry.revision, placement.clone()));
+                }
+                None if newer => {
+                    current.remove(&app);
+                }
+                _ => {}
+            }
+            newer
+        };
+        if newer {
+            node.set_placement(&app, placement);
         }
     }
 

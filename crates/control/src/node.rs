@@ -971,7 +971,11 @@ impl Node {
         };
         self.reconcile().await?;
         if self.shared.get().is_some() {
-            let services: Vec<String> = parsed.services.keys().cloned().collect();
+            let services: Vec<(String, u32, u32)> = parsed
+                .services
+                .iter()
+                .map(|(name, s)| (name.clone(), s.instances_min, s.instances_max))
+                .collect();
             if !self.wait_placed(&parsed.name, &services).await {
                 tracing::warn!(app = %parsed.name, "deployed, but the cluster's scheduler has not placed every service within {} s; they are served once it does", PLACEMENT_WAIT.as_secs());
             }

@@ -412,10 +412,17 @@ pub fn nodes(target: &Target) -> anyhow::Result<()> {
 /// How long `maru drain` waits for a node's instances to move.
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
 
+/// How long after `maru drain` asked a node's announcement must be before its instance
+/// count says it is drained.
+const DRAIN_SETTLE_MS: u64 = 2_000;
+
 pub fn drain(target: &Target, node: &str, undo: bool, no_wait: bool) -> anyhow::Result<()> {
     let client = Client::new(target)?;
     let path = format!("/v1/nodes/{node}/drain");
     let auth = client.auth();
+    let asked_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let response = if undo {
         (client.agent.delete(client.url(&path)))
             .header("Authorization", &auth)
@@ -453,7 +460,11 @@ pub fn drain(target: &Target, node: &str, undo: bool, no_wait: bool) -> anyhow::
             println!("{node}: {} instances left", status.instances);
             last = Some(status.instances);
         }
-        if status.instances == 0 {
+        // Counted only from an announcement made after the scheduler has had time to move
+        // the node's shares (it looks every 500 ms) and the node to apply that: before, a
+        // node running nothing at the moment could still be given work.
+        let settled = status.draining && status.seen_unix_ms >= asked_unix_ms + DRAIN_SETTLE_MS;
+        if status.instances == 0 && settled {
             println!("{node}: drained");
             return Ok(());
         }

@@ -112,19 +112,27 @@ impl Node {
         }
     }
 
-    /// Wait (at most [`PLACEMENT_WAIT`]) until every service of `app` is placed, so a deploy
-    /// answers once its services can be reached; false if the wait ran out.
-    pub(super) async fn wait_placed(&self, app: &str, services: &[String]) -> bool {
+    /// Wait (at most [`PLACEMENT_WAIT`]) until every service of `app` is placed with the
+    /// instances its manifest asks for (`services`: name, min, max), so a deploy answers
+    /// once its services can be reached as deployed (a redeploy that changes a maximum
+    /// waits for the new shares); false if the wait ran out.
+    pub(super) async fn wait_placed(&self, app: &str, services: &[(String, u32, u32)]) -> bool {
         let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
         loop {
             let placed = self.placed.notified();
             let done = match self.cluster.lock().expect("never poisoned").as_ref() {
                 None => true,
-                Some(cluster) => services.iter().all(|service| {
+                Some(cluster) => services.iter().all(|(service, min, max)| {
                     cluster
                         .placements
                         .get(app)
-                        .is_some_and(|p| p.contains_key(service))
+                        .and_then(|p| p.get(service))
+                        .is_some_and(|placed| {
+                            placed.unplaced.is_some()
+                                || (placed.nodes.values().map(|s| s.max).sum::<u32>() == *max
+                                    && placed.nodes.values().map(|s| s.min).sum::<u32>()
+                                        == (*min).min(*max))
+                        })
                 }),
             };
             if done {

@@ -41,11 +41,17 @@ fn free_ports(count: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Where a NATS server runs: its network namespace (none: the test's own), its address,
+/// and its client, cluster and monitoring ports.
+type ServerAt = (Option<String>, String, (u16, u16, u16));
+
 /// NATS servers on loopback, clustered when there are several; stopped when dropped.
 struct Nats {
     servers: Vec<Child>,
     /// Each server's config file, to start it again.
     configs: Vec<PathBuf>,
+    /// Each server's network namespace, if not the test's own.
+    netns: Vec<Option<String>>,
     /// Client URLs, and monitoring URLs.
     urls: Vec<String>,
     monitors: Vec<String>,
@@ -54,18 +60,38 @@ struct Nats {
 
 impl Nats {
     fn start(count: usize, sync_always: bool) -> Nats {
-        let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<(u16, u16, u16)> = free_ports(3 * count)
             .chunks(3)
             .map(|p| (p[0], p[1], p[2]))
             .collect();
-        let routes: Vec<String> = ports
+        let at: Vec<ServerAt> = ports
+            .into_iter()
+            .map(|p| (None, "127.0.0.1".to_string(), p))
+            .collect();
+        Nats::start_at(&at, sync_always)
+    }
+
+    /// One server in each network namespace (name, address there), on NATS's usual ports.
+    fn start_in_netns(namespaces: &[(String, String)]) -> Nats {
+        let at: Vec<ServerAt> = namespaces
             .iter()
-            .map(|(_, cluster, _)| format!("\"nats-route://127.0.0.1:{cluster}\""))
+            .map(|(netns, ip)| (Some(netns.clone()), ip.clone(), (4222, 6222, 8222)))
+            .collect();
+        Nats::start_at(&at, true)
+    }
+
+    /// Servers in the given namespaces, on the given addresses and (client, cluster,
+    /// monitoring) ports.
+    fn start_at(at: &[ServerAt], sync_always: bool) -> Nats {
+        let count = at.len();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let routes: Vec<String> = at
+            .iter()
+            .map(|(_, ip, (_, cluster, _))| format!("\"nats-route://{ip}:{cluster}\""))
             .collect();
         let mut servers = Vec::new();
         let mut configs = Vec::new();
-        for (i, (client, cluster, http)) in ports.iter().enumerate() {
+        for (i, (netns, ip, (client, cluster, http))) in at.iter().enumerate() {
             let store = dir.path().join(format!("s{i}"));
             let sync = if sync_always {
                 "sync_interval: always"
@@ -74,7 +100,7 @@ impl Nats {
             };
             let clustering = if count > 1 {
                 format!(
-                    "cluster {{ name: maru-test, listen: \"127.0.0.1:{cluster}\", routes: [{}] }}",
+                    "cluster {{ name: maru-test, listen: \"{ip}:{cluster}\", routes: [{}] }}",
                     routes.join(", ")
                 )
             } else {
@@ -84,24 +110,25 @@ impl Nats {
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: s{i}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{http}\"\njetstream {{ store_dir: \"{}\", {sync} }}\n{clustering}\n",
+                    "server_name: s{i}\nping_interval: \"1s\"\nping_max: 3\nlisten: \"{ip}:{client}\"\nhttp: \"{ip}:{http}\"\njetstream {{ store_dir: \"{}\", {sync} }}\n{clustering}\n",
                     store.display()
                 ),
             )
             .expect("write nats config");
-            servers.push(spawn_nats(&config));
+            servers.push(spawn_nats(&config, netns.as_deref()));
             configs.push(config);
         }
         let nats = Nats {
             servers,
             configs,
-            urls: ports
+            netns: at.iter().map(|(netns, _, _)| netns.clone()).collect(),
+            urls: at
                 .iter()
-                .map(|(client, _, _)| format!("nats://127.0.0.1:{client}"))
+                .map(|(_, ip, (client, _, _))| format!("nats://{ip}:{client}"))
                 .collect(),
-            monitors: ports
+            monitors: at
                 .iter()
-                .map(|(_, _, http)| format!("http://127.0.0.1:{http}"))
+                .map(|(_, ip, (_, _, http))| format!("http://{ip}:{http}"))
                 .collect(),
             _dir: dir,
         };
@@ -125,12 +152,17 @@ impl Nats {
 
     /// Start one killed server again, on its ports and files.
     fn restart(&mut self, i: usize) {
-        self.servers[i] = spawn_nats(&self.configs[i]);
+        self.servers[i] = spawn_nats(&self.configs[i], self.netns[i].as_deref());
     }
 
     /// Start every server again, on its ports and files.
     fn restart_all(&mut self) {
-        self.servers = self.configs.iter().map(|c| spawn_nats(c)).collect();
+        self.servers = self
+            .configs
+            .iter()
+            .zip(&self.netns)
+            .map(|(c, netns)| spawn_nats(c, netns.as_deref()))
+            .collect();
         self.wait_for_jetstream(self.configs.len());
     }
 
@@ -191,13 +223,21 @@ impl Nats {
     }
 }
 
-fn spawn_nats(config: &std::path::Path) -> Child {
+fn spawn_nats(config: &std::path::Path, netns: Option<&str>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(config.with_extension("log"))
         .expect("nats log");
-    Command::new(nats_server())
+    let mut command = match netns {
+        None => Command::new(nats_server()),
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns]).arg(nats_server());
+            command
+        }
+    };
+    command
         .arg("-c")
         .arg(config)
         .stdin(Stdio::null())
@@ -227,6 +267,17 @@ fn schedulers(node: &Node) -> Vec<String> {
         .filter(|n| n["scheduler"] == true)
         .map(|n| n["name"].as_str().expect("a name").to_string())
         .collect()
+}
+
+/// Whether `node` lists the node `name` as serving (health `up`).
+fn listed_up(node: &Node, name: &str) -> bool {
+    let listed: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["nodes", "--json"])).expect("nodes as JSON");
+    listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .any(|n| n["name"] == name && n["health"] == "up")
 }
 
 fn node_names(node: &Node) -> Vec<String> {
@@ -704,10 +755,11 @@ fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and
         "requests failed for {window:?} in a row"
     );
 
-    // It comes back: nothing moves back to it.
+    // It comes back: nothing moves back to it, once it serves (the scheduler may place work
+    // on it from then on) and a few rounds of placement later.
     nodes[victim].restart();
-    nodes[survivors[0]].wait_for("the node to rejoin", Duration::from_secs(20), || {
-        node_names(&nodes[survivors[0]]).len() == 3
+    nodes[survivors[0]].wait_for("the node to serve again", Duration::from_secs(20), || {
+        listed_up(&nodes[survivors[0]], names[victim])
     });
     std::thread::sleep(Duration::from_secs(3));
     let all: Vec<&Node> = nodes.iter().collect();
@@ -987,6 +1039,248 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
     nodes[rest[0]].wait_for("the node to rejoin", Duration::from_secs(30), || {
         node_names(&nodes[rest[0]]).len() == 3
     });
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// Network namespaces for a test, one per node, joined by a bridge in the test's own
+/// namespace (which reaches each of them); removed when dropped. Needs root
+/// (CAP_NET_ADMIN), as `cargo xtask test` runs on CI.
+struct Namespaces {
+    names: Vec<String>,
+    ips: Vec<String>,
+    /// The bridge's end of each namespace's link: down cuts that namespace off.
+    links: Vec<String>,
+    bridge: String,
+}
+
+fn ip_command(args: &[&str]) {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        output.status.success(),
+        "`ip {}` failed: {}\n(the partition test makes network namespaces: it needs root, or CAP_NET_ADMIN)",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+}
+
+impl Namespaces {
+    fn create(count: usize) -> Namespaces {
+        // Names and a subnet of this process's own, so that runs side by side do not meet.
+        let tag = std::process::id() % 100_000;
+        let subnet = 100 + tag % 150;
+        let mut net = Namespaces {
+            names: Vec::new(),
+            ips: Vec::new(),
+            links: Vec::new(),
+            bridge: format!("mbr{tag}"),
+        };
+        ip_command(&["link", "add", &net.bridge, "type", "bridge"]);
+        ip_command(&[
+            "addr",
+            "add",
+            &format!("10.77.{subnet}.254/24"),
+            "dev",
+            &net.bridge,
+        ]);
+        ip_command(&["link", "set", &net.bridge, "up"]);
+        for i in 0..count {
+            let name = format!("maru-t{tag}-{i}");
+            let (outside, inside) = (format!("mv{tag}h{i}"), format!("mv{tag}n{i}"));
+            let address = format!("10.77.{subnet}.{}", i + 1);
+            ip_command(&["netns", "add", &name]);
+            net.names.push(name.clone());
+            ip_command(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &name,
+            ]);
+            ip_command(&["link", "set", &outside, "master", &net.bridge]);
+            ip_command(&["link", "set", &outside, "up"]);
+            ip_command(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                &inside,
+            ]);
+            ip_command(&["-n", &name, "link", "set", &inside, "up"]);
+            ip_command(&["-n", &name, "link", "set", "lo", "up"]);
+            net.links.push(outside);
+            net.ips.push(address);
+        }
+        net
+    }
+
+    fn pairs(&self) -> Vec<(String, String)> {
+        self.names.iter().cloned().zip(self.ips.clone()).collect()
+    }
+
+    /// Cut namespace `i` off from the others (and from the test), or join it again.
+    fn cut(&self, i: usize, cut: bool) {
+        ip_command(&[
+            "link",
+            "set",
+            &self.links[i],
+            if cut { "down" } else { "up" },
+        ]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            // Removes the namespace's end of its link, and with it the bridge's end.
+            _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+        _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// Requests to `gateway` from inside the network namespace `netns` (curl there), until
+/// `done`: the longest time without a successful answer, failed and asked.
+fn keep_asking_inside(
+    netns: String,
+    gateway: String,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Duration, u64, u64)> {
+    std::thread::spawn(move || {
+        let (mut longest, mut failed, mut asked) = (Duration::ZERO, 0u64, 0u64);
+        let mut failing_since: Option<Instant> = None;
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            asked += 1;
+            let started = Instant::now();
+            let output = Command::new("ip")
+                .args(["netns", "exec", &netns, "curl", "-s", "-o", "/dev/null"])
+                .args(["-w", "%{http_code}", "--max-time", "5"])
+                .arg(format!("http://{gateway}/hello"))
+                .output()
+                .expect("run curl in the namespace");
+            let ok = output.stdout == b"200";
+            match (ok, failing_since) {
+                (true, Some(since)) => {
+                    longest = longest.max(since.elapsed());
+                    failing_since = None;
+                }
+                (false, None) => {
+                    failed += 1;
+                    failing_since = Some(started);
+                }
+                (false, Some(_)) => failed += 1,
+                (true, None) => {}
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(since) = failing_since {
+            longest = longest.max(since.elapsed());
+        }
+        (longest, failed, asked)
+    })
+}
+
+#[test]
+fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowance() {
+    // Dropped last: every process in the namespaces has stopped by then.
+    let net = Namespaces::create(3);
+    let nats = Nats::start_in_netns(&net.pairs());
+    let names = ["n1", "n2", "n3"];
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            Node::start_in_netns(
+                &net.names[i],
+                &net.ips[i],
+                &nats.node_config(names[i], ["zone-a", "zone-b", "zone-c"][i]),
+            )
+        })
+        .collect();
+    let manifest = format!(
+        "{}instances = {{ min = 2, max = 2 }}\n",
+        hello_manifest("Cut off")
+    );
+    nodes[0].deploy("hello.toml", &manifest);
+    let count = |nodes: &[Node], i: usize| instances_on(&nodes[i], "hello", "hello").0;
+    nodes[0].wait_for(
+        "two instances on two nodes",
+        Duration::from_secs(30),
+        || {
+            let now: Vec<u64> = (0..3).map(|i| count(&nodes, i)).collect();
+            now.iter().sum::<u64>() == 2 && now.iter().all(|n| *n <= 1)
+        },
+    );
+    let cut = (0..3)
+        .find(|i| count(&nodes, *i) == 1)
+        .expect("a node runs one");
+    let rest: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = keep_asking(
+        rest.iter().map(|i| nodes[*i].gateway.clone()).collect(),
+        done.clone(),
+    );
+    let inside = keep_asking_inside(
+        net.names[cut].clone(),
+        nodes[cut].gateway.clone(),
+        done.clone(),
+    );
+    net.cut(cut, true);
+    let cut_at = Instant::now();
+    let (mut most_rest, mut most_cut, mut moved) = (0, 0, None);
+    while cut_at.elapsed() < Duration::from_secs(30) {
+        let on_rest: u64 = rest.iter().map(|i| count(&nodes, *i)).sum();
+        let on_cut = count(&nodes, cut);
+        most_rest = most_rest.max(on_rest);
+        most_cut = most_cut.max(on_cut);
+        if moved.is_none() && on_rest == 2 {
+            moved = Some(cut_at.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    net.cut(cut, false);
+    let healed = Instant::now();
+    // Joined again, the cut-off node reads that its share went elsewhere and stops its
+    // instance: the service is back within its maximum.
+    nodes[rest[0]].wait_for(
+        "the node cut off to give up its share",
+        Duration::from_secs(30),
+        || count(&nodes, cut) == 0 && rest.iter().map(|i| count(&nodes, *i)).sum::<u64>() == 2,
+    );
+    let settled = healed.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (window, failed, asked) = asking.join().expect("asking thread");
+    let (window_inside, failed_inside, asked_inside) = inside.join().expect("asking thread");
+    eprintln!(
+        "node {} cut off for 30 s: its share ran on the others after {moved:?} (at most {most_rest} there, at most {most_cut} on it); back within the maximum {settled:?} after the link returned; through the others {failed} of {asked} requests failed (longest window {window:?}); inside its namespace {failed_inside} of {asked_inside} failed (longest window {window_inside:?})",
+        names[cut]
+    );
+    let moved = moved.unwrap_or_else(|| {
+        panic!(
+            "the cut-off node's share never moved:\n{}",
+            nodes[rest[0]].log()
+        )
+    });
+    assert!(
+        moved <= Duration::from_secs(15),
+        "the cut-off node's share started elsewhere only after {moved:?}"
+    );
+    // The documented allowance: the others run up to the maximum, the node cut off keeps
+    // its own share, never more.
+    assert!(most_rest <= 2, "the others ran {most_rest} instances");
+    assert!(most_cut <= 1, "the node cut off ran {most_cut} instances");
+    assert!(
+        window <= Duration::from_secs(10),
+        "no answer for {window:?} through a gateway on the majority side"
+    );
+    assert!(
+        window_inside <= Duration::from_secs(10),
+        "the node cut off gave no answer for {window_inside:?} to its own clients"
+    );
     for node in &mut nodes {
         node.stop();
     }

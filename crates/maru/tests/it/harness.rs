@@ -73,6 +73,10 @@ pub struct Node {
     /// Whether the listeners speak TLS (the node's default). Most tests run them plain
     /// (`MARU_PLAIN`), so their clients need no CA; `tls.rs` tests TLS itself.
     pub tls: bool,
+    /// The network namespace it runs in (and its CLI with it), if not the test's own, and
+    /// the address its listeners bind.
+    netns: Option<String>,
+    bind: String,
 }
 
 pub struct Response {
@@ -114,7 +118,17 @@ impl Node {
         Self::start_configured(node_config, true)
     }
 
+    /// A node run in the network namespace `netns`, listening on `ip` there (`ip netns
+    /// exec`; the namespace is the test's to make).
+    pub fn start_in_netns(netns: &str, ip: &str, node_config: &str) -> Node {
+        Self::start_full(node_config, false, Some(netns.to_string()), ip)
+    }
+
     fn start_configured(node_config: &str, tls: bool) -> Node {
+        Self::start_full(node_config, tls, None, "127.0.0.1")
+    }
+
+    fn start_full(node_config: &str, tls: bool, netns: Option<String>, bind: &str) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("create data dir");
@@ -134,6 +148,8 @@ impl Node {
             token: String::new(),
             ingest_token: String::new(),
             tls,
+            netns,
+            bind: bind.to_string(),
         };
         node.launch();
         node
@@ -153,19 +169,10 @@ impl Node {
             .append(true)
             .open(self.data.join("../maru.log"))
             .expect("open node log");
-        Command::new(MARU)
-            .args([
-                "up",
-                "--gateway",
-                "127.0.0.1:0",
-                "--control",
-                "127.0.0.1:0",
-                "--mqtt",
-                "127.0.0.1:0",
-                "--s3",
-                "127.0.0.1:0",
-                "--data",
-            ])
+        let any = format!("{}:0", self.bind);
+        self.command()
+            .args(["up", "--gateway", &any, "--control", &any])
+            .args(["--mqtt", &any, "--s3", &any, "--data"])
             .arg(&self.data)
             .arg("--config")
             .arg(self.config_path())
@@ -274,10 +281,23 @@ impl Node {
         child.wait().expect("reap maru");
     }
 
+    /// `maru`, in the node's network namespace if it has one (`ip netns exec` runs the
+    /// program itself, so the child is maru).
+    fn command(&self) -> Command {
+        match &self.netns {
+            None => Command::new(MARU),
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, MARU]);
+                command
+            }
+        }
+    }
+
     /// The CLI against this node, with its own config directory (where `maru login` keeps
     /// its token), never the machine's.
     pub fn cli_command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(MARU);
+        let mut command = self.command();
         command
             .args(args)
             .arg("--data")
