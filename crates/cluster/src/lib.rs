@@ -20,6 +20,12 @@
 //!   acting as scheduler before anyone else can take the key; the scheduler
 //!   ([`placement`]) checks the time left before every write and bounds the write by it. A
 //!   node takes the lease only once it serves (not while it is still catching up).
+//! - Listing the nodes avoids what a lost server stalls: the keys come from the stream's
+//!   information (no consumer, which needs JetStream's meta leader), each record from the
+//!   stream's leader (not a replica that may lag), and nodes known already are read by name
+//!   when the key listing fails. The scheduler trusts a list only when it was read after its
+//!   own announcements had succeeded for [`STEADY`] ([`Membership::trusted_nodes`]). The
+//!   NATS client pings every second, so a silently cut link is noticed in seconds.
 //!
 //! Timing: the constants below are chosen so that a node killed together with its NATS
 //! server has its work placed elsewhere well within 15 s. JetStream itself needs up to about
