@@ -754,7 +754,7 @@ async fn heartbeat(beat: Heartbeat) {
     let announcing = async {
         let mut every = tokio::time::interval(HEARTBEAT);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
+        let mut trouble = Trouble::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -786,44 +786,58 @@ async fn heartbeat(beat: Heartbeat) {
                     _ => {}
                 }
             }
-            match result {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("cluster: announcing this node again");
-                }
-                Ok(()) => {}
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "cluster: cannot announce this node; it keeps serving what it runs and tries again every heartbeat");
-                }
-                Err(_) => {}
-            }
+            trouble.report(
+                &result,
+                "cluster: cannot announce this node; it keeps serving what it runs and tries again every heartbeat",
+                "cluster: announcing this node again",
+            );
         }
     };
     let listing = async {
         let mut every = tokio::time::interval(HEARTBEAT);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
+        let mut trouble = Trouble::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = every.tick() => {}
             }
-            match refresh(&bucket, &drains, &listed).await {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("cluster: listing the nodes again");
-                }
-                Ok(()) => {}
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "cluster: cannot list the nodes; going on with the last list");
-                }
-                Err(_) => {}
-            }
+            trouble.report(
+                &refresh(&bucket, &drains, &listed).await,
+                "cluster: cannot list the nodes; going on with the last list",
+                "cluster: listing the nodes again",
+            );
         }
     };
     tokio::join!(announcing, listing);
+}
+
+/// Whether a task that retries the same work is failing: it logs when the work starts
+/// failing and when it works again, not on every try.
+#[derive(Default)]
+pub(crate) struct Trouble {
+    failing: bool,
+}
+
+impl Trouble {
+    pub(crate) fn report<E: std::fmt::Display>(
+        &mut self,
+        result: &Result<(), E>,
+        lost: &str,
+        back: &str,
+    ) {
+        match result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("{back}");
+            }
+            Err(error) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(%error, "{lost}");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A lease: a key one node at a time writes (module docs).

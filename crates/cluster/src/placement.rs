@@ -34,7 +34,7 @@ use control::placement::{AppPlacement, Candidate, ServicePlacement};
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, Membership, patiently};
+use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, Membership, Trouble, patiently};
 
 pub const PLACEMENT_BUCKET: &str = "maru-placement";
 /// How often the scheduler looks at the apps and nodes.
@@ -215,7 +215,7 @@ impl Placements {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(SCHEDULE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut failing = false;
+            let mut trouble = Trouble::default();
             loop {
                 tokio::select! {
                     _ = placements.stop.cancelled() => return,
@@ -225,18 +225,11 @@ impl Placements {
                 if !membership.is_scheduler() {
                     continue;
                 }
-                match placements.schedule_once(&node, &membership).await {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!("cluster: placing services again");
-                    }
-                    Ok(()) => {}
-                    Err(error) if !failing => {
-                        failing = true;
-                        tracing::warn!(%error, "cluster: cannot write the placement; trying again every second");
-                    }
-                    Err(_) => {}
-                }
+                trouble.report(
+                    &placements.schedule_once(&node, &membership).await,
+                    "cluster: cannot write the placement; trying again every 500 ms",
+                    "cluster: placing services again",
+                );
             }
         });
     }
