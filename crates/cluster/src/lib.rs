@@ -622,7 +622,7 @@ async fn standing_keys(bucket: &async_nats::jetstream::kv::Store) -> Result<Vec<
 /// no value: never written, expired, deleted). Not a direct get, which any replica answers,
 /// one just back from a partition included: it has not caught up yet and may lack records
 /// the others hold (seen in the partition test: a live node read as gone).
-async fn leader_get(
+pub(crate) async fn leader_get(
     bucket: &async_nats::jetstream::kv::Store,
     key: &str,
 ) -> Result<Option<bytes::Bytes>, String> {

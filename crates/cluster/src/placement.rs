@@ -304,6 +304,25 @@ impl Placements {
             tracing::info!(%app, placement = %describe(placement), "cluster: placed");
         }
         for (app, (revision, _)) in current.iter().filter(|(app, _)| !wanted.contains_key(*app)) {
+            // This node may not have applied an app deployed elsewhere yet (its watch of
+            // the apps lagging, or down with a server): a placement is removed only once
+            // the app is gone from the cluster, else its services would go unplaced on
+            // every node until this node caught up.
+            let apps = tokio::time::timeout(
+                CALL_TIMEOUT,
+                membership
+                    .jetstream()
+                    .get_key_value(crate::shared::APPS_BUCKET),
+            )
+            .await
+            .map_err(|_| "opening the apps bucket timed out".to_string())?
+            .map_err(|e| format!("open the apps bucket: {e}"))?;
+            let still = crate::leader_get(&apps, app)
+                .await
+                .map_err(|e| format!("read app {app}: {e}"))?;
+            if still.is_some() {
+                continue;
+            }
             let Some(left) = membership.lease_left() else {
                 return Ok(());
             };
