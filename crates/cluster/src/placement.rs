@@ -48,6 +48,8 @@ pub struct Placements {
     stop: CancellationToken,
     /// Whether the watch is up (else the placements are read by name every second).
     watching: std::sync::atomic::AtomicBool,
+    /// The newest revision of the bucket this node has read (by the watch or by name).
+    seen: std::sync::atomic::AtomicU64,
 }
 
 impl Placements {
@@ -73,6 +75,7 @@ impl Placements {
             current: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
             watching: std::sync::atomic::AtomicBool::new(false),
+            seen: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -84,23 +87,45 @@ impl Placements {
         // for JetStream's meta leader, seconds after a server dies or is cut off), each app's
         // placement is read by name every second, so a share moved meanwhile is still
         // taken up at once.
+        // A watch can also stall without an error after its server was lost (seen in the
+        // partition test: no placement delivered for 30 s): the bucket's last revision is
+        // asked every second, and when the watch has stayed behind it for two looks the
+        // placements are read by name as well.
         let polling = self.clone();
         let polled = node.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut behind = false;
             loop {
                 tokio::select! {
                     _ = polling.stop.cancelled() => return,
                     _ = every.tick() => {}
                 }
+                let mut last = None;
                 if polling.watching.load(std::sync::atomic::Ordering::Acquire) {
-                    continue;
+                    let info =
+                        tokio::time::timeout(CALL_TIMEOUT, polling.bucket.stream.get_info()).await;
+                    let Ok(Ok(info)) = info else { continue };
+                    let seen = polling.seen.load(std::sync::atomic::Ordering::Acquire);
+                    let was_behind = behind;
+                    behind = info.state.last_sequence > seen;
+                    if !(behind && was_behind) {
+                        continue;
+                    }
+                    last = Some(info.state.last_sequence);
                 }
                 for app in polled.shared_apps() {
                     let read = tokio::time::timeout(CALL_TIMEOUT, polling.bucket.entry(&app)).await;
                     let Ok(Ok(Some(entry))) = read else { continue };
                     polling.apply(&polled, &entry);
+                }
+                if let Some(last) = last {
+                    // Every app this node runs was read as of `last` or later.
+                    polling
+                        .seen
+                        .fetch_max(last, std::sync::atomic::Ordering::AcqRel);
+                    behind = false;
                 }
             }
         });
@@ -176,6 +201,8 @@ impl Placements {
 
     /// Give `node` an app's placement read from the bucket, unless what it has is as new.
     fn apply(&self, node: &Node, entry: &async_nats::jetstream::kv::Entry) {
+        self.seen
+            .fetch_max(entry.revision, std::sync::atomic::Ordering::AcqRel);
         let app = entry.key.clone();
         let placement = match entry.operation {
             Operation::Put => match serde_json::from_slice::<AppPlacement>(&entry.value) {

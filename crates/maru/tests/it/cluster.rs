@@ -1200,7 +1200,9 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
         })
         .collect();
     let manifest = format!(
-        "{}instances = {{ min = 2, max = 2 }}\n",
+        // The pause test's timeout: a request forwarded to the node cut off (over a
+        // kept-open connection, so it is sent) fails at its deadline.
+        "{}instances = {{ min = 2, max = 2 }}\ntimeout = \"2s\"\n",
         hello_manifest("Cut off")
     );
     nodes[0].deploy("hello.toml", &manifest);
