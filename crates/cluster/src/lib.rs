@@ -301,44 +301,33 @@ impl Membership {
                 reason: e.to_string(),
             })?;
         let jetstream = async_nats::jetstream::new(client);
-        let config = async_nats::jetstream::kv::Config {
-            bucket: NODES_BUCKET.to_string(),
-            description: "Maru nodes: each node's announcement, expiring unless renewed"
-                .to_string(),
-            history: 1,
-            max_age: NODE_TTL,
-            num_replicas: replicas.clamp(1, 3),
-            ..Default::default()
-        };
-        // JetStream may still be electing its leaders (a cluster just started, a server
-        // just lost): tried again for up to JOIN_PATIENCE.
         let started = tokio::time::Instant::now();
-        let bucket = patiently("open the node bucket", started, || {
-            jetstream.create_key_value(config.clone())
-        })
+        let bucket = open_bucket(
+            &jetstream,
+            started,
+            NODES_BUCKET,
+            "Maru nodes: each node's announcement, expiring unless renewed",
+            NODE_TTL,
+            replicas,
+        )
         .await?;
-        let leases_config = async_nats::jetstream::kv::Config {
-            bucket: LEASES_BUCKET.to_string(),
-            description: "Maru leases: one holder each, expiring unless renewed".to_string(),
-            history: 1,
-            max_age: LEASE_TTL,
-            num_replicas: replicas.clamp(1, 3),
-            ..Default::default()
-        };
-        let leases = patiently("open the lease bucket", started, || {
-            jetstream.create_key_value(leases_config.clone())
-        })
+        let leases = open_bucket(
+            &jetstream,
+            started,
+            LEASES_BUCKET,
+            "Maru leases: one holder each, expiring unless renewed",
+            LEASE_TTL,
+            replicas,
+        )
         .await?;
-        let drains_config = async_nats::jetstream::kv::Config {
-            bucket: DRAINS_BUCKET.to_string(),
-            description: "Maru nodes being drained (maru drain)".to_string(),
-            history: 1,
-            num_replicas: replicas.clamp(1, 3),
-            ..Default::default()
-        };
-        let drains = patiently("open the drain bucket", started, || {
-            jetstream.create_key_value(drains_config.clone())
-        })
+        let drains = open_bucket(
+            &jetstream,
+            started,
+            DRAINS_BUCKET,
+            "Maru nodes being drained (maru drain)",
+            Duration::ZERO,
+            replicas,
+        )
         .await?;
         let name = announce.status().name;
         let lease_until = Arc::new(Mutex::new(None));
@@ -489,17 +478,15 @@ pub async fn forward_key(
     replicas: usize,
 ) -> Result<String, ClusterError> {
     const KEY: &str = "forward-key";
-    let config = async_nats::jetstream::kv::Config {
-        bucket: CLUSTER_BUCKET.to_string(),
-        description: "Maru cluster-wide settings".to_string(),
-        history: 1,
-        num_replicas: replicas.clamp(1, 3),
-        ..Default::default()
-    };
     let started = tokio::time::Instant::now();
-    let bucket = patiently("open the cluster bucket", started, || {
-        jetstream.create_key_value(config.clone())
-    })
+    let bucket = open_bucket(
+        jetstream,
+        started,
+        CLUSTER_BUCKET,
+        "Maru cluster-wide settings",
+        Duration::ZERO,
+        replicas,
+    )
     .await?;
     let mut made = [0u8; 32];
     getrandom::fill(&mut made)
@@ -580,6 +567,32 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Open (or create) the key-value bucket `name`, one value a key, replicated on up to three
+/// servers; its values expire after `max_age` unless zero. JetStream may still be electing
+/// its leaders (a cluster just started, a server just lost): tried again until
+/// [`JOIN_PATIENCE`] after `started`.
+pub(crate) async fn open_bucket(
+    jetstream: &async_nats::jetstream::Context,
+    started: tokio::time::Instant,
+    name: &str,
+    description: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<async_nats::jetstream::kv::Store, ClusterError> {
+    let config = async_nats::jetstream::kv::Config {
+        bucket: name.to_string(),
+        description: description.to_string(),
+        history: 1,
+        max_age,
+        num_replicas: replicas.clamp(1, 3),
+        ..Default::default()
+    };
+    patiently(&format!("open the bucket {name}"), started, || {
+        jetstream.create_key_value(config.clone())
+    })
+    .await
 }
 
 /// The nodes whose records stood when last read, and when that read began.

