@@ -401,10 +401,9 @@ impl Gateway {
             Locality::Alone | Locality::Here { .. } => {}
             Locality::Elsewhere(nodes) if !forwarded => {
                 let deadline = arrival + service.config.timeout;
-                let name = format!("{}/{}", service.config.app, service.config.name);
                 return self
                     .peers
-                    .forward(&nodes, &name, request, deadline)
+                    .forward(&nodes, &service.id(), request, deadline)
                     .await
                     .map_err(|error| crate::peers::failure(&error));
             }

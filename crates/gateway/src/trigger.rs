@@ -295,10 +295,9 @@ async fn attempt_once(
     let response = match service.locality() {
         crate::Locality::Elsewhere(nodes) => {
             let deadline = Instant::now() + service.config.timeout;
-            let name = format!("{}/{}", service.config.app, service.config.name);
             config
                 .peers
-                .forward(&nodes, &name, request, deadline)
+                .forward(&nodes, &service.id(), request, deadline)
                 .await
                 .map_err(|e| e.to_string())?
         }
