@@ -35,6 +35,7 @@
 
 pub mod placement;
 pub mod shared;
+pub mod topics;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

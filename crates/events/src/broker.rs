@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
-use crate::topic::{Topic, TopicConfig};
+use crate::shared::SharedLogs;
+use crate::topic::TopicConfig;
+use crate::Topic;
 
 /// The longest topic name.
 pub const TOPIC_NAME_BYTES_MAX: usize = 128;
@@ -21,10 +23,12 @@ pub enum TopicError {
     Open { name: String, message: String },
 }
 
-/// Every declared topic. Topics live in `DIR/NAME/`.
+/// Every declared topic. Topics live in `DIR/NAME/`, or in the cluster's store once
+/// [`Events::share_through`] was called.
 pub struct Events {
     dir: PathBuf,
     topics: RwLock<BTreeMap<String, (TopicConfig, Arc<Topic>)>>,
+    shared: OnceLock<Arc<dyn SharedLogs>>,
 }
 
 pub fn check_topic_name(name: &str) -> Result<(), TopicError> {
@@ -46,7 +50,21 @@ impl Events {
         Events {
             dir: dir.to_path_buf(),
             topics: RwLock::new(BTreeMap::new()),
+            shared: OnceLock::new(),
         }
+    }
+
+    /// Keep topics declared from now on in the cluster's store (once, when the node joins
+    /// a cluster, before its apps start). Topics this node kept on its disk stay there.
+    pub fn share_through(&self, logs: Arc<dyn SharedLogs>) {
+        if self.shared.set(logs).is_err() {
+            tracing::warn!("events: topics are already kept by a cluster; ignored");
+        }
+    }
+
+    /// Where declared topics are kept, for messages.
+    pub fn kept_by(&self) -> &'static str {
+        self.shared.get().map_or("this node's disk", |logs| logs.kind())
     }
 
     /// Open a topic, or reopen it if its configuration changed. Stored events are kept.
@@ -64,14 +82,20 @@ impl Events {
             }
             topic.close().await;
         }
-        let dir = self.dir.join(name);
-        let topic =
-            tokio::task::block_in_place(|| Topic::open(name, &dir, config)).map_err(|message| {
-                TopicError::Open {
-                    name: name.to_string(),
-                    message,
-                }
-            })?;
+        let opened = match self.shared.get() {
+            Some(logs) => logs
+                .open(name, config)
+                .await
+                .map(|log| Topic::shared(name, config, log)),
+            None => {
+                let dir = self.dir.join(name);
+                tokio::task::block_in_place(|| Topic::open(name, &dir, config))
+            }
+        };
+        let topic = opened.map_err(|message| TopicError::Open {
+            name: name.to_string(),
+            message,
+        })?;
         self.topics
             .write()
             .expect("topics lock is never poisoned")

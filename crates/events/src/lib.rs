@@ -5,19 +5,22 @@
 //! only after the events are written and (for `durability = "fsync"`) synced; the HTTP
 //! and MQTT front ends answer from that result and never before.
 //!
-//! The topic and consumer interfaces ([`Events`], [`Topic`]) do not expose files, so a
-//! cluster backend (NATS JetStream) can stand behind the same calls.
+//! The topic and consumer interfaces ([`Events`], [`Topic`]) do not expose files: in a
+//! cluster the topics are kept by the cluster's store behind the same calls ([`shared`]).
 
 pub mod access;
 mod broker;
+mod handle;
 pub mod mqtt;
 pub mod record;
+pub mod shared;
 mod topic;
 
 pub use access::{Admission, Gate, Producer, Publishers};
 pub use broker::{Events, TopicError, check_topic_name};
 pub use record::{Event, NewEvent};
-pub use topic::{AppendError, Appending, Durability, ReadError, Topic, TopicConfig, TopicStats};
+pub use handle::Topic;
+pub use topic::{AppendError, Appending, Durability, ReadError, TopicConfig, TopicStats};
 
 /// Whether a producer presented the ingest token `expected`, compared in time independent
 /// of where the first difference is. An empty expected token matches nothing.

@@ -220,7 +220,7 @@ pub struct TopicStats {
     pub lost: Vec<Range<u64>>,
 }
 
-pub struct Topic {
+pub(crate) struct Local {
     name: String,
     dir: PathBuf,
     env: Env,
@@ -254,12 +254,7 @@ fn off_thread<T: Send + 'static>(
     }
 }
 
-impl Topic {
-    /// Open (recovering) or create the topic stored in `dir`, on the machine's disk.
-    pub fn open(name: &str, dir: &Path, config: TopicConfig) -> Result<Arc<Topic>, String> {
-        Topic::open_in(Env::os(), name, dir, config)
-    }
-
+impl Local {
     /// Open (recovering) or create the topic stored in `dir` on `env`'s disk and clock.
     /// Must be called within a tokio runtime (the writer is a task).
     pub fn open_in(
@@ -267,7 +262,7 @@ impl Topic {
         name: &str,
         dir: &Path,
         config: TopicConfig,
-    ) -> Result<Arc<Topic>, String> {
+    ) -> Result<Arc<Local>, String> {
         // Creates `dir` too, with every directory above it made durable.
         let groups = groups::read_groups(&env, &dir.join("groups"))?;
         let recovered = recovery::recover(&env, name, dir, &groups)?;
@@ -301,7 +296,7 @@ impl Topic {
         };
         let pending_bytes = Arc::new(Semaphore::new(PENDING_BYTES_MAX));
         let handle = tokio::spawn(writer.run(rx, pending_bytes.clone()));
-        Ok(Arc::new(Topic {
+        Ok(Arc::new(Local {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             env,
@@ -315,13 +310,9 @@ impl Topic {
         }))
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Append events; resolves once they are durable, with their offsets.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Range<u64>, AppendError> {
-        let bytes = self.checked_bytes(&events)?;
+        let bytes = checked_bytes(&self.name, self.event_bytes_max, &events)?;
         if events.is_empty() {
             let next = *self.committed.borrow();
             return Ok(next..next);
@@ -346,7 +337,7 @@ impl Topic {
     /// writer has room, so a caller can start many appends in order and await them later
     /// without a task each. When the writer is behind, the returned future waits for room.
     pub fn append_soon(self: &Arc<Self>, events: Vec<NewEvent>) -> Appending {
-        let bytes = match self.checked_bytes(&events) {
+        let bytes = match checked_bytes(&self.name, self.event_bytes_max, &events) {
             Ok(bytes) => bytes,
             Err(error) => return Box::pin(std::future::ready(Err(error))),
         };
@@ -381,29 +372,6 @@ impl Topic {
         }
         let topic = self.clone();
         Box::pin(async move { topic.append(events).await })
-    }
-
-    /// The bytes `events` take in the log, or why they cannot be appended.
-    fn checked_bytes(&self, events: &[NewEvent]) -> Result<usize, AppendError> {
-        let mut bytes = 0;
-        for event in events {
-            event.check().map_err(AppendError::TooLarge)?;
-            let size = event.encoded_len() - record::HEADER_BYTES;
-            if size > self.event_bytes_max {
-                return Err(AppendError::TooLarge(format!(
-                    "an event of {size} bytes exceeds topic {}'s limit of {} bytes",
-                    self.name, self.event_bytes_max
-                )));
-            }
-            bytes += event.encoded_len();
-        }
-        if bytes > PENDING_BYTES_MAX / 2 {
-            return Err(AppendError::TooLarge(format!(
-                "a batch of {bytes} bytes is too large; send at most {} bytes at once",
-                PENDING_BYTES_MAX / 2
-            )));
-        }
-        Ok(bytes)
     }
 
     /// The offset after the last durable event.
@@ -705,6 +673,33 @@ impl Topic {
             _ = handle.await;
         }
     }
+}
+
+/// The bytes `events` take in a log, or why they cannot be appended to topic `name`, whose
+/// events may be at most `event_bytes_max` bytes each.
+pub(crate) fn checked_bytes(
+    name: &str,
+    event_bytes_max: usize,
+    events: &[NewEvent],
+) -> Result<usize, AppendError> {
+    let mut bytes = 0;
+    for event in events {
+        event.check().map_err(AppendError::TooLarge)?;
+        let size = event.encoded_len() - record::HEADER_BYTES;
+        if size > event_bytes_max {
+            return Err(AppendError::TooLarge(format!(
+                "an event of {size} bytes exceeds topic {name}'s limit of {event_bytes_max} bytes"
+            )));
+        }
+        bytes += event.encoded_len();
+    }
+    if bytes > PENDING_BYTES_MAX / 2 {
+        return Err(AppendError::TooLarge(format!(
+            "a batch of {bytes} bytes is too large; send at most {} bytes at once",
+            PENDING_BYTES_MAX / 2
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The single writer of a topic's log.

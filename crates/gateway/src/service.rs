@@ -162,6 +162,9 @@ pub struct Service {
     /// Idle instances waiting for work, the most recently idle last.
     idle_waiters: Mutex<Vec<(u64, Arc<Notify>)>>,
     locality: Mutex<Locality>,
+    /// Whether this node delivers the service's triggers (in a cluster whose topics are
+    /// shared, one node of those it is placed on does).
+    triggers_here: tokio::sync::watch::Sender<bool>,
 }
 
 /// Where a service's instances run, as this node's gateway sees it (set by the control
@@ -254,6 +257,7 @@ impl Service {
             history: Mutex::new(history),
             idle_waiters: Mutex::new(Vec::new()),
             locality: Mutex::new(locality),
+            triggers_here: tokio::sync::watch::Sender::new(true),
         });
         let scaler = tokio::spawn(service.clone().scale_loop(policy));
         *service
@@ -294,6 +298,21 @@ impl Service {
 
     pub fn locality(&self) -> Locality {
         self.locality.lock().expect("never poisoned").clone()
+    }
+
+    /// Whether this node delivers the service's triggers (the control plane decides; a
+    /// node alone always does).
+    pub fn set_triggers_here(&self, here: bool) {
+        self.triggers_here.send_if_modified(|current| {
+            let changed = *current != here;
+            *current = here;
+            changed
+        });
+    }
+
+    /// Watch whether this node delivers the service's triggers.
+    pub fn triggers_here(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.triggers_here.subscribe()
     }
 
     /// The bounds the scaler keeps to: the manifest's alone, this node's share in a cluster.

@@ -78,12 +78,41 @@ pub async fn run_trigger(
     let parallel = config.parallel.max(1);
     let window = (parallel * config.batch.max(1)).clamp(1, WINDOW_EVENTS_MAX);
     let mut next = topic.subscribe();
-    let mut offset = topic.group_offset(&config.group);
+    let mut here = service.triggers_here();
+    // Where delivery goes on; unknown while another node delivers (it commits meanwhile).
+    let mut known: Option<u64> = None;
     loop {
+        if !*here.borrow_and_update() {
+            known = None;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = here.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        let offset = match known {
+            Some(offset) => offset,
+            None => match topic.group_offset_now(&config.group).await {
+                Ok(offset) => offset,
+                Err(error) => {
+                    service.log(&format!(
+                        "trigger {}: cannot read where delivery stands on topic {}: {error}; retrying in 1 s",
+                        config.group,
+                        topic.name()
+                    ));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        known = Some(offset);
         if offset >= topic.next_offset() {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = next.changed() => if changed.is_err() { return },
+                changed = here.changed() => if changed.is_err() { return },
             }
             continue;
         }
@@ -95,7 +124,7 @@ pub async fn run_trigger(
                     config.group,
                     topic.name()
                 ));
-                offset = first;
+                known = Some(first);
                 continue;
             }
             Err(error) => {
@@ -120,7 +149,7 @@ pub async fn run_trigger(
                     config.group,
                     topic.name()
                 ));
-                offset = skipped;
+                known = Some(skipped);
             } else {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -166,7 +195,8 @@ pub async fn run_trigger(
             // Not committed: the window is delivered again after a restart (at least once).
             return;
         }
-        offset = last + 1;
+        let offset = last + 1;
+        known = Some(offset);
         // A failed commit only means redelivery after a restart; keep going.
         if let Err(error) = topic.commit(&config.group, offset).await {
             service.log(&format!("trigger {}: commit failed: {error}", config.group));

@@ -825,6 +825,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .await
                 .context("read the cluster's forwarding key")?;
             gateway.peers().set_key(&key);
+            // Topics are the cluster's too: every node ingests into and reads the same
+            // streams (before the first reconcile declares any).
+            let topics =
+                cluster::topics::JetStreamTopics::open(membership.jetstream(), sync.cluster_size)
+                    .await
+                    .context("open the cluster's topics")?;
+            events.share_through(topics);
             node.set_shared(shared.clone());
             shared
                 .follow(node.clone())

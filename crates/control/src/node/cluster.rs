@@ -49,6 +49,21 @@ impl ClusterView {
             None => Locality::Elsewhere(placed.nodes.keys().cloned().collect()),
         }
     }
+
+    /// Whether this node delivers the service's triggers. The cluster keeps the topics, so
+    /// one node delivers: the first by name of those the service is placed on. When the
+    /// placement moves, the next one takes over from the offset the group last committed
+    /// (at least once: a window under way when it moved may be delivered twice).
+    pub(super) fn delivers_triggers(&self, (app, service): &ServiceKey) -> bool {
+        if !self.shared.contains(app) {
+            return true;
+        }
+        self.placements
+            .get(app)
+            .and_then(|a| a.get(service))
+            .and_then(|placed| placed.nodes.keys().next())
+            .is_some_and(|first| *first == self.name)
+    }
 }
 
 impl Node {
@@ -104,11 +119,17 @@ impl Node {
         }
     }
 
-    /// Tell every running service where it runs now.
+    /// Tell every running service where it runs now, and whether it delivers its triggers.
     pub(super) fn apply_localities(&self) {
         let running = self.running.lock().expect("running lock is never poisoned");
+        let cluster = self.cluster.lock().expect("never poisoned");
         for (key, running) in running.iter() {
-            running.service.set_locality(self.locality(key));
+            let (locality, triggers) = match cluster.as_ref() {
+                None => (Locality::Alone, true),
+                Some(cluster) => (cluster.locality(key), cluster.delivers_triggers(key)),
+            };
+            running.service.set_locality(locality);
+            running.service.set_triggers_here(triggers);
         }
     }
 
@@ -272,5 +293,16 @@ mod tests {
             view.locality(&key("a", "nowhere")),
             Locality::Unplaced("every node is draining".into())
         );
+        // One node delivers a shared app's triggers: the first by name it is placed on.
+        assert!(view.delivers_triggers(&key("a", "here")));
+        assert!(!view.delivers_triggers(&key("a", "there")));
+        assert!(!view.delivers_triggers(&key("a", "nowhere")));
+        assert!(view.delivers_triggers(&key("local", "s")));
+        let n2 = ClusterView {
+            name: "n2".into(),
+            ..view
+        };
+        assert!(!n2.delivers_triggers(&key("a", "here")));
+        assert!(n2.delivers_triggers(&key("a", "there")));
     }
 }

@@ -1,6 +1,7 @@
 use std::fs;
 
 use super::*;
+use crate::Topic;
 
 fn event(i: usize) -> NewEvent {
     NewEvent {
@@ -130,7 +131,7 @@ async fn recovery_after_a_cut_at_every_byte_keeps_every_whole_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_bits_are_never_served() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let topic = Topic::open("t", dir.path(), small_segments()).expect("opens");
+    let topic = Local::open_in(Env::os(), "t", dir.path(), small_segments()).expect("opens");
     for i in 0..60 {
         topic.append(vec![event(i)]).await.expect("appends");
     }

@@ -1292,3 +1292,217 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
         node.stop();
     }
 }
+
+/// A topic declared in a cluster, its events answered by a service whose trigger replies
+/// with each event's data (`/reply` of the misbehave component).
+fn sensors_in_a_cluster() -> String {
+    format!(
+        r#"[app]
+name = "sensors"
+
+[topic."city.air"]
+[topic."city.air.replies"]
+
+[service.echo]
+component = "{}"
+routes = ["/echo-svc"]
+instances = {{ min = 1, max = 1 }}
+
+[[service.echo.trigger]]
+topic = "city.air"
+path = "/reply"
+reply_to = "city.air.replies"
+parallel = 4
+"#,
+        crate::harness::component("misbehave").display()
+    )
+}
+
+/// Publish events over HTTP to one node until `done`, one after another (each waits for
+/// its answer), with key `key` and data `KEY-SEQ`: the sequence numbers acknowledged (202),
+/// in order, and how many were not.
+fn keep_publishing(
+    node: &Node,
+    key: &str,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<u64>, u64)> {
+    let (gateway, token, key) = (
+        node.gateway.clone(),
+        node.ingest_token.clone(),
+        key.to_string(),
+    );
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let (mut acked, mut failed) = (Vec::new(), 0u64);
+        let mut seq = 0u64;
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            seq += 1;
+            let answer = agent
+                .post(format!("http://{gateway}/events/city.air"))
+                .header("Authorization", format!("Bearer {token}"))
+                .header("ce-partitionkey", &key)
+                .send(format!("{key}-{seq}").as_bytes());
+            match answer {
+                Ok(response) if response.status() == 202 => acked.push(seq),
+                Ok(mut response) => {
+                    if failed < 3 {
+                        eprintln!(
+                            "publishing to {gateway}: {} {}",
+                            response.status(),
+                            response.body_mut().read_to_string().unwrap_or_default()
+                        );
+                    }
+                    failed += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => {
+                    failed += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        (acked, failed)
+    })
+}
+
+/// Topics are JetStream streams in a cluster: events published over HTTP on every node,
+/// while the node that delivers the trigger is killed (SIGKILL) with its NATS server, are
+/// all there afterwards (duplicates counted, none missing), in order per key, and the
+/// trigger, moved with its service to a survivor, delivers every one of them.
+#[test]
+fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_all_delivered() {
+    let mut nats = Nats::start(3, true);
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(["zone-a", "zone-b", "zone-c"])
+        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
+        .collect();
+    nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
+    let all: Vec<&Node> = nodes.iter().collect();
+    nodes[0].wait_for("the echo service placed", Duration::from_secs(20), || {
+        all.iter()
+            .map(|n| instances_on(n, "sensors", "echo").0)
+            .sum::<u64>()
+            == 1
+    });
+    let dead = (0..3)
+        .find(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
+        .expect("the node running the service");
+    let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
+    let keys = ["n1", "n2", "n3"];
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishers: Vec<_> = (0..3)
+        .map(|i| keep_publishing(&nodes[i], keys[i], done.clone()))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let killed = Instant::now();
+    nodes[dead].kill();
+    nats.kill(dead);
+    // The service (and its trigger) moves; publishing goes on through the survivors.
+    let mut moved = None;
+    while killed.elapsed() < Duration::from_secs(12) || moved.is_none() {
+        if moved.is_none()
+            && rest
+                .iter()
+                .any(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
+        {
+            moved = Some(killed.elapsed());
+        }
+        if killed.elapsed() > Duration::from_secs(40) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let published: Vec<(Vec<u64>, u64)> = publishers
+        .into_iter()
+        .map(|p| p.join().expect("publisher"))
+        .collect();
+    let acked_total: usize = published.iter().map(|(a, _)| a.len()).sum();
+
+    // Every acknowledged event is stored, in order per key, read through a survivor.
+    let reader = &nodes[rest[0]];
+    let stored = crate::events::read_topic(reader, "city.air");
+    let mut duplicates = 0;
+    for (i, (acked, failed)) in published.iter().enumerate() {
+        let key = keys[i];
+        let mut seen = std::collections::BTreeSet::new();
+        let mut order = Vec::new();
+        for (_, event_key, data) in &stored {
+            if event_key != key {
+                continue;
+            }
+            let seq: u64 = data
+                .strip_prefix(&format!("{key}-"))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("an event of key {key} holds {data:?}"));
+            if !seen.insert(seq) {
+                duplicates += 1;
+                continue;
+            }
+            order.push(seq);
+        }
+        let missing: Vec<u64> = acked.iter().filter(|s| !seen.contains(s)).copied().collect();
+        assert!(
+            missing.is_empty(),
+            "{} acknowledged events of {key} are missing (of {}), the first: {:?}",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(10)]
+        );
+        let acked_set: std::collections::BTreeSet<u64> = acked.iter().copied().collect();
+        let acked_order: Vec<u64> = order.into_iter().filter(|s| acked_set.contains(s)).collect();
+        assert!(
+            acked_order.windows(2).all(|w| w[0] < w[1]),
+            "events of key {key} are stored out of the order they were acknowledged in"
+        );
+        eprintln!(
+            "key {key}: {} acknowledged, {failed} not (node {} killed: {})",
+            acked.len(),
+            i + 1,
+            i == dead
+        );
+    }
+    assert!(
+        published
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != dead)
+            .all(|(_, (acked, _))| acked.len() > 50),
+        "the survivors' publishers should have gone on being acknowledged"
+    );
+
+    // The trigger delivers every acknowledged event, from whichever node runs the service.
+    let delivered = Instant::now();
+    let mut replied = std::collections::BTreeSet::new();
+    reader.wait_for(
+        "a reply to every acknowledged event",
+        Duration::from_secs(60),
+        || {
+            replied = crate::events::read_topic(reader, "city.air.replies")
+                .into_iter()
+                .map(|(_, _, data)| data)
+                .collect();
+            published.iter().enumerate().all(|(i, (acked, _))| {
+                acked
+                    .iter()
+                    .all(|seq| replied.contains(&format!("{}-{seq}", keys[i])))
+            })
+        },
+    );
+    eprintln!(
+        "events in a cluster: node n{} killed with its NATS server; {acked_total} acknowledged through three nodes, {} stored ({duplicates} duplicates), none missing, in order per key; the service ran elsewhere after {moved:?}; every one replied to {:?} after publishing stopped",
+        dead + 1,
+        stored.len(),
+        delivered.elapsed()
+    );
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != dead {
+            node.stop();
+        }
+    }
+}

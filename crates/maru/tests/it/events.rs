@@ -65,7 +65,7 @@ pub(crate) fn post(
 }
 
 /// Every stored event of a topic: (offset, key, data).
-fn read_topic(node: &Node, topic: &str) -> Vec<(u64, String, String)> {
+pub(crate) fn read_topic(node: &Node, topic: &str) -> Vec<(u64, String, String)> {
     let mut out = Vec::new();
     let mut from = 0;
     loop {

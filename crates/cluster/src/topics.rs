@@ -1,0 +1,627 @@
+//! The cluster's topics: each a JetStream stream, replicated on up to three servers, behind
+//! the events crate's [`SharedLog`] seam, so ingest (HTTP, MQTT) on any node appends to the
+//! same topic and one node's trigger delivers it.
+//!
+//! - **Offsets** are stream sequences less one (JetStream counts from 1, topics from 0).
+//! - **Appending**: one writer task per topic and node takes every append waiting, publishes
+//!   all their events one after another on the node's connection without waiting, then
+//!   awaits the acknowledgements. JetStream acknowledges a message once the stream's
+//!   replicas have stored it (and, as [`crate::check_sync`] makes sure, synced it), and an
+//!   append resolves only once every one of its events is acknowledged. Messages sent on one
+//!   connection reach the stream in the order sent, so events appended on one node keep
+//!   their order (and so their order per key); nodes' appends interleave.
+//! - **Records**: each message is the event encoded as in a local topic's log (length,
+//!   checksum, time, key, attributes, payload), so a read verifies what it got.
+//! - **Reading** asks the stream's leader for each sequence (many requests in flight): a
+//!   replica may not have caught up (seen with the node records after a partition).
+//!   Sequences that hold nothing (removed) are passed over; reading from before the oldest
+//!   stored sequence is [`ReadError::Expired`].
+//! - **The next offset** each node knows grows with its own acknowledgements and with the
+//!   stream's last sequence, asked when a message for the topic passes on the node's
+//!   connection (a plain subscription to its subject) and at least every
+//!   [`LOOK_EVERY`].
+//! - **Consumer groups' offsets** are keys `TOPIC/GROUP` of the bucket [`GROUPS_BUCKET`], read
+//!   from its leader; a trigger that moves to another node continues from there.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
+use bytes::Bytes;
+use events::record::{self, Decoded, Event, NewEvent};
+use events::shared::{Pending, SharedLog, SharedLogs};
+use events::{AppendError, ReadError, TopicConfig, TopicStats};
+use futures_util::StreamExt as _;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{CALL_TIMEOUT, ClusterError, leader_get, open_bucket, patiently};
+
+/// The key-value bucket of consumer groups' committed offsets.
+pub const GROUPS_BUCKET: &str = "maru-groups";
+/// How often a node asks a topic's stream how far it goes when nothing passed.
+pub const LOOK_EVERY: Duration = Duration::from_millis(500);
+/// Appends waiting for a topic's writer, in bytes, before producers wait.
+const PENDING_BYTES_MAX: usize = 64 << 20;
+/// Sequences asked of the stream at once by a read.
+const READS_IN_FLIGHT: usize = 64;
+/// Appends a writer takes at once.
+const APPENDS_AT_ONCE: usize = 1024;
+
+/// Opens the cluster's topics in JetStream.
+pub struct JetStreamTopics {
+    jetstream: async_nats::jetstream::Context,
+    replicas: usize,
+    groups: async_nats::jetstream::kv::Store,
+}
+
+impl JetStreamTopics {
+    /// Ready to open topics, with streams of `replicas` replicas (at most three).
+    pub async fn open(
+        jetstream: &async_nats::jetstream::Context,
+        replicas: usize,
+    ) -> Result<Arc<JetStreamTopics>, ClusterError> {
+        let groups = open_bucket(
+            jetstream,
+            tokio::time::Instant::now(),
+            GROUPS_BUCKET,
+            "Maru: the committed offset of each consumer group of each topic",
+            Duration::ZERO,
+            replicas,
+        )
+        .await?;
+        Ok(Arc::new(JetStreamTopics {
+            jetstream: jetstream.clone(),
+            replicas: replicas.clamp(1, 3),
+            groups,
+        }))
+    }
+}
+
+/// The stream that keeps topic `name`: JetStream's stream names allow no `.`, so the
+/// dots become `_` and a hash of the name keeps `a.b` and `a_b` apart.
+pub fn stream_name(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("maru-topic-{}-{hash:016x}", name.replace('.', "_"))
+}
+
+fn stream_config(name: &str, config: &TopicConfig, replicas: usize) -> stream::Config {
+    let stream = stream_name(name);
+    stream::Config {
+        subjects: vec![format!("maru.topic.{stream}")],
+        name: stream,
+        description: Some(format!("Maru topic {name}")),
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age: config.retention_age.unwrap_or(Duration::ZERO),
+        max_bytes: config
+            .retention_bytes
+            .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        max_message_size: i32::try_from(
+            config.event_bytes_max + record::HEADER_BYTES,
+        )
+        .unwrap_or(i32::MAX),
+        ..Default::default()
+    }
+}
+
+impl SharedLogs for JetStreamTopics {
+    fn open(
+        &self,
+        name: &str,
+        config: TopicConfig,
+    ) -> Pending<'_, Result<Arc<dyn SharedLog>, String>> {
+        let name = name.to_string();
+        Box::pin(async move {
+            let wanted = stream_config(&name, &config, self.replicas);
+            let subject = wanted.subjects[0].clone();
+            let jetstream = self.jetstream.clone();
+            patiently(
+                &format!("keep topic {name} in stream {}", wanted.name),
+                tokio::time::Instant::now(),
+                || {
+                    let (jetstream, wanted) = (jetstream.clone(), wanted.clone());
+                    async move {
+                        tokio::time::timeout(CALL_TIMEOUT, jetstream.create_or_update_stream(wanted))
+                            .await
+                            .map_err(|_| "timed out".to_string())?
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let stream = jetstream
+                .get_stream(&wanted.name)
+                .await
+                .map_err(|e| format!("stream {}: {e}", wanted.name))?;
+            let log = StreamLog::start(
+                name,
+                subject,
+                self.jetstream.clone(),
+                stream,
+                self.groups.clone(),
+            )
+            .await;
+            Ok(log as Arc<dyn SharedLog>)
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "NATS JetStream"
+    }
+}
+
+struct Append {
+    events: Vec<NewEvent>,
+    bytes: usize,
+    reply: oneshot::Sender<Result<Range<u64>, AppendError>>,
+}
+
+/// What the stream looked like when last asked, and what this node did.
+#[derive(Default)]
+struct Known {
+    first: u64,
+    bytes: u64,
+    appended_total: u64,
+    commits_total: u64,
+    groups: BTreeMap<String, u64>,
+    /// Events appended here per second (unix second, count), the last few seconds.
+    recent: VecDeque<(u64, u64)>,
+    /// Why the last append or look failed, until one succeeds.
+    broken: Option<String>,
+}
+
+/// One topic kept in a JetStream stream.
+struct StreamLog {
+    name: String,
+    stream: stream::Stream,
+    groups_bucket: async_nats::jetstream::kv::Store,
+    next: Arc<watch::Sender<u64>>,
+    known: Arc<Mutex<Known>>,
+    queue: Mutex<Option<mpsc::Sender<Append>>>,
+    pending_bytes: Arc<Semaphore>,
+    stop: CancellationToken,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl StreamLog {
+    async fn start(
+        name: String,
+        subject: String,
+        jetstream: async_nats::jetstream::Context,
+        stream: stream::Stream,
+        groups_bucket: async_nats::jetstream::kv::Store,
+    ) -> Arc<StreamLog> {
+        let (queue, jobs) = mpsc::channel(APPENDS_AT_ONCE);
+        let log = Arc::new(StreamLog {
+            name,
+            stream,
+            groups_bucket,
+            next: Arc::new(watch::Sender::new(0)),
+            known: Arc::new(Mutex::new(Known::default())),
+            queue: Mutex::new(Some(queue)),
+            pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES_MAX)),
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        log.look().await;
+        let writer = tokio::spawn(log.clone().write(jetstream.clone(), subject.clone(), jobs));
+        let watcher = tokio::spawn(log.clone().watch_stream(jetstream.client(), subject));
+        log.tasks
+            .lock()
+            .expect("never poisoned")
+            .extend([writer, watcher]);
+        log
+    }
+
+    /// Ask the stream's leader how far it goes.
+    async fn look(&self) {
+        look(&self.stream, &self.known, &self.next).await;
+    }
+
+    /// The next offset is at least `next`.
+    fn advance(&self, next: u64) {
+        advance(&self.next, next);
+    }
+
+    /// Look again whenever a message for the topic passes, and every [`LOOK_EVERY`].
+    async fn watch_stream(self: Arc<Self>, client: async_nats::Client, subject: String) {
+        let mut passing = match client.subscribe(subject).await {
+            Ok(subscription) => Some(subscription),
+            Err(error) => {
+                tracing::warn!(topic = %self.name, %error, "cluster: cannot follow the topic's messages; looking every 500 ms");
+                None
+            }
+        };
+        let mut every = tokio::time::interval(LOOK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = every.tick() => {}
+                Some(_) = async {
+                    match passing.as_mut() {
+                        Some(subscription) => subscription.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // The message reaches subscribers as the stream stores it: give the
+                    // stream a moment, and take every message that passed meanwhile.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if let Some(subscription) = passing.as_mut() {
+                        while let Some(Some(_)) = futures_util::FutureExt::now_or_never(subscription.next()) {}
+                    }
+                }
+            }
+            self.look().await;
+        }
+    }
+
+    /// The topic's one writer on this node.
+    async fn write(
+        self: Arc<Self>,
+        jetstream: async_nats::jetstream::Context,
+        subject: String,
+        mut jobs: mpsc::Receiver<Append>,
+    ) {
+        let mut encoded = Vec::new();
+        while let Some(first) = jobs.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < APPENDS_AT_ONCE {
+                match jobs.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            let time_ms = unix_ms();
+            // Send everything first, then wait: one sync on the servers can then carry
+            // many events (they arrive while the previous one runs).
+            let mut sent = Vec::with_capacity(batch.len());
+            for append in &batch {
+                let mut acks = Vec::with_capacity(append.events.len());
+                let mut failed = None;
+                for event in &append.events {
+                    encoded.clear();
+                    record::encode(event, 0, time_ms, &mut encoded);
+                    let payload = Bytes::copy_from_slice(&encoded);
+                    match jetstream.publish(subject.clone(), payload).await {
+                        Ok(ack) => acks.push(ack),
+                        Err(error) => {
+                            failed = Some(error.to_string());
+                            break;
+                        }
+                    }
+                }
+                sent.push((acks, failed));
+            }
+            for (append, (acks, failed)) in batch.into_iter().zip(sent) {
+                let mut offsets: Option<Range<u64>> = None;
+                let mut error = failed;
+                for ack in acks {
+                    match ack.await {
+                        Ok(ack) => {
+                            assert!(ack.sequence > 0, "JetStream counts from 1");
+                            let offset = ack.sequence - 1;
+                            offsets = Some(match offsets {
+                                None => offset..offset + 1,
+                                Some(r) => r.start.min(offset)..r.end.max(offset + 1),
+                            });
+                        }
+                        Err(e) => {
+                            error.get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                self.pending_bytes.add_permits(append.bytes);
+                let answer = match (error, offsets) {
+                    (None, Some(offsets)) => {
+                        assert!(
+                            offsets.end - offsets.start >= append.events.len() as u64,
+                            "every event has its own offset"
+                        );
+                        self.advance(offsets.end);
+                        let mut known = self.known.lock().expect("never poisoned");
+                        known.broken = None;
+                        known.appended_total += append.events.len() as u64;
+                        count_recent(&mut known.recent, append.events.len() as u64);
+                        Ok(offsets)
+                    }
+                    (error, _) => {
+                        let message = error.unwrap_or_else(|| "no acknowledgement".into());
+                        self.known.lock().expect("never poisoned").broken =
+                            Some(message.clone());
+                        Err(AppendError::Io {
+                            topic: self.name.clone(),
+                            message: format!("JetStream did not acknowledge every event: {message}"),
+                        })
+                    }
+                };
+                _ = append.reply.send(answer);
+            }
+        }
+    }
+
+    fn group_key(&self, group: &str) -> String {
+        format!("{}/{group}", self.name)
+    }
+}
+
+/// Ask the stream's leader how far it goes, and note it.
+async fn look(stream: &stream::Stream, known: &Mutex<Known>, next: &watch::Sender<u64>) {
+    let mut stream = stream.clone();
+    let info = tokio::time::timeout(CALL_TIMEOUT, stream.info()).await;
+    let mut known = known.lock().expect("never poisoned");
+    match info {
+        Ok(Ok(info)) => {
+            let state = &info.state;
+            known.first = state
+                .first_sequence
+                .saturating_sub(1)
+                .min(state.last_sequence);
+            known.bytes = state.bytes;
+            let last = state.last_sequence;
+            drop(known);
+            advance(next, last);
+        }
+        Ok(Err(error)) => known.broken = Some(format!("cannot read the stream: {error}")),
+        Err(_) => known.broken = Some("the stream did not answer within 5 s".into()),
+    }
+}
+
+/// The next offset is at least `at`; offsets only grow.
+fn advance(next: &watch::Sender<u64>, at: u64) {
+    next.send_if_modified(|current| {
+        let grew = at > *current;
+        *current = (*current).max(at);
+        grew
+    });
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn count_recent(recent: &mut VecDeque<(u64, u64)>, events: u64) {
+    let second = unix_ms() / 1000;
+    match recent.back_mut() {
+        Some((at, n)) if *at == second => *n += events,
+        _ => recent.push_back((second, events)),
+    }
+    while recent.front().is_some_and(|(at, _)| *at + 11 < second) {
+        recent.pop_front();
+    }
+}
+
+impl SharedLog for StreamLog {
+    fn append(&self, events: Vec<NewEvent>) -> Pending<'static, Result<Range<u64>, AppendError>> {
+        let bytes: usize = events.iter().map(NewEvent::encoded_len).sum();
+        let closed = || AppendError::Closed(self.name.clone());
+        let Some(queue) = self.queue.lock().expect("never poisoned").clone() else {
+            return Box::pin(std::future::ready(Err(closed())));
+        };
+        let (reply, answer) = oneshot::channel();
+        let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(PENDING_BYTES_MAX as u32);
+        let append = Append {
+            events,
+            bytes: permits as usize,
+            reply,
+        };
+        let name = self.name.clone();
+        // Queued now when there is room, so appends made one after another keep their
+        // order; else wait in line for room.
+        let queued = match self.pending_bytes.try_acquire_many(permits) {
+            Ok(permit) => {
+                permit.forget();
+                match queue.try_send(append) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(append)) => {
+                        self.pending_bytes.add_permits(permits as usize);
+                        Some(append)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Box::pin(std::future::ready(Err(closed())));
+                    }
+                }
+            }
+            Err(_) => Some(append),
+        };
+        let pending = self.pending_bytes.clone();
+        Box::pin(async move {
+            let closed = || AppendError::Closed(name.clone());
+            if let Some(append) = queued {
+                let permit = pending
+                    .acquire_many(permits)
+                    .await
+                    .map_err(|_| closed())?;
+                permit.forget();
+                queue.send(append).await.map_err(|_| closed())?;
+            }
+            answer.await.unwrap_or_else(|_| Err(closed()))
+        })
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Pending<'static, Result<Vec<Event>, ReadError>> {
+        let stream = self.stream.clone();
+        let name = self.name.clone();
+        let (known, next) = (self.known.clone(), self.next.clone());
+        Box::pin(async move {
+            let wanted = from.saturating_add(max_events as u64);
+            if wanted > *next.borrow() {
+                // Other nodes may have appended since this one last looked: a reader sees
+                // every event acknowledged before it asked.
+                look(&stream, &known, &next).await;
+            }
+            let end = wanted.min(*next.borrow());
+            let mut reads = futures_util::stream::iter((from..end).map(|offset| {
+                let stream = stream.clone();
+                async move {
+                    let got = tokio::time::timeout(CALL_TIMEOUT, stream.get_raw_message(offset + 1))
+                        .await;
+                    (offset, got)
+                }
+            }))
+            .buffered(READS_IN_FLIGHT);
+            let mut out = Vec::new();
+            let mut payload_bytes = 0;
+            while let Some((offset, got)) = reads.next().await {
+                let message = match got {
+                    Ok(Ok(message)) => message,
+                    Ok(Err(error)) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                        let first = known.lock().expect("never poisoned").first;
+                        if out.is_empty() && offset < first {
+                            return Err(ReadError::Expired { from, first });
+                        }
+                        continue; // removed from the stream: passed over
+                    }
+                    Ok(Err(error)) => {
+                        return Err(ReadError::Io {
+                            topic: name,
+                            message: format!("reading offset {offset}: {error}"),
+                        });
+                    }
+                    Err(_) => {
+                        return Err(ReadError::Io {
+                            topic: name,
+                            message: format!("reading offset {offset}: no answer within 5 s"),
+                        });
+                    }
+                };
+                assert_eq!(message.sequence, offset + 1, "the stream answers what was asked");
+                let event = match record::decode(&message.payload) {
+                    Decoded::Record { mut event, len } if len == message.payload.len() => {
+                        event.offset = offset;
+                        event
+                    }
+                    _ => {
+                        return Err(ReadError::Corrupt {
+                            topic: name,
+                            offset,
+                            why: "the stream's message is not one whole event record",
+                        });
+                    }
+                };
+                payload_bytes += event.payload.len();
+                out.push(event);
+                if payload_bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.next.subscribe()
+    }
+
+    fn first_offset(&self) -> u64 {
+        self.known.lock().expect("never poisoned").first
+    }
+
+    fn group_offset(&self, group: &str) -> u64 {
+        let known = self.known.lock().expect("never poisoned");
+        known.groups.get(group).copied().unwrap_or(known.first)
+    }
+
+    fn group_offset_now(&self, group: &str) -> Pending<'_, Result<u64, String>> {
+        let key = self.group_key(group);
+        let group = group.to_string();
+        Box::pin(async move {
+            let value = tokio::time::timeout(CALL_TIMEOUT, leader_get(&self.groups_bucket, &key))
+                .await
+                .map_err(|_| "the groups bucket did not answer within 5 s".to_string())??;
+            let offset = match value {
+                Some(value) => std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok())
+                    .ok_or_else(|| format!("the committed offset under {key} is not a number"))?,
+                None => {
+                    self.look().await;
+                    self.known.lock().expect("never poisoned").first
+                }
+            };
+            self.known
+                .lock()
+                .expect("never poisoned")
+                .groups
+                .insert(group, offset);
+            Ok(offset)
+        })
+    }
+
+    fn commit(&self, group: &str, offset: u64) -> Pending<'_, Result<(), String>> {
+        let key = self.group_key(group);
+        let group = group.to_string();
+        Box::pin(async move {
+            tokio::time::timeout(
+                CALL_TIMEOUT,
+                self.groups_bucket.put(&key, offset.to_string().into()),
+            )
+            .await
+            .map_err(|_| format!("committing {key}: no answer within 5 s"))?
+            .map_err(|e| format!("committing {key}: {e}"))?;
+            let mut known = self.known.lock().expect("never poisoned");
+            known.groups.insert(group, offset);
+            known.commits_total += 1;
+            Ok(())
+        })
+    }
+
+    fn stats(&self) -> TopicStats {
+        let known = self.known.lock().expect("never poisoned");
+        let second = unix_ms() / 1000;
+        let last_10s: u64 = known
+            .recent
+            .iter()
+            .filter(|(s, _)| *s + 10 >= second && *s < second)
+            .map(|(_, n)| n)
+            .sum();
+        TopicStats {
+            first: known.first,
+            next: *self.next.borrow(),
+            bytes: known.bytes,
+            segments: 0,
+            appended_total: known.appended_total,
+            commits_total: known.commits_total,
+            syncs_total: 0,
+            per_second_last_10s: last_10s as f64 / 10.0,
+            groups: known.groups.iter().map(|(g, o)| (g.clone(), *o)).collect(),
+            lost: Vec::new(),
+        }
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.known.lock().expect("never poisoned").broken.clone()
+    }
+
+    fn close(&self) -> Pending<'_, ()> {
+        Box::pin(async move {
+            // The writer ends once the queued appends are answered and the queue is gone.
+            self.queue.lock().expect("never poisoned").take();
+            self.pending_bytes.close();
+            let tasks = std::mem::take(&mut *self.tasks.lock().expect("never poisoned"));
+            let mut tasks = tasks.into_iter();
+            if let Some(writer) = tasks.next() {
+                _ = writer.await;
+            }
+            self.stop.cancel();
+            for task in tasks {
+                _ = task.await;
+            }
+        })
+    }
+}
