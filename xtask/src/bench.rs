@@ -94,13 +94,18 @@ pub enum Which {
         #[arg(long, default_value_t = 4)]
         clients: u32,
     },
-    /// Requests per second through three cluster nodes (with three NATS servers) against
-    /// one node alone, and forwarded between gateways against served directly.
+    /// Requests and durable events per second through three cluster nodes (with three NATS
+    /// servers) against one node alone, and forwarded between gateways against served
+    /// directly.
     Cluster {
         #[arg(long, default_value_t = 10)]
         seconds: u32,
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// Event producers over HTTP (each waits for its 202 before the next event), split
+        /// over the nodes' gateways.
+        #[arg(long, default_value_t = 64)]
+        producers: u32,
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
@@ -127,8 +132,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Cluster {
             seconds,
             connections,
+            producers,
             rounds,
-        } => crate::bench_cluster::cluster(seconds, connections, rounds),
+        } => crate::bench_cluster::cluster(seconds, connections, producers, rounds),
         Which::Density { apps, process_apps } => crate::bench_density::density(&apps, process_apps),
         Which::Control {
             seconds,

@@ -4,10 +4,13 @@
 //! forwarding between gateways costs: a service placed on one node, loaded through a node
 //! that does not run it, against the same load sent to the node that does.
 //!
-//! On one machine the three nodes share its cores, so the first ratio measures what the
-//! cluster costs (placement, heartbeats, NATS beside the nodes), not what more machines
-//! would add. Events per second in cluster mode wait for topics in JetStream (not built:
-//! docs/cluster.md).
+//! Events: 1 KiB events over HTTP ingest, each producer waiting for its 202 before the next,
+//! to the node alone (its own log, fsync with group commit) and split over the three nodes
+//! (a JetStream stream of three replicas, every write synced).
+//!
+//! On one machine the three nodes share its cores, so the ratios measure what the cluster
+//! costs (placement, heartbeats, NATS beside the nodes, replication), not what more machines
+//! would add.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::bench::{Load, wrk};
+use crate::bench_events::{Measured, http_connect, http_send, load};
 use crate::env;
 use crate::node::MaruNode;
 
@@ -29,7 +33,7 @@ fn write_manifest(
     std::fs::write(
         &path,
         format!(
-            "[app]\nname = \"{name}\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"{route}\"]\ninstances = {{ min = 1, max = {max} }}\n",
+            "[app]\nname = \"{name}\"\n\n[topic.\"bench.{name}\"]\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"{route}\"]\ninstances = {{ min = 1, max = {max} }}\n",
             components.join("hello.wasm").display()
         ),
     )?;
@@ -83,7 +87,7 @@ fn wrk_all(urls: &[String], seconds: u32, connections: u32) -> anyhow::Result<Lo
     Ok(load)
 }
 
-pub fn cluster(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()> {
+pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> anyhow::Result<()> {
     env::ensure_debian_package("wrk", "wrk")?;
     let nats = crate::bench_events::nats_syncing_server()?;
     let components = env::build_examples()?;
@@ -154,6 +158,12 @@ pub fn cluster(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()
         .collect();
     let (mut alone, mut three, mut direct, mut forwarded) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut events_alone, mut events_three) = (Vec::new(), Vec::new());
+    let single_token = single.ingest_token()?;
+    let cluster_producers: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| Ok((n.gateway.clone(), n.ingest_token()?)))
+        .collect::<anyhow::Result<_>>()?;
     for round in 1..=rounds {
         let a = wrk(
             &format!("http://{}/hello", single.gateway),
@@ -175,6 +185,25 @@ pub fn cluster(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()
             connections,
         )?;
         println!("round {round}: solo, forwarded {}", f.row());
+        let ea = load(
+            "events, one node alone (fsync)",
+            seconds,
+            producers,
+            |_| http_connect(&single.gateway, "bench.hello", &single_token),
+            http_send,
+        )?;
+        let et = load(
+            "events, three nodes (JetStream R3, synced)",
+            seconds,
+            producers,
+            |i| {
+                let (gateway, token) = &cluster_producers[i as usize % cluster_producers.len()];
+                http_connect(gateway, "bench.hello", token)
+            },
+            http_send,
+        )?;
+        events_alone.push(ea);
+        events_three.push(et);
         alone.push(a);
         three.push(t);
         direct.push(d);
@@ -199,7 +228,25 @@ pub fn cluster(seconds: u32, connections: u32, rounds: u32) -> anyhow::Result<()
         forwarded.p50_ms / direct.p50_ms,
         forwarded.p99_ms / direct.p99_ms,
     );
-    println!("events/s in cluster mode: not measured (topics in JetStream are not built yet)");
+    let median = |mut runs: Vec<Measured>| -> Measured {
+        runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+        runs.swap_remove(runs.len() / 2)
+    };
+    let (ea, et) = (median(events_alone), median(events_three));
+    println!("events, {producers} producers over HTTP, 1 KiB each, median round:");
+    for (name, m) in [("one node alone (its log, fsync)", &ea), ("three nodes (JetStream R3, sync always)", &et)] {
+        println!(
+            "  {name:<40} {:>8.0} events/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            m.per_second(),
+            m.p50_ms(),
+            m.p99_ms()
+        );
+    }
+    println!(
+        "events: three nodes / one node: {:.2}x events/s, p99 {:.2}x",
+        et.per_second() / ea.per_second(),
+        et.p99_ms() / ea.p99_ms()
+    );
     drop(single);
     drop(cluster);
     Ok(())

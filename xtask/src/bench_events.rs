@@ -22,7 +22,7 @@ use crate::node::{MaruNode, quantile_ms};
 
 const EVENT_BYTES: usize = 1024;
 
-struct Measured {
+pub(crate) struct Measured {
     name: String,
     events: usize,
     seconds: f64,
@@ -30,13 +30,13 @@ struct Measured {
 }
 
 impl Measured {
-    fn per_second(&self) -> f64 {
+    pub(crate) fn per_second(&self) -> f64 {
         self.events as f64 / self.seconds
     }
-    fn p99_ms(&self) -> f64 {
+    pub(crate) fn p99_ms(&self) -> f64 {
         quantile_ms(&self.latencies, 0.99)
     }
-    fn p50_ms(&self) -> f64 {
+    pub(crate) fn p50_ms(&self) -> f64 {
         quantile_ms(&self.latencies, 0.5)
     }
     /// One progress line on stderr.
@@ -54,7 +54,7 @@ impl Measured {
 
 /// Run `producers` threads of `send` (each given its index) for `seconds`; each call sends
 /// one event and returns once it is acknowledged.
-fn load<C: Send + 'static>(
+pub(crate) fn load<C: Send + 'static>(
     name: &str,
     seconds: u32,
     producers: u32,
@@ -128,13 +128,13 @@ fn raw_fsync(dir: &std::path::Path, seconds: u32) -> anyhow::Result<Measured> {
 }
 
 /// A keep-alive HTTP/1.1 connection posting events to Maru's gateway.
-struct HttpProducer {
+pub(crate) struct HttpProducer {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     head: Vec<u8>,
 }
 
-fn http_connect(gateway: &str, topic: &str, token: &str) -> anyhow::Result<HttpProducer> {
+pub(crate) fn http_connect(gateway: &str, topic: &str, token: &str) -> anyhow::Result<HttpProducer> {
     let stream = TcpStream::connect(gateway).context("connect to the gateway")?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -148,7 +148,7 @@ fn http_connect(gateway: &str, topic: &str, token: &str) -> anyhow::Result<HttpP
     })
 }
 
-fn http_send(producer: &mut HttpProducer, payload: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn http_send(producer: &mut HttpProducer, payload: &[u8]) -> anyhow::Result<()> {
     let mut request = producer.head.clone();
     request.extend_from_slice(payload);
     producer.writer.write_all(&request)?;

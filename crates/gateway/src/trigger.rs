@@ -7,6 +7,11 @@
 //! requests one after another, and the window's end is committed when all lanes are done.
 //! The lanes are the service's concurrency: a backlog keeps `parallel` requests queued at
 //! the service, so its scaler grows it while the consumer lags and shrinks it once caught up.
+//!
+//! In a cluster the topics are shared and one node delivers a service's triggers
+//! ([`Service::triggers_here`]). The trigger reads where its group stands when it starts
+//! delivering, commits at most every [`COMMIT_SHARED_EVERY`] while a backlog lasts, and
+//! commits what it delivered when another node takes over.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +34,8 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 const REPLY_BYTES_MAX: usize = 1 << 20;
 const WINDOW_EVENTS_MAX: usize = 1000;
 const WINDOW_BYTES_MAX: usize = 8 << 20;
+/// How often a trigger with a backlog commits on a topic the cluster keeps.
+const COMMIT_SHARED_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct TriggerConfig {
@@ -81,9 +88,18 @@ pub async fn run_trigger(
     let mut here = service.triggers_here();
     // Where delivery goes on; unknown while another node delivers (it commits meanwhile).
     let mut known: Option<u64> = None;
+    let mut last_commit = Instant::now();
+    // The offset last read from or written to the store.
+    let mut stored = 0;
     loop {
         if !*here.borrow_and_update() {
-            known = None;
+            // Another node delivers from now on: leave it what was delivered here.
+            if let Some(offset) = known.take()
+                && offset > stored
+                && let Err(error) = topic.commit(&config.group, offset).await
+            {
+                service.log(&format!("trigger {}: commit failed: {error}", config.group));
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = here.changed() => if changed.is_err() { return },
@@ -93,7 +109,10 @@ pub async fn run_trigger(
         let offset = match known {
             Some(offset) => offset,
             None => match topic.group_offset_now(&config.group).await {
-                Ok(offset) => offset,
+                Ok(offset) => {
+                    stored = offset;
+                    offset
+                }
                 Err(error) => {
                     service.log(&format!(
                         "trigger {}: cannot read where delivery stands on topic {}: {error}; retrying in 1 s",
@@ -197,9 +216,23 @@ pub async fn run_trigger(
         }
         let offset = last + 1;
         known = Some(offset);
+        // A shared topic's commit is a replicated write that costs more than a window of
+        // small deliveries: it is made at most every COMMIT_SHARED_EVERY while a backlog
+        // lasts, and always once caught up. What was delivered but not yet committed is
+        // delivered again if the trigger moves or restarts (at least once either way).
+        if topic.is_shared()
+            && offset < topic.next_offset()
+            && last_commit.elapsed() < COMMIT_SHARED_EVERY
+        {
+            continue;
+        }
+        last_commit = Instant::now();
         // A failed commit only means redelivery after a restart; keep going.
-        if let Err(error) = topic.commit(&config.group, offset).await {
-            service.log(&format!("trigger {}: commit failed: {error}", config.group));
+        match topic.commit(&config.group, offset).await {
+            Ok(()) => stored = offset,
+            Err(error) => {
+                service.log(&format!("trigger {}: commit failed: {error}", config.group));
+            }
         }
     }
 }
