@@ -28,10 +28,12 @@ const ALLOWED_DEPENDENCIES: &[(&str, &[&str])] = &[
             "policy",
         ],
     ),
+    ("cluster", &["maru-api", "control", "runtime", "events"]),
     (
         "maru",
         &[
             "maru-api",
+            "cluster",
             "runtime",
             "gateway",
             "autopilot",
@@ -55,6 +57,7 @@ const INTERNAL: &[&str] = &[
     "events",
     "store",
     "policy",
+    "cluster",
     "maru",
 ];
 

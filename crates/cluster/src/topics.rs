@@ -625,3 +625,24 @@ impl SharedLog for StreamLog {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_topic_name_has_its_own_valid_stream_name() {
+        let names = ["city.air", "city_air", "city.air.replies", "a", "a.", "a..b", "a_.b"];
+        let streams: std::collections::BTreeSet<String> =
+            names.iter().map(|n| stream_name(n)).collect();
+        assert_eq!(streams.len(), names.len(), "{streams:?}");
+        for stream in &streams {
+            assert!(
+                !stream.contains(['.', '*', '>', ' ', '/', '\\']),
+                "{stream} is not a valid stream name"
+            );
+        }
+        let longest = stream_name(&"a".repeat(events::TOPIC_NAME_BYTES_MAX));
+        assert!(longest.len() <= 255, "JetStream names are at most 255 bytes");
+    }
+}

@@ -17,7 +17,7 @@ pub mod shared;
 mod topic;
 
 pub use access::{Admission, Gate, Producer, Publishers};
-pub use broker::{Events, TopicError, check_topic_name};
+pub use broker::{Events, TOPIC_NAME_BYTES_MAX, TopicError, check_topic_name};
 pub use record::{Event, NewEvent};
 pub use handle::Topic;
 pub use topic::{AppendError, Appending, Durability, ReadError, TopicConfig, TopicStats};

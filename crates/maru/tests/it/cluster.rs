@@ -830,6 +830,9 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
         .find(|i| instances_on(&nodes[*i], "hello", "hello").0 == 1)
         .expect("a placed node");
     let others: Vec<usize> = (0..3).filter(|i| *i != paused).collect();
+    // Events published on every node all along (a steady 40 a second at most each).
+    nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
+    let publishing = Publishing::start(&nodes, Duration::from_millis(25));
 
     // SIGSTOP for 10 s: the node is neither dead nor answering. Its record expires, its
     // share moves; it keeps its instance (the documented allowance), then gives it up when
@@ -1033,6 +1036,15 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
         window <= Duration::from_secs(10),
         "no answer for {window:?} through a surviving gateway"
     );
+    // Every event acknowledged through the pause, the restarts and the kill is there, in
+    // order per key, and delivered.
+    let published = publishing.finish();
+    let (stored, duplicates) = check_stored(&nodes[rest[0]], &published);
+    wait_replied(&nodes[rest[0]], &published, Duration::from_secs(60));
+    eprintln!(
+        "events through the pause, the rolling restart and the kill: {}; {stored} stored ({duplicates} duplicates), none missing, in order per key, every one delivered",
+        published_line(&published)
+    );
     // Both back: the node rejoins through its own server.
     nats.restart(dead);
     nodes[dead].restart();
@@ -1219,6 +1231,10 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
         .find(|i| count(&nodes, *i) == 1)
         .expect("a node runs one");
     let rest: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
+    // Events published on every node all along (the node cut off refuses them: its side
+    // has no JetStream quorum).
+    nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
+    let publishing = Publishing::start(&nodes, Duration::from_millis(25));
 
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let asking = keep_asking(
@@ -1288,6 +1304,13 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
         window_inside <= Duration::from_secs(10),
         "the node cut off gave no answer for {window_inside:?} to its own clients"
     );
+    let published = publishing.finish();
+    let (stored, duplicates) = check_stored(&nodes[rest[0]], &published);
+    wait_replied(&nodes[rest[0]], &published, Duration::from_secs(60));
+    eprintln!(
+        "events through the partition: {}; {stored} stored ({duplicates} duplicates), none missing, in order per key, every one delivered",
+        published_line(&published)
+    );
     for node in &mut nodes {
         node.stop();
     }
@@ -1319,18 +1342,21 @@ parallel = 4
 }
 
 /// Publish events over HTTP to one node until `done`, one after another (each waits for
-/// its answer), with key `key` and data `KEY-SEQ`: the sequence numbers acknowledged (202),
-/// in order, and how many were not.
+/// its answer, then `pause`), with key `key` and data `KEY-SEQ`: the sequence numbers
+/// acknowledged (202), in order, and how many were not.
 fn keep_publishing(
     node: &Node,
     key: &str,
+    pause: Duration,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<(Vec<u64>, u64)> {
-    let (gateway, token, key) = (
+    let (mut gateway, token, key) = (
         node.gateway.clone(),
         node.ingest_token.clone(),
         key.to_string(),
     );
+    // A restarted node listens on new ports: read them again when it does not answer.
+    let node_file = node.data.join("node.json");
     std::thread::spawn(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -1347,7 +1373,10 @@ fn keep_publishing(
                 .header("ce-partitionkey", &key)
                 .send(format!("{key}-{seq}").as_bytes());
             match answer {
-                Ok(response) if response.status() == 202 => acked.push(seq),
+                Ok(response) if response.status() == 202 => {
+                    acked.push(seq);
+                    std::thread::sleep(pause);
+                }
                 Ok(mut response) => {
                     if failed < 3 {
                         eprintln!(
@@ -1362,6 +1391,13 @@ fn keep_publishing(
                 Err(_) => {
                     failed += 1;
                     std::thread::sleep(Duration::from_millis(50));
+                    if let Some(now) = std::fs::read_to_string(&node_file)
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                        .and_then(|n| Some(n["gateway"].as_str()?.to_string()))
+                    {
+                        gateway = now;
+                    }
                 }
             }
         }
@@ -1369,67 +1405,44 @@ fn keep_publishing(
     })
 }
 
-/// Topics are JetStream streams in a cluster: events published over HTTP on every node,
-/// while the node that delivers the trigger is killed (SIGKILL) with its NATS server, are
-/// all there afterwards (duplicates counted, none missing), in order per key, and the
-/// trigger, moved with its service to a survivor, delivers every one of them.
-#[test]
-fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_all_delivered() {
-    let mut nats = Nats::start(3, true);
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .zip(["zone-a", "zone-b", "zone-c"])
-        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
-        .collect();
-    nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
-    let all: Vec<&Node> = nodes.iter().collect();
-    nodes[0].wait_for("the echo service placed", Duration::from_secs(20), || {
-        all.iter()
-            .map(|n| instances_on(n, "sensors", "echo").0)
-            .sum::<u64>()
-            == 1
-    });
-    let dead = (0..3)
-        .find(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
-        .expect("the node running the service");
-    let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
-    let keys = ["n1", "n2", "n3"];
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publishers: Vec<_> = (0..3)
-        .map(|i| keep_publishing(&nodes[i], keys[i], done.clone()))
-        .collect();
-    std::thread::sleep(Duration::from_secs(3));
-    let killed = Instant::now();
-    nodes[dead].kill();
-    nats.kill(dead);
-    // The service (and its trigger) moves; publishing goes on through the survivors.
-    let mut moved = None;
-    while killed.elapsed() < Duration::from_secs(12) || moved.is_none() {
-        if moved.is_none()
-            && rest
-                .iter()
-                .any(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
-        {
-            moved = Some(killed.elapsed());
-        }
-        if killed.elapsed() > Duration::from_secs(40) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    done.store(true, std::sync::atomic::Ordering::Release);
-    let published: Vec<(Vec<u64>, u64)> = publishers
-        .into_iter()
-        .map(|p| p.join().expect("publisher"))
-        .collect();
-    let acked_total: usize = published.iter().map(|(a, _)| a.len()).sum();
+/// Events published through every node (key `n1`, `n2`, `n3`: the node's name) while a
+/// fault is injected.
+struct Publishing {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    publishers: Vec<std::thread::JoinHandle<(Vec<u64>, u64)>>,
+}
 
-    // Every acknowledged event is stored, in order per key, read through a survivor.
-    let reader = &nodes[rest[0]];
+/// What each node's publisher got: acknowledged sequence numbers in order, and refusals.
+type Published = Vec<(Vec<u64>, u64)>;
+
+const KEYS: [&str; 3] = ["n1", "n2", "n3"];
+
+impl Publishing {
+    fn start(nodes: &[Node], pause: Duration) -> Publishing {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publishers = nodes
+            .iter()
+            .zip(KEYS)
+            .map(|(node, key)| keep_publishing(node, key, pause, done.clone()))
+            .collect();
+        Publishing { done, publishers }
+    }
+
+    fn finish(self) -> Published {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.publishers
+            .into_iter()
+            .map(|p| p.join().expect("publisher"))
+            .collect()
+    }
+}
+
+/// Every acknowledged event is stored in `city.air` as `reader` reads it, in the order it
+/// was acknowledged per key: the events stored and how many of them are duplicates.
+fn check_stored(reader: &Node, published: &Published) -> (usize, usize) {
     let stored = crate::events::read_topic(reader, "city.air");
     let mut duplicates = 0;
-    for (i, (acked, failed)) in published.iter().enumerate() {
-        let key = keys[i];
+    for ((acked, _), key) in published.iter().zip(KEYS) {
         let mut seen = std::collections::BTreeSet::new();
         let mut order = Vec::new();
         for (_, event_key, data) in &stored {
@@ -1460,44 +1473,97 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
             acked_order.windows(2).all(|w| w[0] < w[1]),
             "events of key {key} are stored out of the order they were acknowledged in"
         );
-        eprintln!(
-            "key {key}: {} acknowledged, {failed} not (node {} killed: {})",
-            acked.len(),
-            i + 1,
-            i == dead
-        );
     }
-    assert!(
-        published
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != dead)
-            .all(|(_, (acked, _))| acked.len() > 50),
-        "the survivors' publishers should have gone on being acknowledged"
-    );
+    (stored.len(), duplicates)
+}
 
-    // The trigger delivers every acknowledged event, from whichever node runs the service.
-    let delivered = Instant::now();
-    let mut replied = std::collections::BTreeSet::new();
-    reader.wait_for(
-        "a reply to every acknowledged event",
-        Duration::from_secs(60),
-        || {
-            replied = crate::events::read_topic(reader, "city.air.replies")
+/// Until `reader` finds a reply to every acknowledged event in `city.air.replies`.
+fn wait_replied(reader: &Node, published: &Published, limit: Duration) {
+    reader.wait_for("a reply to every acknowledged event", limit, || {
+        let replied: std::collections::BTreeSet<String> =
+            crate::events::read_topic(reader, "city.air.replies")
                 .into_iter()
                 .map(|(_, _, data)| data)
                 .collect();
-            published.iter().enumerate().all(|(i, (acked, _))| {
-                acked
-                    .iter()
-                    .all(|seq| replied.contains(&format!("{}-{seq}", keys[i])))
-            })
-        },
+        published.iter().zip(KEYS).all(|((acked, _), key)| {
+            acked
+                .iter()
+                .all(|seq| replied.contains(&format!("{key}-{seq}")))
+        })
+    });
+}
+
+/// A line for the test's output: acknowledged and refused per key.
+fn published_line(published: &Published) -> String {
+    published
+        .iter()
+        .zip(KEYS)
+        .map(|((acked, refused), key)| format!("{key}: {} acknowledged, {refused} refused", acked.len()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Topics are JetStream streams in a cluster: events published over HTTP on every node,
+/// while the node that delivers the trigger is killed (SIGKILL) with its NATS server, are
+/// all there afterwards (duplicates counted, none missing), in order per key, and the
+/// trigger, moved with its service to a survivor, delivers every one of them.
+#[test]
+fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_all_delivered() {
+    let mut nats = Nats::start(3, true);
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(["zone-a", "zone-b", "zone-c"])
+        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
+        .collect();
+    nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
+    let all: Vec<&Node> = nodes.iter().collect();
+    nodes[0].wait_for("the echo service placed", Duration::from_secs(20), || {
+        all.iter()
+            .map(|n| instances_on(n, "sensors", "echo").0)
+            .sum::<u64>()
+            == 1
+    });
+    let dead = (0..3)
+        .find(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
+        .expect("the node running the service");
+    let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
+    let publishing = Publishing::start(&nodes, Duration::ZERO);
+    std::thread::sleep(Duration::from_secs(3));
+    let killed = Instant::now();
+    nodes[dead].kill();
+    nats.kill(dead);
+    // The service (and its trigger) moves; publishing goes on through the survivors.
+    let mut moved = None;
+    while killed.elapsed() < Duration::from_secs(12) || moved.is_none() {
+        if moved.is_none()
+            && rest
+                .iter()
+                .any(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
+        {
+            moved = Some(killed.elapsed());
+        }
+        if killed.elapsed() > Duration::from_secs(40) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let published = publishing.finish();
+    let acked_total: usize = published.iter().map(|(a, _)| a.len()).sum();
+    // Every acknowledged event is stored, in order per key, read through a survivor.
+    let reader = &nodes[rest[0]];
+    let (stored, duplicates) = check_stored(reader, &published);
+    assert!(
+        rest.iter().all(|i| published[*i].0.len() > 50),
+        "the survivors' publishers should have gone on being acknowledged: {}",
+        published_line(&published)
     );
+    // The trigger delivers every acknowledged event, from whichever node runs the service.
+    let delivered = Instant::now();
+    wait_replied(reader, &published, Duration::from_secs(60));
     eprintln!(
-        "events in a cluster: node n{} killed with its NATS server; {acked_total} acknowledged through three nodes, {} stored ({duplicates} duplicates), none missing, in order per key; the service ran elsewhere after {moved:?}; every one replied to {:?} after publishing stopped",
+        "events in a cluster: node n{} killed with its NATS server; {acked_total} acknowledged through three nodes ({}), {stored} stored ({duplicates} duplicates), none missing, in order per key; the service ran elsewhere after {moved:?}; every one replied to {:?} after publishing stopped",
         dead + 1,
-        stored.len(),
+        published_line(&published),
         delivered.elapsed()
     );
     for (i, node) in nodes.iter_mut().enumerate() {
