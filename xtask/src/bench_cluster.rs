@@ -234,7 +234,10 @@ pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> a
     };
     let (ea, et) = (median(events_alone), median(events_three));
     println!("events, {producers} producers over HTTP, 1 KiB each, median round:");
-    for (name, m) in [("one node alone (its log, fsync)", &ea), ("three nodes (JetStream R3, sync always)", &et)] {
+    for (name, m) in [
+        ("one node alone (its log, fsync)", &ea),
+        ("three nodes (JetStream R3, sync always)", &et),
+    ] {
         println!(
             "  {name:<40} {:>8.0} events/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
             m.per_second(),

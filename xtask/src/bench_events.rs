@@ -134,7 +134,11 @@ pub(crate) struct HttpProducer {
     head: Vec<u8>,
 }
 
-pub(crate) fn http_connect(gateway: &str, topic: &str, token: &str) -> anyhow::Result<HttpProducer> {
+pub(crate) fn http_connect(
+    gateway: &str,
+    topic: &str,
+    token: &str,
+) -> anyhow::Result<HttpProducer> {
     let stream = TcpStream::connect(gateway).context("connect to the gateway")?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;

@@ -103,10 +103,8 @@ fn stream_config(name: &str, config: &TopicConfig, replicas: usize) -> stream::C
         max_bytes: config
             .retention_bytes
             .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-        max_message_size: i32::try_from(
-            config.event_bytes_max + record::HEADER_BYTES,
-        )
-        .unwrap_or(i32::MAX),
+        max_message_size: i32::try_from(config.event_bytes_max + record::HEADER_BYTES)
+            .unwrap_or(i32::MAX),
         ..Default::default()
     }
 }
@@ -128,10 +126,13 @@ impl SharedLogs for JetStreamTopics {
                 || {
                     let (jetstream, wanted) = (jetstream.clone(), wanted.clone());
                     async move {
-                        tokio::time::timeout(CALL_TIMEOUT, jetstream.create_or_update_stream(wanted))
-                            .await
-                            .map_err(|_| "timed out".to_string())?
-                            .map_err(|e| e.to_string())
+                        tokio::time::timeout(
+                            CALL_TIMEOUT,
+                            jetstream.create_or_update_stream(wanted),
+                        )
+                        .await
+                        .map_err(|_| "timed out".to_string())?
+                        .map_err(|e| e.to_string())
                     }
                 },
             )
@@ -335,11 +336,12 @@ impl StreamLog {
                     }
                     (error, _) => {
                         let message = error.unwrap_or_else(|| "no acknowledgement".into());
-                        self.known.lock().expect("never poisoned").broken =
-                            Some(message.clone());
+                        self.known.lock().expect("never poisoned").broken = Some(message.clone());
                         Err(AppendError::Io {
                             topic: self.name.clone(),
-                            message: format!("JetStream did not acknowledge every event: {message}"),
+                            message: format!(
+                                "JetStream did not acknowledge every event: {message}"
+                            ),
                         })
                     }
                 };
@@ -409,7 +411,9 @@ impl SharedLog for StreamLog {
             return Box::pin(std::future::ready(Err(closed())));
         };
         let (reply, answer) = oneshot::channel();
-        let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(PENDING_BYTES_MAX as u32);
+        let permits = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .min(PENDING_BYTES_MAX as u32);
         let append = Append {
             events,
             bytes: permits as usize,
@@ -438,10 +442,7 @@ impl SharedLog for StreamLog {
         Box::pin(async move {
             let closed = || AppendError::Closed(name.clone());
             if let Some(append) = queued {
-                let permit = pending
-                    .acquire_many(permits)
-                    .await
-                    .map_err(|_| closed())?;
+                let permit = pending.acquire_many(permits).await.map_err(|_| closed())?;
                 permit.forget();
                 queue.send(append).await.map_err(|_| closed())?;
             }
@@ -469,8 +470,9 @@ impl SharedLog for StreamLog {
             let mut reads = futures_util::stream::iter((from..end).map(|offset| {
                 let stream = stream.clone();
                 async move {
-                    let got = tokio::time::timeout(CALL_TIMEOUT, stream.get_raw_message(offset + 1))
-                        .await;
+                    let got =
+                        tokio::time::timeout(CALL_TIMEOUT, stream.get_raw_message(offset + 1))
+                            .await;
                     (offset, got)
                 }
             }))
@@ -500,7 +502,11 @@ impl SharedLog for StreamLog {
                         });
                     }
                 };
-                assert_eq!(message.sequence, offset + 1, "the stream answers what was asked");
+                assert_eq!(
+                    message.sequence,
+                    offset + 1,
+                    "the stream answers what was asked"
+                );
                 let event = match record::decode(&message.payload) {
                     Decoded::Record { mut event, len } if len == message.payload.len() => {
                         event.offset = offset;
@@ -632,7 +638,15 @@ mod tests {
 
     #[test]
     fn every_topic_name_has_its_own_valid_stream_name() {
-        let names = ["city.air", "city_air", "city.air.replies", "a", "a.", "a..b", "a_.b"];
+        let names = [
+            "city.air",
+            "city_air",
+            "city.air.replies",
+            "a",
+            "a.",
+            "a..b",
+            "a_.b",
+        ];
         let streams: std::collections::BTreeSet<String> =
             names.iter().map(|n| stream_name(n)).collect();
         assert_eq!(streams.len(), names.len(), "{streams:?}");
@@ -643,6 +657,9 @@ mod tests {
             );
         }
         let longest = stream_name(&"a".repeat(events::TOPIC_NAME_BYTES_MAX));
-        assert!(longest.len() <= 255, "JetStream names are at most 255 bytes");
+        assert!(
+            longest.len() <= 255,
+            "JetStream names are at most 255 bytes"
+        );
     }
 }

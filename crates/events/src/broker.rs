@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use crate::Topic;
 use crate::shared::SharedLogs;
 use crate::topic::TopicConfig;
-use crate::Topic;
 
 /// The longest topic name.
 pub const TOPIC_NAME_BYTES_MAX: usize = 128;
@@ -64,7 +64,9 @@ impl Events {
 
     /// Where declared topics are kept, for messages.
     pub fn kept_by(&self) -> &'static str {
-        self.shared.get().map_or("this node's disk", |logs| logs.kind())
+        self.shared
+            .get()
+            .map_or("this node's disk", |logs| logs.kind())
     }
 
     /// Open a topic, or reopen it if its configuration changed. Stored events are kept.

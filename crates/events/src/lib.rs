@@ -18,8 +18,8 @@ mod topic;
 
 pub use access::{Admission, Gate, Producer, Publishers};
 pub use broker::{Events, TOPIC_NAME_BYTES_MAX, TopicError, check_topic_name};
-pub use record::{Event, NewEvent};
 pub use handle::Topic;
+pub use record::{Event, NewEvent};
 pub use topic::{AppendError, Appending, Durability, ReadError, TopicConfig, TopicStats};
 
 /// Whether a producer presented the ingest token `expected`, compared in time independent

@@ -69,8 +69,11 @@ pub trait SharedLog: Send + Sync + 'static {
 /// Opens topics kept by the cluster.
 pub trait SharedLogs: Send + Sync + 'static {
     /// Open (or create) topic `name`, or change its configuration; stored events are kept.
-    fn open(&self, name: &str, config: TopicConfig)
-    -> Pending<'_, Result<Arc<dyn SharedLog>, String>>;
+    fn open(
+        &self,
+        name: &str,
+        config: TopicConfig,
+    ) -> Pending<'_, Result<Arc<dyn SharedLog>, String>>;
 
     /// Where the topics are kept, for messages (`NATS JetStream`).
     fn kind(&self) -> &'static str;

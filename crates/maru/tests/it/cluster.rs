@@ -1459,7 +1459,11 @@ fn check_stored(reader: &Node, published: &Published) -> (usize, usize) {
             }
             order.push(seq);
         }
-        let missing: Vec<u64> = acked.iter().filter(|s| !seen.contains(s)).copied().collect();
+        let missing: Vec<u64> = acked
+            .iter()
+            .filter(|s| !seen.contains(s))
+            .copied()
+            .collect();
         assert!(
             missing.is_empty(),
             "{} acknowledged events of {key} are missing (of {}), the first: {:?}",
@@ -1468,7 +1472,10 @@ fn check_stored(reader: &Node, published: &Published) -> (usize, usize) {
             &missing[..missing.len().min(10)]
         );
         let acked_set: std::collections::BTreeSet<u64> = acked.iter().copied().collect();
-        let acked_order: Vec<u64> = order.into_iter().filter(|s| acked_set.contains(s)).collect();
+        let acked_order: Vec<u64> = order
+            .into_iter()
+            .filter(|s| acked_set.contains(s))
+            .collect();
         assert!(
             acked_order.windows(2).all(|w| w[0] < w[1]),
             "events of key {key} are stored out of the order they were acknowledged in"
@@ -1498,7 +1505,9 @@ fn published_line(published: &Published) -> String {
     published
         .iter()
         .zip(KEYS)
-        .map(|((acked, refused), key)| format!("{key}: {} acknowledged, {refused} refused", acked.len()))
+        .map(|((acked, refused), key)| {
+            format!("{key}: {} acknowledged, {refused} refused", acked.len())
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
