@@ -264,6 +264,11 @@ impl Placements {
         let Some(nodes) = membership.trusted_nodes() else {
             return Ok(());
         };
+        // What each listed node runs, by `app/service`.
+        let running: BTreeMap<String, BTreeMap<String, u32>> = nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.running.clone()))
+            .collect();
         let candidates: Vec<Candidate> = nodes
             .into_iter()
             // A node still starting (catching up with the cluster) gets work once it serves.
@@ -287,7 +292,22 @@ impl Placements {
             })
             .collect();
         let mut wanted: BTreeMap<String, AppPlacement> = BTreeMap::new();
-        for ((app, service), placed) in control::placement::place(&wants, &candidates, &previous) {
+        for ((app, service), mut placed) in
+            control::placement::place(&wants, &candidates, &previous)
+        {
+            let id = format!("{app}/{service}");
+            let held = control::placement::hold_growth(
+                &mut placed,
+                previous.get(&(app.clone(), service.clone())),
+                |node| {
+                    running
+                        .get(node)
+                        .map(|services| services.get(&id).copied().unwrap_or(0))
+                },
+            );
+            if held {
+                tracing::debug!(service = %id, "cluster: a share grows once a node has given up its instances");
+            }
             wanted.entry(app).or_default().insert(service, placed);
         }
         for (app, placement) in &wanted {

@@ -17,6 +17,13 @@
 //!    maximum, so the cluster never runs more instances than the manifest allows (but for
 //!    a node cut off from the cluster, which keeps what it runs: docs/cluster.md).
 //!
+//! 5. A share grows only once the shares that shrink have been given up
+//!    ([`hold_growth`]): while a listed node still runs more instances than its new share,
+//!    every growing share keeps its old size, so the nodes never run more than the maximum
+//!    together while one scales down and another up (their placements are applied at
+//!    different moments). A node that is not listed (gone, cut off) is not waited for: its
+//!    instances are the allowance of a node cut off.
+//!
 //! Demand is not yet part of placement: each node scales its share by the demand its
 //! gateway sees, and gateways that do not run a service forward to nodes that do.
 
@@ -111,6 +118,51 @@ fn unplaced_reason(rule: &Placement, nodes: &[Candidate]) -> String {
 
 /// Place every service (module docs). `previous` is the placement standing now, by (app,
 /// service); the result has an entry for every want. Deterministic for its inputs.
+/// Hold back the shares of `placed` that grow from `previous` while a listed node still
+/// runs more instances than its share in `placed` (`running`: instances a node announced for
+/// this service, `None` for a node not listed). Returns whether any share was held.
+pub fn hold_growth(
+    placed: &mut ServicePlacement,
+    previous: Option<&ServicePlacement>,
+    running: impl Fn(&str) -> Option<u32>,
+) -> bool {
+    let old = |node: &str| {
+        previous
+            .and_then(|p| p.nodes.get(node))
+            .copied()
+            .unwrap_or(Share { min: 0, max: 0 })
+    };
+    let giving_up = previous
+        .into_iter()
+        .flat_map(|p| p.nodes.keys())
+        .chain(placed.nodes.keys())
+        .any(|node| {
+            let share = placed.nodes.get(node).map_or(0, |s| s.max);
+            running(node).is_some_and(|runs| runs > share)
+        });
+    if !giving_up {
+        return false;
+    }
+    let growing: Vec<String> = placed
+        .nodes
+        .iter()
+        .filter(|(node, share)| share.max > old(node).max)
+        .map(|(node, _)| node.clone())
+        .collect();
+    for node in &growing {
+        let before = old(node);
+        if before.max == 0 {
+            placed.nodes.remove(node);
+        } else {
+            placed.nodes.insert(node.clone(), before);
+        }
+    }
+    if placed.nodes.is_empty() && placed.unplaced.is_none() {
+        placed.unplaced = Some("moving: waiting for a node to stop its instances".into());
+    }
+    !growing.is_empty()
+}
+
 pub fn place(
     wants: &[Want],
     nodes: &[Candidate],
@@ -230,6 +282,73 @@ mod tests {
             memory_bytes: None,
             rule: Placement::default(),
         }
+    }
+
+    fn placement(shares: &[(&str, u32, u32)]) -> ServicePlacement {
+        ServicePlacement {
+            nodes: shares
+                .iter()
+                .map(|(n, min, max)| {
+                    (
+                        n.to_string(),
+                        Share {
+                            min: *min,
+                            max: *max,
+                        },
+                    )
+                })
+                .collect(),
+            unplaced: None,
+        }
+    }
+
+    #[test]
+    fn a_share_grows_only_once_the_shrinking_ones_are_given_up() {
+        // n2 ran both instances while n3 was away; n3 is back and gets one of them.
+        let previous = placement(&[("n2", 2, 2)]);
+        let wanted = placement(&[("n2", 1, 1), ("n3", 1, 1)]);
+        let runs = |n2: u32| {
+            move |node: &str| match node {
+                "n2" => Some(n2),
+                "n3" => Some(0),
+                _ => None,
+            }
+        };
+        // n2 still runs two: n3 waits, n2 shrinks.
+        let mut placed = wanted.clone();
+        assert!(hold_growth(&mut placed, Some(&previous), runs(2)));
+        assert_eq!(placed, placement(&[("n2", 1, 1)]));
+        // n2 runs one now: n3 grows.
+        let mut placed = wanted.clone();
+        assert!(!hold_growth(&mut placed, Some(&previous), runs(1)));
+        assert_eq!(placed, wanted);
+        // A node not listed (gone, cut off) is not waited for: its share moves at once.
+        let previous = placement(&[("n1", 1, 1), ("n2", 1, 1)]);
+        let wanted = placement(&[("n2", 1, 1), ("n3", 1, 1)]);
+        let mut placed = wanted.clone();
+        assert!(!hold_growth(
+            &mut placed,
+            Some(&previous),
+            |node| match node {
+                "n2" => Some(1),
+                "n3" => Some(0),
+                _ => None,
+            }
+        ));
+        assert_eq!(placed, wanted);
+        // A drained node still running the only instance: the service waits, unplaced
+        // for the moment, rather than run two.
+        let previous = placement(&[("n1", 1, 1)]);
+        let mut placed = placement(&[("n2", 1, 1)]);
+        assert!(hold_growth(&mut placed, Some(&previous), |node| (node
+            == "n1")
+            .then_some(1)));
+        assert!(placed.nodes.is_empty());
+        assert!(placed.unplaced.is_some());
+        // A new service grows from nothing: nothing to wait for.
+        let mut placed = wanted.clone();
+        assert!(!hold_growth(&mut placed, None, |_| Some(0)));
+        assert_eq!(placed, wanted);
     }
 
     fn shares(placed: &ServicePlacement) -> Vec<(String, u32, u32)> {

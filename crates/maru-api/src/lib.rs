@@ -528,4 +528,8 @@ pub struct NodeStatus {
     /// gateways forwarding to it (none if the gateway speaks plain HTTP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// Ready or starting instances of each service the node runs (`app/service`), for the
+    /// scheduler: a share grows only once the shares that shrink have been given up.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub running: BTreeMap<String, u32>,
 }

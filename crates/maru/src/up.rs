@@ -1086,6 +1086,15 @@ impl cluster::Announce for LocalStatus {
             scheduler: false,
             draining: false,
             ca_pem: self.ca_pem.clone(),
+            running: services
+                .iter()
+                .map(|s| {
+                    (
+                        format!("{}/{}", s.app, s.service),
+                        (s.instances_ready + s.instances_starting) as u32,
+                    )
+                })
+                .collect(),
         }
     }
 }
