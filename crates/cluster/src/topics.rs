@@ -182,6 +182,7 @@ struct Known {
 /// One topic kept in a JetStream stream.
 struct StreamLog {
     name: String,
+    client: async_nats::Client,
     stream: stream::Stream,
     groups_bucket: async_nats::jetstream::kv::Store,
     next: Arc<watch::Sender<u64>>,
@@ -203,6 +204,7 @@ impl StreamLog {
         let (queue, jobs) = mpsc::channel(APPENDS_AT_ONCE);
         let log = Arc::new(StreamLog {
             name,
+            client: jetstream.client(),
             stream,
             groups_bucket,
             next: Arc::new(watch::Sender::new(0)),
@@ -405,6 +407,19 @@ fn count_recent(recent: &mut VecDeque<(u64, u64)>, events: u64) {
 
 impl SharedLog for StreamLog {
     fn append(&self, events: Vec<NewEvent>) -> Pending<'static, Result<Range<u64>, AppendError>> {
+        // Each event is one message: the servers take none larger than their max_payload
+        // (1 MB by default), whatever the topic allows.
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload > 0
+            && let Some(event) = events.iter().find(|e| e.encoded_len() > max_payload)
+        {
+            return Box::pin(std::future::ready(Err(AppendError::TooLarge(format!(
+                "an event of {} bytes is larger than the cluster's NATS servers take \
+                 (max_payload {max_payload} bytes): send smaller events, or raise max_payload \
+                 in every server's configuration",
+                event.encoded_len()
+            )))));
+        }
         let bytes: usize = events.iter().map(NewEvent::encoded_len).sum();
         let closed = || AppendError::Closed(self.name.clone());
         let Some(queue) = self.queue.lock().expect("never poisoned").clone() else {

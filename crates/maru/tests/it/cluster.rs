@@ -1324,6 +1324,7 @@ fn sensors_in_a_cluster() -> String {
 name = "sensors"
 
 [topic."city.air"]
+event_limit = "2MiB"
 [topic."city.air.replies"]
 
 [service.echo]
@@ -1536,6 +1537,43 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
         .find(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
         .expect("the node running the service");
     let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
+    // MQTT on one node, read on another: one topic for the cluster.
+    let (host, port) = nodes[1].mqtt.rsplit_once(':').expect("host:port");
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-u",
+            "sensor",
+            "-P",
+            &nodes[1].ingest_token,
+        ])
+        .args(["-q", "1", "-t", "city/air/mqtt", "-m", "from-mqtt"])
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub failed");
+    nodes[2].wait_for(
+        "the MQTT event on another node",
+        Duration::from_secs(10),
+        || {
+            crate::events::read_topic(&nodes[2], "city.air")
+                .iter()
+                .any(|(_, key, data)| key == "mqtt" && data == "from-mqtt")
+        },
+    );
+    // An event the topic allows but NATS does not carry (1 MB max_payload) is refused
+    // clearly, not left to fail as unavailable.
+    let big = crate::events::post(
+        &nodes[0],
+        "/events/city.air",
+        Some(&nodes[0].ingest_token),
+        &[],
+        &vec![b'x'; 1_500_000],
+    );
+    assert_eq!(big.status, 413, "{}", big.body);
+    assert!(big.body.contains("max_payload"), "{}", big.body);
     let publishing = Publishing::start(&nodes, Duration::ZERO);
     std::thread::sleep(Duration::from_secs(3));
     let killed = Instant::now();
