@@ -23,7 +23,7 @@
 //! - **Consumer groups' offsets** are keys `TOPIC/GROUP` of the bucket [`GROUPS_BUCKET`], read
 //!   from its leader; a trigger that moves to another node continues from there.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -173,8 +173,8 @@ struct Known {
     appended_total: u64,
     commits_total: u64,
     groups: BTreeMap<String, u64>,
-    /// Events appended here per second (unix second, count), the last few seconds.
-    recent: VecDeque<(u64, u64)>,
+    /// Events appended here per second.
+    recent: events::rate::Recent,
     /// Why the last append or look failed, until one succeeds.
     broken: Option<String>,
 }
@@ -333,7 +333,9 @@ impl StreamLog {
                         let mut known = self.known.lock().expect("never poisoned");
                         known.broken = None;
                         known.appended_total += append.events.len() as u64;
-                        count_recent(&mut known.recent, append.events.len() as u64);
+                        known
+                            .recent
+                            .count(unix_ms() / 1000, append.events.len() as u64);
                         Ok(offsets)
                     }
                     (error, _) => {
@@ -392,17 +394,6 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn count_recent(recent: &mut VecDeque<(u64, u64)>, events: u64) {
-    let second = unix_ms() / 1000;
-    match recent.back_mut() {
-        Some((at, n)) if *at == second => *n += events,
-        _ => recent.push_back((second, events)),
-    }
-    while recent.front().is_some_and(|(at, _)| *at + 11 < second) {
-        recent.pop_front();
-    }
 }
 
 impl SharedLog for StreamLog {
@@ -604,13 +595,6 @@ impl SharedLog for StreamLog {
 
     fn stats(&self) -> TopicStats {
         let known = self.known.lock().expect("never poisoned");
-        let second = unix_ms() / 1000;
-        let last_10s: u64 = known
-            .recent
-            .iter()
-            .filter(|(s, _)| *s + 10 >= second && *s < second)
-            .map(|(_, n)| n)
-            .sum();
         TopicStats {
             first: known.first,
             next: *self.next.borrow(),
@@ -619,7 +603,7 @@ impl SharedLog for StreamLog {
             appended_total: known.appended_total,
             commits_total: known.commits_total,
             syncs_total: 0,
-            per_second_last_10s: last_10s as f64 / 10.0,
+            per_second_last_10s: known.recent.per_second_last_10s(unix_ms() / 1000),
             groups: known.groups.iter().map(|(g, o)| (g.clone(), *o)).collect(),
             lost: Vec::new(),
         }

@@ -12,6 +12,7 @@ pub mod access;
 mod broker;
 mod handle;
 pub mod mqtt;
+pub mod rate;
 pub mod record;
 pub mod shared;
 mod topic;

@@ -25,7 +25,7 @@
 mod groups;
 mod recovery;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -141,8 +141,8 @@ struct Log {
     segments: Vec<Segment>,
     /// Every offset range that cannot be read (merged, ascending), for reporting.
     lost: Vec<Range<u64>>,
-    /// Events appended per second over the last minute: (second, count).
-    recent: VecDeque<(u64, u64)>,
+    /// Events appended per second over the last minute.
+    recent: crate::rate::Recent,
     appended_total: u64,
     /// Group commits (one write, and one fdatasync under `fsync` durability).
     commits_total: u64,
@@ -274,7 +274,7 @@ impl Local {
         let log = Log {
             segments: recovered.segments,
             lost: newest_lost(recovered.lost),
-            recent: VecDeque::new(),
+            recent: crate::rate::Recent::default(),
             appended_total: 0,
             commits_total: 0,
             syncs_total: 0,
@@ -631,12 +631,6 @@ impl Local {
             .collect();
         let log = self.log.lock().expect("log lock is never poisoned");
         let second = self.env.clock.now_ms() / 1000;
-        let last_10s: u64 = log
-            .recent
-            .iter()
-            .filter(|(s, _)| *s + 10 >= second && *s < second)
-            .map(|(_, n)| n)
-            .sum();
         TopicStats {
             first: log.segments.first().map(|s| s.base).unwrap_or(0),
             next: *self.committed.borrow(),
@@ -645,7 +639,7 @@ impl Local {
             appended_total: log.appended_total,
             commits_total: log.commits_total,
             syncs_total: log.syncs_total,
-            per_second_last_10s: last_10s as f64 / 10.0,
+            per_second_last_10s: log.recent.per_second_last_10s(second),
             groups,
             lost: log.lost.clone(),
         }
@@ -1120,14 +1114,7 @@ impl Writer {
             log.appended_total += count;
             log.commits_total += 1;
             log.syncs_total += u64::from(synced);
-            let second = group.time_ms / 1000;
-            match log.recent.back_mut() {
-                Some((s, n)) if *s == second => *n += count,
-                _ => log.recent.push_back((second, count)),
-            }
-            while log.recent.len() > 60 {
-                log.recent.pop_front();
-            }
+            log.recent.count(group.time_ms / 1000, count);
             roll
         };
         self.committed.send_replace(end);

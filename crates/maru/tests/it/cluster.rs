@@ -1038,12 +1038,9 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
     );
     // Every event acknowledged through the pause, the restarts and the kill is there, in
     // order per key, and delivered.
-    let published = publishing.finish();
-    let (stored, duplicates) = check_stored(&nodes[rest[0]], &published);
-    wait_replied(&nodes[rest[0]], &published, Duration::from_secs(60));
-    eprintln!(
-        "events through the pause, the rolling restart and the kill: {}; {stored} stored ({duplicates} duplicates), none missing, in order per key, every one delivered",
-        published_line(&published)
+    publishing.check(
+        &nodes[rest[0]],
+        "the pause, the rolling restart and the kill",
     );
     // Both back: the node rejoins through its own server.
     nats.restart(dead);
@@ -1304,13 +1301,7 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
         window_inside <= Duration::from_secs(10),
         "the node cut off gave no answer for {window_inside:?} to its own clients"
     );
-    let published = publishing.finish();
-    let (stored, duplicates) = check_stored(&nodes[rest[0]], &published);
-    wait_replied(&nodes[rest[0]], &published, Duration::from_secs(60));
-    eprintln!(
-        "events through the partition: {}; {stored} stored ({duplicates} duplicates), none missing, in order per key, every one delivered",
-        published_line(&published)
-    );
+    publishing.check(&nodes[rest[0]], "the partition");
     for node in &mut nodes {
         node.stop();
     }
@@ -1435,6 +1426,18 @@ impl Publishing {
             .into_iter()
             .map(|p| p.join().expect("publisher"))
             .collect()
+    }
+
+    /// Stop publishing; every acknowledged event is stored, in order per key, and
+    /// delivered, as `reader` sees it after `fault`.
+    fn check(self, reader: &Node, fault: &str) {
+        let published = self.finish();
+        let (stored, duplicates) = check_stored(reader, &published);
+        wait_replied(reader, &published, Duration::from_secs(60));
+        eprintln!(
+            "events through {fault}: {}; {stored} stored ({duplicates} duplicates), none missing, in order per key, every one delivered",
+            published_line(&published)
+        );
     }
 }
 
