@@ -145,7 +145,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     std::fs::write(
         &hello,
         format!(
-            "[app]\nname = \"hello\"\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\n",
+            "[app]\nname = \"hello\"\n\n[topic.\"demo.events\"]\n\n[service.hello]\ncomponent = \"{}\"\nroutes = [\"/hello\"]\n",
             components.join("hello.wasm").display()
         ),
     )?;
@@ -187,6 +187,21 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
     print!("{}", nodes[0].cli(&["nodes"])?);
+    // Topics are the cluster's: an event published on the first node is read on the last.
+    let token = nodes[0].ingest_token()?;
+    let posted = ureq::post(&format!("http://{}/events/demo.events", nodes[0].gateway))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("ce-partitionkey", "demo")
+        .send("hello from n1".as_bytes())
+        .context("publish an event on n1")?
+        .status();
+    println!("xtask: POST /events/demo.events on n1 -> {posted}");
+    let last = nodes.last().context("one node at least")?;
+    println!(
+        "xtask: maru events tail demo.events on n{}:\n{}",
+        nodes.len(),
+        last.cli(&["events", "tail", "demo.events"])?
+    );
     println!("\nTry (in another terminal):");
     println!(
         "  MARU_DATA={} target/release/maru nodes",
@@ -194,6 +209,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     );
     println!(
         "  MARU_DATA={} target/release/maru rm hello   # removed from every node",
+        dir.join("n2/data").display()
+    );
+    println!(
+        "  MARU_DATA={} target/release/maru events tail demo.events --follow   # events from every node",
         dir.join("n2/data").display()
     );
     match duration {

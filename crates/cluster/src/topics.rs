@@ -496,13 +496,13 @@ impl SharedLog for StreamLog {
                         continue; // removed from the stream: passed over
                     }
                     Ok(Err(error)) => {
-                        return Err(ReadError::Io {
+                        return Err(ReadError::Unavailable {
                             topic: name,
                             message: format!("reading offset {offset}: {error}"),
                         });
                     }
                     Err(_) => {
-                        return Err(ReadError::Io {
+                        return Err(ReadError::Unavailable {
                             topic: name,
                             message: format!("reading offset {offset}: no answer within 5 s"),
                         });

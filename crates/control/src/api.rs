@@ -816,6 +816,14 @@ async fn read_events(
                 Some(format!("read from {first}, the oldest stored offset")),
             );
         }
+        Err(unavailable @ events::ReadError::Unavailable { .. }) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "topic_unavailable",
+                &unavailable.to_string(),
+                Some("in a cluster, JetStream may be electing a leader: try again".into()),
+            );
+        }
         Err(other) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,

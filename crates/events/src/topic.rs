@@ -103,6 +103,10 @@ pub enum ReadError {
     Expired { from: u64, first: u64 },
     #[error("topic {topic}: {message}")]
     Io { topic: String, message: String },
+    /// The store cannot answer for now (in a cluster: JetStream electing a leader, a
+    /// server out of reach); the same read may succeed in a few seconds.
+    #[error("topic {topic} cannot be read now: {message}; try again in a few seconds")]
+    Unavailable { topic: String, message: String },
     #[error("topic {topic}: the record at offset {offset} is corrupt ({why})")]
     Corrupt {
         topic: String,

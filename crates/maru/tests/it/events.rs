@@ -68,6 +68,7 @@ pub(crate) fn post(
 pub(crate) fn read_topic(node: &Node, topic: &str) -> Vec<(u64, String, String)> {
     let mut out = Vec::new();
     let mut from = 0;
+    let started = std::time::Instant::now();
     loop {
         let page = node.control_api(
             "GET",
@@ -75,6 +76,12 @@ pub(crate) fn read_topic(node: &Node, topic: &str) -> Vec<(u64, String, String)>
             Some(&node.token),
             None,
         );
+        // A cluster's topic may be unavailable for a few seconds (JetStream electing a
+        // leader after a fault): a careful reader asks again.
+        if page.status == 503 && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
         assert_eq!(page.status, 200, "{}", page.body);
         let page: serde_json::Value = serde_json::from_str(&page.body).expect("json");
         let events = page["events"].as_array().expect("events");
