@@ -296,14 +296,15 @@ impl Placements {
             control::placement::place(&wants, &candidates, &previous)
         {
             let id = format!("{app}/{service}");
+            // Every listed node with the instances of this service it announced.
+            let runs: BTreeMap<String, u32> = running
+                .iter()
+                .map(|(node, services)| (node.clone(), services.get(&id).copied().unwrap_or(0)))
+                .collect();
             let held = control::placement::hold_growth(
                 &mut placed,
                 previous.get(&(app.clone(), service.clone())),
-                |node| {
-                    running
-                        .get(node)
-                        .map(|services| services.get(&id).copied().unwrap_or(0))
-                },
+                &runs,
             );
             if held {
                 tracing::debug!(service = %id, "cluster: a share grows once a node has given up its instances");

@@ -23,11 +23,13 @@
 //! - **Consumer groups' offsets** are keys `TOPIC/GROUP` of the bucket [`GROUPS_BUCKET`], read
 //!   from its leader; a trigger that moves to another node continues from there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::kv::Operation;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use bytes::Bytes;
 use events::record::{self, Decoded, Event, NewEvent};
@@ -49,6 +51,13 @@ const PENDING_BYTES_MAX: usize = 64 << 20;
 const READS_IN_FLIGHT: usize = 64;
 /// Appends a writer takes at once.
 const APPENDS_AT_ONCE: usize = 1024;
+/// Tries of a commit that finds the offset written by another node meanwhile.
+const COMMIT_RACES_MAX: usize = 5;
+/// Events a writer has published and not yet seen acknowledged, at most.
+const ACKS_IN_FLIGHT: usize = 1024;
+/// The topics' context's limit on acknowledgements awaited: far above ACKS_IN_FLIGHT times
+/// any number of topics, so that it is never what a writer waits for.
+const TOPIC_ACKS_MAX: usize = 1 << 24;
 
 /// Opens the cluster's topics in JetStream.
 pub struct JetStreamTopics {
@@ -72,8 +81,15 @@ impl JetStreamTopics {
             replicas,
         )
         .await?;
+        // A context of the topics' own: the client's limit on acknowledgements awaited is
+        // per context, and a writer blocked on it while holding unread acknowledgements of
+        // its own would wait for ever; each writer bounds itself (ACKS_IN_FLIGHT) instead,
+        // and the node's heartbeats and leases never wait behind events.
+        let jetstream = async_nats::jetstream::ContextBuilder::new()
+            .max_ack_inflight(TOPIC_ACKS_MAX)
+            .build(jetstream.client());
         Ok(Arc::new(JetStreamTopics {
-            jetstream: jetstream.clone(),
+            jetstream,
             replicas: replicas.clamp(1, 3),
             groups,
         }))
@@ -267,7 +283,12 @@ impl StreamLog {
         }
     }
 
-    /// The topic's one writer on this node.
+    /// The topic's one writer on this node. Events are published in the order their
+    /// appends were queued, at most [`ACKS_IN_FLIGHT`] awaiting their acknowledgement (the
+    /// client's own limit is shared by everything the node sends: waiting on it with our
+    /// own acknowledgements unread would never end). Once one event of a batch is not
+    /// acknowledged, every later append of the batch fails too, so a producer that sends
+    /// again cannot have a later event acknowledged before an earlier one.
     async fn write(
         self: Arc<Self>,
         jetstream: async_nats::jetstream::Context,
@@ -284,62 +305,39 @@ impl StreamLog {
                 }
             }
             let time_ms = unix_ms();
-            // Send everything first, then wait: one sync on the servers can then carry
-            // many events (they arrive while the previous one runs).
-            let mut sent = Vec::with_capacity(batch.len());
-            for append in &batch {
-                let mut acks = Vec::with_capacity(append.events.len());
-                let mut failed = None;
+            let mut offsets: Vec<Option<Range<u64>>> = vec![None; batch.len()];
+            // The first append with an event not acknowledged, and why.
+            let mut failed: Option<(usize, String)> = None;
+            let mut in_flight: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
+            'publishing: for (i, append) in batch.iter().enumerate() {
                 for event in &append.events {
+                    while in_flight.len() >= ACKS_IN_FLIGHT {
+                        let (at, ack) = in_flight.pop_front().expect("not empty");
+                        note_ack(&mut offsets, &mut failed, at, ack.await);
+                    }
+                    if failed.is_some() {
+                        break 'publishing;
+                    }
                     encoded.clear();
                     record::encode(event, 0, time_ms, &mut encoded);
                     let payload = Bytes::copy_from_slice(&encoded);
                     match jetstream.publish(subject.clone(), payload).await {
-                        Ok(ack) => acks.push(ack),
+                        Ok(ack) => in_flight.push_back((i, ack)),
                         Err(error) => {
-                            failed = Some(error.to_string());
-                            break;
+                            failed.get_or_insert((i, error.to_string()));
+                            break 'publishing;
                         }
                     }
                 }
-                sent.push((acks, failed));
             }
-            for (append, (acks, failed)) in batch.into_iter().zip(sent) {
-                let mut offsets: Option<Range<u64>> = None;
-                let mut error = failed;
-                for ack in acks {
-                    match ack.await {
-                        Ok(ack) => {
-                            assert!(ack.sequence > 0, "JetStream counts from 1");
-                            let offset = ack.sequence - 1;
-                            offsets = Some(match offsets {
-                                None => offset..offset + 1,
-                                Some(r) => r.start.min(offset)..r.end.max(offset + 1),
-                            });
-                        }
-                        Err(e) => {
-                            error.get_or_insert(e.to_string());
-                        }
-                    }
-                }
+            while let Some((at, ack)) = in_flight.pop_front() {
+                note_ack(&mut offsets, &mut failed, at, ack.await);
+            }
+            for (i, (append, offsets)) in batch.into_iter().zip(offsets).enumerate() {
                 self.pending_bytes.add_permits(append.bytes);
-                let answer = match (error, offsets) {
-                    (None, Some(offsets)) => {
-                        assert!(
-                            offsets.end - offsets.start >= append.events.len() as u64,
-                            "every event has its own offset"
-                        );
-                        self.advance(offsets.end);
-                        let mut known = self.known.lock().expect("never poisoned");
-                        known.broken = None;
-                        known.appended_total += append.events.len() as u64;
-                        known
-                            .recent
-                            .count(unix_ms() / 1000, append.events.len() as u64);
-                        Ok(offsets)
-                    }
-                    (error, _) => {
-                        let message = error.unwrap_or_else(|| "no acknowledgement".into());
+                let count = append.events.len() as u64;
+                let answer = match (&failed, offsets) {
+                    (Some((at, message)), _) if i >= *at => {
                         self.known.lock().expect("never poisoned").broken = Some(message.clone());
                         Err(AppendError::Io {
                             topic: self.name.clone(),
@@ -348,6 +346,19 @@ impl StreamLog {
                             ),
                         })
                     }
+                    (_, Some(offsets)) => {
+                        assert!(
+                            offsets.end - offsets.start >= count,
+                            "every event has its own offset"
+                        );
+                        self.advance(offsets.end);
+                        let mut known = self.known.lock().expect("never poisoned");
+                        known.broken = None;
+                        known.appended_total += count;
+                        known.recent.count(unix_ms() / 1000, count);
+                        Ok(offsets)
+                    }
+                    (_, None) => unreachable!("an append before the first failure has its offsets"),
                 };
                 _ = append.reply.send(answer);
             }
@@ -372,12 +383,43 @@ async fn look(stream: &stream::Stream, known: &Mutex<Known>, next: &watch::Sende
                 .saturating_sub(1)
                 .min(state.last_sequence);
             known.bytes = state.bytes;
+            // The stream answers again (an append that fails says so anew).
+            known.broken = None;
             let last = state.last_sequence;
             drop(known);
             advance(next, last);
         }
         Ok(Err(error)) => known.broken = Some(format!("cannot read the stream: {error}")),
         Err(_) => known.broken = Some("the stream did not answer within 5 s".into()),
+    }
+}
+
+/// Note the acknowledgement of an event of append `at`: its offset, or the first failure.
+fn note_ack(
+    offsets: &mut [Option<Range<u64>>],
+    failed: &mut Option<(usize, String)>,
+    at: usize,
+    ack: Result<
+        async_nats::jetstream::publish::PublishAck,
+        async_nats::jetstream::context::PublishError,
+    >,
+) {
+    match ack {
+        Ok(ack) => {
+            assert!(ack.sequence > 0, "JetStream counts from 1");
+            let offset = ack.sequence - 1;
+            offsets[at] = Some(match offsets[at].take() {
+                None => offset..offset + 1,
+                Some(r) => r.start.min(offset)..r.end.max(offset + 1),
+            });
+        }
+        Err(error) => {
+            // Failures are noted in publishing order: the earliest append is the one kept.
+            match failed {
+                Some((first, _)) if *first <= at => {}
+                _ => *failed = Some((at, error.to_string())),
+            }
+        }
     }
 }
 
@@ -489,11 +531,26 @@ impl SharedLog for StreamLog {
                 let message = match got {
                     Ok(Ok(message)) => message,
                     Ok(Err(error)) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                        let first = known.lock().expect("never poisoned").first;
-                        if out.is_empty() && offset < first {
-                            return Err(ReadError::Expired { from, first });
+                        // Retention removes the oldest messages only: a missing one is gone
+                        // if it now lies before the oldest stored, else the answer came from
+                        // a server that has not caught up, and is not skipped.
+                        if offset >= known.lock().expect("never poisoned").first {
+                            look(&stream, &known, &next).await;
                         }
-                        continue; // removed from the stream: passed over
+                        let first = known.lock().expect("never poisoned").first;
+                        if offset < first {
+                            if out.is_empty() {
+                                return Err(ReadError::Expired { from, first });
+                            }
+                            continue; // removed by retention after the read began
+                        }
+                        if out.is_empty() {
+                            return Err(ReadError::Unavailable {
+                                topic: name,
+                                message: format!("offset {offset} is not readable yet"),
+                            });
+                        }
+                        break; // what was read before it, now
                     }
                     Ok(Err(error)) => {
                         return Err(ReadError::Unavailable {
@@ -579,15 +636,44 @@ impl SharedLog for StreamLog {
         let key = self.group_key(group);
         let group = group.to_string();
         Box::pin(async move {
-            tokio::time::timeout(
-                CALL_TIMEOUT,
-                self.groups_bucket.put(&key, offset.to_string().into()),
-            )
-            .await
-            .map_err(|_| format!("committing {key}: no answer within 5 s"))?
-            .map_err(|e| format!("committing {key}: {e}"))?;
+            // Never backwards: when the trigger moves, the node giving it up may commit
+            // after the one taking over has gone further. Compare-and-set on the key's
+            // revision, written only when the stored offset is lower.
+            let bucket = &self.groups_bucket;
+            let commit = async {
+                for _ in 0..COMMIT_RACES_MAX {
+                    let entry = bucket.entry(&key).await.map_err(|e| e.to_string())?;
+                    let value = Bytes::from(offset.to_string());
+                    let written = match entry {
+                        Some(entry) if entry.operation == Operation::Put => {
+                            let stored = std::str::from_utf8(&entry.value)
+                                .ok()
+                                .and_then(|text| text.parse::<u64>().ok());
+                            if stored.is_some_and(|stored| stored >= offset) {
+                                return Ok(());
+                            }
+                            bucket
+                                .update(&key, value, entry.revision)
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        _ => bucket.create(&key, value).await.map_err(|e| e.to_string()),
+                    };
+                    if written.is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(format!(
+                    "another node kept writing it ({COMMIT_RACES_MAX} tries)"
+                ))
+            };
+            tokio::time::timeout(CALL_TIMEOUT, commit)
+                .await
+                .map_err(|_| format!("committing {key}: no answer within 5 s"))?
+                .map_err(|e: String| format!("committing {key}: {e}"))?;
             let mut known = self.known.lock().expect("never poisoned");
-            known.groups.insert(group, offset);
+            let committed = known.groups.entry(group).or_insert(offset);
+            *committed = (*committed).max(offset);
             known.commits_total += 1;
             Ok(())
         })

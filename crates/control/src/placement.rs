@@ -116,15 +116,15 @@ fn unplaced_reason(rule: &Placement, nodes: &[Candidate]) -> String {
     )
 }
 
-/// Place every service (module docs). `previous` is the placement standing now, by (app,
-/// service); the result has an entry for every want. Deterministic for its inputs.
 /// Hold back the shares of `placed` that grow from `previous` while a listed node still
-/// runs more instances than its share in `placed` (`running`: instances a node announced for
-/// this service, `None` for a node not listed). Returns whether any share was held.
+/// runs more instances than its share in `placed`. `running`: every listed node and the
+/// instances of this service it announced (a node listed nowhere in the placements counts
+/// with a share of 0, so a node given up on in an earlier round is still waited for).
+/// Returns whether any share was held.
 pub fn hold_growth(
     placed: &mut ServicePlacement,
     previous: Option<&ServicePlacement>,
-    running: impl Fn(&str) -> Option<u32>,
+    running: &BTreeMap<String, u32>,
 ) -> bool {
     let old = |node: &str| {
         previous
@@ -132,14 +132,10 @@ pub fn hold_growth(
             .copied()
             .unwrap_or(Share { min: 0, max: 0 })
     };
-    let giving_up = previous
-        .into_iter()
-        .flat_map(|p| p.nodes.keys())
-        .chain(placed.nodes.keys())
-        .any(|node| {
-            let share = placed.nodes.get(node).map_or(0, |s| s.max);
-            running(node).is_some_and(|runs| runs > share)
-        });
+    let giving_up = running.iter().any(|(node, runs)| {
+        let share = placed.nodes.get(node).map_or(0, |s| s.max);
+        *runs > share
+    });
     if !giving_up {
         return false;
     }
@@ -163,6 +159,8 @@ pub fn hold_growth(
     !growing.is_empty()
 }
 
+/// Place every service (module docs). `previous` is the placement standing now, by (app,
+/// service); the result has an entry for every want. Deterministic for its inputs.
 pub fn place(
     wants: &[Want],
     nodes: &[Candidate],
@@ -302,25 +300,30 @@ mod tests {
         }
     }
 
+    fn runs(listed: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        listed.iter().map(|(n, r)| (n.to_string(), *r)).collect()
+    }
+
     #[test]
     fn a_share_grows_only_once_the_shrinking_ones_are_given_up() {
         // n2 ran both instances while n3 was away; n3 is back and gets one of them.
         let previous = placement(&[("n2", 2, 2)]);
         let wanted = placement(&[("n2", 1, 1), ("n3", 1, 1)]);
-        let runs = |n2: u32| {
-            move |node: &str| match node {
-                "n2" => Some(n2),
-                "n3" => Some(0),
-                _ => None,
-            }
-        };
         // n2 still runs two: n3 waits, n2 shrinks.
         let mut placed = wanted.clone();
-        assert!(hold_growth(&mut placed, Some(&previous), runs(2)));
+        assert!(hold_growth(
+            &mut placed,
+            Some(&previous),
+            &runs(&[("n2", 2), ("n3", 0)])
+        ));
         assert_eq!(placed, placement(&[("n2", 1, 1)]));
         // n2 runs one now: n3 grows.
         let mut placed = wanted.clone();
-        assert!(!hold_growth(&mut placed, Some(&previous), runs(1)));
+        assert!(!hold_growth(
+            &mut placed,
+            Some(&previous),
+            &runs(&[("n2", 1), ("n3", 0)])
+        ));
         assert_eq!(placed, wanted);
         // A node not listed (gone, cut off) is not waited for: its share moves at once.
         let previous = placement(&[("n1", 1, 1), ("n2", 1, 1)]);
@@ -329,25 +332,37 @@ mod tests {
         assert!(!hold_growth(
             &mut placed,
             Some(&previous),
-            |node| match node {
-                "n2" => Some(1),
-                "n3" => Some(0),
-                _ => None,
-            }
+            &runs(&[("n2", 1), ("n3", 0)])
         ));
         assert_eq!(placed, wanted);
         // A drained node still running the only instance: the service waits, unplaced
         // for the moment, rather than run two.
         let previous = placement(&[("n1", 1, 1)]);
+        let drained = runs(&[("n1", 1), ("n2", 0)]);
         let mut placed = placement(&[("n2", 1, 1)]);
-        assert!(hold_growth(&mut placed, Some(&previous), |node| (node
-            == "n1")
-            .then_some(1)));
+        assert!(hold_growth(&mut placed, Some(&previous), &drained));
         assert!(placed.nodes.is_empty());
         assert!(placed.unplaced.is_some());
+        // The next round starts from the held placement, where n1 has no share any more:
+        // it still runs its instance, so n2 still waits; once n1 has stopped, n2 grows.
+        let held = placed.clone();
+        let mut placed = placement(&[("n2", 1, 1)]);
+        assert!(hold_growth(&mut placed, Some(&held), &drained));
+        assert!(placed.nodes.is_empty());
+        let mut placed = placement(&[("n2", 1, 1)]);
+        assert!(!hold_growth(
+            &mut placed,
+            Some(&held),
+            &runs(&[("n1", 0), ("n2", 0)])
+        ));
+        assert_eq!(placed, placement(&[("n2", 1, 1)]));
         // A new service grows from nothing: nothing to wait for.
         let mut placed = wanted.clone();
-        assert!(!hold_growth(&mut placed, None, |_| Some(0)));
+        assert!(!hold_growth(
+            &mut placed,
+            None,
+            &runs(&[("n2", 0), ("n3", 0)])
+        ));
         assert_eq!(placed, wanted);
     }
 

@@ -55,7 +55,8 @@ impl Events {
     }
 
     /// Keep topics declared from now on in the cluster's store (once, when the node joins
-    /// a cluster, before its apps start). Topics this node kept on its disk stay there.
+    /// a cluster, before its apps start). A topic this node kept on its disk before is kept
+    /// by the cluster too from then on: the events stored on the disk stay there, unread.
     pub fn share_through(&self, logs: Arc<dyn SharedLogs>) {
         if self.shared.set(logs).is_err() {
             tracing::warn!("events: topics are already kept by a cluster; ignored");
