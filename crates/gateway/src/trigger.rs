@@ -11,7 +11,8 @@
 //! In a cluster the topics are shared and one node delivers a service's triggers
 //! ([`Service::triggers_here`]). The trigger reads where its group stands when it starts
 //! delivering, commits at most every [`COMMIT_SHARED_EVERY`] while a backlog lasts, and
-//! commits what it delivered when another node takes over.
+//! when another node takes over it stops the window under way (the next node delivers it
+//! again) and commits what it had finished.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -206,13 +207,36 @@ pub async fn run_trigger(
                 true
             });
         }
-        let mut cancelled = false;
-        while let Some(done) = deliveries.join_next().await {
-            cancelled |= !matches!(done, Ok(true));
+        let (mut cancelled, mut handed_over) = (false, false);
+        loop {
+            tokio::select! {
+                done = deliveries.join_next() => match done {
+                    Some(done) => cancelled |= !matches!(done, Ok(true)),
+                    None => break,
+                },
+                // Another node delivers from now on (the placement moved): stop this window
+                // rather than deliver it alongside the node that starts over from the
+                // committed offset.
+                changed = here.changed(), if !handed_over => {
+                    if changed.is_err() {
+                        // The service is gone.
+                        deliveries.abort_all();
+                        return;
+                    }
+                    if !*here.borrow() {
+                        deliveries.abort_all();
+                        handed_over = true;
+                    }
+                }
+            }
         }
-        if cancelled {
+        if cancelled && !handed_over {
             // Not committed: the window is delivered again after a restart (at least once).
             return;
+        }
+        if handed_over {
+            // Not committed either: the next node delivers it again (at least once).
+            continue;
         }
         let offset = last + 1;
         known = Some(offset);
