@@ -198,7 +198,9 @@ struct Known {
 /// One topic kept in a JetStream stream.
 struct StreamLog {
     name: String,
-    client: async_nats::Client,
+    /// The largest message the servers take (their `max_payload`, 0 if unknown), read when
+    /// the topic opens rather than on every append.
+    max_payload: usize,
     stream: stream::Stream,
     groups_bucket: async_nats::jetstream::kv::Store,
     next: Arc<watch::Sender<u64>>,
@@ -220,7 +222,7 @@ impl StreamLog {
         let (queue, jobs) = mpsc::channel(APPENDS_AT_ONCE);
         let log = Arc::new(StreamLog {
             name,
-            client: jetstream.client(),
+            max_payload: jetstream.client().server_info().max_payload,
             stream,
             groups_bucket,
             next: Arc::new(watch::Sender::new(0)),
@@ -442,7 +444,7 @@ impl SharedLog for StreamLog {
     fn append(&self, events: Vec<NewEvent>) -> Pending<'static, Result<Range<u64>, AppendError>> {
         // Each event is one message: the servers take none larger than their max_payload
         // (1 MB by default), whatever the topic allows.
-        let max_payload = self.client.server_info().max_payload;
+        let max_payload = self.max_payload;
         if max_payload > 0
             && let Some(event) = events.iter().find(|e| e.encoded_len() > max_payload)
         {

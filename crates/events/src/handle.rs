@@ -71,14 +71,7 @@ impl Topic {
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Range<u64>, AppendError> {
         match &self.store {
             Store::Local(local) => local.append(events).await,
-            Store::Shared { log, config } => {
-                checked_bytes(&self.name, config.event_bytes_max, &events)?;
-                if events.is_empty() {
-                    let next = *log.subscribe().borrow();
-                    return Ok(next..next);
-                }
-                log.append(events).await
-            }
+            Store::Shared { log, config } => self.append_shared(log, config, events).await,
         }
     }
 
@@ -88,17 +81,25 @@ impl Topic {
     pub fn append_soon(self: &Arc<Self>, events: Vec<NewEvent>) -> Appending {
         match &self.store {
             Store::Local(local) => local.append_soon(events),
-            Store::Shared { log, config } => {
-                if let Err(error) = checked_bytes(&self.name, config.event_bytes_max, &events) {
-                    return Box::pin(std::future::ready(Err(error)));
-                }
-                if events.is_empty() {
-                    let next = *log.subscribe().borrow();
-                    return Box::pin(std::future::ready(Ok(next..next)));
-                }
-                log.append(events)
-            }
+            Store::Shared { log, config } => self.append_shared(log, config, events),
         }
+    }
+
+    /// An append to a shared log, queued (when there is room) before this returns.
+    fn append_shared(
+        &self,
+        log: &Arc<dyn SharedLog>,
+        config: &TopicConfig,
+        events: Vec<NewEvent>,
+    ) -> Appending {
+        if let Err(error) = checked_bytes(&self.name, config.event_bytes_max, &events) {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        if events.is_empty() {
+            let next = *log.subscribe().borrow();
+            return Box::pin(std::future::ready(Ok(next..next)));
+        }
+        log.append(events)
     }
 
     /// The offset after the last durable event (in a cluster: as this node knows it).

@@ -1060,6 +1060,16 @@ struct LocalStatus {
 impl cluster::Announce for LocalStatus {
     fn status(&self) -> maru_api::NodeStatus {
         let services = self.node.services();
+        // Ready or starting instances of each service, by `app/service`.
+        let running: std::collections::BTreeMap<String, u32> = services
+            .iter()
+            .map(|s| {
+                (
+                    format!("{}/{}", s.app, s.service),
+                    (s.instances_ready + s.instances_starting) as u32,
+                )
+            })
+            .collect();
         maru_api::NodeStatus {
             name: self.identity.name.clone(),
             region: self.region.clone(),
@@ -1070,10 +1080,7 @@ impl cluster::Announce for LocalStatus {
             gateway: self.gateway.clone(),
             control: self.control.clone(),
             services: services.len() as u32,
-            instances: services
-                .iter()
-                .map(|s| (s.instances_ready + s.instances_starting) as u32)
-                .sum(),
+            instances: running.values().sum(),
             started_unix_ms: self.started_unix_ms,
             seen_unix_ms: unix_ms(),
             // `starting` until the node serves: the scheduler places nothing on it before.
@@ -1086,15 +1093,7 @@ impl cluster::Announce for LocalStatus {
             scheduler: false,
             draining: false,
             ca_pem: self.ca_pem.clone(),
-            running: services
-                .iter()
-                .map(|s| {
-                    (
-                        format!("{}/{}", s.app, s.service),
-                        (s.instances_ready + s.instances_starting) as u32,
-                    )
-                })
-                .collect(),
+            running,
         }
     }
 }
