@@ -33,7 +33,7 @@ use async_nats::jetstream::kv::Operation;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use bytes::Bytes;
 use events::record::{self, Decoded, Event, NewEvent};
-use events::shared::{Pending, SharedLog, SharedLogs};
+use events::shared::{Origin, Pending, SharedLog, SharedLogs};
 use events::{AppendError, ReadError, TopicConfig, TopicStats};
 use futures_util::StreamExt as _;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -53,6 +53,10 @@ const READS_IN_FLIGHT: usize = 64;
 const APPENDS_AT_ONCE: usize = 1024;
 /// Tries of a commit that finds the offset written by another node meanwhile.
 const COMMIT_RACES_MAX: usize = 5;
+/// How long a stream remembers the id of a forwarded event, so that one sent again is
+/// stored once: an edge node whose link broke mid-send sends again when it returns
+/// (JetStream's default is two minutes). Only events sent with an id are remembered.
+const REPEATS_WINDOW: Duration = Duration::from_secs(3600);
 /// Events a writer has published and not yet seen acknowledged, at most.
 const ACKS_IN_FLIGHT: usize = 1024;
 /// The topics' context's limit on acknowledgements awaited: far above ACKS_IN_FLIGHT times
@@ -64,6 +68,10 @@ pub struct JetStreamTopics {
     jetstream: async_nats::jetstream::Context,
     replicas: usize,
     groups: async_nats::jetstream::kv::Store,
+    /// Whether each topic follows the stream's growth (its messages and a look every
+    /// [`LOOK_EVERY`]): not for an edge node, which only forwards to the topics and should
+    /// not receive every other node's events over its link.
+    follow: bool,
 }
 
 impl JetStreamTopics {
@@ -92,6 +100,21 @@ impl JetStreamTopics {
             jetstream,
             replicas: replicas.clamp(1, 3),
             groups,
+            follow: true,
+        }))
+    }
+
+    /// The same for an edge node, which appends to the topics (forwarding its own) and does
+    /// not follow what the others append: their messages do not cross its link.
+    pub async fn open_for_forwarding(
+        jetstream: &async_nats::jetstream::Context,
+        replicas: usize,
+    ) -> Result<Arc<JetStreamTopics>, ClusterError> {
+        let topics = JetStreamTopics::open(jetstream, replicas).await?;
+        let topics = Arc::into_inner(topics).expect("not shared yet");
+        Ok(Arc::new(JetStreamTopics {
+            follow: false,
+            ..topics
         }))
     }
 }
@@ -121,6 +144,11 @@ fn stream_config(name: &str, config: &TopicConfig, replicas: usize) -> stream::C
             .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
         max_message_size: i32::try_from(config.event_bytes_max + record::HEADER_BYTES)
             .unwrap_or(i32::MAX),
+        // No longer than the events are kept (JetStream requires it).
+        duplicate_window: match config.retention_age {
+            Some(age) if !age.is_zero() => REPEATS_WINDOW.min(age),
+            _ => REPEATS_WINDOW,
+        },
         ..Default::default()
     }
 }
@@ -164,6 +192,7 @@ impl SharedLogs for JetStreamTopics {
                 self.jetstream.clone(),
                 stream,
                 self.groups.clone(),
+                self.follow,
             )
             .await;
             Ok(log as Arc<dyn SharedLog>)
@@ -177,6 +206,8 @@ impl SharedLogs for JetStreamTopics {
 
 struct Append {
     events: Vec<NewEvent>,
+    /// Empty, or where each event was stored first (forwarded events).
+    origins: Vec<Origin>,
     bytes: usize,
     reply: oneshot::Sender<Result<Range<u64>, AppendError>>,
 }
@@ -218,6 +249,7 @@ impl StreamLog {
         jetstream: async_nats::jetstream::Context,
         stream: stream::Stream,
         groups_bucket: async_nats::jetstream::kv::Store,
+        follow: bool,
     ) -> Arc<StreamLog> {
         let (queue, jobs) = mpsc::channel(APPENDS_AT_ONCE);
         let log = Arc::new(StreamLog {
@@ -234,11 +266,14 @@ impl StreamLog {
         });
         log.look().await;
         let writer = tokio::spawn(log.clone().write(jetstream.clone(), subject.clone(), jobs));
-        let watcher = tokio::spawn(log.clone().watch_stream(jetstream.client(), subject));
-        log.tasks
-            .lock()
-            .expect("never poisoned")
-            .extend([writer, watcher]);
+        let mut tasks = log.tasks.lock().expect("never poisoned");
+        tasks.push(writer);
+        if follow {
+            tasks.push(tokio::spawn(
+                log.clone().watch_stream(jetstream.client(), subject),
+            ));
+        }
+        drop(tasks);
         log
     }
 
@@ -312,7 +347,7 @@ impl StreamLog {
             let mut failed: Option<(usize, String)> = None;
             let mut in_flight: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
             'publishing: for (i, append) in batch.iter().enumerate() {
-                for event in &append.events {
+                for (j, event) in append.events.iter().enumerate() {
                     while in_flight.len() >= ACKS_IN_FLIGHT {
                         let (at, ack) = in_flight.pop_front().expect("not empty");
                         note_ack(&mut offsets, &mut failed, at, ack.await);
@@ -321,9 +356,25 @@ impl StreamLog {
                         break 'publishing;
                     }
                     encoded.clear();
-                    record::encode(event, 0, time_ms, &mut encoded);
+                    let origin = append.origins.get(j);
+                    record::encode(
+                        event,
+                        0,
+                        origin.map_or(time_ms, |o| o.time_ms),
+                        &mut encoded,
+                    );
                     let payload = Bytes::copy_from_slice(&encoded);
-                    match jetstream.publish(subject.clone(), payload).await {
+                    let published = match origin {
+                        None => jetstream.publish(subject.clone(), payload).await,
+                        Some(origin) => {
+                            let mut headers = async_nats::HeaderMap::new();
+                            headers.insert(async_nats::header::NATS_MESSAGE_ID, origin.id.as_str());
+                            jetstream
+                                .publish_with_headers(subject.clone(), headers, payload)
+                                .await
+                        }
+                    };
+                    match published {
                         Ok(ack) => in_flight.push_back((i, ack)),
                         Err(error) => {
                             failed.get_or_insert((i, error.to_string()));
@@ -441,7 +492,15 @@ fn unix_ms() -> u64 {
 }
 
 impl SharedLog for StreamLog {
-    fn append(&self, events: Vec<NewEvent>) -> Pending<'static, Result<Range<u64>, AppendError>> {
+    fn append(
+        &self,
+        events: Vec<NewEvent>,
+        origins: Vec<Origin>,
+    ) -> Pending<'static, Result<Range<u64>, AppendError>> {
+        assert!(
+            origins.is_empty() || origins.len() == events.len(),
+            "an origin for every forwarded event"
+        );
         // Each event is one message: the servers take none larger than their max_payload
         // (1 MB by default), whatever the topic allows.
         let max_payload = self.max_payload;
@@ -466,6 +525,7 @@ impl SharedLog for StreamLog {
             .min(PENDING_BYTES_MAX as u32);
         let append = Append {
             events,
+            origins,
             bytes: permits as usize,
             reply,
         };

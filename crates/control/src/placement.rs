@@ -50,6 +50,12 @@ pub struct ServicePlacement {
     /// Set when no node may run the service (`nodes` is then empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unplaced: Option<String>,
+    /// The node that delivers the service's triggers: the first by name of its nodes that
+    /// is not an edge node (the cluster's topics hold every node's events, an edge node's
+    /// own topics only its own), else the first. Absent in placements written before it
+    /// existed: the first by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggers: Option<String>,
 }
 
 /// One app's placement, by service name: the value the cluster stores per app.
@@ -175,6 +181,23 @@ pub fn place(
         let key = (want.app.clone(), want.service.clone());
         let eligible: Vec<&Candidate> = nodes.iter().filter(|n| n.allows(&want.rule)).collect();
         let count = (want.instances_max as usize).min(eligible.len());
+        // No listed node may run it, though nodes did: they are gone or cut off (an edge
+        // node whose link is down, say). Nothing else runs it, so the placement stays as it
+        // was: a node that comes back goes on with its share instead of stopping it and
+        // starting it again once the scheduler has seen it return.
+        if count == 0
+            && want.instances_max > 0
+            && let Some(before) = previous.get(&key)
+            && !before.nodes.is_empty()
+            && before
+                .nodes
+                .keys()
+                .all(|name| !nodes.iter().any(|n| n.name == *name))
+            && before.nodes.values().map(|s| s.max).sum::<u32>() <= want.instances_max
+        {
+            placed.insert(key, before.clone());
+            continue;
+        }
         if count == 0 {
             let unplaced = if want.instances_max == 0 {
                 "its instances.max is 0".to_string()
@@ -186,6 +209,7 @@ pub fn place(
                 ServicePlacement {
                     nodes: BTreeMap::new(),
                     unplaced: Some(unplaced),
+                    triggers: None,
                 },
             );
             continue;
@@ -245,11 +269,17 @@ pub fn place(
             want.instances_max,
             "the shares add up to the service's maximum"
         );
+        let triggers = chosen
+            .iter()
+            .find(|n| !n.edge)
+            .or(chosen.first())
+            .map(|n| n.name.clone());
         placed.insert(
             key,
             ServicePlacement {
                 nodes: shares,
                 unplaced: None,
+                triggers,
             },
         );
     }
@@ -284,6 +314,7 @@ mod tests {
 
     fn placement(shares: &[(&str, u32, u32)]) -> ServicePlacement {
         ServicePlacement {
+            triggers: None,
             nodes: shares
                 .iter()
                 .map(|(n, min, max)| {
@@ -496,12 +527,52 @@ mod tests {
             none[&key("s")].unplaced.as_deref(),
             Some("every node is draining")
         );
+        // No node listed at all: nothing else could run it, so the placement stays.
+        assert_eq!(place(&[want("s", 2, 2)], &[], &after), after);
         assert_eq!(
-            place(&[want("s", 2, 2)], &[], &after)[&key("s")]
+            place(&[want("s", 2, 2)], &[], &BTreeMap::new())[&key("s")]
                 .unplaced
                 .as_deref(),
             Some("no node is up")
         );
+    }
+
+    #[test]
+    fn an_edge_node_cut_off_keeps_its_share_and_triggers_go_to_a_node_that_is_not_edge() {
+        let mut e1 = node("e1", "street");
+        e1.edge = true;
+        let nodes = [e1, node("n1", "a"), node("n2", "b")];
+        let mut signals = want("signals", 1, 1);
+        signals.rule.edge = EdgeRule::Only;
+        let anywhere = want("anywhere", 3, 3);
+        let before = place(
+            &[signals.clone(), anywhere.clone()],
+            &nodes,
+            &BTreeMap::new(),
+        );
+        assert_eq!(shares(&before[&key("signals")]), [("e1".into(), 1, 1)]);
+        assert_eq!(before[&key("signals")].triggers.as_deref(), Some("e1"));
+        // Placed on every node, e1 first by name: a node that is not edge delivers the
+        // triggers (the cluster's topics hold every node's events; e1's only its own).
+        assert_eq!(before[&key("anywhere")].nodes.len(), 3);
+        assert_eq!(before[&key("anywhere")].triggers.as_deref(), Some("n1"));
+        // e1's link is down: it is not listed, no other node may run `signals`, so its
+        // share stays with it (it keeps serving, and goes on when it returns); `anywhere`
+        // moves its share to the others as for any lost node.
+        let cut = place(&[signals.clone(), anywhere.clone()], &nodes[1..], &before);
+        assert_eq!(cut[&key("signals")], before[&key("signals")]);
+        assert_eq!(
+            cut[&key("anywhere")].nodes.keys().collect::<Vec<_>>(),
+            ["n1", "n2"]
+        );
+        // Back: nothing moves for `signals`.
+        let back = place(&[signals.clone(), anywhere], &nodes, &cut);
+        assert_eq!(back[&key("signals")], before[&key("signals")]);
+        // A node still listed that may no longer run it (draining) gives it up as before.
+        let mut draining = nodes.clone();
+        draining[0].draining = true;
+        let drained = place(&[signals], &draining, &before);
+        assert!(drained[&key("signals")].nodes.is_empty());
     }
 
     proptest::proptest! {

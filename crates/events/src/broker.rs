@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::Topic;
 use crate::shared::SharedLogs;
@@ -29,6 +29,10 @@ pub struct Events {
     dir: PathBuf,
     topics: RwLock<BTreeMap<String, (TopicConfig, Arc<Topic>)>>,
     shared: OnceLock<Arc<dyn SharedLogs>>,
+    /// An edge node's: where its topics are forwarded, and its name.
+    forward: OnceLock<(Arc<dyn SharedLogs>, String)>,
+    /// The task forwarding each topic, on an edge node.
+    forwarders: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
 }
 
 pub fn check_topic_name(name: &str) -> Result<(), TopicError> {
@@ -51,6 +55,8 @@ impl Events {
             dir: dir.to_path_buf(),
             topics: RwLock::new(BTreeMap::new()),
             shared: OnceLock::new(),
+            forward: OnceLock::new(),
+            forwarders: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -63,8 +69,34 @@ impl Events {
         }
     }
 
+    /// Keep topics on this node's disk and forward what they store to the cluster's topics
+    /// of the same names (once, when an edge node joins a cluster, before its apps start;
+    /// `origin` is the node's name): ingest goes on while the link to the cluster is down,
+    /// and what was stored meanwhile reaches the cluster when it returns
+    /// ([`crate::forward`]). Reads and triggers here see this node's events only.
+    pub fn forward_through(&self, logs: Arc<dyn SharedLogs>, origin: &str) {
+        if self.shared.get().is_some() || self.forward.set((logs, origin.to_string())).is_err() {
+            tracing::warn!("events: topics are already kept by a cluster; ignored");
+        }
+    }
+
+    /// Stop forwarding topic `name`, if it was.
+    fn stop_forwarding(&self, name: &str) {
+        if let Some(task) = self
+            .forwarders
+            .lock()
+            .expect("forwarders lock is never poisoned")
+            .remove(name)
+        {
+            task.abort();
+        }
+    }
+
     /// Where declared topics are kept, for messages.
     pub fn kept_by(&self) -> &'static str {
+        if self.forward.get().is_some() {
+            return "this node's disk, forwarded to the cluster";
+        }
         self.shared
             .get()
             .map_or("this node's disk", |logs| logs.kind())
@@ -83,6 +115,7 @@ impl Events {
             if old_config == config {
                 return Ok(topic);
             }
+            self.stop_forwarding(name);
             topic.close().await;
         }
         let opened = match self.shared.get() {
@@ -99,6 +132,18 @@ impl Events {
             name: name.to_string(),
             message,
         })?;
+        if let Some((logs, origin)) = self.forward.get() {
+            let task = tokio::spawn(crate::forward::forward(
+                topic.clone(),
+                logs.clone(),
+                config,
+                origin.clone(),
+            ));
+            self.forwarders
+                .lock()
+                .expect("forwarders lock is never poisoned")
+                .insert(name.to_string(), task.abort_handle());
+        }
         self.topics
             .write()
             .expect("topics lock is never poisoned")
@@ -113,6 +158,7 @@ impl Events {
             .write()
             .expect("topics lock is never poisoned")
             .remove(name);
+        self.stop_forwarding(name);
         if let Some((_, topic)) = removed {
             topic.close().await;
         }
@@ -172,6 +218,15 @@ impl Events {
 
     /// Close every topic, answering the appends already queued.
     pub async fn close_all(&self) {
+        let forwarders = std::mem::take(
+            &mut *self
+                .forwarders
+                .lock()
+                .expect("forwarders lock is never poisoned"),
+        );
+        for task in forwarders.into_values() {
+            task.abort();
+        }
         let topics: Vec<_> =
             std::mem::take(&mut *self.topics.write().expect("topics lock is never poisoned"))
                 .into_values()

@@ -99,7 +99,7 @@ impl Topic {
             let next = *log.subscribe().borrow();
             return Box::pin(std::future::ready(Ok(next..next)));
         }
-        log.append(events)
+        log.append(events, Vec::new())
     }
 
     /// The offset after the last durable event (in a cluster: as this node knows it).

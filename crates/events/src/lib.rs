@@ -10,6 +10,7 @@
 
 pub mod access;
 mod broker;
+pub mod forward;
 mod handle;
 pub mod mqtt;
 pub mod rate;

@@ -21,6 +21,18 @@ use tokio::sync::watch;
 use crate::record::{Event, NewEvent};
 use crate::topic::{AppendError, ReadError, TopicConfig, TopicStats};
 
+/// Where a forwarded event was stored first: an edge node appends to its own log, then
+/// forwards ([`crate::Events::forward_through`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// When the first log stored it (milliseconds since the Unix epoch): the event keeps it.
+    pub time_ms: u64,
+    /// Names the event among everything forwarded to the topic (the node and its offset
+    /// there): the store keeps one copy of events sent again under the same id, within its
+    /// window for repeats.
+    pub id: String,
+}
+
 /// A call under way on a shared log.
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -30,7 +42,13 @@ pub trait SharedLog: Send + Sync + 'static {
     /// order) and resolve once they are durable, with the offsets of the first and after
     /// the last. Other nodes append to the same topic meanwhile, so the range may hold
     /// their events too. The events have been checked against the topic's limits.
-    fn append(&self, events: Vec<NewEvent>) -> Pending<'static, Result<Range<u64>, AppendError>>;
+    /// `origins` is empty for new events, else one per event: events forwarded from the
+    /// log that stored them first, which keep its time and are not stored twice.
+    fn append(
+        &self,
+        events: Vec<NewEvent>,
+        origins: Vec<Origin>,
+    ) -> Pending<'static, Result<Range<u64>, AppendError>>;
 
     /// Durable events from `from`: at most `max_events`, stopping after the event that
     /// crosses `max_bytes` of payload. Offsets that hold nothing (removed) are passed over.

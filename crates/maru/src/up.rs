@@ -826,12 +826,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .context("read the cluster's forwarding key")?;
             gateway.peers().set_key(&key);
             // Topics are the cluster's too: every node ingests into and reads the same
-            // streams (before the first reconcile declares any).
-            let topics =
-                cluster::topics::JetStreamTopics::open(membership.jetstream(), sync.cluster_size)
-                    .await
-                    .context("open the cluster's topics")?;
-            events.share_through(topics);
+            // streams (before the first reconcile declares any). An edge node keeps its
+            // topics on its disk, so that it ingests while its link is down, and forwards
+            // them to the cluster's streams.
+            if settings.identity.edge {
+                let topics = cluster::topics::JetStreamTopics::open_for_forwarding(
+                    membership.jetstream(),
+                    sync.cluster_size,
+                )
+                .await
+                .context("open the cluster's topics")?;
+                events.forward_through(topics, &settings.identity.name);
+            } else {
+                let topics = cluster::topics::JetStreamTopics::open(
+                    membership.jetstream(),
+                    sync.cluster_size,
+                )
+                .await
+                .context("open the cluster's topics")?;
+                events.share_through(topics);
+            }
             node.set_shared(shared.clone());
             shared
                 .follow(node.clone())

@@ -51,9 +51,11 @@ impl ClusterView {
     }
 
     /// Whether this node delivers the service's triggers. The cluster keeps the topics, so
-    /// one node delivers: the first by name of those the service is placed on. When the
-    /// placement moves, the next one takes over from the offset the group last committed
-    /// (at least once: a window under way when it moved may be delivered twice).
+    /// one node delivers: the one the scheduler named (the first by name of the service's
+    /// nodes that is not an edge node, else the first), or in a placement written without
+    /// that name the first by name. When the placement moves, the next one takes over from
+    /// the offset the group last committed (at least once: a window under way when it
+    /// moved may be delivered twice).
     pub(super) fn delivers_triggers(&self, (app, service): &ServiceKey) -> bool {
         if !self.shared.contains(app) {
             return true;
@@ -61,7 +63,13 @@ impl ClusterView {
         self.placements
             .get(app)
             .and_then(|a| a.get(service))
-            .and_then(|placed| placed.nodes.keys().next())
+            .and_then(|placed| {
+                placed
+                    .triggers
+                    .as_ref()
+                    .filter(|named| placed.nodes.contains_key(*named))
+                    .or_else(|| placed.nodes.keys().next())
+            })
             .is_some_and(|first| *first == self.name)
     }
 }
@@ -264,6 +272,7 @@ mod tests {
                 ]
                 .into(),
                 unplaced: None,
+                triggers: None,
             },
         );
         app.insert(
@@ -271,6 +280,7 @@ mod tests {
             ServicePlacement {
                 nodes: [("n2".to_string(), Share { min: 1, max: 1 })].into(),
                 unplaced: None,
+                triggers: None,
             },
         );
         app.insert(
@@ -278,6 +288,7 @@ mod tests {
             ServicePlacement {
                 nodes: BTreeMap::new(),
                 unplaced: Some("every node is draining".into()),
+                triggers: None,
             },
         );
         view.placements.insert("a".into(), app);

@@ -1079,8 +1079,11 @@ fn ip_command(args: &[&str]) {
 
 impl Namespaces {
     fn create(count: usize) -> Namespaces {
-        // Names and a subnet of this process's own, so that runs side by side do not meet.
-        let tag = std::process::id() % 100_000;
+        // Names and a subnet of this process's own and this call's, so that runs and tests
+        // side by side do not meet.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let tag = (std::process::id() % 10_000) * 10 + call;
         let subnet = 100 + tag % 150;
         let mut net = Namespaces {
             names: Vec::new(),
@@ -1620,5 +1623,203 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
         if i != dead {
             node.stop();
         }
+    }
+}
+
+/// Events published over HTTP to `gateway` from inside the network namespace `netns` (curl
+/// there), one after another, until `done`: key `key`, data `KEY-SEQ`, into `topic`. The
+/// sequence numbers acknowledged (202) in order, and how many were not; `count` follows how
+/// many were acknowledged.
+fn keep_publishing_inside(
+    netns: String,
+    gateway: String,
+    token: String,
+    topic: &str,
+    key: &str,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<(Vec<u64>, u64)> {
+    let (topic, key) = (topic.to_string(), key.to_string());
+    std::thread::spawn(move || {
+        let (mut acked, mut failed) = (Vec::new(), 0u64);
+        let mut seq = 0u64;
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            seq += 1;
+            let output = Command::new("ip")
+                .args(["netns", "exec", &netns, "curl", "-s", "-o", "/dev/null"])
+                .args(["-w", "%{http_code}", "--max-time", "5", "-X", "POST"])
+                .args(["-H", &format!("Authorization: Bearer {token}")])
+                .args(["-H", &format!("ce-partitionkey: {key}")])
+                .args(["--data-binary", &format!("{key}-{seq}")])
+                .arg(format!("http://{gateway}/events/{topic}"))
+                .output()
+                .expect("run curl in the namespace");
+            if output.stdout == b"202" {
+                acked.push(seq);
+                count.store(acked.len(), std::sync::atomic::Ordering::Release);
+            } else {
+                if failed < 3 {
+                    eprintln!(
+                        "publishing inside {netns}: {}",
+                        String::from_utf8_lossy(&output.stdout)
+                    );
+                }
+                failed += 1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (acked, failed)
+    })
+}
+
+/// An edge node (its own region, `edge = true`) whose link to the cluster is down for
+/// 60 s ingests events and serves its service throughout, from inside its own network
+/// (its sensors and signals); when the link returns it forwards every event it
+/// acknowledged to the cluster's topic, in order, stored once.
+#[test]
+fn an_edge_node_cut_off_for_60_s_ingests_and_serves_and_forwards_every_event_when_back() {
+    // Dropped last: every process in the namespaces has stopped by then.
+    let net = Namespaces::create(4);
+    let nats = Nats::start_in_netns(&net.pairs()[..3]);
+    let names = ["n1", "n2", "n3"];
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            Node::start_in_netns(
+                &net.names[i],
+                &net.ips[i],
+                &nats.node_config(names[i], ["zone-a", "zone-b", "zone-c"][i]),
+            )
+        })
+        .collect();
+    let edge_config = format!(
+        "edge = true\nregion = \"street\"\n{}",
+        nats.node_config("e1", "corner")
+    );
+    let mut edge = Node::start_in_netns(&net.names[3], &net.ips[3], &edge_config);
+    let manifest = format!(
+        r#"[app]
+name = "street"
+
+[topic."street.counts"]
+
+[service.signals]
+component = "{}"
+routes = ["/hello"]
+env = {{ GREETING = "Signals" }}
+instances = {{ min = 1, max = 1 }}
+placement = {{ edge = "only" }}
+"#,
+        crate::harness::component("hello").display()
+    );
+    nodes[0].deploy("street.toml", &manifest);
+    edge.wait_for(
+        "the edge-only service running on the edge node",
+        Duration::from_secs(30),
+        || instances_on(&edge, "street", "signals").0 == 1,
+    );
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publishing = keep_publishing_inside(
+        net.names[3].clone(),
+        edge.gateway.clone(),
+        edge.ingest_token.clone(),
+        "street.counts",
+        "e1",
+        done.clone(),
+        count.clone(),
+    );
+    let asking = keep_asking_inside(net.names[3].clone(), edge.gateway.clone(), done.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    net.cut(3, true);
+    let cut_at = Instant::now();
+    // The rest of the cluster sees the edge node gone; nothing else may run its service.
+    let mut others_ran = 0;
+    while cut_at.elapsed() < Duration::from_secs(60) {
+        for node in &nodes {
+            others_ran = others_ran.max(instances_on(node, "street", "signals").0);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let running_when_cut = instances_on(&edge, "street", "signals").0;
+    let acked_in_cut = count.load(std::sync::atomic::Ordering::Acquire);
+    net.cut(3, false);
+    let healed = Instant::now();
+    // Forwarded in order: once the cluster's topic holds as many events as were
+    // acknowledged by the end of the cut, those are there (checked one by one below).
+    nodes[0].wait_for(
+        "the events acknowledged during the cut in the cluster's topic",
+        Duration::from_secs(90),
+        || crate::events::read_topic(&nodes[0], "street.counts").len() >= acked_in_cut,
+    );
+    let caught_up = healed.elapsed();
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(healed.elapsed()));
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (acked, refused) = publishing.join().expect("publisher");
+    let (window, failed, asked) = asking.join().expect("asking thread");
+    // Every acknowledged event reaches the cluster's topic.
+    let wanted: std::collections::BTreeSet<String> =
+        acked.iter().map(|seq| format!("e1-{seq}")).collect();
+    nodes[0].wait_for(
+        "every event the edge node acknowledged in the cluster's topic",
+        Duration::from_secs(90),
+        || {
+            let stored: std::collections::BTreeSet<String> =
+                crate::events::read_topic(&nodes[0], "street.counts")
+                    .into_iter()
+                    .map(|(_, _, data)| data)
+                    .collect();
+            wanted.is_subset(&stored)
+        },
+    );
+    let published: Published = vec![(acked.clone(), refused)];
+    let stored = crate::events::read_topic(&nodes[0], "street.counts");
+    let (mut seen, mut order, mut duplicates) = (std::collections::BTreeSet::new(), Vec::new(), 0);
+    for (_, key, data) in &stored {
+        assert_eq!(key, "e1", "only the edge node published");
+        let seq: u64 = data
+            .strip_prefix("e1-")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("an event holds {data:?}"));
+        if !seen.insert(seq) {
+            duplicates += 1;
+            continue;
+        }
+        order.push(seq);
+    }
+    let acked_set: std::collections::BTreeSet<u64> = acked.iter().copied().collect();
+    let acked_order: Vec<u64> = order
+        .into_iter()
+        .filter(|s| acked_set.contains(s))
+        .collect();
+    eprintln!(
+        "edge node cut off for 60 s: {}; {} stored in the cluster's topic ({duplicates} duplicates), in order, the {acked_in_cut} acknowledged by the end of the cut there {caught_up:?} after the link returned; requests inside its network: {failed} of {asked} failed (longest window {window:?}); its service ran there {running_when_cut} instance(s) at the end of the cut, on the others at most {others_ran}",
+        published_line(&published).replacen("n1", "e1", 1),
+        stored.len()
+    );
+    assert!(
+        acked_order.windows(2).all(|w| w[0] < w[1]),
+        "the edge node's events are stored out of the order they were acknowledged in"
+    );
+    assert!(
+        acked.len() > 300,
+        "the edge node acknowledged only {} events in 67 s",
+        acked.len()
+    );
+    assert_eq!(refused, 0, "the edge node refused events while cut off");
+    assert_eq!(
+        failed, 0,
+        "the edge node failed requests of its own network"
+    );
+    assert_eq!(
+        running_when_cut, 1,
+        "the edge node stopped its service while cut off"
+    );
+    assert_eq!(
+        others_ran, 0,
+        "an edge-only service ran on a node that is not edge"
+    );
+    edge.stop();
+    for node in &mut nodes {
+        node.stop();
     }
 }
