@@ -23,6 +23,13 @@
 //!    together while one scales down and another up (their placements are applied at
 //!    different moments). A node that is not listed (gone, cut off) is not waited for: its
 //!    instances are the allowance of a node cut off.
+//! 6. A service that no listed node may run, placed on nodes that are all gone or cut off
+//!    (an edge-only service whose edge node's link is down), keeps its placement: nothing
+//!    else runs it, and its node goes on with its share when it returns.
+//!
+//! Each placement also names the node that delivers the service's triggers: the first by
+//! name that is not an edge node (an edge node's topics hold only its own events), else the
+//! first.
 //!
 //! Demand is not yet part of placement: each node scales its share by the demand its
 //! gateway sees, and gateways that do not run a service forward to nodes that do.

@@ -48,7 +48,17 @@ pub(crate) async fn forward(
     // Since when the cluster has not taken what waits, and how often it refused.
     let mut failing: Option<(Instant, u64)> = None;
     loop {
-        let from = topic.group_offset(FORWARD_GROUP).max(topic.first_offset());
+        let (committed, first) = (topic.group_offset(FORWARD_GROUP), topic.first_offset());
+        if committed < first {
+            // Retention removed events before the link let them through.
+            tracing::warn!(
+                topic = %name,
+                events = first - committed,
+                "events: removed by retention before they could be forwarded to the cluster"
+            );
+            topic.commit(FORWARD_GROUP, first).await.ok();
+        }
+        let from = committed.max(first);
         if from >= topic.next_offset() {
             if grown.changed().await.is_err() {
                 return;
@@ -144,4 +154,206 @@ async fn send(
     }
     topic.commit(FORWARD_GROUP, end).await?;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::ops::Range;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use bytes::Bytes;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::shared::Pending;
+    use crate::topic::{AppendError, ReadError, TopicStats};
+    use crate::{Event, Events};
+
+    /// A cluster's topic in memory that keeps one copy per id, as JetStream does within its
+    /// window for repeats; it can refuse appends, or store them and lose the answer.
+    #[derive(Default)]
+    struct Cluster {
+        stored: Mutex<Vec<(Origin, NewEvent)>>,
+        ids: Mutex<BTreeSet<String>>,
+        /// Appends refused outright (the link is down), then appends stored but answered
+        /// with an error (the acknowledgement lost), and opens refused.
+        refuse: AtomicU32,
+        lose_answer: AtomicU32,
+        refuse_open: AtomicU32,
+    }
+
+    struct Log(Arc<Cluster>);
+
+    fn take_one(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    impl SharedLog for Log {
+        fn append(
+            &self,
+            events: Vec<NewEvent>,
+            origins: Vec<Origin>,
+        ) -> Pending<'static, Result<Range<u64>, AppendError>> {
+            let cluster = self.0.clone();
+            Box::pin(async move {
+                let failed = |message: &str| AppendError::Io {
+                    topic: "t".into(),
+                    message: message.into(),
+                };
+                if take_one(&cluster.refuse) {
+                    return Err(failed("no route to the cluster"));
+                }
+                assert_eq!(origins.len(), events.len(), "forwarded events have origins");
+                let mut stored = cluster.stored.lock().unwrap();
+                let start = stored.len() as u64;
+                for (origin, event) in origins.into_iter().zip(events) {
+                    if cluster.ids.lock().unwrap().insert(origin.id.clone()) {
+                        stored.push((origin, event));
+                    }
+                }
+                if take_one(&cluster.lose_answer) {
+                    return Err(failed("timed out waiting for the acknowledgement"));
+                }
+                Ok(start..stored.len() as u64)
+            })
+        }
+        fn read(
+            &self,
+            _: u64,
+            _: usize,
+            _: usize,
+        ) -> Pending<'static, Result<Vec<Event>, ReadError>> {
+            unreachable!("the forwarder only appends")
+        }
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            watch::channel(0).1
+        }
+        fn first_offset(&self) -> u64 {
+            0
+        }
+        fn group_offset(&self, _: &str) -> u64 {
+            0
+        }
+        fn group_offset_now(&self, _: &str) -> Pending<'_, Result<u64, String>> {
+            unreachable!("the forwarder only appends")
+        }
+        fn commit(&self, _: &str, _: u64) -> Pending<'_, Result<(), String>> {
+            unreachable!("the forwarder only appends")
+        }
+        fn stats(&self) -> TopicStats {
+            unreachable!("the forwarder only appends")
+        }
+        fn broken(&self) -> Option<String> {
+            None
+        }
+        fn close(&self) -> Pending<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    impl SharedLogs for Log {
+        fn open(&self, _: &str, _: TopicConfig) -> Pending<'_, Result<Arc<dyn SharedLog>, String>> {
+            let cluster = self.0.clone();
+            Box::pin(async move {
+                if take_one(&cluster.refuse_open) {
+                    return Err("no route to the cluster".to_string());
+                }
+                Ok(Arc::new(Log(cluster)) as Arc<dyn SharedLog>)
+            })
+        }
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+    }
+
+    fn event(i: usize) -> NewEvent {
+        NewEvent {
+            key: format!("k{}", i % 3),
+            content_type: "text/plain".into(),
+            kind: String::new(),
+            source: "test".into(),
+            payload: Bytes::from(format!("e{i}")),
+        }
+    }
+
+    async fn until_stored(cluster: &Cluster, count: usize) {
+        for _ in 0..400 {
+            if cluster.stored.lock().unwrap().len() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "forwarded {} of {count}",
+            cluster.stored.lock().unwrap().len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_event_reaches_the_cluster_once_in_order_through_refusals_and_lost_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = Arc::new(Cluster::default());
+        // The cluster cannot be reached at first, then refuses a send, then stores two
+        // sends but their answers are lost.
+        cluster.refuse_open.store(2, Ordering::SeqCst);
+        cluster.refuse.store(1, Ordering::SeqCst);
+        cluster.lose_answer.store(2, Ordering::SeqCst);
+        let events = Events::new(dir.path());
+        events.forward_through(Arc::new(Log(cluster.clone())), "e1");
+        let topic = events
+            .declare("street.counts", TopicConfig::default())
+            .await
+            .expect("declares");
+        for chunk in 0..10 {
+            let batch = (chunk * 70..(chunk + 1) * 70).map(event).collect();
+            topic
+                .append(batch)
+                .await
+                .expect("stored on this node's disk");
+        }
+        until_stored(&cluster, 700).await;
+        // Nothing more comes (no copy of a batch whose answer was lost).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let local = topic.read(0, 1000, usize::MAX).await.expect("reads");
+        {
+            let stored = cluster.stored.lock().unwrap();
+            assert_eq!(stored.len(), 700, "each event once");
+            for ((origin, forwarded), original) in stored.iter().zip(&local) {
+                assert_eq!(origin.id, format!("e1.{}", original.offset));
+                assert_eq!(
+                    origin.time_ms, original.time_ms,
+                    "the time it was stored first"
+                );
+                assert_eq!(
+                    forwarded.payload, original.payload,
+                    "in the order stored here"
+                );
+                assert_eq!(forwarded.key, original.key);
+            }
+        }
+        assert_eq!(topic.group_offset(FORWARD_GROUP), 700, "committed here");
+        events.close_all().await;
+
+        // Started again on the same disk: what was forwarded is not sent again; what is
+        // appended now is.
+        let again = Arc::new(Cluster::default());
+        let events = Events::new(dir.path());
+        events.forward_through(Arc::new(Log(again.clone())), "e1");
+        let topic = events
+            .declare("street.counts", TopicConfig::default())
+            .await
+            .expect("declares");
+        topic.append(vec![event(700)]).await.expect("stored");
+        until_stored(&again, 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stored = again.stored.lock().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].0.id, "e1.700");
+        drop(stored);
+        events.close_all().await;
+    }
 }
