@@ -802,6 +802,17 @@ fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and
 
 #[test]
 fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_answered() {
+    for seed in cluster_seeds(1) {
+        eprintln!(
+            "pause, rolling restart and kill, seed {seed} (MARU_CLUSTER_SEEDS={seed} to run it again)"
+        );
+        pause_restart_and_kill(seed);
+    }
+}
+
+/// `seed` picks which of the two nodes running the service is paused, and the order of
+/// the rolling restart.
+fn pause_restart_and_kill(seed: u64) {
     let nats = Nats::start(3, true);
     let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
         .iter()
@@ -826,9 +837,10 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
         Duration::from_secs(20),
         || total(&all) == 2 && all.iter().all(|n| instances_on(n, "hello", "hello").0 <= 1),
     );
-    let paused = (0..3)
-        .find(|i| instances_on(&nodes[*i], "hello", "hello").0 == 1)
-        .expect("a placed node");
+    let placed: Vec<usize> = (0..3)
+        .filter(|i| instances_on(&nodes[*i], "hello", "hello").0 == 1)
+        .collect();
+    let paused = placed[(seed % placed.len() as u64) as usize];
     let others: Vec<usize> = (0..3).filter(|i| *i != paused).collect();
     // Events published on every node all along (a steady 40 a second at most each).
     nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
@@ -904,7 +916,8 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
 
     // Rolling restart: each node in turn stopped (SIGTERM) and started again, requests
     // through the two others meanwhile.
-    for i in 0..3 {
+    let first = (seed / 2 % 3) as usize;
+    for i in (0..3).map(|k| (first + k) % 3) {
         let rest: Vec<usize> = (0..3).filter(|j| *j != i).collect();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let asking = keep_asking(
@@ -1056,6 +1069,26 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
 /// Network namespaces for a test, one per node, joined by a bridge in the test's own
 /// namespace (which reaches each of them); removed when dropped. Needs root
 /// (CAP_NET_ADMIN), as `cargo xtask test` runs on CI.
+/// The seeds a fault test runs with: `MARU_CLUSTER_SEEDS` (a list, `3,17,40`, or a count,
+/// `+5`: that many from the clock), else `default` seeds from the clock. Each seed picks
+/// what is hit and when; a failing run prints its seed, to run again with it.
+fn cluster_seeds(default: usize) -> Vec<u64> {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let from_clock = |count: usize| (0..count as u64).map(|i| clock + i).collect();
+    match std::env::var("MARU_CLUSTER_SEEDS") {
+        Ok(value) if value.starts_with('+') => {
+            from_clock(value[1..].parse().expect("MARU_CLUSTER_SEEDS=+COUNT"))
+        }
+        Ok(value) => value
+            .split(',')
+            .map(|s| s.trim().parse().expect("MARU_CLUSTER_SEEDS=SEED,SEED,..."))
+            .collect(),
+        Err(_) => from_clock(default),
+    }
+}
+
 struct Namespaces {
     names: Vec<String>,
     ips: Vec<String>,
@@ -1198,6 +1231,15 @@ fn keep_asking_inside(
 
 #[test]
 fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowance() {
+    for seed in cluster_seeds(1) {
+        eprintln!("partition, seed {seed} (MARU_CLUSTER_SEEDS={seed} to run it again)");
+        a_node_cut_off_for_30_s(seed);
+    }
+}
+
+/// `seed` picks which of the two nodes running the service is cut off, and after how long
+/// under load (1 to 4 s).
+fn a_node_cut_off_for_30_s(seed: u64) {
     // Dropped last: every process in the namespaces has stopped by then.
     let net = Namespaces::create(3);
     let nats = Nats::start_in_netns(&net.pairs());
@@ -1227,9 +1269,8 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
             now.iter().sum::<u64>() == 2 && now.iter().all(|n| *n <= 1)
         },
     );
-    let cut = (0..3)
-        .find(|i| count(&nodes, *i) == 1)
-        .expect("a node runs one");
+    let placed: Vec<usize> = (0..3).filter(|i| count(&nodes, *i) == 1).collect();
+    let cut = placed[(seed % placed.len() as u64) as usize];
     let rest: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
     // Events published on every node all along (the node cut off refuses them: its side
     // has no JetStream quorum).
@@ -1246,6 +1287,7 @@ fn a_node_cut_off_for_30_s_keeps_serving_and_the_others_stay_within_the_allowanc
         nodes[cut].gateway.clone(),
         done.clone(),
     );
+    std::thread::sleep(Duration::from_millis(1000 + (seed / 2 % 4) * 1000));
     net.cut(cut, true);
     let cut_at = Instant::now();
     let (mut most_rest, mut most_cut, mut moved) = (0, 0, None);
@@ -1520,11 +1562,22 @@ fn published_line(published: &Published) -> String {
 }
 
 /// Topics are JetStream streams in a cluster: events published over HTTP on every node,
-/// while the node that delivers the trigger is killed (SIGKILL) with its NATS server, are
-/// all there afterwards (duplicates counted, none missing), in order per key, and the
-/// trigger, moved with its service to a survivor, delivers every one of them.
+/// while a node (the one that delivers the trigger, or another) is killed (SIGKILL) with
+/// its NATS server, are all there afterwards (duplicates counted, none missing), in order
+/// per key, and the trigger, moved with its service to a survivor if it must, delivers
+/// every one of them.
 #[test]
 fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_all_delivered() {
+    // Two seeds by default, one of each kind of victim.
+    for seed in cluster_seeds(2) {
+        eprintln!("events and a kill, seed {seed} (MARU_CLUSTER_SEEDS={seed} to run it again)");
+        events_outlive_a_kill(seed);
+    }
+}
+
+/// `seed` picks the node killed: the one delivering the trigger (even seeds), or another
+/// (odd); and after how long under load (2 to 4 s).
+fn events_outlive_a_kill(seed: u64) {
     let mut nats = Nats::start(3, true);
     let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
         .iter()
@@ -1539,9 +1592,15 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
             .sum::<u64>()
             == 1
     });
-    let dead = (0..3)
+    let delivering = (0..3)
         .find(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
         .expect("the node running the service");
+    let dead = if seed % 2 == 0 {
+        delivering
+    } else {
+        let others: Vec<usize> = (0..3).filter(|i| *i != delivering).collect();
+        others[(seed / 2 % 2) as usize]
+    };
     let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
     // MQTT on one node, read on another: one topic for the cluster.
     let (host, port) = nodes[1].mqtt.rsplit_once(':').expect("host:port");
@@ -1581,7 +1640,7 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
     assert_eq!(big.status, 413, "{}", big.body);
     assert!(big.body.contains("max_payload"), "{}", big.body);
     let publishing = Publishing::start(&nodes, Duration::ZERO);
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2 + seed / 4 % 3));
     let killed = Instant::now();
     nodes[dead].kill();
     nats.kill(dead);
@@ -1614,8 +1673,13 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
     let delivered = Instant::now();
     wait_replied(reader, &published, Duration::from_secs(60));
     eprintln!(
-        "events in a cluster: node n{} killed with its NATS server; {acked_total} acknowledged through three nodes ({}), {stored} stored ({duplicates} duplicates), none missing, in order per key; the service ran elsewhere after {moved:?}; every one replied to {:?} after publishing stopped",
+        "events in a cluster: node n{} ({}) killed with its NATS server; {acked_total} acknowledged through three nodes ({}), {stored} stored ({duplicates} duplicates), none missing, in order per key; the service ran elsewhere after {moved:?}; every one replied to {:?} after publishing stopped",
         dead + 1,
+        if dead == delivering {
+            "delivering the trigger"
+        } else {
+            "not delivering the trigger"
+        },
         published_line(&published),
         delivered.elapsed()
     );
