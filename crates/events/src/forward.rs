@@ -208,10 +208,15 @@ mod tests {
                     return Err(failed("no route to the cluster"));
                 }
                 assert_eq!(origins.len(), events.len(), "forwarded events have origins");
-                let mut stored = cluster.stored.lock().unwrap();
+                let mut stored = cluster.stored.lock().expect("never poisoned");
                 let start = stored.len() as u64;
                 for (origin, event) in origins.into_iter().zip(events) {
-                    if cluster.ids.lock().unwrap().insert(origin.id.clone()) {
+                    if cluster
+                        .ids
+                        .lock()
+                        .expect("never poisoned")
+                        .insert(origin.id.clone())
+                    {
                         stored.push((origin, event));
                     }
                 }
@@ -282,14 +287,14 @@ mod tests {
 
     async fn until_stored(cluster: &Cluster, count: usize) {
         for _ in 0..400 {
-            if cluster.stored.lock().unwrap().len() >= count {
+            if cluster.stored.lock().expect("never poisoned").len() >= count {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!(
             "forwarded {} of {count}",
-            cluster.stored.lock().unwrap().len()
+            cluster.stored.lock().expect("never poisoned").len()
         );
     }
 
@@ -320,7 +325,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let local = topic.read(0, 1000, usize::MAX).await.expect("reads");
         {
-            let stored = cluster.stored.lock().unwrap();
+            let stored = cluster.stored.lock().expect("never poisoned");
             assert_eq!(stored.len(), 700, "each event once");
             for ((origin, forwarded), original) in stored.iter().zip(&local) {
                 assert_eq!(origin.id, format!("e1.{}", original.offset));
@@ -350,10 +355,11 @@ mod tests {
         topic.append(vec![event(700)]).await.expect("stored");
         until_stored(&again, 1).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let stored = again.stored.lock().unwrap();
-        assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].0.id, "e1.700");
-        drop(stored);
+        {
+            let stored = again.stored.lock().expect("never poisoned");
+            assert_eq!(stored.len(), 1);
+            assert_eq!(stored[0].0.id, "e1.700");
+        }
         events.close_all().await;
     }
 }

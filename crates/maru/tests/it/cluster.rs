@@ -1595,7 +1595,7 @@ fn events_outlive_a_kill(seed: u64) {
     let delivering = (0..3)
         .find(|i| instances_on(&nodes[*i], "sensors", "echo").0 == 1)
         .expect("the node running the service");
-    let dead = if seed % 2 == 0 {
+    let dead = if seed.is_multiple_of(2) {
         delivering
     } else {
         let others: Vec<usize> = (0..3).filter(|i| *i != delivering).collect();
