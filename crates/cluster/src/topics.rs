@@ -218,7 +218,6 @@ struct Known {
     first: u64,
     bytes: u64,
     appended_total: u64,
-    commits_total: u64,
     groups: BTreeMap<String, u64>,
     /// Events appended here per second.
     recent: events::rate::Recent,
@@ -736,7 +735,6 @@ impl SharedLog for StreamLog {
             let mut known = self.known.lock().expect("never poisoned");
             let committed = known.groups.entry(group).or_insert(offset);
             *committed = (*committed).max(offset);
-            known.commits_total += 1;
             Ok(())
         })
     }
@@ -749,7 +747,9 @@ impl SharedLog for StreamLog {
             bytes: known.bytes,
             segments: 0,
             appended_total: known.appended_total,
-            commits_total: known.commits_total,
+            // A log's commits are its writes: here one JetStream message per event (a
+            // consumer group's commit is not one). JetStream's syncs are its own.
+            commits_total: known.appended_total,
             syncs_total: 0,
             per_second_last_10s: known.recent.per_second_last_10s(unix_ms() / 1000),
             groups: known.groups.iter().map(|(g, o)| (g.clone(), *o)).collect(),
