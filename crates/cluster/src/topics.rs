@@ -53,6 +53,9 @@ const READS_IN_FLIGHT: usize = 64;
 const APPENDS_AT_ONCE: usize = 1024;
 /// Tries of a commit that finds the offset written by another node meanwhile.
 const COMMIT_RACES_MAX: usize = 5;
+/// Room for the id header of a forwarded event (`Nats-Msg-Id`): JetStream counts headers
+/// against a message's size limits.
+const ID_HEADER_BYTES_MAX: usize = 256;
 /// How long a stream remembers the id of a forwarded event, so that one sent again is
 /// stored once: an edge node whose link broke mid-send sends again when it returns
 /// (JetStream's default is two minutes). Only events sent with an id are remembered.
@@ -142,8 +145,10 @@ fn stream_config(name: &str, config: &TopicConfig, replicas: usize) -> stream::C
         max_bytes: config
             .retention_bytes
             .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-        max_message_size: i32::try_from(config.event_bytes_max + record::HEADER_BYTES)
-            .unwrap_or(i32::MAX),
+        max_message_size: i32::try_from(
+            config.event_bytes_max + record::HEADER_BYTES + ID_HEADER_BYTES_MAX,
+        )
+        .unwrap_or(i32::MAX),
         // No longer than the events are kept (JetStream requires it).
         duplicate_window: match config.retention_age {
             Some(age) if !age.is_zero() => REPEATS_WINDOW.min(age),
@@ -344,12 +349,16 @@ impl StreamLog {
             let mut offsets: Vec<Option<Range<u64>>> = vec![None; batch.len()];
             // The first append with an event not acknowledged, and why.
             let mut failed: Option<(usize, String)> = None;
-            let mut in_flight: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
+            // Each acknowledgement is awaited until CALL_TIMEOUT after its message was sent
+            // (the client's own timeout starts only when it is awaited, so lost
+            // acknowledgements awaited one after another would cost 5 s each).
+            let mut in_flight: VecDeque<(usize, tokio::time::Instant, PublishAckFuture)> =
+                VecDeque::new();
             'publishing: for (i, append) in batch.iter().enumerate() {
                 for (j, event) in append.events.iter().enumerate() {
                     while in_flight.len() >= ACKS_IN_FLIGHT {
-                        let (at, ack) = in_flight.pop_front().expect("not empty");
-                        note_ack(&mut offsets, &mut failed, at, ack.await);
+                        let (at, sent, ack) = in_flight.pop_front().expect("not empty");
+                        note_ack(&mut offsets, &mut failed, at, await_ack(sent, ack).await);
                     }
                     if failed.is_some() {
                         break 'publishing;
@@ -374,7 +383,7 @@ impl StreamLog {
                         }
                     };
                     match published {
-                        Ok(ack) => in_flight.push_back((i, ack)),
+                        Ok(ack) => in_flight.push_back((i, tokio::time::Instant::now(), ack)),
                         Err(error) => {
                             failed.get_or_insert((i, error.to_string()));
                             break 'publishing;
@@ -382,8 +391,8 @@ impl StreamLog {
                     }
                 }
             }
-            while let Some((at, ack)) = in_flight.pop_front() {
-                note_ack(&mut offsets, &mut failed, at, ack.await);
+            while let Some((at, sent, ack)) = in_flight.pop_front() {
+                note_ack(&mut offsets, &mut failed, at, await_ack(sent, ack).await);
             }
             for (i, (append, offsets)) in batch.into_iter().zip(offsets).enumerate() {
                 self.pending_bytes.add_permits(append.bytes);
@@ -446,19 +455,36 @@ async fn look(stream: &stream::Stream, known: &Mutex<Known>, next: &watch::Sende
     }
 }
 
+/// The acknowledgement of a message sent at `sent`, awaited until [`CALL_TIMEOUT`] after.
+async fn await_ack(
+    sent: tokio::time::Instant,
+    ack: PublishAckFuture,
+) -> Result<async_nats::jetstream::publish::PublishAck, String> {
+    match tokio::time::timeout_at(sent + CALL_TIMEOUT, ack).await {
+        Ok(Ok(ack)) => Ok(ack),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no acknowledgement within 5 s".to_string()),
+    }
+}
+
 /// Note the acknowledgement of an event of append `at`: its offset, or the first failure.
 fn note_ack(
     offsets: &mut [Option<Range<u64>>],
     failed: &mut Option<(usize, String)>,
     at: usize,
-    ack: Result<
-        async_nats::jetstream::publish::PublishAck,
-        async_nats::jetstream::context::PublishError,
-    >,
+    ack: Result<async_nats::jetstream::publish::PublishAck, String>,
 ) {
+    let ack = ack.and_then(|ack| {
+        // JetStream counts from 1; a server that answers 0 (as older ones did for a
+        // repeat still being stored) has not said where the event is.
+        if ack.sequence == 0 {
+            Err("JetStream acknowledged without a sequence".to_string())
+        } else {
+            Ok(ack)
+        }
+    });
     match ack {
         Ok(ack) => {
-            assert!(ack.sequence > 0, "JetStream counts from 1");
             let offset = ack.sequence - 1;
             offsets[at] = Some(match offsets[at].take() {
                 None => offset..offset + 1,
@@ -469,7 +495,7 @@ fn note_ack(
             // Failures are noted in publishing order: the earliest append is the one kept.
             match failed {
                 Some((first, _)) if *first <= at => {}
-                _ => *failed = Some((at, error.to_string())),
+                _ => *failed = Some((at, error)),
             }
         }
     }
@@ -503,16 +529,34 @@ impl SharedLog for StreamLog {
         // Each event is one message: the servers take none larger than their max_payload
         // (1 MB by default), whatever the topic allows.
         let max_payload = self.max_payload;
+        let headers = if origins.is_empty() {
+            0
+        } else {
+            ID_HEADER_BYTES_MAX
+        };
         if max_payload > 0
-            && let Some(event) = events.iter().find(|e| e.encoded_len() > max_payload)
+            && let Some(event) = events
+                .iter()
+                .find(|e| e.encoded_len() + headers > max_payload)
         {
             return Box::pin(std::future::ready(Err(AppendError::TooLarge(format!(
                 "an event of {} bytes is larger than the cluster's NATS servers take \
-                 (max_payload {max_payload} bytes): send smaller events, or raise max_payload \
+                 (max_payload {max_payload} bytes{}): send smaller events, or raise max_payload \
                  in every server's configuration",
-                event.encoded_len()
+                event.encoded_len(),
+                if headers > 0 {
+                    ", less room for its id"
+                } else {
+                    ""
+                }
             )))));
         }
+        assert!(
+            origins
+                .iter()
+                .all(|o| o.id.len() + 16 <= ID_HEADER_BYTES_MAX),
+            "a forwarded event's id fits the room kept for it"
+        );
         let bytes: usize = events.iter().map(NewEvent::encoded_len).sum();
         let closed = || AppendError::Closed(self.name.clone());
         let Some(queue) = self.queue.lock().expect("never poisoned").clone() else {

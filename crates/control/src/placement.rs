@@ -28,8 +28,8 @@
 //!    else runs it, and its node goes on with its share when it returns.
 //!
 //! Each placement also names the node that delivers the service's triggers: the first by
-//! name that is not an edge node (an edge node's topics hold only its own events), else the
-//! first.
+//! name that is not an edge node (an edge node's topics hold only its own events); a
+//! service placed on edge nodes only has each of them deliver its own events.
 //!
 //! Demand is not yet part of placement: each node scales its share by the demand its
 //! gateway sees, and gateways that do not run a service forward to nodes that do.
@@ -63,6 +63,11 @@ pub struct ServicePlacement {
     /// existed: the first by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub triggers: Option<String>,
+    /// Every node of the placement is an edge node: then each delivers the service's
+    /// triggers from its own topics (they hold its own events only, and no node holds
+    /// them all), and `triggers` is not used.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edge_only: bool,
 }
 
 /// One app's placement, by service name: the value the cluster stores per app.
@@ -200,7 +205,9 @@ pub fn place(
                 .nodes
                 .keys()
                 .all(|name| !nodes.iter().any(|n| n.name == *name))
-            && before.nodes.values().map(|s| s.max).sum::<u32>() <= want.instances_max
+            && before.nodes.values().map(|s| s.max).sum::<u32>() == want.instances_max
+            && before.nodes.values().map(|s| s.min).sum::<u32>()
+                == want.instances_min.min(want.instances_max)
         {
             placed.insert(key, before.clone());
             continue;
@@ -217,6 +224,7 @@ pub fn place(
                     nodes: BTreeMap::new(),
                     unplaced: Some(unplaced),
                     triggers: None,
+                    edge_only: false,
                 },
             );
             continue;
@@ -287,6 +295,7 @@ pub fn place(
                 nodes: shares,
                 unplaced: None,
                 triggers,
+                edge_only: chosen.iter().all(|n| n.edge),
             },
         );
     }
@@ -322,6 +331,7 @@ mod tests {
     fn placement(shares: &[(&str, u32, u32)]) -> ServicePlacement {
         ServicePlacement {
             triggers: None,
+            edge_only: false,
             nodes: shares
                 .iter()
                 .map(|(n, min, max)| {
@@ -558,11 +568,15 @@ mod tests {
             &BTreeMap::new(),
         );
         assert_eq!(shares(&before[&key("signals")]), [("e1".into(), 1, 1)]);
-        assert_eq!(before[&key("signals")].triggers.as_deref(), Some("e1"));
+        assert!(
+            before[&key("signals")].edge_only,
+            "each edge node delivers its own"
+        );
         // Placed on every node, e1 first by name: a node that is not edge delivers the
         // triggers (the cluster's topics hold every node's events; e1's only its own).
         assert_eq!(before[&key("anywhere")].nodes.len(), 3);
         assert_eq!(before[&key("anywhere")].triggers.as_deref(), Some("n1"));
+        assert!(!before[&key("anywhere")].edge_only);
         // e1's link is down: it is not listed, no other node may run `signals`, so its
         // share stays with it (it keeps serving, and goes on when it returns); `anywhere`
         // moves its share to the others as for any lost node.
@@ -575,6 +589,14 @@ mod tests {
         // Back: nothing moves for `signals`.
         let back = place(&[signals.clone(), anywhere], &nodes, &cut);
         assert_eq!(back[&key("signals")], before[&key("signals")]);
+        // Redeployed with another maximum while e1 is away: placed anew (nowhere), not kept.
+        let mut more = signals.clone();
+        more.instances_max = 2;
+        assert!(
+            place(&[more], &nodes[1..], &before)[&key("signals")]
+                .nodes
+                .is_empty()
+        );
         // A node still listed that may no longer run it (draining) gives it up as before.
         let mut draining = nodes.clone();
         draining[0].draining = true;

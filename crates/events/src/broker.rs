@@ -160,6 +160,18 @@ impl Events {
             .remove(name);
         self.stop_forwarding(name);
         if let Some((_, topic)) = removed {
+            if self.forward.get().is_some() {
+                let waiting = topic
+                    .next_offset()
+                    .saturating_sub(topic.group_offset(crate::forward::FORWARD_GROUP));
+                if waiting > 0 {
+                    tracing::warn!(
+                        topic = name,
+                        events = waiting,
+                        "events: topic retired before its events reached the cluster; they stay on this node's disk (declare the topic again to forward them)"
+                    );
+                }
+            }
             topic.close().await;
         }
     }

@@ -8,7 +8,7 @@
 //! What was forwarded is the topic's consumer group [`FORWARD_GROUP`], committed on the
 //! edge node's disk after the cluster acknowledged the events, so `maru events stats`
 //! shows the backlog as that group's lag and a restart goes on where it stopped. An event
-//! is sent under an id made of the node's name and its offset here
+//! is sent under an id made of the node's name, its offset here and the time it was stored
 //! ([`crate::shared::Origin`]): one sent again after a lost acknowledgement (the link cut
 //! mid-send, or the node stopped between the cluster's acknowledgement and the commit) is
 //! stored once by the cluster, within the store's window for repeats. Events keep the
@@ -44,9 +44,12 @@ pub(crate) async fn forward(
 ) {
     let name = topic.name().to_string();
     let mut grown = topic.subscribe();
-    let mut shared: Option<Arc<dyn SharedLog>> = None;
+    let mut shared: Option<Opened> = None;
     // Since when the cluster has not taken what waits, and how often it refused.
     let mut failing: Option<(Instant, u64)> = None;
+    // Events before this offset go one at a time: a batch was refused as too large, and
+    // the one event that is gets set aside alone.
+    let mut singly_until = 0;
     loop {
         let (committed, first) = (topic.group_offset(FORWARD_GROUP), topic.first_offset());
         if committed < first {
@@ -66,14 +69,21 @@ pub(crate) async fn forward(
             continue;
         }
         let result = match &shared {
-            Some(log) => send(&topic, log, from, &origin).await,
+            Some(log) => {
+                let at_most = if from < singly_until { 1 } else { BATCH_EVENTS };
+                send(&topic, &log.0, from, at_most, &origin).await
+            }
             None => match tokio::time::timeout(SEND_TIMEOUT, logs.open(&name, config)).await {
                 Ok(Ok(log)) => {
-                    shared = Some(log);
+                    shared = Some(Opened(log));
                     continue;
                 }
-                Ok(Err(error)) => Err(format!("cannot open the cluster's topic: {error}")),
-                Err(_) => Err("the cluster did not open the topic within 30 s".to_string()),
+                Ok(Err(error)) => Err(Refused::Again(format!(
+                    "cannot open the cluster's topic: {error}"
+                ))),
+                Err(_) => Err(Refused::Again(
+                    "the cluster did not open the topic within 30 s".to_string(),
+                )),
             },
         };
         match result {
@@ -88,8 +98,27 @@ pub(crate) async fn forward(
                 }
                 tracing::debug!(topic = %name, forwarded, "events: forwarded to the cluster");
             }
-            Err(error) => {
-                match &mut failing {
+            Err(Refused::TooLarge { end, message }) if end > from + 1 => {
+                // Find the event alone.
+                singly_until = end;
+                tracing::debug!(topic = %name, %message, "events: a batch is too large for the cluster; sending its events one at a time");
+            }
+            Err(Refused::TooLarge { message, .. }) => {
+                // The cluster will never take this one: leave it on this node's disk
+                // rather than hold back every later event.
+                tracing::error!(
+                    topic = %name,
+                    offset = from,
+                    %message,
+                    "events: an event is too large for the cluster's NATS servers; it stays on this node's disk only (read it with `maru events tail` here), and forwarding goes on after it"
+                );
+                if let Err(error) = topic.commit(FORWARD_GROUP, from + 1).await {
+                    tracing::warn!(topic = %name, %error, "events: cannot commit past an event too large to forward");
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+            }
+            Err(Refused::Again(error)) => {
+                let refusals = match &mut failing {
                     None => {
                         tracing::warn!(
                             topic = %name,
@@ -97,8 +126,17 @@ pub(crate) async fn forward(
                             "events: cannot forward to the cluster; events stay on this node's disk and are sent when it answers"
                         );
                         failing = Some((Instant::now(), 1));
+                        1
                     }
-                    Some((_, refusals)) => *refusals += 1,
+                    Some((_, refusals)) => {
+                        *refusals += 1;
+                        *refusals
+                    }
+                };
+                // The topic's writer may be stuck or gone (the stream removed): open it
+                // anew now and then.
+                if refusals % REOPEN_AFTER == 0 {
+                    shared = None;
                 }
                 tokio::time::sleep(RETRY_AFTER).await;
             }
@@ -106,25 +144,54 @@ pub(crate) async fn forward(
     }
 }
 
-/// Send the events from `from` on (one batch) and commit them: how many were forwarded.
+/// Refused failures open the cluster's topic again after this many in a row.
+const REOPEN_AFTER: u64 = 10;
+
+/// The cluster's topic as opened here: closed (its writer stopped) when dropped, so a
+/// forwarder stopped or opening anew leaves no writer behind.
+struct Opened(Arc<dyn SharedLog>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        let log = self.0.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { log.close().await });
+        }
+    }
+}
+
+/// Why a batch was not forwarded.
+enum Refused {
+    /// The events from `from` up to `end` hold one too large for the cluster.
+    TooLarge { end: u64, message: String },
+    /// Anything else: ask again.
+    Again(String),
+}
+
+/// Send up to `at_most` events from `from` on (one batch) and commit them: how many were
+/// forwarded.
 async fn send(
     topic: &Arc<Topic>,
     log: &Arc<dyn SharedLog>,
     from: u64,
+    at_most: usize,
     origin: &str,
-) -> Result<usize, String> {
+) -> Result<usize, Refused> {
+    let again = Refused::Again;
     let events = topic
-        .read(from, BATCH_EVENTS, BATCH_BYTES)
+        .read(from, at_most, BATCH_BYTES)
         .await
-        .map_err(|error| format!("cannot read this node's log: {error}"))?;
+        .map_err(|error| again(format!("cannot read this node's log: {error}")))?;
     let Some(last) = events.last() else {
         // Nothing readable at `from`: a stretch lost to damage (counted by the topic).
         let past = topic.skip_lost(from);
         if past > from {
-            topic.commit(FORWARD_GROUP, past).await?;
+            topic.commit(FORWARD_GROUP, past).await.map_err(again)?;
             return Ok(0);
         }
-        return Err(format!("offset {from} of this node's log reads nothing"));
+        return Err(again(format!(
+            "offset {from} of this node's log reads nothing"
+        )));
     };
     let end = last.offset + 1;
     assert!(
@@ -137,7 +204,7 @@ async fn send(
     for event in events {
         origins.push(Origin {
             time_ms: event.time_ms,
-            id: format!("{origin}.{}", event.offset),
+            id: event_id(origin, event.offset, event.time_ms),
         });
         new.push(NewEvent {
             key: event.key,
@@ -149,11 +216,26 @@ async fn send(
     }
     match tokio::time::timeout(SEND_TIMEOUT, log.append(new, origins)).await {
         Ok(Ok(_)) => {}
-        Ok(Err(error)) => return Err(error.to_string()),
-        Err(_) => return Err("the cluster did not acknowledge within 30 s".to_string()),
+        Ok(Err(crate::AppendError::TooLarge(message))) => {
+            return Err(Refused::TooLarge { end, message });
+        }
+        Ok(Err(error)) => return Err(again(error.to_string())),
+        Err(_) => {
+            return Err(again(
+                "the cluster did not acknowledge within 30 s".to_string(),
+            ));
+        }
     }
-    topic.commit(FORWARD_GROUP, end).await?;
+    topic.commit(FORWARD_GROUP, end).await.map_err(again)?;
     Ok(count)
+}
+
+/// The id an event is forwarded under: this node, its offset here and the time it was
+/// stored. The time tells apart two events that got the same offset (one lost at a power
+/// cut before it was synced, under `durability = "batch"`, and the next one stored, or a
+/// node replaced under the same name), which the cluster would otherwise take for one.
+fn event_id(origin: &str, offset: u64, time_ms: u64) -> String {
+    format!("{origin}.{offset}.{time_ms}")
 }
 
 #[cfg(test)]
@@ -206,6 +288,9 @@ mod tests {
                 };
                 if take_one(&cluster.refuse) {
                     return Err(failed("no route to the cluster"));
+                }
+                if events.iter().any(|e| e.payload.starts_with(b"BIG")) {
+                    return Err(AppendError::TooLarge("larger than max_payload".into()));
                 }
                 assert_eq!(origins.len(), events.len(), "forwarded events have origins");
                 let mut stored = cluster.stored.lock().expect("never poisoned");
@@ -328,7 +413,7 @@ mod tests {
             let stored = cluster.stored.lock().expect("never poisoned");
             assert_eq!(stored.len(), 700, "each event once");
             for ((origin, forwarded), original) in stored.iter().zip(&local) {
-                assert_eq!(origin.id, format!("e1.{}", original.offset));
+                assert_eq!(origin.id, event_id("e1", original.offset, original.time_ms));
                 assert_eq!(
                     origin.time_ms, original.time_ms,
                     "the time it was stored first"
@@ -358,8 +443,42 @@ mod tests {
         {
             let stored = again.stored.lock().expect("never poisoned");
             assert_eq!(stored.len(), 1);
-            assert_eq!(stored[0].0.id, "e1.700");
+            assert!(stored[0].0.id.starts_with("e1.700."), "{}", stored[0].0.id);
         }
+        events.close_all().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_the_cluster_will_never_take_stays_here_and_the_rest_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = Arc::new(Cluster::default());
+        let events = Events::new(dir.path());
+        events.forward_through(Arc::new(Log(cluster.clone())), "e1");
+        let topic = events
+            .declare("street.counts", TopicConfig::default())
+            .await
+            .expect("declares");
+        let mut batch: Vec<NewEvent> = (0..100).map(event).collect();
+        batch[40].payload = Bytes::from_static(b"BIG");
+        topic
+            .append(batch)
+            .await
+            .expect("stored on this node's disk");
+        until_stored(&cluster, 99).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        {
+            let stored = cluster.stored.lock().expect("never poisoned");
+            let payloads: Vec<&[u8]> = stored.iter().map(|(_, e)| &e.payload[..]).collect();
+            let expected: Vec<Vec<u8>> = (0..100)
+                .filter(|i| *i != 40)
+                .map(|i| format!("e{i}").into_bytes())
+                .collect();
+            assert_eq!(
+                payloads,
+                expected.iter().map(|p| &p[..]).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(topic.group_offset(FORWARD_GROUP), 100);
         events.close_all().await;
     }
 }

@@ -52,17 +52,22 @@ impl ClusterView {
 
     /// Whether this node delivers the service's triggers. The cluster keeps the topics, so
     /// one node delivers: the one the scheduler named (the first by name of the service's
-    /// nodes that is not an edge node, else the first), or in a placement written without
-    /// that name the first by name. When the placement moves, the next one takes over from
+    /// nodes that is not an edge node), or in a placement written without that name the
+    /// first by name. A service placed on edge nodes only has each of them deliver its own
+    /// topics' events (no node holds them all). When the placement moves, the next one takes over from
     /// the offset the group last committed (at least once: a window under way when it
     /// moved may be delivered twice).
     pub(super) fn delivers_triggers(&self, (app, service): &ServiceKey) -> bool {
         if !self.shared.contains(app) {
             return true;
         }
-        self.placements
-            .get(app)
-            .and_then(|a| a.get(service))
+        let placed = self.placements.get(app).and_then(|a| a.get(service));
+        if let Some(placed) = placed
+            && placed.edge_only
+        {
+            return placed.nodes.contains_key(&self.name);
+        }
+        placed
             .and_then(|placed| {
                 placed
                     .triggers
@@ -273,6 +278,7 @@ mod tests {
                 .into(),
                 unplaced: None,
                 triggers: None,
+                edge_only: false,
             },
         );
         app.insert(
@@ -281,6 +287,7 @@ mod tests {
                 nodes: [("n2".to_string(), Share { min: 1, max: 1 })].into(),
                 unplaced: None,
                 triggers: None,
+                edge_only: false,
             },
         );
         app.insert(
@@ -289,6 +296,7 @@ mod tests {
                 nodes: BTreeMap::new(),
                 unplaced: Some("every node is draining".into()),
                 triggers: None,
+                edge_only: false,
             },
         );
         view.placements.insert("a".into(), app);
@@ -315,5 +323,36 @@ mod tests {
         };
         assert!(!n2.delivers_triggers(&key("a", "here")));
         assert!(n2.delivers_triggers(&key("a", "there")));
+        // The node the scheduler names delivers, first by name or not; on edge nodes only,
+        // each of them delivers its own events.
+        let mut n2 = n2;
+        let app = n2.placements.get_mut("a").expect("placed");
+        app.get_mut("here").expect("placed").triggers = Some("n2".into());
+        app.insert(
+            "street".into(),
+            ServicePlacement {
+                nodes: [
+                    ("e1".to_string(), Share { min: 1, max: 1 }),
+                    ("n2".to_string(), Share { min: 1, max: 1 }),
+                ]
+                .into(),
+                unplaced: None,
+                triggers: Some("e1".into()),
+                edge_only: true,
+            },
+        );
+        assert!(n2.delivers_triggers(&key("a", "here")));
+        assert!(n2.delivers_triggers(&key("a", "street")));
+        let e1 = ClusterView {
+            name: "e1".into(),
+            ..n2
+        };
+        assert!(!e1.delivers_triggers(&key("a", "here")));
+        assert!(e1.delivers_triggers(&key("a", "street")));
+        let e3 = ClusterView {
+            name: "e3".into(),
+            ..e1
+        };
+        assert!(!e3.delivers_triggers(&key("a", "street")));
     }
 }

@@ -1739,7 +1739,8 @@ fn keep_publishing_inside(
 /// An edge node (its own region, `edge = true`) whose link to the cluster is down for
 /// 60 s ingests events and serves its service throughout, from inside its own network
 /// (its sensors and signals); when the link returns it forwards every event it
-/// acknowledged to the cluster's topic, in order, stored once.
+/// acknowledged to the cluster's topic, in order, stored once (also when the link breaks
+/// again for 5 s while the backlog is being sent).
 #[test]
 fn an_edge_node_cut_off_for_60_s_ingests_and_serves_and_forwards_every_event_when_back() {
     // Dropped last: every process in the namespaces has stopped by then.
@@ -1806,6 +1807,18 @@ placement = {{ edge = "only" }}
     }
     let running_when_cut = instances_on(&edge, "street", "signals").0;
     let acked_in_cut = count.load(std::sync::atomic::Ordering::Acquire);
+    let there_before = crate::events::read_topic(&nodes[0], "street.counts").len();
+    net.cut(3, false);
+    // The link breaks again as soon as the backlog starts arriving (batches of up to 512
+    // events, the next one under way), then returns for good.
+    nodes[0].wait_for(
+        "the backlog to start arriving",
+        Duration::from_secs(30),
+        || crate::events::read_topic(&nodes[0], "street.counts").len() > there_before,
+    );
+    let arriving = crate::events::read_topic(&nodes[0], "street.counts").len();
+    net.cut(3, true);
+    std::thread::sleep(Duration::from_secs(5));
     net.cut(3, false);
     let healed = Instant::now();
     // Forwarded in order: once the cluster's topic holds as many events as were
@@ -1850,13 +1863,17 @@ placement = {{ edge = "only" }}
         }
         order.push(seq);
     }
+    eprintln!(
+        "the link broke again with {} of {acked_in_cut} events in the cluster's topic",
+        arriving
+    );
     let acked_set: std::collections::BTreeSet<u64> = acked.iter().copied().collect();
     let acked_order: Vec<u64> = order
         .into_iter()
         .filter(|s| acked_set.contains(s))
         .collect();
     eprintln!(
-        "edge node cut off for 60 s: {}; {} stored in the cluster's topic ({duplicates} duplicates), in order, the {acked_in_cut} acknowledged by the end of the cut there {caught_up:?} after the link returned; requests inside its network: {failed} of {asked} failed (longest window {window:?}); its service ran there {running_when_cut} instance(s) at the end of the cut, on the others at most {others_ran}",
+        "edge node cut off for 60 s: {}; {} stored in the cluster's topic ({duplicates} duplicates), in order, the {acked_in_cut} acknowledged by the end of the cut there {caught_up:?} after the link returned for good; requests inside its network: {failed} of {asked} failed (longest window {window:?}); its service ran there {running_when_cut} instance(s) at the end of the cut, on the others at most {others_ran}",
         published_line(&published).replacen("n1", "e1", 1),
         stored.len()
     );
@@ -1870,6 +1887,10 @@ placement = {{ edge = "only" }}
         acked.len()
     );
     assert_eq!(refused, 0, "the edge node refused events while cut off");
+    assert_eq!(
+        duplicates, 0,
+        "events sent again after a lost acknowledgement are stored once (their ids)"
+    );
     assert_eq!(
         failed, 0,
         "the edge node failed requests of its own network"
