@@ -756,6 +756,14 @@ async fn read_events(
     use base64::Engine as _;
     let topic_handle = match ctx.node.events.topic(&topic) {
         Ok(topic) => topic,
+        Err(not_open) if not_open.is_transient() => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "topic_unavailable",
+                &not_open.to_string(),
+                Some("ask again in a few seconds: the node opens it again, and its log says why it could not".into()),
+            );
+        }
         Err(unknown) => {
             return error(
                 StatusCode::NOT_FOUND,

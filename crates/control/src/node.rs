@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use autopilot::policies::{AwsPredictive, Caution, Hpa, Kpa, Predictive};
 use autopilot::{Paced, Policy, Reactive, ScalingBounds};
@@ -121,6 +121,11 @@ struct Triggers {
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
+
+/// How soon a topic that failed to open is opened again ([`Node::reopen_failed_topics`]).
+const TOPIC_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts to open a topic.
+pub const TOPIC_RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub struct Node {
     pub files: NodeFiles,
@@ -552,7 +557,9 @@ impl Node {
     }
 
     /// Open declared topics and close undeclared ones (their data stays on disk). Returns
-    /// whether any topic was opened, reopened or closed.
+    /// whether any topic was opened, reopened or closed. A topic that fails to open is
+    /// answered as not open yet ([`events::TopicError::NotOpen`]) and opened again by
+    /// [`Node::reopen_failed_topics`]; a failure that changes nothing is no change.
     async fn reconcile_topics(&self, want: BTreeMap<String, (String, TopicManifest)>) -> bool {
         let mut open = self.topics.lock().await;
         let mut changed = false;
@@ -560,15 +567,21 @@ impl Node {
             if open.get(name) == Some(topic) {
                 continue;
             }
-            changed = true;
             match self.events.declare(name, topic_config(topic)).await {
                 Ok(_) => {
                     open.insert(name.clone(), topic.clone());
+                    changed = true;
                 }
                 Err(error) => {
-                    open.remove(name);
-                    tracing::error!(%app, topic = %name, %error, "topic not opened");
+                    // A topic open with its old configuration was closed to reopen it.
+                    changed |= open.remove(name).is_some();
+                    tracing::error!(%app, topic = %name, %error, "topic not opened; the node tries again");
                 }
+            }
+        }
+        for name in self.events.unopened() {
+            if !want.contains_key(&name) {
+                self.events.retire(&name).await;
             }
         }
         let gone: Vec<String> = open
@@ -582,6 +595,33 @@ impl Node {
             open.remove(&name);
         }
         changed
+    }
+
+    /// Open the topics that failed to open again, until they open or are no longer
+    /// declared: a second after a failure is seen, then after twice the wait each time, at
+    /// most [`TOPIC_RETRY_MAX`] apart. Runs until `shutdown`.
+    pub async fn reopen_failed_topics(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut wait = TOPIC_RETRY_FIRST;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let unopened = self.events.unopened();
+            if unopened.is_empty() {
+                wait = TOPIC_RETRY_FIRST;
+                continue;
+            }
+            tracing::info!(topics = ?unopened, "opening topics that failed to open");
+            if let Err(error) = self.reconcile().await {
+                tracing::warn!(%error, "reconcile to open topics failed");
+            }
+            wait = if self.events.unopened().is_empty() {
+                TOPIC_RETRY_FIRST
+            } else {
+                (wait * 2).min(TOPIC_RETRY_MAX)
+            };
+        }
     }
 
     /// Start the triggers of services that have none yet; restart all if topics changed.

@@ -21,6 +21,18 @@ pub enum TopicError {
     BadName(String),
     #[error("topic {name}: {message}")]
     Open { name: String, message: String },
+    /// Declared, but its last opening failed; the node tries again.
+    #[error(
+        "topic {name} is declared but could not be opened yet ({message}); the node tries again"
+    )]
+    NotOpen { name: String, message: String },
+}
+
+impl TopicError {
+    /// Whether asking again later may succeed (the topic is declared but not open yet).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TopicError::NotOpen { .. })
+    }
 }
 
 /// Every declared topic. Topics live in `DIR/NAME/`, or in the cluster's store once
@@ -33,6 +45,10 @@ pub struct Events {
     forward: OnceLock<(Arc<dyn SharedLogs>, String)>,
     /// The task forwarding each topic, on an edge node.
     forwarders: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
+    /// Declared topics whose last opening failed, with the reason: asked for, they answer
+    /// [`TopicError::NotOpen`] (a producer may retry) rather than [`TopicError::Unknown`].
+    /// Bounded by the declared topics: entries leave when the topic opens or is retired.
+    unopened: Mutex<BTreeMap<String, String>>,
 }
 
 pub fn check_topic_name(name: &str) -> Result<(), TopicError> {
@@ -57,6 +73,7 @@ impl Events {
             shared: OnceLock::new(),
             forward: OnceLock::new(),
             forwarders: Mutex::new(BTreeMap::new()),
+            unopened: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -111,6 +128,7 @@ impl Events {
             .expect("topics lock is never poisoned")
             .get(name)
             .cloned();
+        let reopening = existing.is_some();
         if let Some((old_config, topic)) = existing {
             if old_config == config {
                 return Ok(topic);
@@ -128,10 +146,30 @@ impl Events {
                 tokio::task::block_in_place(|| Topic::open(name, &dir, config))
             }
         };
-        let topic = opened.map_err(|message| TopicError::Open {
-            name: name.to_string(),
-            message,
-        })?;
+        let topic = match opened {
+            Ok(topic) => topic,
+            Err(message) => {
+                if reopening {
+                    // The old handle was closed above: it must not be handed out again.
+                    self.topics
+                        .write()
+                        .expect("topics lock is never poisoned")
+                        .remove(name);
+                }
+                self.unopened
+                    .lock()
+                    .expect("unopened lock is never poisoned")
+                    .insert(name.to_string(), message.clone());
+                return Err(TopicError::Open {
+                    name: name.to_string(),
+                    message,
+                });
+            }
+        };
+        self.unopened
+            .lock()
+            .expect("unopened lock is never poisoned")
+            .remove(name);
         if let Some((logs, origin)) = self.forward.get() {
             let task = tokio::spawn(crate::forward::forward(
                 topic.clone(),
@@ -151,8 +189,23 @@ impl Events {
         Ok(topic)
     }
 
-    /// Stop accepting events for a topic. Its stored events stay on disk.
+    /// Declared topics whose last opening failed, by name.
+    pub fn unopened(&self) -> Vec<String> {
+        self.unopened
+            .lock()
+            .expect("unopened lock is never poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Stop accepting events for a topic (also one that failed to open). Its stored events
+    /// stay on disk.
     pub async fn retire(&self, name: &str) {
+        self.unopened
+            .lock()
+            .expect("unopened lock is never poisoned")
+            .remove(name);
         let removed = self
             .topics
             .write()
@@ -177,12 +230,31 @@ impl Events {
     }
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
-        self.topics
+        if let Some((_, topic)) = self
+            .topics
             .read()
             .expect("topics lock is never poisoned")
             .get(name)
-            .map(|(_, t)| t.clone())
-            .ok_or_else(|| TopicError::Unknown(name.to_string()))
+        {
+            return Ok(topic.clone());
+        }
+        Err(self.missing(name))
+    }
+
+    /// Why `name` has no open topic: it failed to open, or it is not declared.
+    fn missing(&self, name: &str) -> TopicError {
+        match self
+            .unopened
+            .lock()
+            .expect("unopened lock is never poisoned")
+            .get(name)
+        {
+            Some(message) => TopicError::NotOpen {
+                name: name.to_string(),
+                message: message.clone(),
+            },
+            None => TopicError::Unknown(name.to_string()),
+        }
     }
 
     pub fn topics(&self) -> Vec<Arc<Topic>> {
@@ -224,6 +296,23 @@ impl Events {
             }
         }
         drop(topics);
+        // A declared topic that has not opened yet is not reported as unknown: the
+        // producer may publish again.
+        let unopened = self
+            .unopened
+            .lock()
+            .expect("unopened lock is never poisoned");
+        if let Some((name, message)) = candidates
+            .iter()
+            .rev()
+            .find_map(|(name, _)| unopened.get(name).map(|message| (name, message)))
+        {
+            return Err(TopicError::NotOpen {
+                name: name.clone(),
+                message: message.clone(),
+            });
+        }
+        drop(unopened);
         let shown: String = mqtt_topic.chars().take(TOPIC_NAME_BYTES_MAX).collect();
         Err(TopicError::Unknown(shown.replace('/', ".")))
     }
@@ -284,6 +373,57 @@ mod tests {
         assert!(
             error.len() < 400,
             "the error quotes a bounded name: {error}"
+        );
+        events.close_all().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_declared_topic_that_failed_to_open_is_reported_as_not_open_until_it_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let events = Events::new(dir.path());
+        // A file where the topic's directory belongs: opening fails.
+        std::fs::write(dir.path().join("city.air"), b"in the way").expect("write");
+        let failed = events
+            .declare("city.air", TopicConfig::default())
+            .await
+            .map(drop)
+            .expect_err("cannot open over a file");
+        assert!(matches!(failed, TopicError::Open { .. }), "{failed}");
+        assert_eq!(events.unopened(), ["city.air"]);
+        let asked = events.topic("city.air").map(drop).expect_err("not open");
+        assert!(asked.is_transient(), "{asked}");
+        assert!(asked.to_string().contains("tries again"), "{asked}");
+        let routed = events
+            .route_mqtt("city/air/sensor-4")
+            .map(drop)
+            .expect_err("not open");
+        assert!(routed.is_transient(), "{routed}");
+        assert!(
+            !events
+                .topic("city.water")
+                .map(drop)
+                .expect_err("undeclared")
+                .is_transient()
+        );
+        // Once the way is clear, the next declaration opens it.
+        std::fs::remove_file(dir.path().join("city.air")).expect("remove");
+        events
+            .declare("city.air", TopicConfig::default())
+            .await
+            .expect("opens");
+        assert!(events.unopened().is_empty());
+        assert!(events.topic("city.air").is_ok());
+        // A topic that is retired while it cannot open is forgotten.
+        std::fs::write(dir.path().join("city.noise"), b"in the way").expect("write");
+        _ = events.declare("city.noise", TopicConfig::default()).await;
+        events.retire("city.noise").await;
+        assert!(events.unopened().is_empty());
+        assert!(
+            !events
+                .topic("city.noise")
+                .map(drop)
+                .expect_err("retired")
+                .is_transient()
         );
         events.close_all().await;
     }

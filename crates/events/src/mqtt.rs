@@ -11,7 +11,7 @@
 //! | wrong password | CONNACK 0x86 | CONNACK 4 |
 //! | unknown topic (QoS 1) | PUBACK 0x90 | connection closed (3.1.1 has no negative PUBACK) |
 //! | topic the client may not publish to (QoS 1) | PUBACK 0x87 | connection closed |
-//! | event could not be stored (QoS 1) | PUBACK 0x80 | connection closed |
+//! | event could not be stored, or its topic is declared but not open yet (QoS 1) | PUBACK 0x80 | connection closed |
 //! | packet over the size limit | DISCONNECT 0x95 | connection closed |
 //! | more distinct topics than allowed | PUBACK 0x97 | connection closed |
 //! | QoS 2 | DISCONNECT 0x9B | connection closed |
@@ -822,14 +822,14 @@ impl Connection {
                         found
                     }
                     Err(error) => {
-                        return self
-                            .refuse(
-                                qos,
-                                pkid,
-                                v5::PubAckReason::TopicNameInvalid,
-                                error.to_string(),
-                            )
-                            .await;
+                        // A declared topic that has not opened yet could not store the
+                        // event (the producer may publish again); any other is unknown.
+                        let reason = if error.is_transient() {
+                            v5::PubAckReason::UnspecifiedError
+                        } else {
+                            v5::PubAckReason::TopicNameInvalid
+                        };
+                        return self.refuse(qos, pkid, reason, error.to_string()).await;
                     }
                 }
             }

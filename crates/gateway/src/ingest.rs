@@ -99,10 +99,17 @@ impl Ingest {
             .strip_prefix("/events/")
             .unwrap_or("")
             .to_string();
-        let topic = self
-            .events
-            .topic(&name)
-            .map_err(|error| (StatusCode::NOT_FOUND, "unknown_topic", error.to_string()))?;
+        let topic = self.events.topic(&name).map_err(|error| {
+            if error.is_transient() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "topic_unavailable",
+                    error.to_string(),
+                )
+            } else {
+                (StatusCode::NOT_FOUND, "unknown_topic", error.to_string())
+            }
+        })?;
         if let Err(why) = producer.admit(&name, None).resolve().await {
             return Err((
                 StatusCode::FORBIDDEN,

@@ -978,6 +978,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         Ok(())
     });
 
+    // A topic that failed to open (say, its stream could not be made while JetStream was
+    // electing) is opened again; meanwhile producers are told to retry (503).
+    let reopen = node.clone().reopen_failed_topics(shutdown.clone());
+    servers.spawn(async move {
+        reopen.await;
+        Ok(())
+    });
+
     // Metrics history is saved at shutdown; also every 10 minutes, so a crash loses little.
     let saver_node = node.clone();
     let saver_shutdown = shutdown.clone();
