@@ -1421,7 +1421,9 @@ impl Node {
                     instances_max: manifest.instances_max,
                     placement: match running.service.locality() {
                         gateway::Locality::Alone => None,
-                        gateway::Locality::Here { min, max } => Some(format!("here {min}..{max}")),
+                        gateway::Locality::Here { min, max, .. } => {
+                            Some(format!("here {min}..{max}"))
+                        }
                         gateway::Locality::Elsewhere(nodes) => {
                             Some(format!("on {}", nodes.join(", ")))
                         }

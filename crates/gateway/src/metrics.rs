@@ -33,6 +33,9 @@ pub struct ServiceMetrics {
     pub instance_starts: AtomicU64,
     pub cold_starts: AtomicU64,
     pub instance_failures: AtomicU64,
+    /// Requests this node's share could not take, answered by another node of the
+    /// service's (overflow, in a cluster).
+    pub overflowed: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -90,6 +93,7 @@ impl ServiceMetrics {
             instance_starts: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 by_status: BTreeMap::new(),
                 buckets: [0; LATENCY_BUCKETS_SECONDS.len()],
@@ -367,6 +371,11 @@ impl ServiceMetrics {
         );
         _ = writeln!(
             out,
+            "maru_requests_overflowed_total{{{labels}}} {}",
+            self.overflowed.load(Ordering::Relaxed)
+        );
+        _ = writeln!(
+            out,
             "maru_instance_seconds_total{{{labels}}} {instance_seconds:.3}"
         );
     }
@@ -408,7 +417,7 @@ pub fn render_families(out: &mut String, samples: &str) {
 }
 
 /// Every family [`ServiceMetrics::render`] writes: (name, type, help).
-const FAMILIES: [(&str, &str, &str); 15] = [
+const FAMILIES: [(&str, &str, &str); 16] = [
     (
         "maru_slo_seconds",
         "gauge",
@@ -454,6 +463,11 @@ const FAMILIES: [(&str, &str, &str); 15] = [
         "maru_instance_failures_total",
         "counter",
         "Instances discarded after a trap, timeout or failed start.",
+    ),
+    (
+        "maru_requests_overflowed_total",
+        "counter",
+        "Requests this node's share of the service could not take now, answered by another node holding a share (cluster).",
     ),
     (
         "maru_instance_seconds_total",

@@ -16,6 +16,18 @@
 //! gateway (removed there), so a refusal is always a gateway's, and a service cannot make
 //! its caller's node send a request twice.
 //!
+//! Overflow: a node holding a share of a service serves its requests itself while its
+//! share has room. When none of its instances has room and its share is at its most
+//! ([`crate::Service::saturated`]), a request is offered to the other nodes holding a share
+//! ([`Peers::offer`], marked [`OVERFLOW`] with this node's
+//! [`crate::Service::pressure`]; nodes that failed lately are skipped). A node that is
+//! saturated too, with a line at least as long, refuses it as one that does not run it;
+//! when every one refuses, the request waits in this node's queue (join the shortest
+//! line, judged as each request arrives), and for a moment the node offers again only once
+//! its line is longer ([`crate::Service::overflow_pressure`]). So demand entering at one node reaches the
+//! instances of every node's share, and each node's scaler sizes its share by what reaches
+//! it. An overflowed request is never offered again.
+//!
 //! Failures: a node that cannot be connected to (dead, cut off), or that refuses with
 //! `not_placed_here`, had nothing done: the next node is tried; when all have failed so,
 //! the request waits [`RETRY_PAUSE`] and tries them again, until its one deadline. A connection that breaks after the request was sent may have been served:
@@ -49,6 +61,12 @@ pub const FORWARDED: &str = "maru-forwarded-by";
 pub const FORWARD_SERVICE: &str = "maru-forward-service";
 /// The header carrying the cluster's forwarding key, which only nodes know.
 pub const FORWARD_KEY: &str = "maru-forward-key";
+/// The header marking a forwarded request as overflow ([`Peers::offer`]): the receiving
+/// node serves it only if it has room now.
+pub const OVERFLOW: &str = "maru-overflow";
+/// How long a node must have had an overflowed request without refusing it for the
+/// sender to count it as taken (a refusal comes back within a round trip).
+pub const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 /// The error code a node answers a forwarded request with when it does not run the service.
 pub const NOT_PLACED_HERE: &str = "not_placed_here";
 /// The pause between rounds when every node failed without doing anything.
@@ -109,6 +127,18 @@ pub struct Forwarded {
     pub by: String,
     /// The service it is for: `app/service`.
     pub service: String,
+    /// Offered as overflow, with the sender's [`crate::Service::pressure`]: served only
+    /// where the line is shorter, else refused (the sender serves it itself).
+    pub overflow: Option<u64>,
+}
+
+/// Why [`Peers::offer`] did not get an answer from another node.
+#[derive(Debug)]
+pub enum Offer {
+    /// No node took it and nothing was done: the request, as given, to serve here.
+    Declined(Request<Full<Bytes>>),
+    /// A node may have done something (timed out, broke after sending): answer this.
+    Failed(ForwardError),
 }
 
 /// The other nodes' gateways, and kept-open connections to them.
@@ -188,6 +218,14 @@ impl Peers {
     pub fn accept(&self, headers: &mut http::HeaderMap) -> Option<Forwarded> {
         let by = headers.remove(FORWARDED);
         let service = headers.remove(FORWARD_SERVICE);
+        // Unreadable: as if the sender's line were empty (taken only with room to spare).
+        let overflow = headers.remove(OVERFLOW).map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        });
         let given = headers.remove(FORWARD_KEY)?;
         let key = self.key.read().expect("never poisoned").clone()?;
         if !same(given.as_bytes(), key.as_bytes()) {
@@ -196,7 +234,83 @@ impl Peers {
         Some(Forwarded {
             by: by?.to_str().ok()?.to_string(),
             service: service?.to_str().ok()?.to_string(),
+            overflow,
         })
+    }
+
+    /// Offer `request` to one of `nodes` as overflow: what this node's share cannot take
+    /// now, with this node's `pressure` ([`crate::Service::pressure`]). One try of each
+    /// node that has not failed lately, marked [`OVERFLOW`]: a node whose line is as long
+    /// refuses it, as one that does not run the service. When none takes it and nothing
+    /// was done, the request comes back to be served here. `taken` is called once a node
+    /// has had it for [`OVERFLOW_GRACE`] without refusing.
+    pub async fn offer(
+        &self,
+        nodes: &[String],
+        service: &str,
+        request: Request<Full<Bytes>>,
+        pressure: u64,
+        deadline: Instant,
+        taken: &(dyn Fn() + Sync),
+    ) -> Result<Response<Body>, Offer> {
+        let healthy: Vec<String> = {
+            let now = Instant::now();
+            let suspect = self.suspect.lock().expect("never poisoned");
+            nodes
+                .iter()
+                .filter(|node| suspect.get(*node).is_none_or(|until| *until <= now))
+                .cloned()
+                .collect()
+        };
+        if healthy.is_empty() {
+            return Err(Offer::Declined(request));
+        }
+        let (parts, body) = request.into_parts();
+        let mut marked = parts.clone();
+        marked.headers.insert(OVERFLOW, HeaderValue::from(pressure));
+        let key = self.key.read().expect("never poisoned").clone();
+        let Some(key) = key else {
+            return Err(Offer::Declined(Request::from_parts(parts, body)));
+        };
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if let Err(why) = self.mark(&mut marked, service, &key) {
+            return Err(Offer::Failed(why));
+        }
+        let idempotent = idempotent(&marked.method);
+        match self
+            .round(&healthy, &marked, &body, idempotent, deadline, Some(taken))
+            .await
+        {
+            Ok(response) => Ok(response),
+            Err(Round::Failed(error)) => Err(Offer::Failed(error)),
+            Err(Round::NothingDone(_)) => {
+                Err(Offer::Declined(Request::from_parts(parts, Full::new(body))))
+            }
+        }
+    }
+
+    /// Add the headers that make `parts` a request forwarded by this node for `service`.
+    fn mark(
+        &self,
+        parts: &mut http::request::Parts,
+        service: &str,
+        key: &str,
+    ) -> Result<(), ForwardError> {
+        for (name, value) in [
+            (FORWARDED, &*self.this()),
+            (FORWARD_SERVICE, service),
+            (FORWARD_KEY, key),
+        ] {
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                ForwardError::NoPeer(format!("`{value}` cannot be sent in the {name} header"))
+            })?;
+            parts.headers.insert(name, value);
+        }
+        Ok(())
     }
 
     /// Send `request` to one of `nodes` (module docs), before `deadline`. While every one of
@@ -209,15 +323,7 @@ impl Peers {
         request: Request<Full<Bytes>>,
         deadline: Instant,
     ) -> Result<Response<Body>, ForwardError> {
-        let idempotent = matches!(
-            *request.method(),
-            http::Method::GET
-                | http::Method::HEAD
-                | http::Method::OPTIONS
-                | http::Method::PUT
-                | http::Method::DELETE
-                | http::Method::TRACE
-        );
+        let idempotent = idempotent(request.method());
         let (mut parts, body) = request.into_parts();
         let key = self.key.read().expect("never poisoned").clone();
         let Some(key) = key else {
@@ -225,23 +331,17 @@ impl Peers {
                 "this node has no forwarding key (it is not in a cluster)".into(),
             ));
         };
-        for (name, value) in [
-            (FORWARDED, &*self.this()),
-            (FORWARD_SERVICE, service),
-            (FORWARD_KEY, &*key),
-        ] {
-            let value = HeaderValue::from_str(value).map_err(|_| {
-                ForwardError::NoPeer(format!("`{value}` cannot be sent in the {name} header"))
-            })?;
-            parts.headers.insert(name, value);
-        }
+        self.mark(&mut parts, service, &key)?;
         let body = body
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         loop {
-            let failures = match self.round(nodes, &parts, &body, idempotent, deadline).await {
+            let failures = match self
+                .round(nodes, &parts, &body, idempotent, deadline, None)
+                .await
+            {
                 Ok(response) => return Ok(response),
                 Err(Round::Failed(error)) => return Err(error),
                 Err(Round::NothingDone(failures)) => failures,
@@ -253,7 +353,8 @@ impl Peers {
         }
     }
 
-    /// One try of each node that runs the service, in turn.
+    /// One try of each node that runs the service, in turn. `taken`: called once a node
+    /// has had the request for [`OVERFLOW_GRACE`] without answering.
     async fn round(
         &self,
         nodes: &[String],
@@ -261,6 +362,7 @@ impl Peers {
         body: &Bytes,
         idempotent: bool,
         deadline: Instant,
+        taken: Option<&(dyn Fn() + Sync)>,
     ) -> Result<Response<Body>, Round> {
         let book = self.book.read().expect("never poisoned").clone();
         let this = self.this();
@@ -320,9 +422,17 @@ impl Peers {
                     Ok(Err(reason)) => break Sent::Unsent(reason),
                     Ok(Ok(sender)) => sender,
                 };
-                let answer =
-                    tokio::time::timeout_at(deadline.into(), sender.try_send_request(attempt))
-                        .await;
+                let answer = tokio::time::timeout_at(deadline.into(), async {
+                    let mut answer = std::pin::pin!(sender.try_send_request(attempt));
+                    if let Some(taken) = taken {
+                        tokio::select! {
+                            answer = &mut answer => return answer,
+                            () = tokio::time::sleep(OVERFLOW_GRACE) => taken(),
+                        }
+                    }
+                    answer.await
+                })
+                .await;
                 match answer {
                     Err(_) => break Sent::TimedOut,
                     Ok(Ok(response)) => break Sent::Answered(sender, response),
@@ -528,6 +638,20 @@ pub(crate) fn failure(error: &ForwardError) -> (StatusCode, &'static str, String
     }
 }
 
+/// Whether a request with this method may be sent again after a connection broke mid-way
+/// (RFC 9110 §9.2.2).
+fn idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,12 +666,13 @@ mod tests {
             FORWARD_KEY,
             HeaderValue::from_str(key).expect("a key is a header value"),
         );
+        headers.insert(OVERFLOW, HeaderValue::from_static("2500"));
         headers.insert("x-other", HeaderValue::from_static("kept"));
         headers
     }
 
     fn stripped(headers: &http::HeaderMap) -> bool {
-        [FORWARDED, FORWARD_SERVICE, FORWARD_KEY]
+        [FORWARDED, FORWARD_SERVICE, FORWARD_KEY, OVERFLOW]
             .iter()
             .all(|name| headers.get(*name).is_none())
             && headers.get("x-other").is_some()
@@ -562,10 +687,91 @@ mod tests {
             peers.accept(&mut headers),
             Some(Forwarded {
                 by: "node-b".into(),
-                service: "shop/web".into()
+                service: "shop/web".into(),
+                overflow: Some(2500),
             })
         );
         assert!(stripped(&headers));
+        // Without the overflow mark: forwarded for a service the sender does not run; an
+        // unreadable mark counts as an empty line at the sender.
+        let mut headers = forwarded_headers(KEY);
+        headers.remove(OVERFLOW);
+        assert_eq!(peers.accept(&mut headers).map(|f| f.overflow), Some(None));
+        let mut headers = forwarded_headers(KEY);
+        headers.insert(OVERFLOW, HeaderValue::from_static("lots"));
+        assert_eq!(
+            peers.accept(&mut headers).map(|f| f.overflow),
+            Some(Some(0))
+        );
+        assert!(stripped(&headers));
+    }
+
+    #[tokio::test]
+    async fn an_offer_nobody_can_take_comes_back_unchanged() {
+        let request = || {
+            Request::builder()
+                .method("POST")
+                .uri("/orders?page=2")
+                .header("x-client", "kept")
+                .body(Full::new(Bytes::from_static(b"the order")))
+                .expect("request")
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        let back = |offered: Result<Response<Body>, Offer>| match offered {
+            Err(Offer::Declined(back)) => back,
+            Err(Offer::Failed(error)) => panic!("failed: {error}"),
+            Ok(_) => panic!("answered"),
+        };
+        // Alone (no key), no other node known, and only a node that failed lately.
+        let alone = Peers::default();
+        let mut given = vec![back(
+            alone
+                .offer(
+                    &["node-b".into()],
+                    "shop/orders",
+                    request(),
+                    1000,
+                    deadline,
+                    &|| {},
+                )
+                .await,
+        )];
+        let peers = Peers::default();
+        peers.set_key(KEY);
+        given.push(back(
+            peers
+                .offer(
+                    &["node-b".into()],
+                    "shop/orders",
+                    request(),
+                    1000,
+                    deadline,
+                    &|| {},
+                )
+                .await,
+        ));
+        peers.suspect("node-b");
+        given.push(back(
+            peers
+                .offer(
+                    &["node-b".into()],
+                    "shop/orders",
+                    request(),
+                    1000,
+                    deadline,
+                    &|| {},
+                )
+                .await,
+        ));
+        for back in given {
+            let (parts, body) = back.into_parts();
+            assert_eq!(parts.method, http::Method::POST);
+            assert_eq!(parts.uri, "/orders?page=2");
+            assert_eq!(parts.headers.len(), 1, "{:?}", parts.headers);
+            assert_eq!(parts.headers["x-client"], "kept");
+            let body = body.collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"the order");
+        }
     }
 
     #[test]

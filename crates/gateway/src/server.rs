@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Ingest;
+use crate::peers::Offer;
 use crate::peers::Peers;
 use crate::routes::RouteTable;
 use crate::service::{Body, BoxError, Locality, Service, ServiceError};
@@ -246,7 +247,18 @@ impl Gateway {
             let mut response = match named {
                 Some(service) => {
                     let answer = self
-                        .forward(&service, request, host, peer, &request_id, arrival, true)
+                        .forward(
+                            &service,
+                            request,
+                            host,
+                            peer,
+                            &request_id,
+                            arrival,
+                            match forwarded.overflow {
+                                Some(pressure) => Via::Overflow { pressure },
+                                None => Via::Node,
+                            },
+                        )
                         .await;
                     self.answer(&service, answer, &request_id, arrival)
                 }
@@ -299,7 +311,15 @@ impl Gateway {
         };
         drop(routes);
         let answer = self
-            .forward(&service, request, host, peer, &request_id, arrival, false)
+            .forward(
+                &service,
+                request,
+                host,
+                peer,
+                &request_id,
+                arrival,
+                Via::Client,
+            )
             .await;
         let mut response = self.answer(&service, answer, &request_id, arrival);
         set_request_id(&mut response, &request_id);
@@ -340,7 +360,7 @@ impl Gateway {
     }
 
     /// Read the request's body, then serve it here or forward it to the nodes that run the
-    /// service. `forwarded`: another node sent it (with the cluster's key).
+    /// service. `via`: a client, or another node (with the cluster's key).
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -350,8 +370,9 @@ impl Gateway {
         peer: SocketAddr,
         request_id: &str,
         arrival: Instant,
-        forwarded: bool,
+        via: Via,
     ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
+        let forwarded = !matches!(via, Via::Client);
         let limit = service.config.body_bytes_max;
         let too_large = || {
             (
@@ -369,18 +390,22 @@ impl Gateway {
             return Err(too_large());
         }
         // The one deadline of this request: for room to buffer its body, for reading it,
-        // and (in the service) for the answer.
-        let deadline = (arrival + service.config.timeout).into();
+        // and (in the service, or another node's) for the answer.
+        let deadline = arrival + service.config.timeout;
         let _room = self
             .bodies
-            .reserve(body_reservation(&request, limit), deadline)
+            .reserve(body_reservation(&request, limit), deadline.into())
             .await?;
         let (mut parts, body) = request.into_parts();
         // The body is read whole before the request is queued, so an instance is never held
         // by a slow upload; reading it is bounded in size and in time.
-        let body = read_body(body, usize::try_from(limit).unwrap_or(usize::MAX), deadline)
-            .await
-            .map_err(|error| error.failure(too_large(), "the service's timeout"))?;
+        let body = read_body(
+            body,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+            deadline.into(),
+        )
+        .await
+        .map_err(|error| error.failure(too_large(), "the service's timeout"))?;
         if host.is_none() {
             parts
                 .headers
@@ -396,11 +421,53 @@ impl Gateway {
             let trusted = self.config.trusted_proxies.contains(&peer.ip());
             set_forwarded(&mut parts.headers, peer.ip(), trusted);
         }
-        let request = Request::from_parts(parts, Full::new(body));
+        let mut request = Request::from_parts(parts, Full::new(body));
         match service.locality() {
-            Locality::Alone | Locality::Here { .. } => {}
+            Locality::Alone => {}
+            // What this node's share cannot take now goes to a node of the others that
+            // has room (each scales its own share by what reaches it); when none has, it
+            // waits here.
+            Locality::Here { others, .. } if !forwarded && !others.is_empty() => {
+                if let Some(pressure) = service.overflow_pressure() {
+                    let offering = service.offering();
+                    let offered = self
+                        .peers
+                        .offer(&others, &service.id(), request, pressure, deadline, &|| {
+                            offering.settle();
+                        })
+                        .await;
+                    drop(offering);
+                    match offered {
+                        Ok(response) => {
+                            service
+                                .metrics
+                                .overflowed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return Ok(response);
+                        }
+                        Err(Offer::Failed(error)) => return Err(crate::peers::failure(&error)),
+                        Err(Offer::Declined(back)) => {
+                            service.overflow_declined(pressure);
+                            request = back;
+                        }
+                    }
+                }
+            }
+            // Overflow is taken where there is room, or where its line is shorter than at
+            // its sender by a whole round of the share at least (what a hop to another
+            // node is worth; near a tie the sender keeps it).
+            Locality::Here { .. }
+                if matches!(via, Via::Overflow { pressure }
+                    if service.saturated() && service.pressure() + 1000 > pressure) =>
+            {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::peers::NOT_PLACED_HERE,
+                    "this node's share is as busy as the sender's".into(),
+                ));
+            }
+            Locality::Here { .. } => {}
             Locality::Elsewhere(nodes) if !forwarded => {
-                let deadline = arrival + service.config.timeout;
                 return self
                     .peers
                     .forward(&nodes, &service.id(), request, deadline)
@@ -608,6 +675,19 @@ pub async fn serve_connections<S, B>(
         tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace period; closing them");
     }
     connections.shutdown().await;
+}
+
+/// Who sent a routed request to [`Gateway::forward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Client,
+    /// Another node, for a service it does not run (or runs no longer).
+    Node,
+    /// Another node holding a share, whose share could not take it now; its
+    /// [`Service::pressure`].
+    Overflow {
+        pressure: u64,
+    },
 }
 
 /// A forwarded request this node does not serve: the sending node tries another (nothing

@@ -41,6 +41,10 @@ const EXIT_CHECK: Duration = Duration::from_millis(100);
 const CRASH_LOOP_COUNT: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// After every other node declined an overflow, how long this node offers none unless its
+/// line grows longer than it was then (so that a cluster busy everywhere does not ask in
+/// vain with every request).
+const OVERFLOW_QUIET: Duration = Duration::from_millis(100);
 
 /// What an instance of the service is.
 #[derive(Clone)]
@@ -162,6 +166,13 @@ pub struct Service {
     /// Idle instances waiting for work, the most recently idle last.
     idle_waiters: Mutex<Vec<(u64, Arc<Notify>)>>,
     locality: Mutex<Locality>,
+    /// Requests being offered to other nodes as overflow right now: counted in this node's
+    /// line ([`Service::pressure`]) until they are taken or come back.
+    offering: AtomicUsize,
+    /// When every other node last declined an overflow (milliseconds since `origin`), and
+    /// this node's pressure then ([`Service::overflow_pressure`]).
+    overflow_declined_ms: AtomicU64,
+    overflow_declined_pressure: AtomicU64,
     /// Whether this node delivers the service's triggers (in a cluster whose topics are
     /// shared, one node of those it is placed on does).
     triggers_here: tokio::sync::watch::Sender<bool>,
@@ -173,12 +184,40 @@ pub struct Service {
 pub enum Locality {
     /// A node alone: every instance here, within the manifest's bounds.
     Alone,
-    /// Placed on this node with this share of the service's instances.
-    Here { min: u32, max: u32 },
+    /// Placed on this node with this share of the service's instances. `others`: the other
+    /// nodes holding a share, which take what this node's share cannot (overflow,
+    /// [`crate::peers`]).
+    Here {
+        min: u32,
+        max: u32,
+        others: Vec<String>,
+    },
     /// Placed on these other nodes only: requests are forwarded to them.
     Elsewhere(Vec<String>),
     /// No node runs it (not placed yet, or none may): why.
     Unplaced(String),
+}
+
+/// A request being offered as overflow ([`Service::offering`]), counted in this node's
+/// line until settled: taken by another node, or back.
+pub struct Offering<'a> {
+    count: &'a AtomicUsize,
+    counted: std::sync::atomic::AtomicBool,
+}
+
+impl Offering<'_> {
+    /// No longer counted (idempotent).
+    pub fn settle(&self) {
+        if self.counted.swap(false, Ordering::AcqRel) {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Offering<'_> {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }
 
 /// An anomaly found in one of a service's signals.
@@ -257,6 +296,9 @@ impl Service {
             history: Mutex::new(history),
             idle_waiters: Mutex::new(Vec::new()),
             locality: Mutex::new(locality),
+            offering: AtomicUsize::new(0),
+            overflow_declined_ms: AtomicU64::new(0),
+            overflow_declined_pressure: AtomicU64::new(0),
             triggers_here: tokio::sync::watch::Sender::new(true),
         });
         let scaler = tokio::spawn(service.clone().scale_loop(policy));
@@ -320,7 +362,7 @@ impl Service {
         let mut bounds = self.config.bounds;
         match &*self.locality.lock().expect("never poisoned") {
             Locality::Alone => {}
-            Locality::Here { min, max } => {
+            Locality::Here { min, max, .. } => {
                 bounds.instances_min = *min;
                 bounds.instances_max = *max;
             }
@@ -330,6 +372,75 @@ impl Service {
             }
         }
         bounds
+    }
+
+    /// Whether a request arriving now would wait for an instance that is not there yet: no
+    /// ready instance has room, and the pool is at the most instances it may have here (so
+    /// none is about to be started for it). Cheap while an instance has room (no lock).
+    pub fn saturated(&self) -> bool {
+        if self.free_capacity.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let most = u64::from(self.bounds().instances_max);
+        let live = self
+            .lock_pool()
+            .count(|s| matches!(s, SlotState::Ready { .. } | SlotState::Starting));
+        live >= most
+    }
+
+    /// Whether a request arriving now should be offered to the other nodes holding a
+    /// share, and this node's [`Service::pressure`] to offer it with: this node's share is
+    /// [`Service::saturated`], and unless its line is longer than when they last all
+    /// declined, that was more than [`OVERFLOW_QUIET`] ago.
+    pub fn overflow_pressure(&self) -> Option<u64> {
+        if !self.saturated() {
+            return None;
+        }
+        let pressure = self.pressure();
+        let now = self.origin.elapsed().as_millis() as u64;
+        let declined_ms = self.overflow_declined_ms.load(Ordering::Relaxed);
+        let quiet = u64::try_from(OVERFLOW_QUIET.as_millis()).unwrap_or(u64::MAX);
+        (pressure > self.overflow_declined_pressure.load(Ordering::Relaxed)
+            || now >= declined_ms.saturating_add(quiet))
+        .then_some(pressure)
+    }
+
+    /// Every other node declined an overflow offered with `pressure`.
+    pub fn overflow_declined(&self, pressure: u64) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.overflow_declined_ms.store(now, Ordering::Relaxed);
+        self.overflow_declined_pressure
+            .store(pressure, Ordering::Relaxed);
+    }
+
+    /// How long the line is for a request arriving now, in thousandths of what the share
+    /// serves at once: (queued + in flight + being offered / nodes holding a share + 1) ×
+    /// 1000 / (most instances × concurrency). Compared between nodes, so that overflow
+    /// goes where the line is shorter. A request being offered counts until a node has had
+    /// it for a moment without refusing ([`crate::peers::OVERFLOW_GRACE`]), as the part of
+    /// it that ends up here when it is as likely to end up at any node holding a share:
+    /// many arriving at once would otherwise all see the line as it was before any of them
+    /// (and be refused everywhere), or count in full here (and all be sent away).
+    pub fn pressure(&self) -> u64 {
+        let slots = u64::from(self.bounds().instances_max.max(1)) * u64::from(self.concurrency());
+        let holders = match &*self.locality.lock().expect("never poisoned") {
+            Locality::Here { others, .. } => others.len() as u64 + 1,
+            _ => 1,
+        };
+        let waiting = self.queued.load(Ordering::Acquire) as u64
+            + self.metrics.in_flight.load(Ordering::Acquire);
+        let offering = self.offering.load(Ordering::Acquire) as u64;
+        ((waiting + 1) * 1000 + offering * 1000 / holders) / slots
+    }
+
+    /// Count a request as being offered to other nodes until the guard is settled or
+    /// dropped.
+    pub fn offering(&self) -> Offering<'_> {
+        self.offering.fetch_add(1, Ordering::AcqRel);
+        Offering {
+            count: &self.offering,
+            counted: std::sync::atomic::AtomicBool::new(true),
+        }
     }
 
     /// Why the service no longer starts instances, if it has failed.

@@ -45,6 +45,12 @@ impl ClusterView {
             Some(share) => Locality::Here {
                 min: share.min,
                 max: share.max,
+                others: placed
+                    .nodes
+                    .keys()
+                    .filter(|node| **node != self.name)
+                    .cloned()
+                    .collect(),
             },
             None => Locality::Elsewhere(placed.nodes.keys().cloned().collect()),
         }
@@ -302,7 +308,11 @@ mod tests {
         view.placements.insert("a".into(), app);
         assert_eq!(
             view.locality(&key("a", "here")),
-            Locality::Here { min: 1, max: 2 }
+            Locality::Here {
+                min: 1,
+                max: 2,
+                others: vec!["n2".into()]
+            }
         );
         assert_eq!(
             view.locality(&key("a", "there")),

@@ -800,6 +800,106 @@ fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and
     }
 }
 
+/// The sum of a family's samples in Prometheus text, over the lines with every one of
+/// `labels` (`name="value"`).
+fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn demand_entering_at_one_node_overflows_to_the_other_nodes_shares() {
+    let nats = Nats::start(3, true);
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .zip(["zone-a", "zone-b", "zone-c"])
+        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
+        .collect();
+    // One instance per node at most; each holds a request for 1 s.
+    let manifest =
+        crate::harness::misbehave_manifest("slow", "/slow", "instances = { min = 0, max = 3 }");
+    nodes[0].deploy("slow.toml", &manifest);
+    let all: Vec<&Node> = nodes.iter().collect();
+    nodes[0].wait_for("a share on every node", Duration::from_secs(20), || {
+        all.iter()
+            .all(|n| instances_on(n, "slow", "guest").1 == "here 0..1")
+    });
+    // Nine requests at once, all through the first node's gateway: its share takes one at
+    // a time; the others' shares take what it cannot.
+    let started = Instant::now();
+    let gateway = nodes[0].gateway.clone();
+    let asking: Vec<_> = (0..9)
+        .map(|_| {
+            let gateway = gateway.clone();
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(30)))
+                    .build()
+                    .into();
+                let mut answer = agent
+                    .get(format!("http://{gateway}/slow/sleep?ms=1000"))
+                    .call()
+                    .expect("answered");
+                let body = answer.body_mut().read_to_string().unwrap_or_default();
+                (answer.status().as_u16(), body)
+            })
+        })
+        .collect();
+    for handle in asking {
+        let (status, body) = handle.join().expect("request thread");
+        assert_eq!(status, 200, "{body}\n{}", nodes[0].log());
+    }
+    let took = started.elapsed();
+    // Each node's answers (n1 counts those it overflowed too), and what n1 sent on.
+    let metrics: Vec<String> = nodes
+        .iter()
+        .map(|n| n.control_api("GET", "/metrics", Some(&n.token), None).body)
+        .collect();
+    let count = |text: &str, family: &str, status: Option<&str>| {
+        let status = status.map(|s| format!("status=\"{s}\""));
+        let mut labels = vec!["app=\"slow\""];
+        labels.extend(status.as_deref());
+        metric(text, family, &labels) as u64
+    };
+    let answered: Vec<u64> = metrics
+        .iter()
+        .map(|m| count(m, "maru_requests_total", Some("200")))
+        .collect();
+    let refused: Vec<u64> = metrics
+        .iter()
+        .map(|m| count(m, "maru_requests_total", Some("503")))
+        .collect();
+    let overflowed = count(&metrics[0], "maru_requests_overflowed_total", None);
+    let shares = [
+        answered[0].saturating_sub(overflowed),
+        answered[1],
+        answered[2],
+    ];
+    eprintln!(
+        "9 requests of 1 s at once through n1: all answered after {took:?}; served by each node's share {shares:?}; overflow refused (as busy) per node {refused:?}"
+    );
+    assert_eq!(answered[0], 9, "{answered:?}");
+    assert_eq!(
+        overflowed,
+        answered[1] + answered[2],
+        "n1's overflow count is what the others served: {answered:?}"
+    );
+    // Every share took a fair part (three each would be the shortest line every time;
+    // requests arriving at the same moment are judged against each other's lines).
+    assert!(
+        shares.iter().all(|served| *served >= 2),
+        "the requests were not spread over the three shares: {shares:?}\n{}",
+        nodes[0].log()
+    );
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
 #[test]
 fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_answered() {
     for seed in cluster_seeds(1) {
