@@ -8,6 +8,12 @@
 //! to the node alone (its own log, fsync with group commit) and split over the three nodes
 //! (a JetStream stream of three replicas, every write synced).
 //!
+//! Overflow: a service whose requests wait without CPU (the misbehave guest's `sleep`, 20 ms,
+//! three instances always up), loaded through one gateway only: on the node alone its three
+//! instances serve; in the cluster that gateway's node holds one and the other two nodes one
+//! each, reached only by what that node's share cannot take (overflow). Without overflow
+//! the cluster's rate would be a third of the node alone's.
+//!
 //! On one machine the three nodes share its cores, so the ratios measure what the cluster
 //! costs (placement, heartbeats, NATS beside the nodes, replication), not what more machines
 //! would add.
@@ -39,6 +45,22 @@ fn write_manifest(
     )?;
     Ok(path.to_str().context("utf-8 path")?.to_string())
 }
+
+/// The misbehave guest as app `slow` at `/slow`, with exactly `instances` instances.
+fn write_slow_manifest(dir: &Path, components: &Path, instances: u32) -> anyhow::Result<String> {
+    let path = dir.join("slow.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[app]\nname = \"slow\"\n\n[service.guest]\ncomponent = \"{}\"\nroutes = [\"/slow\"]\ninstances = {{ min = {instances}, max = {instances} }}\n",
+            components.join("misbehave.wasm").display()
+        ),
+    )?;
+    Ok(path.to_str().context("utf-8 path")?.to_string())
+}
+
+/// The path that holds a `slow` instance for 20 ms without CPU.
+const SLOW_PATH: &str = "/slow/sleep?ms=20";
 
 /// Until `GET http://{gateway}{path}` answers 200.
 fn wait_served(gateway: &str, path: &str) -> anyhow::Result<()> {
@@ -110,6 +132,8 @@ pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> a
         &write_manifest(&dir, &components, "hello", "/hello", 4)?,
     ])?;
     wait_served(&single.gateway, "/hello")?;
+    single.cli(&["deploy", &write_slow_manifest(&dir, &components, 3)?])?;
+    wait_served(&single.gateway, SLOW_PATH)?;
 
     println!("xtask: three nodes and three NATS servers");
     let cluster_dir = dir.join("cluster");
@@ -125,9 +149,25 @@ pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> a
         "deploy",
         &write_manifest(&dir, &components, "solo", "/solo", 1)?,
     ])?;
+    // Three instances in all: one on each node.
+    nodes[0].cli(&["deploy", &write_slow_manifest(&dir, &components, 3)?])?;
     for node in nodes {
         wait_served(&node.gateway, "/hello")?;
         wait_served(&node.gateway, "/solo")?;
+        wait_served(&node.gateway, SLOW_PATH)?;
+    }
+    let started = Instant::now();
+    while !nodes
+        .iter()
+        .map(|node| placement(node, "slow"))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .iter()
+        .all(|placed| placed == "here 1..1")
+    {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("slow was not placed one instance on each node within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
     let mut here = None;
     let mut elsewhere = None;
@@ -158,6 +198,7 @@ pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> a
         .collect();
     let (mut alone, mut three, mut direct, mut forwarded) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut slow_alone, mut slow_three) = (Vec::new(), Vec::new());
     let (mut events_alone, mut events_three) = (Vec::new(), Vec::new());
     let single_token = single.ingest_token()?;
     let cluster_producers: Vec<(String, String)> = nodes
@@ -185,6 +226,23 @@ pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> a
             connections,
         )?;
         println!("round {round}: solo, forwarded {}", f.row());
+        let sa = wrk(
+            &format!("http://{}{SLOW_PATH}", single.gateway),
+            seconds,
+            connections,
+        )?;
+        println!("round {round}: slow, node alone (3 instances) {}", sa.row());
+        let st = wrk(
+            &format!("http://{}{SLOW_PATH}", nodes[0].gateway),
+            seconds,
+            connections,
+        )?;
+        println!(
+            "round {round}: slow, one gateway of three nodes (1 instance each) {}",
+            st.row()
+        );
+        slow_alone.push(sa);
+        slow_three.push(st);
         let ea = load(
             "events, one node alone (fsync)",
             seconds,
@@ -215,18 +273,32 @@ pub fn cluster(seconds: u32, connections: u32, producers: u32, rounds: u32) -> a
         Load::mean(&direct),
         Load::mean(&forwarded),
     );
-    let errors = alone.errors + three.errors + direct.errors + forwarded.errors;
+    let (slow_alone, slow_three) = (Load::mean(&slow_alone), Load::mean(&slow_three));
+    let errors = alone.errors
+        + three.errors
+        + direct.errors
+        + forwarded.errors
+        + slow_alone.errors
+        + slow_three.errors;
     println!("\nmean of {rounds} rounds, {seconds} s each, {connections} connections:");
     println!("  one node alone             {}", alone.row());
     println!("  three nodes (every gateway) {}", three.row());
     println!("  solo through its own node  {}", direct.row());
     println!("  solo forwarded             {}", forwarded.row());
+    println!("  slow, node alone (3 inst.)  {}", slow_alone.row());
+    println!("  slow, one gateway, 3 nodes  {}", slow_three.row());
     println!(
         "three nodes / one node: {:.2}x requests/s (same machine: the cluster's cost, not scale-out); forwarded / direct: {:.2}x requests/s, p50 {:.2}x, p99 {:.2}x; non-2xx or socket errors: {errors}",
         three.requests_per_second / alone.requests_per_second,
         forwarded.requests_per_second / direct.requests_per_second,
         forwarded.p50_ms / direct.p50_ms,
         forwarded.p99_ms / direct.p99_ms,
+    );
+    println!(
+        "overflow: slow through one gateway of three nodes (one instance each) / node alone (three instances): {:.2}x requests/s, p50 {:.2}x, p99 {:.2}x (without overflow at most 0.33x)",
+        slow_three.requests_per_second / slow_alone.requests_per_second,
+        slow_three.p50_ms / slow_alone.p50_ms,
+        slow_three.p99_ms / slow_alone.p99_ms,
     );
     let median = |mut runs: Vec<Measured>| -> Measured {
         runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));

