@@ -31,8 +31,9 @@
 //! name that is not an edge node (an edge node's topics hold only its own events); a
 //! service placed on edge nodes only has each of them deliver its own events.
 //!
-//! Demand is not yet part of placement: each node scales its share by the demand its
-//! gateway sees, and gateways that do not run a service forward to nodes that do.
+//! Demand is not yet part of placement: each node scales its share by the requests that
+//! reach it (its gateway's, and the overflow of other nodes' shares, `gateway::peers`),
+//! and gateways that do not run a service forward to nodes that do.
 
 use std::collections::BTreeMap;
 

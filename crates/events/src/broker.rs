@@ -21,9 +21,10 @@ pub enum TopicError {
     BadName(String),
     #[error("topic {name}: {message}")]
     Open { name: String, message: String },
-    /// Declared, but its last opening failed; the node tries again.
+    /// Declared, but its last opening failed (why: `message`, for the node's log; not
+    /// shown to producers); the node tries again.
     #[error(
-        "topic {name} is declared but could not be opened yet ({message}); the node tries again"
+        "topic {name} is declared but could not be opened yet; the node tries again (its log says why)"
     )]
     NotOpen { name: String, message: String },
 }
@@ -149,6 +150,12 @@ impl Events {
         let topic = match opened {
             Ok(topic) => topic,
             Err(message) => {
+                // Marked unopened before the old handle goes, so that it is never taken
+                // for undeclared meanwhile.
+                self.unopened
+                    .lock()
+                    .expect("unopened lock is never poisoned")
+                    .insert(name.to_string(), message.clone());
                 if reopening {
                     // The old handle was closed above: it must not be handed out again.
                     self.topics
@@ -156,20 +163,12 @@ impl Events {
                         .expect("topics lock is never poisoned")
                         .remove(name);
                 }
-                self.unopened
-                    .lock()
-                    .expect("unopened lock is never poisoned")
-                    .insert(name.to_string(), message.clone());
                 return Err(TopicError::Open {
                     name: name.to_string(),
                     message,
                 });
             }
         };
-        self.unopened
-            .lock()
-            .expect("unopened lock is never poisoned")
-            .remove(name);
         if let Some((logs, origin)) = self.forward.get() {
             let task = tokio::spawn(crate::forward::forward(
                 topic.clone(),
@@ -186,6 +185,11 @@ impl Events {
             .write()
             .expect("topics lock is never poisoned")
             .insert(name.to_string(), (config, topic.clone()));
+        // Open before it stops being unopened: never taken for undeclared meanwhile.
+        self.unopened
+            .lock()
+            .expect("unopened lock is never poisoned")
+            .remove(name);
         Ok(topic)
     }
 
@@ -289,30 +293,27 @@ impl Events {
             }
             candidates.push((name.clone(), consumed.min(mqtt_topic.len())));
         }
+        // The longest declared prefix wins, open or not: a declared topic that has not
+        // opened yet is not reported as unknown (the producer may publish again), and its
+        // events never go to a shorter topic meanwhile.
         let topics = self.topics.read().expect("topics lock is never poisoned");
-        for (name, rest_from) in candidates.iter().rev() {
-            if let Some((_, topic)) = topics.get(name) {
-                return Ok((topic.clone(), mqtt_topic[*rest_from..].to_string()));
-            }
-        }
-        drop(topics);
-        // A declared topic that has not opened yet is not reported as unknown: the
-        // producer may publish again.
         let unopened = self
             .unopened
             .lock()
             .expect("unopened lock is never poisoned");
-        if let Some((name, message)) = candidates
-            .iter()
-            .rev()
-            .find_map(|(name, _)| unopened.get(name).map(|message| (name, message)))
-        {
-            return Err(TopicError::NotOpen {
-                name: name.clone(),
-                message: message.clone(),
-            });
+        for (name, rest_from) in candidates.iter().rev() {
+            if let Some((_, topic)) = topics.get(name) {
+                return Ok((topic.clone(), mqtt_topic[*rest_from..].to_string()));
+            }
+            if let Some(message) = unopened.get(name) {
+                return Err(TopicError::NotOpen {
+                    name: name.clone(),
+                    message: message.clone(),
+                });
+            }
         }
         drop(unopened);
+        drop(topics);
         let shown: String = mqtt_topic.chars().take(TOPIC_NAME_BYTES_MAX).collect();
         Err(TopicError::Unknown(shown.replace('/', ".")))
     }
@@ -405,6 +406,17 @@ mod tests {
                 .expect_err("undeclared")
                 .is_transient()
         );
+        // An open shorter topic does not take the events of the one that is not open.
+        events
+            .declare("city", TopicConfig::default())
+            .await
+            .expect("opens");
+        let routed = events
+            .route_mqtt("city/air/sensor-4")
+            .map(drop)
+            .expect_err("not open");
+        assert!(routed.is_transient(), "{routed}");
+        assert!(events.route_mqtt("city/water/sensor-1").is_ok());
         // Once the way is clear, the next declaration opens it.
         std::fs::remove_file(dir.path().join("city.air")).expect("remove");
         events

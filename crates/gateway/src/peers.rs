@@ -20,8 +20,10 @@
 //! share has room. When none of its instances has room and its share is at its most
 //! ([`crate::Service::saturated`]), a request is offered to the other nodes holding a share
 //! ([`Peers::offer`], marked [`OVERFLOW`] with this node's
-//! [`crate::Service::pressure`]; nodes that failed lately are skipped). A node that is
-//! saturated too, with a line at least as long, refuses it as one that does not run it;
+//! [`crate::Service::pressure`]; only nodes that announced themselves lately and have not
+//! failed lately, each given 100 ms to connect). A node without a ready instance with room
+//! and without a line shorter by a whole round of its share refuses it, before reading its
+//! body, as one that does not run it;
 //! when every one refuses, the request waits in this node's queue (join the shortest
 //! line, judged as each request arrives), and for a moment the node offers again only once
 //! its line is longer ([`crate::Service::overflow_pressure`]). So demand entering at one node reaches the
@@ -64,6 +66,13 @@ pub const FORWARD_KEY: &str = "maru-forward-key";
 /// The header marking a forwarded request as overflow ([`Peers::offer`]): the receiving
 /// node serves it only if it has room now.
 pub const OVERFLOW: &str = "maru-overflow";
+/// How recent a node's last announcement must be (by this node's clock) for it to be
+/// offered overflow: two and a half heartbeats. A paused or cut-off node stops announcing;
+/// overflow, unlike a request only it can serve, is not worth waiting on it for.
+pub const OVERFLOW_FRESH: std::time::Duration = std::time::Duration::from_millis(2500);
+/// How long an offer waits for a connection to a node: overflow is served here rather than
+/// wait on a node that does not answer.
+pub const OVERFLOW_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long a node must have had an overflowed request without refusing it for the
 /// sender to count it as taken (a refusal comes back within a round trip).
 pub const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
@@ -152,6 +161,8 @@ pub struct Peers {
     next: AtomicUsize,
     /// Peers that failed recently, until when they are tried last.
     suspect: Mutex<BTreeMap<String, Instant>>,
+    /// When each node last announced itself (unix ms, its clock), for overflow.
+    seen: RwLock<BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -163,6 +174,12 @@ impl std::fmt::Debug for Peers {
 impl Peers {
     /// This node's name and the other nodes' gateways, replacing what was known. Connections
     /// to nodes no longer listed are dropped.
+    /// When each node last announced itself (unix ms): only those seen within
+    /// [`OVERFLOW_FRESH`] are offered overflow.
+    pub fn set_seen(&self, seen: BTreeMap<String, u64>) {
+        *self.seen.write().expect("never poisoned") = seen;
+    }
+
     pub fn set(&self, this: &str, peers: BTreeMap<String, PeerAddress>) {
         this.clone_into(&mut self.this.write().expect("never poisoned"));
         let current = self.book.read().expect("never poisoned").clone();
@@ -240,10 +257,11 @@ impl Peers {
 
     /// Offer `request` to one of `nodes` as overflow: what this node's share cannot take
     /// now, with this node's `pressure` ([`crate::Service::pressure`]). One try of each
-    /// node that has not failed lately, marked [`OVERFLOW`]: a node whose line is as long
-    /// refuses it, as one that does not run the service. When none takes it and nothing
-    /// was done, the request comes back to be served here. `taken` is called once a node
-    /// has had it for [`OVERFLOW_GRACE`] without refusing.
+    /// node that announced itself lately ([`OVERFLOW_FRESH`]) and has not failed lately,
+    /// marked [`OVERFLOW`], connecting within [`OVERFLOW_CONNECT_TIMEOUT`]: a node without
+    /// a much shorter line refuses it, as one that does not run the service. When none
+    /// takes it and nothing was done, the request comes back to be served here. `taken` is
+    /// called once a node has had it for [`OVERFLOW_GRACE`] without refusing.
     pub async fn offer(
         &self,
         nodes: &[String],
@@ -255,10 +273,17 @@ impl Peers {
     ) -> Result<Response<Body>, Offer> {
         let healthy: Vec<String> = {
             let now = Instant::now();
+            let now_ms = unix_ms();
+            let fresh = u64::try_from(OVERFLOW_FRESH.as_millis()).unwrap_or(u64::MAX);
             let suspect = self.suspect.lock().expect("never poisoned");
+            let seen = self.seen.read().expect("never poisoned");
             nodes
                 .iter()
                 .filter(|node| suspect.get(*node).is_none_or(|until| *until <= now))
+                .filter(|node| {
+                    seen.get(*node)
+                        .is_some_and(|at| now_ms.saturating_sub(*at) < fresh)
+                })
                 .cloned()
                 .collect()
         };
@@ -277,12 +302,17 @@ impl Peers {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        if let Err(why) = self.mark(&mut marked, service, &key) {
-            return Err(Offer::Failed(why));
+        if self.mark(&mut marked, service, &key).is_err() {
+            // Not sendable (a name unfit for a header): served here.
+            return Err(Offer::Declined(Request::from_parts(parts, Full::new(body))));
         }
         let idempotent = idempotent(&marked.method);
+        let how = Try {
+            connect_timeout: OVERFLOW_CONNECT_TIMEOUT,
+            taken: Some(taken),
+        };
         match self
-            .round(&healthy, &marked, &body, idempotent, deadline, Some(taken))
+            .round(&healthy, &marked, &body, idempotent, deadline, how)
             .await
         {
             Ok(response) => Ok(response),
@@ -339,7 +369,7 @@ impl Peers {
             .unwrap_or_default();
         loop {
             let failures = match self
-                .round(nodes, &parts, &body, idempotent, deadline, None)
+                .round(nodes, &parts, &body, idempotent, deadline, Try::FORWARD)
                 .await
             {
                 Ok(response) => return Ok(response),
@@ -353,8 +383,7 @@ impl Peers {
         }
     }
 
-    /// One try of each node that runs the service, in turn. `taken`: called once a node
-    /// has had the request for [`OVERFLOW_GRACE`] without answering.
+    /// One try of each node that runs the service, in turn.
     async fn round(
         &self,
         nodes: &[String],
@@ -362,8 +391,12 @@ impl Peers {
         body: &Bytes,
         idempotent: bool,
         deadline: Instant,
-        taken: Option<&(dyn Fn() + Sync)>,
+        how: Try<'_>,
     ) -> Result<Response<Body>, Round> {
+        let Try {
+            connect_timeout,
+            taken,
+        } = how;
         let book = self.book.read().expect("never poisoned").clone();
         let this = self.this();
         let mut reachable: Vec<(&String, &PeerAddress)> = nodes
@@ -408,7 +441,7 @@ impl Peers {
             // unsent: tried once more on a new connection.
             let mut fresh = false;
             let sent = loop {
-                let connect_by = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+                let connect_by = deadline.min(Instant::now() + connect_timeout);
                 let connected = tokio::time::timeout_at(
                     connect_by.into(),
                     self.connection(name, &uri, &book, fresh),
@@ -417,7 +450,7 @@ impl Peers {
                 let mut sender = match connected {
                     Err(_) if Instant::now() >= deadline => break Sent::TimedOut,
                     Err(_) => {
-                        break Sent::Unsent(format!("no connection within {CONNECT_TIMEOUT:?}"));
+                        break Sent::Unsent(format!("no connection within {connect_timeout:?}"));
                     }
                     Ok(Err(reason)) => break Sent::Unsent(reason),
                     Ok(Ok(sender)) => sender,
@@ -638,6 +671,27 @@ pub(crate) fn failure(error: &ForwardError) -> (StatusCode, &'static str, String
     }
 }
 
+/// How a round tries the nodes: forwarding, or offering overflow.
+#[derive(Clone, Copy)]
+struct Try<'a> {
+    connect_timeout: std::time::Duration,
+    /// Called once a node has had the request for [`OVERFLOW_GRACE`] without answering.
+    taken: Option<&'a (dyn Fn() + Sync)>,
+}
+
+impl Try<'_> {
+    const FORWARD: Try<'static> = Try {
+        connect_timeout: CONNECT_TIMEOUT,
+        taken: None,
+    };
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Whether a request with this method may be sent again after a connection broke mid-way
 /// (RFC 9110 §9.2.2).
 fn idempotent(method: &http::Method) -> bool {
@@ -823,5 +877,143 @@ mod tests {
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"ab"));
         assert!(same(b"", b""));
+    }
+
+    /// A peer on loopback that reads one request head per connection, hands it to the
+    /// test, and answers with `response` after `delay`.
+    async fn fake_peer(
+        response: &'static str,
+        delay: std::time::Duration,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (heads, received) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let heads = heads.clone();
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    _ = heads.send(String::from_utf8_lossy(&read).into_owned());
+                    tokio::time::sleep(delay).await;
+                    _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (format!("http://{address}"), received)
+    }
+
+    fn peers_with(url: String, seen_ms_ago: u64) -> Peers {
+        let peers = Peers::default();
+        peers.set_key(KEY);
+        peers.set(
+            "node-a",
+            [("node-b".to_string(), PeerAddress { url, ca_pem: None })].into(),
+        );
+        peers.set_seen([("node-b".to_string(), unix_ms() - seen_ms_ago)].into());
+        peers
+    }
+
+    fn order() -> Request<Full<Bytes>> {
+        Request::builder()
+            .method("GET")
+            .uri("/orders")
+            .header(http::header::HOST, "shop.example")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn an_offer_is_marked_refused_offers_come_back_and_taken_ones_are_counted_as_taken() {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let taken = std::sync::atomic::AtomicUsize::new(0);
+        let count = || {
+            taken.fetch_add(1, Ordering::Relaxed);
+        };
+        // Refused at once (the peer's line is not shorter): back unchanged, not taken.
+        let (url, mut heads) = fake_peer(
+            "HTTP/1.1 503 Service Unavailable\r\nnot_placed_here: 1\r\ncontent-length: 0\r\n\r\n",
+            std::time::Duration::ZERO,
+        )
+        .await;
+        let peers = peers_with(url, 0);
+        match peers
+            .offer(
+                &["node-b".into()],
+                "shop/orders",
+                order(),
+                4000,
+                deadline,
+                &count,
+            )
+            .await
+        {
+            Err(Offer::Declined(back)) => {
+                assert!(back.headers().get(OVERFLOW).is_none());
+                assert!(back.headers().get(FORWARD_KEY).is_none());
+            }
+            other => panic!("not declined: {:?}", other.map(|r| r.status())),
+        }
+        let head = heads
+            .recv()
+            .await
+            .expect("the peer saw the offer")
+            .to_lowercase();
+        assert!(head.contains("maru-overflow: 4000"), "{head}");
+        assert!(head.contains("maru-forward-service: shop/orders"), "{head}");
+        assert!(head.contains(&format!("maru-forward-key: {KEY}")), "{head}");
+        assert_eq!(taken.load(Ordering::Relaxed), 0);
+        // Taken: answered after a while, counted as taken once the grace passed.
+        let (url, _heads) = fake_peer(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            OVERFLOW_GRACE * 3,
+        )
+        .await;
+        let peers = peers_with(url, 0);
+        let answered = peers
+            .offer(
+                &["node-b".into()],
+                "shop/orders",
+                order(),
+                4000,
+                deadline,
+                &count,
+            )
+            .await
+            .map_err(|_| "not answered")
+            .expect("answered");
+        assert_eq!(answered.status(), StatusCode::OK);
+        assert_eq!(taken.load(Ordering::Relaxed), 1);
+        // A node not heard from for longer than OVERFLOW_FRESH is not offered anything.
+        let (url, mut heads) =
+            fake_peer("HTTP/1.1 200 OK\r\n\r\n", std::time::Duration::ZERO).await;
+        let stale = u64::try_from(OVERFLOW_FRESH.as_millis()).expect("ms") + 1000;
+        let peers = peers_with(url, stale);
+        assert!(matches!(
+            peers
+                .offer(
+                    &["node-b".into()],
+                    "shop/orders",
+                    order(),
+                    4000,
+                    deadline,
+                    &count
+                )
+                .await,
+            Err(Offer::Declined(_))
+        ));
+        assert!(
+            heads.try_recv().is_err(),
+            "a stale node was offered overflow"
+        );
     }
 }

@@ -341,8 +341,10 @@ impl Gateway {
                 response.headers_mut().remove(crate::peers::NOT_PLACED_HERE);
                 response
             }
+            // Nothing was done: not the service's answer, so not in its metrics (the
+            // sending node tries another, or serves it itself).
             Err((_, code, message)) if code == crate::peers::NOT_PLACED_HERE => {
-                refuse_forwarded(request_id, &message)
+                return refuse_forwarded(request_id, &message);
             }
             Err((status, code, message)) => {
                 if status.is_server_error() {
@@ -373,6 +375,19 @@ impl Gateway {
         via: Via,
     ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
         let forwarded = !matches!(via, Via::Client);
+        // Overflow is taken where a ready instance has room, or where its line is shorter
+        // than at its sender by a whole round of the share at least (what a hop to another
+        // node is worth; near a tie the sender keeps it). Decided before the body is read.
+        if let Via::Overflow { pressure } = via
+            && !service.has_room()
+            && service.pressure().saturating_add(1000) > pressure
+        {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::peers::NOT_PLACED_HERE,
+                "this node's share is as busy as the sender's".into(),
+            ));
+        }
         let limit = service.config.body_bytes_max;
         let too_large = || {
             (
@@ -452,19 +467,6 @@ impl Gateway {
                         }
                     }
                 }
-            }
-            // Overflow is taken where there is room, or where its line is shorter than at
-            // its sender by a whole round of the share at least (what a hop to another
-            // node is worth; near a tie the sender keeps it).
-            Locality::Here { .. }
-                if matches!(via, Via::Overflow { pressure }
-                    if service.saturated() && service.pressure() + 1000 > pressure) =>
-            {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    crate::peers::NOT_PLACED_HERE,
-                    "this node's share is as busy as the sender's".into(),
-                ));
             }
             Locality::Here { .. } => {}
             Locality::Elsewhere(nodes) if !forwarded => {

@@ -190,7 +190,7 @@ pub enum Locality {
     Here {
         min: u32,
         max: u32,
-        others: Vec<String>,
+        others: Arc<[String]>,
     },
     /// Placed on these other nodes only: requests are forwarded to them.
     Elsewhere(Vec<String>),
@@ -374,6 +374,11 @@ impl Service {
         bounds
     }
 
+    /// Whether a ready instance has room for a request now.
+    pub fn has_room(&self) -> bool {
+        self.free_capacity.load(Ordering::Acquire) > 0
+    }
+
     /// Whether a request arriving now would wait for an instance that is not there yet: no
     /// ready instance has room, and the pool is at the most instances it may have here (so
     /// none is about to be started for it). Cheap while an instance has room (no lock).
@@ -390,8 +395,8 @@ impl Service {
 
     /// Whether a request arriving now should be offered to the other nodes holding a
     /// share, and this node's [`Service::pressure`] to offer it with: this node's share is
-    /// [`Service::saturated`], and unless its line is longer than when they last all
-    /// declined, that was more than [`OVERFLOW_QUIET`] ago.
+    /// [`Service::saturated`], and unless its line is longer by a whole round of the share
+    /// than when they last all declined, that was more than [`OVERFLOW_QUIET`] ago.
     pub fn overflow_pressure(&self) -> Option<u64> {
         if !self.saturated() {
             return None;
@@ -400,9 +405,12 @@ impl Service {
         let now = self.origin.elapsed().as_millis() as u64;
         let declined_ms = self.overflow_declined_ms.load(Ordering::Relaxed);
         let quiet = u64::try_from(OVERFLOW_QUIET.as_millis()).unwrap_or(u64::MAX);
-        (pressure > self.overflow_declined_pressure.load(Ordering::Relaxed)
-            || now >= declined_ms.saturating_add(quiet))
-        .then_some(pressure)
+        // Longer by a whole round of the share: what the others ask before taking one.
+        let longer = self
+            .overflow_declined_pressure
+            .load(Ordering::Relaxed)
+            .saturating_add(1000);
+        (pressure >= longer || now >= declined_ms.saturating_add(quiet)).then_some(pressure)
     }
 
     /// Every other node declined an overflow offered with `pressure`.

@@ -869,7 +869,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 let mut every = tokio::time::interval(cluster::HEARTBEAT / 4);
                 loop {
                     every.tick().await;
-                    peers.set(&name, cluster_peers(&watched.nodes()));
+                    let nodes = watched.nodes();
+                    peers.set(&name, cluster_peers(&nodes));
+                    peers.set_seen(
+                        nodes
+                            .iter()
+                            .map(|n| (n.name.clone(), n.seen_unix_ms))
+                            .collect(),
+                    );
                     if watched.stopped() {
                         return;
                     }

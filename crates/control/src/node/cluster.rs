@@ -311,7 +311,7 @@ mod tests {
             Locality::Here {
                 min: 1,
                 max: 2,
-                others: vec!["n2".into()]
+                others: ["n2".to_string()].into()
             }
         );
         assert_eq!(

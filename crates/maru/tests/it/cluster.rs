@@ -869,10 +869,6 @@ fn demand_entering_at_one_node_overflows_to_the_other_nodes_shares() {
         .iter()
         .map(|m| count(m, "maru_requests_total", Some("200")))
         .collect();
-    let refused: Vec<u64> = metrics
-        .iter()
-        .map(|m| count(m, "maru_requests_total", Some("503")))
-        .collect();
     let overflowed = count(&metrics[0], "maru_requests_overflowed_total", None);
     let shares = [
         answered[0].saturating_sub(overflowed),
@@ -880,7 +876,7 @@ fn demand_entering_at_one_node_overflows_to_the_other_nodes_shares() {
         answered[2],
     ];
     eprintln!(
-        "9 requests of 1 s at once through n1: all answered after {took:?}; served by each node's share {shares:?}; overflow refused (as busy) per node {refused:?}"
+        "9 requests of 1 s at once through n1: all answered after {took:?}; served by each node's share {shares:?}"
     );
     assert_eq!(answered[0], 9, "{answered:?}");
     assert_eq!(
@@ -891,7 +887,8 @@ fn demand_entering_at_one_node_overflows_to_the_other_nodes_shares() {
     // Every share took part, none most of them (without overflow n1's would take all
     // nine, one after another). Three each would be the shortest line every time; requests
     // arriving at the same moment are judged against each other's lines, so a share may
-    // take one or two more (3/3/3, 2/4/3 and 4/2/3 were seen).
+    // take one or two more (3/3/3, 2/4/3 and 4/2/3 were seen; 5/2/2 once, while a release
+    // build shared the two cores).
     assert!(
         shares.iter().all(|served| (1..=5).contains(served)),
         "the requests were not spread over the three shares: {shares:?}\n{}",
