@@ -760,6 +760,25 @@ mod tests {
         assert!(stripped(&headers));
     }
 
+    /// Offer `request` to node-b, with a pressure of 4000 and 5 s to answer.
+    async fn offer_to_b(
+        peers: &Peers,
+        request: Request<Full<Bytes>>,
+        taken: &(dyn Fn() + Sync),
+    ) -> Result<Response<Body>, Offer> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        peers
+            .offer(
+                &["node-b".into()],
+                "shop/orders",
+                request,
+                4000,
+                deadline,
+                taken,
+            )
+            .await
+    }
+
     #[tokio::test]
     async fn an_offer_nobody_can_take_comes_back_unchanged() {
         let request = || {
@@ -770,7 +789,6 @@ mod tests {
                 .body(Full::new(Bytes::from_static(b"the order")))
                 .expect("request")
         };
-        let deadline = Instant::now() + std::time::Duration::from_secs(1);
         let back = |offered: Result<Response<Body>, Offer>| match offered {
             Err(Offer::Declined(back)) => back,
             Err(Offer::Failed(error)) => panic!("failed: {error}"),
@@ -778,45 +796,12 @@ mod tests {
         };
         // Alone (no key), no other node known, and only a node that failed lately.
         let alone = Peers::default();
-        let mut given = vec![back(
-            alone
-                .offer(
-                    &["node-b".into()],
-                    "shop/orders",
-                    request(),
-                    1000,
-                    deadline,
-                    &|| {},
-                )
-                .await,
-        )];
+        let mut given = vec![back(offer_to_b(&alone, request(), &|| {}).await)];
         let peers = Peers::default();
         peers.set_key(KEY);
-        given.push(back(
-            peers
-                .offer(
-                    &["node-b".into()],
-                    "shop/orders",
-                    request(),
-                    1000,
-                    deadline,
-                    &|| {},
-                )
-                .await,
-        ));
+        given.push(back(offer_to_b(&peers, request(), &|| {}).await));
         peers.suspect("node-b");
-        given.push(back(
-            peers
-                .offer(
-                    &["node-b".into()],
-                    "shop/orders",
-                    request(),
-                    1000,
-                    deadline,
-                    &|| {},
-                )
-                .await,
-        ));
+        given.push(back(offer_to_b(&peers, request(), &|| {}).await));
         for back in given {
             let (parts, body) = back.into_parts();
             assert_eq!(parts.method, http::Method::POST);
@@ -934,7 +919,6 @@ mod tests {
 
     #[tokio::test]
     async fn an_offer_is_marked_refused_offers_come_back_and_taken_ones_are_counted_as_taken() {
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let taken = std::sync::atomic::AtomicUsize::new(0);
         let count = || {
             taken.fetch_add(1, Ordering::Relaxed);
@@ -946,17 +930,7 @@ mod tests {
         )
         .await;
         let peers = peers_with(url, 0);
-        match peers
-            .offer(
-                &["node-b".into()],
-                "shop/orders",
-                order(),
-                4000,
-                deadline,
-                &count,
-            )
-            .await
-        {
+        match offer_to_b(&peers, order(), &count).await {
             Err(Offer::Declined(back)) => {
                 assert!(back.headers().get(OVERFLOW).is_none());
                 assert!(back.headers().get(FORWARD_KEY).is_none());
@@ -979,15 +953,7 @@ mod tests {
         )
         .await;
         let peers = peers_with(url, 0);
-        let answered = peers
-            .offer(
-                &["node-b".into()],
-                "shop/orders",
-                order(),
-                4000,
-                deadline,
-                &count,
-            )
+        let answered = offer_to_b(&peers, order(), &count)
             .await
             .map_err(|_| "not answered")
             .expect("answered");
@@ -999,16 +965,7 @@ mod tests {
         let stale = u64::try_from(OVERFLOW_FRESH.as_millis()).expect("ms") + 1000;
         let peers = peers_with(url, stale);
         assert!(matches!(
-            peers
-                .offer(
-                    &["node-b".into()],
-                    "shop/orders",
-                    order(),
-                    4000,
-                    deadline,
-                    &count
-                )
-                .await,
+            offer_to_b(&peers, order(), &count).await,
             Err(Offer::Declined(_))
         ));
         assert!(
