@@ -36,6 +36,8 @@ pub struct ServiceMetrics {
     /// Requests this node's share could not take, answered by another node of the
     /// service's (overflow, in a cluster).
     pub overflowed: AtomicU64,
+    /// How long an instance takes over a request, microseconds, smoothed (0: none yet).
+    service_us: Arc<AtomicU64>,
     inner: Mutex<Inner>,
 }
 
@@ -61,6 +63,26 @@ struct Inner {
     startup_seconds_sum: f64,
     startup_count: u64,
     startup_last: Option<Duration>,
+}
+
+/// Records how long an instance took over a request: an exponentially weighted mean of
+/// the last few (weight 1/8), in microseconds (at least 1). Updates may race; the figure
+/// guides overflow only.
+#[derive(Debug, Clone)]
+pub struct ServiceTime(Arc<AtomicU64>);
+
+impl ServiceTime {
+    pub fn record(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.0.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            let (old, sample) = (i128::from(old), i128::from(sample));
+            u64::try_from(old + (sample - old) / 8).unwrap_or(1).max(1)
+        };
+        self.0.store(new, Ordering::Relaxed);
+    }
 }
 
 /// A point-in-time copy for `maru ps`.
@@ -94,6 +116,7 @@ impl ServiceMetrics {
             cold_starts: AtomicU64::new(0),
             instance_failures: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
+            service_us: Arc::new(AtomicU64::new(0)),
             inner: Mutex::new(Inner {
                 by_status: BTreeMap::new(),
                 buckets: [0; LATENCY_BUCKETS_SECONDS.len()],
@@ -198,6 +221,20 @@ impl ServiceMetrics {
 
     pub fn in_flight_counter(&self) -> Arc<AtomicU64> {
         self.in_flight.clone()
+    }
+
+    /// The smoothed time an instance takes over a request (see [`ServiceTime`]), if any
+    /// request was served yet.
+    pub fn service_time(&self) -> Option<Duration> {
+        match self.service_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Where instances record how long they took over each request.
+    pub fn service_time_recorder(&self) -> ServiceTime {
+        ServiceTime(self.service_us.clone())
     }
 
     /// Record how long an instance took from start to ready (the autopilot's lead time).

@@ -43,7 +43,7 @@
 //! to the cluster (and nothing else).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -73,6 +73,8 @@ pub const OVERFLOW_FRESH: std::time::Duration = std::time::Duration::from_millis
 /// How long an offer waits for a connection to a node: overflow is served here rather than
 /// wait on a node that does not answer.
 pub const OVERFLOW_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+/// What a hop to another node is taken to cost before a refused offer has measured it.
+pub const HOP_ASSUMED: std::time::Duration = std::time::Duration::from_millis(1);
 /// How long a node must have had an overflowed request without refusing it for the
 /// sender to count it as taken (a refusal comes back within a round trip).
 pub const OVERFLOW_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
@@ -163,6 +165,8 @@ pub struct Peers {
     suspect: Mutex<BTreeMap<String, Instant>>,
     /// When each node last announced itself (unix ms, its clock), for overflow.
     seen: RwLock<BTreeMap<String, u64>>,
+    /// How long a refused offer took, there and back, microseconds, smoothed (0: none yet).
+    hop_us: AtomicU64,
 }
 
 impl std::fmt::Debug for Peers {
@@ -174,6 +178,27 @@ impl std::fmt::Debug for Peers {
 impl Peers {
     /// This node's name and the other nodes' gateways, replacing what was known. Connections
     /// to nodes no longer listed are dropped.
+    /// What a hop to another node costs: the smoothed round trip of offers refused (nothing
+    /// done there, so all of it is the hop), or [`HOP_ASSUMED`] before any was.
+    pub fn hop(&self) -> std::time::Duration {
+        match self.hop_us.load(Ordering::Relaxed) {
+            0 => HOP_ASSUMED,
+            us => std::time::Duration::from_micros(us),
+        }
+    }
+
+    fn record_hop(&self, took: std::time::Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.hop_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            let (old, sample) = (i128::from(old), i128::from(sample));
+            u64::try_from(old + (sample - old) / 8).unwrap_or(1).max(1)
+        };
+        self.hop_us.store(new, Ordering::Relaxed);
+    }
+
     /// When each node last announced itself (unix ms): only those seen within
     /// [`OVERFLOW_FRESH`] are offered overflow.
     pub fn set_seen(&self, seen: BTreeMap<String, u64>) {
@@ -440,6 +465,9 @@ impl Peers {
             // A kept-open connection the peer closed meanwhile hands the request back
             // unsent: tried once more on a new connection.
             let mut fresh = false;
+            // When the request went out on its connection: a refusal's round trip from then
+            // is the hop's cost.
+            let mut sending = Instant::now();
             let sent = loop {
                 let connect_by = deadline.min(Instant::now() + connect_timeout);
                 let connected = tokio::time::timeout_at(
@@ -455,6 +483,7 @@ impl Peers {
                     Ok(Err(reason)) => break Sent::Unsent(reason),
                     Ok(Ok(sender)) => sender,
                 };
+                sending = Instant::now();
                 let answer = tokio::time::timeout_at(deadline.into(), async {
                     let mut answer = std::pin::pin!(sender.try_send_request(attempt));
                     if let Some(taken) = taken {
@@ -493,6 +522,9 @@ impl Peers {
                     let refused = response.status() == StatusCode::SERVICE_UNAVAILABLE
                         && response.headers().get(NOT_PLACED_HERE).is_some();
                     self.keep(name, sender);
+                    if refused && taken.is_some() {
+                        self.record_hop(sending.elapsed());
+                    }
                     if refused {
                         failures.push(format!("{name}: does not run it now"));
                         continue; // it did nothing
@@ -946,6 +978,10 @@ mod tests {
         assert!(head.contains("maru-forward-service: shop/orders"), "{head}");
         assert!(head.contains(&format!("maru-forward-key: {KEY}")), "{head}");
         assert_eq!(taken.load(Ordering::Relaxed), 0);
+        // The refusal measured what a hop costs.
+        assert_eq!(Peers::default().hop(), HOP_ASSUMED);
+        assert!(peers.hop_us.load(Ordering::Relaxed) > 0);
+        assert!(peers.hop() < std::time::Duration::from_secs(5));
         // Taken: answered after a while, counted as taken once the grace passed.
         let (url, _heads) = fake_peer(
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",

@@ -443,11 +443,19 @@ impl Gateway {
             // has room (each scales its own share by what reaches it); when none has, it
             // waits here.
             Locality::Here { others, .. } if !forwarded && !others.is_empty() => {
-                if let Some(pressure) = service.overflow_pressure() {
+                // Offered only when the wait here is worth the hop (`margin`), marked with
+                // this node's line less that margin (plus the one round every receiver
+                // asks for): a receiver takes it only where the hop saves time.
+                let margin = service.overflow_margin(self.peers.hop());
+                if let Some(pressure) = service
+                    .overflow_pressure()
+                    .filter(|pressure| pressure.saturating_sub(1000) >= margin)
+                {
                     let offering = service.offering();
+                    let marked = pressure - margin + 1000;
                     let offered = self
                         .peers
-                        .offer(&others, &service.id(), request, pressure, deadline, &|| {
+                        .offer(&others, &service.id(), request, marked, deadline, &|| {
                             offering.settle();
                         })
                         .await;

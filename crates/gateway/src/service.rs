@@ -198,6 +198,16 @@ pub enum Locality {
     Unplaced(String),
 }
 
+/// [`Service::overflow_margin`], from the hop's round trip and the time an instance takes
+/// over a request.
+fn overflow_margin(hop: Duration, service_time: Option<Duration>) -> u64 {
+    let Some(service) = service_time.filter(|s| !s.is_zero()) else {
+        return 1000;
+    };
+    let rounds = hop.as_micros().saturating_mul(1000) / service.as_micros().max(1);
+    u64::try_from(rounds).unwrap_or(u64::MAX).max(1000)
+}
+
 /// A request being offered as overflow ([`Service::offering`]), counted in this node's
 /// line until settled: taken by another node, or back.
 pub struct Offering<'a> {
@@ -411,6 +421,15 @@ impl Service {
             .load(Ordering::Relaxed)
             .saturating_add(1000);
         (pressure >= longer || now >= declined_ms.saturating_add(quiet)).then_some(pressure)
+    }
+
+    /// How much shorter, in [`Service::pressure`]'s units, another node's line must be for
+    /// a request to be worth the hop there: the rounds of this share that `hop` (a
+    /// round trip to another node) is worth, one at least. A round is one request per
+    /// slot, taking [`crate::metrics::ServiceMetrics::service_time`]; before any request
+    /// was served, one round.
+    pub fn overflow_margin(&self, hop: Duration) -> u64 {
+        overflow_margin(hop, self.metrics.service_time())
     }
 
     /// Every other node declined an overflow offered with `pressure`.
@@ -1028,6 +1047,7 @@ impl Service {
             );
             self.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
             let respond = job.respond;
+            let serving = Instant::now();
             let outcome = instance
                 .serve(job.request, job.deadline - now, move |reply| {
                     _ = respond.send(
@@ -1045,6 +1065,11 @@ impl Service {
                 })
                 .await;
             self.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
+            if outcome.is_ok() {
+                self.metrics
+                    .service_time_recorder()
+                    .record(serving.elapsed());
+            }
             if outcome.is_ok() && self.config.fresh_instance_per_request {
                 // Nothing of this request may reach the next: a new store and instance.
                 // The slot stays busy meanwhile, so waiting work goes to ready instances.
@@ -1158,12 +1183,17 @@ impl Service {
                     let respond = job.respond;
                     self.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
                     let metrics_in_flight = self.in_flight_guard();
+                    let service_time = self.metrics.service_time_recorder();
                     in_flight.spawn(async move {
                         let _guard = metrics_in_flight;
+                        let serving = Instant::now();
                         let reply = match tokio::time::timeout(remaining, forward).await {
                             Err(_elapsed) => Err(ServiceError::Timeout(remaining)),
                             Ok(Err(error)) => Err(ServiceError::BadGateway(error)),
-                            Ok(Ok(response)) => Ok(response.map(|body| body.map_err(|error| -> BoxError { Box::new(error) }).boxed_unsync())),
+                            Ok(Ok(response)) => {
+                                service_time.record(serving.elapsed());
+                                Ok(response.map(|body| body.map_err(|error| -> BoxError { Box::new(error) }).boxed_unsync()))
+                            }
                         };
                         _ = respond.send(reply);
                     });
@@ -1219,6 +1249,45 @@ fn guest_error(error: ServeError) -> ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overflow_is_worth_a_hop_only_when_the_wait_saved_is_longer() {
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        // Nothing served yet, or requests slower than the hop: one round, the least.
+        assert_eq!(overflow_margin(ms(1), None), 1000);
+        assert_eq!(overflow_margin(ms(1), Some(Duration::from_secs(1))), 1000);
+        assert_eq!(overflow_margin(ms(1), Some(ms(20))), 1000);
+        assert_eq!(overflow_margin(ms(1), Some(Duration::ZERO)), 1000);
+        // A request of 50 µs against a hop of 1 ms: another line must be 20 rounds shorter.
+        assert_eq!(overflow_margin(ms(1), Some(us(50))), 20_000);
+        assert_eq!(overflow_margin(us(300), Some(us(100))), 3000);
+        // Huge figures saturate instead of wrapping.
+        assert_eq!(
+            overflow_margin(Duration::from_secs(u64::MAX / 4), Some(us(1))),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn the_service_time_is_a_smoothed_mean_of_the_latest_requests() {
+        let metrics = ServiceMetrics::new(Instant::now(), None);
+        assert_eq!(metrics.service_time(), None);
+        let recorder = metrics.service_time_recorder();
+        recorder.record(Duration::from_millis(8));
+        assert_eq!(metrics.service_time(), Some(Duration::from_millis(8)));
+        // One eighth of the way to each new sample.
+        recorder.record(Duration::from_millis(16));
+        assert_eq!(metrics.service_time(), Some(Duration::from_millis(9)));
+        for _ in 0..200 {
+            recorder.record(Duration::from_micros(100));
+        }
+        let settled = metrics.service_time().expect("recorded");
+        assert!(settled <= Duration::from_micros(110), "{settled:?}");
+        // Never zero (zero means none yet).
+        recorder.record(Duration::ZERO);
+        assert!(metrics.service_time().expect("recorded") >= Duration::from_micros(1));
+    }
 
     #[test]
     fn history_minutes_land_on_the_policy_clock_before_its_start() {
