@@ -20,8 +20,10 @@
 //! share has room. When none of its instances has room and its share is at its most
 //! ([`crate::Service::saturated`]), a request is offered to the other nodes holding a share
 //! ([`Peers::offer`], marked [`OVERFLOW`] with this node's
-//! [`crate::Service::pressure`]; only nodes that announced themselves lately and have not
-//! failed lately, each given 100 ms to connect). A node without a ready instance with room
+//! [`crate::Service::pressure`] less what the hop is worth, [`crate::Service::overflow_margin`]
+//! with [`Peers::hop`]: offered only when the wait saved can exceed the hop; only to nodes
+//! that announced themselves lately and have not failed lately, each given 100 ms to
+//! connect). A node without a ready instance with room
 //! and without a line shorter by a whole round of its share refuses it, before reading its
 //! body, as one that does not run it;
 //! when every one refuses, the request waits in this node's queue (join the shortest
