@@ -125,7 +125,7 @@ struct Triggers {
 /// How soon a topic that failed to open is opened again ([`Node::reopen_failed_topics`]).
 const TOPIC_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait between two attempts to open a topic.
-pub const TOPIC_RETRY_MAX: Duration = Duration::from_secs(30);
+const TOPIC_RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub struct Node {
     pub files: NodeFiles,

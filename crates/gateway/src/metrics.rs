@@ -73,16 +73,23 @@ pub struct ServiceTime(Arc<AtomicU64>);
 
 impl ServiceTime {
     pub fn record(&self, took: Duration) {
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
-        let old = self.0.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            let (old, sample) = (i128::from(old), i128::from(sample));
-            u64::try_from(old + (sample - old) / 8).unwrap_or(1).max(1)
-        };
-        self.0.store(new, Ordering::Relaxed);
+        smooth_into(&self.0, took);
     }
+}
+
+/// Move `mean` (microseconds, 0 for none yet) an eighth of the way to `sample`, or set it to
+/// the first sample; never to 0. Concurrent updates may lose one another (a guide, not a
+/// count).
+pub(crate) fn smooth_into(mean: &AtomicU64, sample: Duration) {
+    let sample = u64::try_from(sample.as_micros()).unwrap_or(u64::MAX).max(1);
+    let old = mean.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        let (old, sample) = (i128::from(old), i128::from(sample));
+        u64::try_from(old + (sample - old) / 8).unwrap_or(1).max(1)
+    };
+    mean.store(new, Ordering::Relaxed);
 }
 
 /// A point-in-time copy for `maru ps`.
@@ -232,7 +239,12 @@ impl ServiceMetrics {
         }
     }
 
-    /// Where instances record how long they took over each request.
+    /// Record how long an instance took over a request.
+    pub fn record_service_time(&self, took: Duration) {
+        smooth_into(&self.service_us, took);
+    }
+
+    /// Where instances record how long they took over each request, for a task of its own.
     pub fn service_time_recorder(&self) -> ServiceTime {
         ServiceTime(self.service_us.clone())
     }

@@ -18,19 +18,18 @@
 //!
 //! Overflow: a node holding a share of a service serves its requests itself while its
 //! share has room. When none of its instances has room and its share is at its most
-//! ([`crate::Service::saturated`]), a request is offered to the other nodes holding a share
-//! ([`Peers::offer`], marked [`OVERFLOW`] with this node's
-//! [`crate::Service::pressure`] less what the hop is worth, [`crate::Service::overflow_margin`]
-//! with [`Peers::hop`]: offered only when the wait saved can exceed the hop; only to nodes
-//! that announced themselves lately and have not failed lately, each given 100 ms to
-//! connect). A node without a ready instance with room
-//! and without a line shorter by a whole round of its share refuses it, before reading its
-//! body, as one that does not run it;
-//! when every one refuses, the request waits in this node's queue (join the shortest
-//! line, judged as each request arrives), and for a moment the node offers again only once
-//! its line is longer ([`crate::Service::overflow_pressure`]). So demand entering at one node reaches the
-//! instances of every node's share, and each node's scaler sizes its share by what reaches
-//! it. An overflowed request is never offered again.
+//! ([`crate::Service::saturated`]), and the wait here is longer than the hop to another
+//! node is worth ([`crate::Service::overflow_margin`] with [`Peers::hop`]), a request is
+//! offered to the other nodes holding a share ([`Peers::offer`]), marked [`OVERFLOW`] with
+//! this node's line ([`crate::Service::pressure`]) less that margin: only to nodes that
+//! announced themselves lately and have not failed lately, each given 100 ms to connect.
+//! A node without a ready instance with room, and without a line a whole round of its
+//! share shorter, refuses it before reading its body, as one that does not run it. When
+//! every one refuses, the request waits in this node's queue (join the shortest line,
+//! judged as each request arrives), and for a moment the node offers again only once its
+//! line is longer ([`crate::Service::overflow_pressure`]). So demand entering at one node
+//! reaches the instances of every node's share, and each node's scaler sizes its share by
+//! what reaches it. An overflowed request is never offered again.
 //!
 //! Failures: a node that cannot be connected to (dead, cut off), or that refuses with
 //! `not_placed_here`, had nothing done: the next node is tried; when all have failed so,
@@ -65,8 +64,9 @@ pub const FORWARDED: &str = "maru-forwarded-by";
 pub const FORWARD_SERVICE: &str = "maru-forward-service";
 /// The header carrying the cluster's forwarding key, which only nodes know.
 pub const FORWARD_KEY: &str = "maru-forward-key";
-/// The header marking a forwarded request as overflow ([`Peers::offer`]): the receiving
-/// node serves it only if it has room now.
+/// The header marking a forwarded request as overflow ([`Peers::offer`]), with the
+/// sender's line less what the hop is worth: the receiving node serves it only if a ready
+/// instance has room or its own line is a round shorter.
 pub const OVERFLOW: &str = "maru-overflow";
 /// How recent a node's last announcement must be (by this node's clock) for it to be
 /// offered overflow: two and a half heartbeats. A paused or cut-off node stops announcing;
@@ -140,8 +140,9 @@ pub struct Forwarded {
     pub by: String,
     /// The service it is for: `app/service`.
     pub service: String,
-    /// Offered as overflow, with the sender's [`crate::Service::pressure`]: served only
-    /// where the line is shorter, else refused (the sender serves it itself).
+    /// Offered as overflow, with the sender's [`crate::Service::pressure`] less what the
+    /// hop is worth: served only where the line is shorter, else refused (the sender serves
+    /// it itself).
     pub overflow: Option<u64>,
 }
 
@@ -178,8 +179,6 @@ impl std::fmt::Debug for Peers {
 }
 
 impl Peers {
-    /// This node's name and the other nodes' gateways, replacing what was known. Connections
-    /// to nodes no longer listed are dropped.
     /// What a hop to another node costs: the smoothed round trip of offers refused (nothing
     /// done there, so all of it is the hop), or [`HOP_ASSUMED`] before any was.
     pub fn hop(&self) -> std::time::Duration {
@@ -189,24 +188,14 @@ impl Peers {
         }
     }
 
-    fn record_hop(&self, took: std::time::Duration) {
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
-        let old = self.hop_us.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            let (old, sample) = (i128::from(old), i128::from(sample));
-            u64::try_from(old + (sample - old) / 8).unwrap_or(1).max(1)
-        };
-        self.hop_us.store(new, Ordering::Relaxed);
-    }
-
     /// When each node last announced itself (unix ms): only those seen within
     /// [`OVERFLOW_FRESH`] are offered overflow.
     pub fn set_seen(&self, seen: BTreeMap<String, u64>) {
         *self.seen.write().expect("never poisoned") = seen;
     }
 
+    /// This node's name and the other nodes' gateways, replacing what was known. Connections
+    /// to nodes no longer listed are dropped.
     pub fn set(&self, this: &str, peers: BTreeMap<String, PeerAddress>) {
         this.clone_into(&mut self.this.write().expect("never poisoned"));
         let current = self.book.read().expect("never poisoned").clone();
@@ -317,13 +306,13 @@ impl Peers {
         if healthy.is_empty() {
             return Err(Offer::Declined(request));
         }
+        let key = self.key.read().expect("never poisoned").clone();
+        let Some(key) = key else {
+            return Err(Offer::Declined(request));
+        };
         let (parts, body) = request.into_parts();
         let mut marked = parts.clone();
         marked.headers.insert(OVERFLOW, HeaderValue::from(pressure));
-        let key = self.key.read().expect("never poisoned").clone();
-        let Some(key) = key else {
-            return Err(Offer::Declined(Request::from_parts(parts, body)));
-        };
         let body = body
             .collect()
             .await
@@ -525,7 +514,7 @@ impl Peers {
                         && response.headers().get(NOT_PLACED_HERE).is_some();
                     self.keep(name, sender);
                     if refused && taken.is_some() {
-                        self.record_hop(sending.elapsed());
+                        crate::metrics::smooth_into(&self.hop_us, sending.elapsed());
                     }
                     if refused {
                         failures.push(format!("{name}: does not run it now"));

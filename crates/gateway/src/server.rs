@@ -21,7 +21,7 @@ use crate::ingest::Ingest;
 use crate::peers::Offer;
 use crate::peers::Peers;
 use crate::routes::RouteTable;
-use crate::service::{Body, BoxError, Locality, Service, ServiceError};
+use crate::service::{Body, BoxError, Locality, ROUND, Service, ServiceError};
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -380,7 +380,7 @@ impl Gateway {
         // node is worth; near a tie the sender keeps it). Decided before the body is read.
         if let Via::Overflow { pressure } = via
             && !service.has_room()
-            && service.pressure().saturating_add(1000) > pressure
+            && service.pressure().saturating_add(ROUND) > pressure
         {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -449,10 +449,10 @@ impl Gateway {
                 let margin = service.overflow_margin(self.peers.hop());
                 if let Some(pressure) = service
                     .overflow_pressure()
-                    .filter(|pressure| pressure.saturating_sub(1000) >= margin)
+                    .filter(|pressure| pressure.saturating_sub(ROUND) >= margin)
                 {
                     let offering = service.offering();
-                    let marked = pressure - margin + 1000;
+                    let marked = pressure - margin + ROUND;
                     let offered = self
                         .peers
                         .offer(&others, &service.id(), request, marked, deadline, &|| {

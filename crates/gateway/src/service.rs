@@ -198,14 +198,18 @@ pub enum Locality {
     Unplaced(String),
 }
 
+/// One request per slot of a share in [`Service::pressure`]'s units (thousandths): the
+/// wait one instance's request adds to the line.
+pub const ROUND: u64 = 1000;
+
 /// [`Service::overflow_margin`], from the hop's round trip and the time an instance takes
 /// over a request.
 fn overflow_margin(hop: Duration, service_time: Option<Duration>) -> u64 {
     let Some(service) = service_time.filter(|s| !s.is_zero()) else {
-        return 1000;
+        return ROUND;
     };
-    let rounds = hop.as_micros().saturating_mul(1000) / service.as_micros().max(1);
-    u64::try_from(rounds).unwrap_or(u64::MAX).max(1000)
+    let rounds = hop.as_micros().saturating_mul(u128::from(ROUND)) / service.as_micros().max(1);
+    u64::try_from(rounds).unwrap_or(u64::MAX).max(ROUND)
 }
 
 /// A request being offered as overflow ([`Service::offering`]), counted in this node's
@@ -393,7 +397,7 @@ impl Service {
     /// ready instance has room, and the pool is at the most instances it may have here (so
     /// none is about to be started for it). Cheap while an instance has room (no lock).
     pub fn saturated(&self) -> bool {
-        if self.free_capacity.load(Ordering::Acquire) > 0 {
+        if self.has_room() {
             return false;
         }
         let most = u64::from(self.bounds().instances_max);
@@ -419,7 +423,7 @@ impl Service {
         let longer = self
             .overflow_declined_pressure
             .load(Ordering::Relaxed)
-            .saturating_add(1000);
+            .saturating_add(ROUND);
         (pressure >= longer || now >= declined_ms.saturating_add(quiet)).then_some(pressure)
     }
 
@@ -457,7 +461,7 @@ impl Service {
         let waiting = self.queued.load(Ordering::Acquire) as u64
             + self.metrics.in_flight.load(Ordering::Acquire);
         let offering = self.offering.load(Ordering::Acquire) as u64;
-        ((waiting + 1) * 1000 + offering * 1000 / holders) / slots
+        ((waiting + 1) * ROUND + offering * ROUND / holders) / slots
     }
 
     /// Count a request as being offered to other nodes until the guard is settled or
@@ -1066,9 +1070,7 @@ impl Service {
                 .await;
             self.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
             if outcome.is_ok() {
-                self.metrics
-                    .service_time_recorder()
-                    .record(serving.elapsed());
+                self.metrics.record_service_time(serving.elapsed());
             }
             if outcome.is_ok() && self.config.fresh_instance_per_request {
                 // Nothing of this request may reach the next: a new store and instance.

@@ -207,6 +207,15 @@ impl Nats {
     }
 
     /// `[cluster]` of a node config joining these servers.
+    /// Three Maru nodes, `n1`-`n3` in zones `zone-a`-`zone-c`, joined to these servers.
+    fn three_nodes(&self) -> Vec<Node> {
+        ["n1", "n2", "n3"]
+            .iter()
+            .zip(["zone-a", "zone-b", "zone-c"])
+            .map(|(name, zone)| Node::start_with_config(&self.node_config(name, zone)))
+            .collect()
+    }
+
     fn node_config(&self, name: &str, zone: &str) -> String {
         let list = |items: &[String]| {
             items
@@ -302,11 +311,7 @@ fn node_names(node: &Node) -> Vec<String> {
 #[test]
 fn nodes_of_a_cluster_list_each_other_and_a_killed_node_drops_out() {
     let nats = Nats::start(3, true);
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .zip(["zone-a", "zone-b", "zone-c"])
-        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
-        .collect();
+    let mut nodes = nats.three_nodes();
     let all = ["n1", "n2", "n3"].map(String::from).to_vec();
     for node in &nodes {
         node.wait_for(
@@ -642,11 +647,7 @@ fn keep_asking(
 #[test]
 fn the_scheduler_places_instances_within_the_maximum_and_moves_them_off_dead_and_drained_nodes() {
     let nats = Nats::start(3, true);
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .zip(["zone-a", "zone-b", "zone-c"])
-        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
-        .collect();
+    let mut nodes = nats.three_nodes();
     let names = ["n1", "n2", "n3"];
     let manifest = format!(
         "{}instances = {{ min = 2, max = 2 }}\n",
@@ -813,11 +814,7 @@ fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
 #[test]
 fn demand_entering_at_one_node_overflows_to_the_other_nodes_shares() {
     let nats = Nats::start(3, true);
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .zip(["zone-a", "zone-b", "zone-c"])
-        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
-        .collect();
+    let mut nodes = nats.three_nodes();
     // One instance per node at most; each holds a request for 1 s.
     let manifest =
         crate::harness::misbehave_manifest("slow", "/slow", "instances = { min = 0, max = 3 }");
@@ -913,11 +910,7 @@ fn a_pause_a_rolling_restart_and_a_killed_scheduler_with_its_nats_keep_requests_
 /// the rolling restart.
 fn pause_restart_and_kill(seed: u64) {
     let nats = Nats::start(3, true);
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .zip(["zone-a", "zone-b", "zone-c"])
-        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
-        .collect();
+    let mut nodes = nats.three_nodes();
     // A 2 s deadline: a request sent to a paused node fails after 2 s, not 10.
     let manifest = format!(
         "{}instances = {{ min = 2, max = 2 }}\ntimeout = \"2s\"\n",
@@ -1678,11 +1671,7 @@ fn events_published_on_every_node_outlive_a_node_killed_with_its_nats_and_are_al
 /// (odd); and after how long under load (2 to 4 s).
 fn events_outlive_a_kill(seed: u64) {
     let mut nats = Nats::start(3, true);
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .zip(["zone-a", "zone-b", "zone-c"])
-        .map(|(name, zone)| Node::start_with_config(&nats.node_config(name, zone)))
-        .collect();
+    let mut nodes = nats.three_nodes();
     nodes[0].deploy("sensors.toml", &sensors_in_a_cluster());
     let all: Vec<&Node> = nodes.iter().collect();
     nodes[0].wait_for("the echo service placed", Duration::from_secs(20), || {
